@@ -1,0 +1,405 @@
+"""Preference losses as pure functions over per-sequence log-probs.
+
+Notation (as in ``shared/reference/methods.md``): for a batch of B pairs,
+``s_w = log π_θ(y_w|x)`` and ``s_l = log π_θ(y_l|x)`` are *summed* completion log-probs, shape ``[B]``;
+``r_w``, ``r_l`` the same under the frozen reference; ``ρ = s − r`` the log-ratio; ``h = ρ_w − ρ_l``;
+``|y|`` the completion token count; ``avg(y) = s/|y|``. Every loss returns per-example losses (the caller
+averages them) and the implicit rewards it logs, detached.
+
+Conventions shared by every loss:
+
+* Log-probs always arrive **summed**; a loss that needs averaged log-probs divides by the token counts
+  itself, so the caller never has to know which one it is feeding.
+* A missing reference (``ref_chosen is None``) means a uniform reference: ``ρ = s`` (``PairLogps.ratios``).
+* Hyper-parameters are keyword arguments after the log-probs; the registry holds their defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class PairLogps:
+    """Per-sequence log-probs for B preference pairs. All tensors are fp32, shape ``[B]``."""
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_tokens: Tensor
+    rejected_tokens: Tensor
+    ref_chosen: Tensor | None = None
+    ref_rejected: Tensor | None = None
+
+    def ratios(self) -> tuple[Tensor, Tensor]:
+        """Log-ratios ``(ρ_w, ρ_l)``; a reference-free pair uses a uniform reference (ρ = s)."""
+        if self.ref_chosen is None or self.ref_rejected is None:
+            return self.chosen, self.rejected
+        return self.chosen - self.ref_chosen, self.rejected - self.ref_rejected
+
+    def averages(self) -> tuple[Tensor, Tensor]:
+        """Length-normalised policy log-probs ``(avg(y_w), avg(y_l))`` = ``s / |y|``."""
+        return self.chosen / _count(self.chosen_tokens), self.rejected / _count(self.rejected_tokens)
+
+    def chosen_nll(self) -> Tensor:
+        """Per-token NLL of the chosen completion, ``−s_w/|y_w|``, shape ``[B]``."""
+        return -self.chosen / _count(self.chosen_tokens)
+
+
+@dataclass
+class UnpairedLogps:
+    """Per-sequence log-probs for B unpaired examples (KTO), shape ``[B]``.
+
+    ``kl`` / ``ref_kl`` hold log-probs of *mismatched* completions (prompt i with completion i+1),
+    used only to estimate the KL reference point. Only their mean is used, so the caller may pass them
+    gathered over processes (any length).
+    """
+
+    logps: Tensor
+    tokens: Tensor
+    desirable: Tensor  # bool
+    ref_logps: Tensor | None = None
+    kl: Tensor | None = None
+    ref_kl: Tensor | None = None
+
+
+@dataclass
+class LossOutput:
+    """``losses [B]`` (with grad); ``chosen_rewards`` / ``rejected_rewards`` detached implicit rewards."""
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+
+
+def _count(tokens: Tensor) -> Tensor:
+    # An empty completion (fully truncated) would divide by zero; its summed log-prob is 0 anyway.
+    return tokens.clamp(min=1)
+
+
+def _rewards(beta: float, chosen_ratio: Tensor, rejected_ratio: Tensor) -> tuple[Tensor, Tensor]:
+    return (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 − eˣ)`` for ``x < 0`` without cancellation (Mächler 2012, Rmpfr vignette).
+
+    Near 0 ``1 − eˣ`` cancels, so use ``log(−expm1(x))``; far from 0 ``expm1`` loses nothing but
+    ``log1p(−eˣ)`` is the accurate one. Each branch gets a harmless input where it is not selected so its
+    gradient cannot turn into ``0·∞ = NaN`` through ``torch.where``.
+    """
+    near_zero = x > -math.log(2)
+    near = torch.log(-torch.expm1(torch.where(near_zero, x, -1.0)))
+    far = torch.log1p(-torch.exp(torch.where(near_zero, -1.0, x)))
+    return torch.where(near_zero, near, far)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference-based paired losses
+# --------------------------------------------------------------------------------------------------
+
+
+def dpo(lp: PairLogps, beta: float, label_smoothing: float = 0.0) -> LossOutput:
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7), with cDPO label smoothing ε (Mitchell 2023).
+
+    ℓ = −(1−ε)·log σ(β h) − ε·log σ(−β h). At π_θ = π_ref: h = 0, ℓ = ln 2, ∂ℓ/∂s_w = −β/2.
+    With ε > 0 (cDPO) the optimum is finite: h* = (1/β)·ln((1−ε)/ε). Shapes: ``[B]`` in, ``[B]`` out.
+    """
+    rho_w, rho_l = lp.ratios()
+    h = rho_w - rho_l
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return LossOutput(losses, *_rewards(beta, rho_w, rho_l))
+
+
+def robust(lp: PairLogps, beta: float, label_smoothing: float) -> LossOutput:
+    """Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409), ε = ``label_smoothing`` ∈ [0, ½).
+
+    ℓ = [−(1−ε)·log σ(β h) + ε·log σ(−β h)] / (1 − 2ε): an unbiased estimate of the clean-label DPO loss
+    under random flips with rate ε. Unlike cDPO (note the sign of the ε-term) ∂ℓ/∂h < 0 everywhere, so
+    the margin is never capped. Shapes: ``[B]`` in, ``[B]`` out.
+    """
+    rho_w, rho_l = lp.ratios()
+    h = rho_w - rho_l
+    eps = label_smoothing
+    losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    return LossOutput(losses, *_rewards(beta, rho_w, rho_l))
+
+
+def ipo(lp: PairLogps, beta: float) -> LossOutput:
+    """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17), β playing the role of τ.
+
+    ℓ = (h̄ − 1/(2β))² with **length-normalised** log-ratios h̄ = ρ_w/|y_w| − ρ_l/|y_l|, as TRL does (the
+    paper is silent; TRL reports the IPO authors confirmed it). The target 1/(2β) is therefore in nats
+    per token. At π_θ = π_ref: ℓ = 1/(4β²). Logged rewards stay β·ρ (summed). Shapes: ``[B]``.
+    """
+    rho_w, rho_l = lp.ratios()
+    h_avg = rho_w / _count(lp.chosen_tokens) - rho_l / _count(lp.rejected_tokens)
+    losses = (h_avg - 1 / (2 * beta)) ** 2
+    return LossOutput(losses, *_rewards(beta, rho_w, rho_l))
+
+
+def hinge(lp: PairLogps, beta: float) -> LossOutput:
+    """Hinge-norm (RSO, Liu et al. 2023, arXiv 2309.06657, Eq. 10; TRL ``hinge``): ℓ = max(0, 1 − β h).
+
+    Uses the reference (unlike SLiC's calibration loss, see :func:`slic`); 1/β is the margin in nats of
+    the summed log-ratio gap. Shapes: ``[B]``.
+    """
+    rho_w, rho_l = lp.ratios()
+    losses = F.relu(1 - beta * (rho_w - rho_l))
+    return LossOutput(losses, *_rewards(beta, rho_w, rho_l))
+
+
+def dpop(lp: PairLogps, beta: float, dpop_lambda: float) -> LossOutput:
+    """DPO-Positive (Smaug, Pal et al. 2024, arXiv 2402.13228).
+
+    ℓ = −log σ(β·[h − λ·max(0, r_w − s_w)]): the penalty sits inside the sigmoid, scaled by β, and is
+    active only while the chosen log-prob is below the reference's. r_w − s_w = −ρ_w, so with no
+    reference it penalises any s_w < 0 (uniform-reference convention). Shapes: ``[B]``.
+    """
+    rho_w, rho_l = lp.ratios()
+    penalty = F.relu(-rho_w)
+    losses = -F.logsigmoid(beta * (rho_w - rho_l - dpop_lambda * penalty))
+    return LossOutput(losses, *_rewards(beta, rho_w, rho_l))
+
+
+def rpo(lp: PairLogps, beta: float, rpo_alpha: float) -> LossOutput:
+    """RPO / DPO + NLL (Pang et al. 2024, arXiv 2404.19733): ℓ = ℓ_DPO − α·s_w/|y_w|.
+
+    The NLL is length-normalised **per sequence** (the paper's form); TRL's ``sft`` term instead takes
+    one token-mean over the whole batch, which weights long chosen completions more. Shapes: ``[B]``.
+    """
+    out = dpo(lp, beta)
+    return LossOutput(out.losses + rpo_alpha * lp.chosen_nll(), out.chosen_rewards, out.rejected_rewards)
+
+
+def nca_pair(lp: PairLogps, beta: float) -> LossOutput:
+    """NCA, pairwise form (Chen et al. 2024, arXiv 2402.05369; TRL ``nca_pair``).
+
+    ℓ = −log σ(β ρ_w) − ½·log σ(−β ρ_w) − ½·log σ(−β ρ_l): absolute log-ratios, not only their gap, so
+    it can push the chosen likelihood up. Shapes: ``[B]``.
+    """
+    rho_w, rho_l = lp.ratios()
+    losses = (
+        -F.logsigmoid(beta * rho_w) - 0.5 * F.logsigmoid(-beta * rho_w) - 0.5 * F.logsigmoid(-beta * rho_l)
+    )
+    return LossOutput(losses, *_rewards(beta, rho_w, rho_l))
+
+
+def bco_pair(lp: PairLogps, beta: float) -> LossOutput:
+    """BCO, pairwise form (Jung et al. 2024, arXiv 2404.04656) as in TRL ≥ 0.29 (no running-mean shift).
+
+    ℓ = −log σ(β ρ_w) − log σ(−β ρ_l): a binary classifier with chosen = 1, rejected = 0. The paper's
+    reward shift δ (a running mean of the rewards) is left out, as TRL's current code does. Shapes: ``[B]``.
+    """
+    rho_w, rho_l = lp.ratios()
+    losses = -F.logsigmoid(beta * rho_w) - F.logsigmoid(-beta * rho_l)
+    return LossOutput(losses, *_rewards(beta, rho_w, rho_l))
+
+
+def sppo_hard(lp: PairLogps, beta: float) -> LossOutput:
+    """SPPO with hard labels (Wu et al. 2024, arXiv 2405.00675; TRL ``sppo_hard``).
+
+    ℓ = (ρ_w − 1/(2β))² + (ρ_l + 1/(2β))²: regresses each summed log-ratio to ±η/2 with η = 1/β
+    (P̂(y_w ≻ π) = 1, P̂(y_l ≻ π) = 0). Shapes: ``[B]``.
+    """
+    rho_w, rho_l = lp.ratios()
+    losses = (rho_w - 1 / (2 * beta)) ** 2 + (rho_l + 1 / (2 * beta)) ** 2
+    return LossOutput(losses, *_rewards(beta, rho_w, rho_l))
+
+
+def apo_zero(lp: PairLogps, beta: float) -> LossOutput:
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7): ℓ = (1 − σ(β ρ_w)) + σ(β ρ_l).
+
+    Raises the chosen and lowers the rejected likelihood independently (for when y_w is better than the
+    policy's own outputs). Shapes: ``[B]``.
+    """
+    rho_w, rho_l = lp.ratios()
+    losses = (1 - torch.sigmoid(beta * rho_w)) + torch.sigmoid(beta * rho_l)
+    return LossOutput(losses, *_rewards(beta, rho_w, rho_l))
+
+
+def apo_down(lp: PairLogps, beta: float) -> LossOutput:
+    """APO-down (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 8): ℓ = σ(β ρ_w) + (1 − σ(β h)).
+
+    Lowers the chosen likelihood while keeping the gap (for when y_w is worse than the policy's own
+    outputs). Shapes: ``[B]``.
+    """
+    rho_w, rho_l = lp.ratios()
+    losses = torch.sigmoid(beta * rho_w) + (1 - torch.sigmoid(beta * (rho_w - rho_l)))
+    return LossOutput(losses, *_rewards(beta, rho_w, rho_l))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference-free paired losses
+# --------------------------------------------------------------------------------------------------
+
+
+def slic(lp: PairLogps, beta: float, slic_lambda: float) -> LossOutput:
+    """SLiC-HF calibration loss (Zhao et al. 2023, arXiv 2305.10425), δ = ``beta``, λ = ``slic_lambda``.
+
+    ℓ = max(0, δ − s_w + s_l) + λ·NLL(y_w), with summed log-probs in the rank term and no reference
+    (HALOs ``SLiCTrainer``). Choice: the regulariser uses y_w as the SFT target and is the per-token NLL
+    −s_w/|y_w|, so λ does not scale with length. Rewards β·s. Shapes: ``[B]``.
+    """
+    s_w, s_l = lp.chosen, lp.rejected
+    losses = F.relu(beta - s_w + s_l) + slic_lambda * lp.chosen_nll()
+    return LossOutput(losses, *_rewards(beta, s_w, s_l))
+
+
+def simpo(lp: PairLogps, beta: float, simpo_gamma: float, label_smoothing: float = 0.0) -> LossOutput:
+    """SimPO (Meng, Xia, Chen 2024, arXiv 2405.14734), no reference.
+
+    x = β·avg(y_w) − β·avg(y_l) − γ;  ℓ = −(1−ε)·log σ(x) − ε·log σ(−x).
+    ``simpo_gamma`` is the **absolute** margin γ (TRL's convention), not the SimPO repo's ratio γ/β.
+    ∂ℓ/∂avg(y_w) = −β·σ(−x) for ε = 0. Rewards β·avg(y). Shapes: ``[B]``.
+    """
+    avg_w, avg_l = lp.averages()
+    x = beta * avg_w - beta * avg_l - simpo_gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+    return LossOutput(losses, *_rewards(beta, avg_w, avg_l))
+
+
+def orpo(lp: PairLogps, beta: float) -> LossOutput:
+    """ORPO (Hong et al. 2024, arXiv 2403.07691), no reference, λ = ``beta`` (TRL's name).
+
+    With P(y) = exp(avg(y)): log OR = [avg_w − avg_l] − [log(1 − e^{avg_w}) − log(1 − e^{avg_l})],
+    ℓ = NLL(y_w) − β·log σ(log OR), NLL(y_w) = −avg_w. ``log(1 − eˣ)`` is computed by a stable log1mexp,
+    and averages are clamped to ≤ −1e-12 so a saturated token distribution (avg exactly 0, P = 1) gives a
+    large finite log-odds instead of ∞/NaN. Rewards β·avg(y), as TRL logs them. Shapes: ``[B]``.
+    """
+    avg_w, avg_l = lp.averages()
+    odds_w, odds_l = avg_w.clamp(max=-1e-12), avg_l.clamp(max=-1e-12)
+    log_odds = (odds_w - odds_l) - (_log1mexp(odds_w) - _log1mexp(odds_l))
+    losses = -avg_w - beta * F.logsigmoid(log_odds)
+    return LossOutput(losses, *_rewards(beta, avg_w, avg_l))
+
+
+def cpo(lp: PairLogps, beta: float, cpo_alpha: float) -> LossOutput:
+    """CPO (Xu et al. 2024, arXiv 2401.08417): ℓ = −log σ(β(s_w − s_l)) + α·NLL(y_w), no reference.
+
+    DPO with a uniform reference plus behaviour cloning on y_w; summed log-probs in the sigmoid term,
+    per-token NLL −s_w/|y_w| per sequence (TRL averages over the batch's tokens instead). Rewards β·s.
+    Shapes: ``[B]``.
+    """
+    s_w, s_l = lp.chosen, lp.rejected
+    losses = -F.logsigmoid(beta * (s_w - s_l)) + cpo_alpha * lp.chosen_nll()
+    return LossOutput(losses, *_rewards(beta, s_w, s_l))
+
+
+def sft(lp: PairLogps, beta: float) -> LossOutput:
+    """Supervised fine-tuning on the chosen completion: ℓ = −s_w/|y_w| (per-token NLL of each sequence).
+
+    As a term in a weighted sum it gives RPO / MPO recipes (``["dpo", "sft"]``, weights ``[1, α]``).
+    Choice: per-sequence token mean, averaged over the batch by the caller (TRL takes one token mean
+    over the batch). ``beta`` only scales the logged rewards β·ρ (β·s when there is no reference), so
+    an SFT run still shows how the chosen and rejected log-probs move. Shapes: ``[B]``.
+    """
+    rho_w, rho_l = lp.ratios()
+    return LossOutput(lp.chosen_nll(), *_rewards(beta, rho_w, rho_l))
+
+
+# --------------------------------------------------------------------------------------------------
+# Unpaired
+# --------------------------------------------------------------------------------------------------
+
+
+def kto(lp: UnpairedLogps, beta: float, desirable_weight: float, undesirable_weight: float) -> LossOutput:
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) on unpaired examples.
+
+    ρ = s − r (summed); reference point z₀ = max(0, mean(kl − ref_kl)) over the given mismatched pairs,
+    **detached** (its gradient destabilises training); z₀ = 0 when ``kl`` is None.
+      desirable:   ℓ = λ_D·(1 − σ(β(ρ − z₀)))
+      undesirable: ℓ = λ_U·(1 − σ(β(z₀ − ρ)))
+    At π_θ = π_ref: ℓ = λ/2. Shapes: ``[B]`` in, losses ``[B]``; rewards β·ρ of the desirable examples
+    (``chosen_rewards``, ``[n_D]``) and of the undesirable ones (``rejected_rewards``, ``[n_U]``).
+    """
+    rho = lp.logps if lp.ref_logps is None else lp.logps - lp.ref_logps
+    if lp.kl is None:
+        z0 = torch.zeros((), dtype=rho.dtype, device=rho.device)
+    else:
+        kl = lp.kl if lp.ref_kl is None else lp.kl - lp.ref_kl
+        z0 = kl.mean().clamp(min=0).detach()
+    desirable = lp.desirable.bool()
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (rho - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - rho))),
+    )
+    rewards = (beta * rho).detach()
+    return LossOutput(losses, rewards[desirable], rewards[~desirable])
+
+
+# --------------------------------------------------------------------------------------------------
+# Combining losses and per-pair / per-token weights
+# --------------------------------------------------------------------------------------------------
+
+
+def combine(terms: list[tuple[LossOutput, float]]) -> LossOutput:
+    """Weighted sum ``Σ_k w_k·ℓ_k`` of per-example losses; the rewards are those of the first term."""
+    if not terms:
+        raise ValueError("combine() needs at least one (LossOutput, weight) term")
+    losses = sum(weight * out.losses for out, weight in terms)
+    first = terms[0][0]
+    return LossOutput(losses, first.chosen_rewards, first.rejected_rewards)
+
+
+def wpo_weights(chosen_log_weight: Tensor, rejected_log_weight: Tensor) -> Tensor:
+    """WPO pair weights (Zhou et al. 2024, arXiv 2406.11827): w = exp(w_c + w_r), detached, shape ``[B]``.
+
+    Each log-weight is the per-sequence mean over completion tokens of ``log p(y_t) − log Σ_v p_v²``
+    (computed with the log-probs). The weight only re-weights pairs; no gradient flows through it. Not
+    clamped (TRL ≥ 0.29; older TRL clamped at 1).
+    """
+    return torch.exp(chosen_log_weight + rejected_log_weight).detach()
+
+
+def ld_token_weights(
+    completion_mask_chosen: Tensor, completion_mask_rejected: Tensor, ld_alpha: float
+) -> tuple[Tensor, Tensor]:
+    """LD-DPO token weights (Liu et al. 2024, arXiv 2409.06411).
+
+    With l_p = min(|y_w|, |y_l|) per pair, a sequence's log-prob becomes Σ_{t≤l_p} log p + α·Σ_{t>l_p} log p;
+    apply the returned weights to the per-token log-probs of the policy **and** the reference.
+    Masks ``[B, L_w]`` / ``[B, L_l]`` (0/1 or bool, completion positions in order); returns float weights
+    of the same shapes: 1 on the first l_p completion tokens, α after them, 0 off the completion.
+    """
+
+    def weights(mask: Tensor, public_length: Tensor) -> Tensor:
+        mask = mask.to(torch.float32)
+        position = mask.cumsum(dim=-1)  # 1-based index among completion tokens
+        inside = torch.where(position <= public_length[:, None], 1.0, ld_alpha)
+        return inside * mask
+
+    public_length = torch.minimum(completion_mask_chosen.sum(-1), completion_mask_rejected.sum(-1))
+    return weights(completion_mask_chosen, public_length), weights(completion_mask_rejected, public_length)
+
+
+__all__ = [
+    "PairLogps",
+    "UnpairedLogps",
+    "LossOutput",
+    "dpo",
+    "robust",
+    "ipo",
+    "hinge",
+    "dpop",
+    "rpo",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "slic",
+    "simpo",
+    "orpo",
+    "cpo",
+    "sft",
+    "kto",
+    "combine",
+    "wpo_weights",
+    "ld_token_weights",
+]

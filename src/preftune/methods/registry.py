@@ -1,0 +1,148 @@
+"""The registry of methods: a method is data — its loss, its defaults and what it needs.
+
+The training loop asks this registry; it never branches on a method's name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from preftune.methods import losses
+
+
+@dataclass(frozen=True)
+class Method:
+    """A preference method as data.
+
+    ``data``: the examples the loss takes (``paired`` → :class:`~losses.PairLogps`, ``unpaired`` →
+    :class:`~losses.UnpairedLogps`). ``needs_reference``: the loop must compute reference log-probs
+    (without them a reference-based loss silently uses a uniform reference). ``uses_average_logps``:
+    the loss compares length-normalised log-probs (it divides by the token counts itself — always
+    pass summed log-probs). ``uses_chosen_nll``: the loss contains an NLL term on the chosen completion.
+    ``defaults`` holds a value for every hyper-parameter the loss takes.
+    """
+
+    name: str
+    loss: Callable[..., losses.LossOutput]
+    data: Literal["paired", "unpaired"] = "paired"
+    needs_reference: bool = True
+    uses_average_logps: bool = False
+    uses_chosen_nll: bool = False
+    defaults: Mapping[str, float] = field(default_factory=dict)
+    summary: str = ""
+
+    @property
+    def hparams(self) -> tuple[str, ...]:
+        """Names of the hyper-parameters the loss takes (its keyword arguments after the log-probs)."""
+        return tuple(list(inspect.signature(self.loss).parameters)[1:])
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry; its defaults must cover exactly the loss's hyper-parameters."""
+    missing = set(method.hparams) - set(method.defaults)
+    unknown = set(method.defaults) - set(method.hparams)
+    if missing or unknown:
+        raise ValueError(
+            f"Method '{method.name}': defaults must match the loss's hyper-parameters "
+            f"(missing: {sorted(missing)}, unknown: {sorted(unknown)})"
+        )
+    METHODS[method.name] = method
+    return method
+
+
+# Reference-based, paired.
+register(Method("dpo", losses.dpo, defaults={"beta": 0.1, "label_smoothing": 0.0},
+                summary="DPO, sigmoid loss (Rafailov et al. 2023, arXiv 2305.18290)"))
+register(Method("cdpo", losses.dpo, defaults={"beta": 0.1, "label_smoothing": 0.1},
+                summary="conservative DPO: label smoothing ε, finite optimum (Mitchell 2023)"))
+register(Method("robust", losses.robust, defaults={"beta": 0.1, "label_smoothing": 0.1},
+                summary="robust DPO: unbiased under label flips with rate ε (Chowdhury 2024, 2403.00409)"))
+register(Method("ipo", losses.ipo, uses_average_logps=True, defaults={"beta": 0.1},
+                summary="IPO: squared loss to a 1/(2β) margin, length-normalised log-ratios (Azar 2023)"))
+register(Method("hinge", losses.hinge, defaults={"beta": 0.1},
+                summary="hinge-norm with reference, margin 1/β (RSO, Liu et al. 2023, 2309.06657)"))
+register(Method("dpop", losses.dpop, defaults={"beta": 0.1, "dpop_lambda": 50.0},
+                summary="DPO-Positive: penalise chosen log-prob below the reference (Smaug, 2402.13228)"))
+register(Method("rpo", losses.rpo, uses_chosen_nll=True, defaults={"beta": 0.1, "rpo_alpha": 1.0},
+                summary="DPO + α·per-token NLL of the chosen (Pang et al. 2024, 2404.19733)"))
+register(Method("nca_pair", losses.nca_pair, defaults={"beta": 0.1},
+                summary="NCA, pairwise (Chen et al. 2024, 2402.05369)"))
+register(Method("bco_pair", losses.bco_pair, defaults={"beta": 0.1},
+                summary="BCO, pairwise, no running-mean shift (Jung et al. 2024, 2404.04656)"))
+register(Method("sppo_hard", losses.sppo_hard, defaults={"beta": 0.1},
+                summary="SPPO with hard labels: regress ρ_w → 1/(2β), ρ_l → −1/(2β) (Wu et al. 2024)"))
+register(Method("apo_zero", losses.apo_zero, defaults={"beta": 0.1},
+                summary="APO-zero: raise chosen, lower rejected (D'Oosterlinck et al. 2024, 2408.06266)"))
+register(Method("apo_down", losses.apo_down, defaults={"beta": 0.1},
+                summary="APO-down: lower chosen, keep the gap (D'Oosterlinck et al. 2024, 2408.06266)"))
+
+# Reference-free, paired.
+register(Method("slic", losses.slic, needs_reference=False, uses_chosen_nll=True,
+                defaults={"beta": 1.0, "slic_lambda": 0.1},
+                summary="SLiC-HF: hinge on s_w − s_l with margin δ=β, plus λ·NLL (Zhao et al. 2023)"))
+register(Method("simpo", losses.simpo, needs_reference=False, uses_average_logps=True,
+                defaults={"beta": 2.0, "simpo_gamma": 1.0, "label_smoothing": 0.0},
+                summary="SimPO: averaged log-probs, absolute margin γ (Meng et al. 2024, 2405.14734)"))
+register(Method("orpo", losses.orpo, needs_reference=False, uses_average_logps=True, uses_chosen_nll=True,
+                defaults={"beta": 0.1},
+                summary="ORPO: NLL − β·log σ(log odds ratio) (Hong et al. 2024, 2403.07691)"))
+register(Method("cpo", losses.cpo, needs_reference=False, uses_chosen_nll=True,
+                defaults={"beta": 0.1, "cpo_alpha": 1.0},
+                summary="CPO: reference-free DPO + α·NLL (Xu et al. 2024, 2401.08417)"))
+register(Method("sft", losses.sft, needs_reference=False, uses_chosen_nll=True, defaults={"beta": 0.1},
+                summary="SFT on the chosen completion (per-token NLL); β only scales logged rewards"))
+
+# Unpaired.
+register(Method("kto", losses.kto, data="unpaired",
+                defaults={"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
+                summary="KTO: unpaired, KL reference point (Ethayarajh et al. 2024, 2402.01306)"))
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, METHODS, n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"Unknown method '{name}'.{hint} Known: {', '.join(sorted(METHODS))}") from None
+
+
+def compute_loss(
+    names: list[str], weights: list[float], lp: Any, hparams: Mapping[str, Any]
+) -> losses.LossOutput:
+    """Weighted sum of the named methods' losses on ``lp`` (rewards from the first method).
+
+    Each loss gets ``hparams[k]`` for each of its hyper-parameters, or its registry default where the key
+    is absent or None; keys no method uses are ignored (one config can serve every method). All methods
+    must take the same kind of data.
+    """
+    if not names or len(names) != len(weights):
+        raise ValueError(f"need one weight per method, got methods {names} and weights {weights}")
+    methods = [get_method(name) for name in names]
+    if len({m.data for m in methods}) > 1:
+        raise ValueError(f"cannot combine paired and unpaired methods: {names}")
+    terms = []
+    for method, weight in zip(methods, weights, strict=True):
+        kwargs = {k: method.defaults[k] if hparams.get(k) is None else hparams[k] for k in method.hparams}
+        terms.append((method.loss(lp, **kwargs), weight))
+    return losses.combine(terms)
+
+
+def describe() -> str:
+    """A markdown table of the registered methods for the README and the CLI."""
+    rows = [
+        "| method | data | reference | defaults | summary |",
+        "|---|---|---|---|---|",
+    ]
+    for m in METHODS.values():
+        defaults = ", ".join(f"{k}={v:g}" for k, v in m.defaults.items())
+        reference = "yes" if m.needs_reference else "no"
+        rows.append(f"| `{m.name}` | {m.data} | {reference} | {defaults} | {m.summary} |")
+    return "\n".join(rows)

@@ -1,0 +1,121 @@
+"""Per-sequence completion log-probs without ever materialising ``[batch, seq, vocab]`` logits.
+
+The model body runs once; only the hidden states at positions whose *next* token is a completion
+token go through the LM head, ``chunk_size`` positions at a time, each chunk checkpointed so its
+``[chunk, vocab]`` logits are freed after use and recomputed in backward. ``log p = z[target] −
+logsumexp(z)`` is taken in fp32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+
+def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The ``*ForCausalLM`` inside a PEFT model (LoRA layers stay injected) or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _head_chunk(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None
+) -> tuple[Tensor, Tensor]:
+    """``hidden [k, H]`` → (``log p(target) [k]``, ``log Σ_v p_v² [k]``), in fp32 (fp64 for fp64 models)."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = hidden.to(dtype) @ weight.to(dtype).T
+        if bias is not None:
+            logits = logits + bias.to(dtype)
+        if softcap is not None:  # Gemma-style final logit soft-capping
+            logits = torch.tanh(logits / softcap) * softcap
+        lse = logits.logsumexp(-1)
+        target_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        # WPO's per-token normaliser, kept off the graph: log Σ p² = lse(2z) − 2·lse(z).
+        with torch.no_grad():
+            log_sq_norm = (2 * logits).logsumexp(-1) - 2 * lse
+    return target_logps, log_sq_norm
+
+
+def completion_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    position_ids: Tensor | None = None,
+    token_weights: Tensor | None = None,
+    chunk_size: int = 1024,
+) -> dict[str, Tensor]:
+    """Summed completion log-probs of N sequences.
+
+    Args: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[N, L]``; ``token_weights`` optional
+    fp32 ``[N, L]`` weights on completion tokens (LD-DPO); ``position_ids`` optional ``[N, L]``.
+    Returns fp32 ``[N]`` tensors: ``logps`` = Σ_t w_t·log p(y_t | x, y_<t), ``tokens`` = |y|, and
+    ``wpo`` = mean_t [log p(y_t) − log Σ_v p_v²] (no grad; WPO's log-weight).
+    """
+    lm = unwrap_causal_lm(model)
+    hidden = lm.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    head = lm.get_output_embeddings()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+
+    # Position t predicts token t+1: score positions whose next token is a completion token.
+    scored = completion_mask[:, 1:].bool()
+    rows = torch.nonzero(scored, as_tuple=True)[0]
+    h = hidden[:, :-1][scored]
+    targets = input_ids[:, 1:][scored]
+    weights = token_weights[:, 1:][scored].float() if token_weights is not None else None
+
+    pieces, sq_norms = [], []
+    for start in range(0, h.shape[0], chunk_size):
+        args = (h[start : start + chunk_size], head.weight, head.bias, targets[start : start + chunk_size])
+        if torch.is_grad_enabled():
+            logp, sq = checkpoint(_head_chunk, *args, softcap, use_reentrant=False)
+        else:
+            logp, sq = _head_chunk(*args, softcap)
+        pieces.append(logp)
+        sq_norms.append(sq)
+    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    log_sq_norm = torch.cat(sq_norms) if sq_norms else token_logps.detach()
+
+    n = input_ids.shape[0]
+    weighted = token_logps * weights if weights is not None else token_logps
+    logps = token_logps.new_zeros(n).index_add(0, rows, weighted)
+    tokens = completion_mask.sum(1).to(logps.dtype)
+    wpo = token_logps.new_zeros(n).index_add(0, rows, (token_logps - log_sq_norm).detach())
+    return {"logps": logps, "tokens": tokens, "wpo": wpo / tokens.clamp(min=1)}
+
+
+class LogProbModel(nn.Module):
+    """A causal LM whose forward returns :func:`completion_logps`.
+
+    This is the module handed to Accelerate, so DDP/FSDP/DeepSpeed see an ordinary forward call while
+    the LM head only ever projects completion positions.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        completion_mask: Tensor,
+        position_ids: Tensor | None = None,
+        token_weights: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        return completion_logps(
+            self.model,
+            input_ids,
+            attention_mask,
+            completion_mask,
+            position_ids=position_ids,
+            token_weights=token_weights,
+            chunk_size=self.chunk_size,
+        )

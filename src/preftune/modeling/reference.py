@@ -1,0 +1,125 @@
+"""The reference π_ref as a strategy: where its log-probs come from.
+
+* ``frozen copy``   — a deep copy of the in-memory policy taken before training (never reloaded from disk);
+* ``checkpoint``    — an explicit reference model loaded from ``ref_model_name_or_path``;
+* ``adapters off``  — under LoRA, the policy itself with its adapters disabled (no second model);
+* ``precomputed``   — log-probs computed once before training, cached on disk, read from the batch;
+* ``none``          — reference-free methods (SimPO, ORPO, CPO, …).
+
+Each strategy answers ``logps(batch) → [N]`` (or ``None``) for the rows of a collated batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from preftune.data.batching import REF_COLUMNS
+from preftune.modeling.logprobs import LogProbModel, unwrap_causal_lm
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "completion_mask")
+
+
+def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: batch[k] for k in MODEL_INPUTS}
+
+
+class NoReference:
+    name = "none"
+
+    def logps(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> Tensor | None:
+        return None
+
+
+class PrecomputedReference:
+    """Reads the ``ref_*_logps`` columns the collator carries: ``[chosen; rejected]`` or ``[y; kl]``."""
+
+    name = "precomputed"
+
+    def logps(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> Tensor:
+        if "ref_chosen_logps" in batch:
+            return torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+        return torch.cat([batch["ref_logps"], batch["ref_kl_logps"]])
+
+
+class ModelReference:
+    """A separate frozen model (a copy of the policy, or an explicit checkpoint)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int, name: str, autocast=contextlib.nullcontext):
+        self.module = LogProbModel(model, chunk_size).eval().requires_grad_(False)
+        self.name = name
+        self.autocast = autocast  # the policy's mixed-precision context, so both see the same numerics
+
+    def to(self, device: torch.device) -> ModelReference:
+        self.module.to(device)
+        return self
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> Tensor:
+        with self.autocast():
+            return self.module(**model_inputs(batch), token_weights=token_weights)["logps"]
+
+    @torch.no_grad()
+    def sync(self, policy: nn.Module, alpha: float) -> None:
+        """TR-DPO (Gorbatov et al. 2024): θ_ref ← (1−α)·θ_ref + α·θ."""
+        for ref_p, p in zip(self.module.model.parameters(), unwrap_causal_lm(policy).parameters(), strict=True):
+            ref_p.lerp_(p.detach().to(ref_p.dtype), alpha)
+
+
+class AdaptersOffReference:
+    """Under LoRA the base model *is* the reference: run the policy with its adapters disabled."""
+
+    name = "adapters off"
+
+    def __init__(self, policy: nn.Module, unwrap):
+        self.policy = policy  # the prepared (possibly DDP-wrapped) LogProbModel
+        self.unwrap = unwrap
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> Tensor:
+        peft_model = self.unwrap(self.policy).model
+        with peft_model.disable_adapter():
+            return self.policy(**model_inputs(batch), token_weights=token_weights)["logps"]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of the weights that define the reference (LoRA adapter weights excluded)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(unwrap_causal_lm(model).state_dict().items()):
+        if "lora_" in name:
+            continue
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        data = tensor.detach().cpu().contiguous()
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def cache_key(*parts: object) -> str:
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+
+
+def load_cached(path: Path) -> np.ndarray | None:
+    if path.exists():
+        return np.load(path, allow_pickle=False)
+    return None
+
+
+def save_cached(path: Path, values: np.ndarray) -> None:
+    """Atomic write: a crash never leaves a partial cache under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, values, allow_pickle=False)
+    tmp.replace(path)
+
+
+def reference_columns(paired: bool) -> tuple[str, str]:
+    return (REF_COLUMNS[0], REF_COLUMNS[1]) if paired else (REF_COLUMNS[2], REF_COLUMNS[3])

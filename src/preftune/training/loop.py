@@ -1,0 +1,339 @@
+"""The one training loop, on Accelerate, for every preference method.
+
+fetch batch → policy log-probs → reference log-probs → loss → step → log. Data preparation,
+the reference strategy, checkpoints and tracking are calls to small helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from preftune.config import TrainConfig
+from preftune.data.batching import PairedCollator, UnpairedCollator
+from preftune.methods import losses
+from preftune.methods.registry import compute_loss, get_method
+from preftune.modeling.logprobs import LogProbModel
+from preftune.modeling.reference import model_inputs
+from preftune.training import checkpoint
+from preftune.training.setup import RunInputs, prepare_inputs
+from preftune.training.tracking import MetricsLog, MetricWindow
+
+log = logging.getLogger("preftune")
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_dir: Path | None
+    global_step: int
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    first_loss: float | None = None
+
+
+@dataclass
+class LossSpec:
+    """What the loop needs to turn log-probs into a loss — read once from the registry and config."""
+
+    methods: list[str]
+    weights: list[float]
+    hparams: dict[str, float]
+    paired: bool
+    ld_alpha: float | None
+    use_weighting: bool
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> LossSpec:
+        return cls(
+            methods=cfg.methods,
+            weights=cfg.loss_weights or [1.0] * len(cfg.methods),
+            hparams=cfg.loss_hparams(),
+            paired=get_method(cfg.methods[0]).data == "paired",
+            ld_alpha=cfg.ld_alpha,
+            use_weighting=cfg.use_weighting,
+        )
+
+    def token_weights(self, batch: dict[str, Tensor]) -> Tensor | None:
+        if self.ld_alpha is None or not self.paired:
+            return None
+        mask = batch["completion_mask"]
+        half = mask.shape[0] // 2
+        w_chosen, w_rejected = losses.ld_token_weights(mask[:half], mask[half:], self.ld_alpha)
+        return torch.cat([w_chosen, w_rejected])
+
+
+def batch_loss(
+    policy: nn.Module, reference, batch: dict[str, Tensor], spec: LossSpec, window: MetricWindow
+) -> Tensor:
+    """Mean loss of one micro-batch; per-example metrics go into ``window`` (TRL's names)."""
+    token_weights = spec.token_weights(batch)
+    out = policy(**model_inputs(batch), token_weights=token_weights)
+    ref = reference.logps(batch, token_weights)
+    n = out["logps"].shape[0] // 2
+    split = lambda t: (None, None) if t is None else (t[:n], t[n:])
+    (s_a, s_b), (t_a, t_b), (r_a, r_b) = split(out["logps"]), split(out["tokens"]), split(ref)
+    if spec.paired:
+        logps = losses.PairLogps(s_a, s_b, t_a, t_b, r_a, r_b)
+    else:
+        logps = losses.UnpairedLogps(s_a, t_a, batch["desirable"], r_a, s_b.detach(), r_b)
+    result = compute_loss(spec.methods, spec.weights, logps, spec.hparams)
+    per_example = result.losses
+    if spec.use_weighting and spec.paired:
+        per_example = per_example * losses.wpo_weights(out["wpo"][:n], out["wpo"][n:])
+    loss = per_example.mean()
+
+    window.add("loss", per_example)
+    window.add("rewards/chosen", result.chosen_rewards)
+    window.add("rewards/rejected", result.rejected_rewards)
+    if spec.paired:
+        window.add("rewards/margins", result.chosen_rewards - result.rejected_rewards)
+        window.add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float())
+        window.add("logps/chosen", s_a)
+        window.add("logps/rejected", s_b)
+    else:
+        desirable = batch["desirable"]
+        window.add("logps/chosen", s_a[desirable])
+        window.add("logps/rejected", s_a[~desirable])
+    return loss
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optim == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                   eps=cfg.adam_epsilon)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+
+
+def _no_accelerator_device() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu and xpu.is_available()))
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
+    # Accelerate's state is a process-wide singleton; a second run in the same process (a notebook, the
+    # tests) may use another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(
+        # On a CPU-only machine, `torchrun --nproc_per_node N` gives N data-parallel processes (gloo).
+        cpu=_no_accelerator_device(),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=precision,
+        log_with=cfg.report_to or None,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir,
+                                            logging_dir=str(Path(cfg.output_dir) / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def check_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
+    out = Path(cfg.output_dir)
+    finished = (out / "summary.json").exists() or (out / "final").exists()
+    if finished and not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+        raise FileExistsError(
+            f"{out} already holds a finished run; set overwrite_output_dir=true or choose another output_dir"
+        )
+    if accelerator.is_main_process:
+        if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return out
+
+
+class PreferenceTrainer:
+    """Train a causal LM with any registered method.
+
+    Everything is optional but the config: pass an in-memory ``model`` / ``ref_model`` / ``tokenizer`` /
+    ``train_dataset`` / ``eval_dataset`` (a ``datasets.Dataset`` or a list of rows in any accepted
+    format), or let the config name them, or leave both empty for the embedded default.
+    """
+
+    def __init__(self, config: TrainConfig, model=None, ref_model=None, tokenizer=None,
+                 train_dataset=None, eval_dataset=None):
+        self.cfg = config.validate()
+        self.accelerator = make_accelerator(self.cfg)
+        self.given = dict(model=model, ref_model=ref_model, tokenizer=tokenizer,
+                          train_dataset=train_dataset, eval_dataset=eval_dataset)
+
+    # ------------------------------------------------------------------------------------------------
+    def train(self) -> RunResult:
+        cfg, acc = self.cfg, self.accelerator
+        set_seed(cfg.seed)
+        out = check_output_dir(cfg, acc)
+        if acc.is_main_process:
+            cfg.save(out / "config.yaml")
+        inputs: RunInputs = prepare_inputs(cfg, acc, **self.given)
+        spec = LossSpec.from_config(cfg)
+        collate = (PairedCollator if spec.paired else UnpairedCollator)(inputs.tokenizer.pad_token_id)
+
+        policy = LogProbModel(inputs.model, cfg.logprob_chunk_size)
+        optimizer = build_optimizer(cfg, policy)
+        train_dl = DataLoader(inputs.train, batch_size=cfg.per_device_train_batch_size, shuffle=True,
+                              collate_fn=collate, drop_last=not spec.paired)
+        eval_dl = (DataLoader(inputs.eval, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
+                              drop_last=not spec.paired) if inputs.eval is not None else None)
+        total_steps, num_epochs = self._schedule_length(len(train_dl))
+        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+        # Accelerate steps a prepared scheduler once per process per optimizer step; size it to match.
+        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup * acc.num_processes,
+                                  num_training_steps=total_steps * acc.num_processes)
+        policy, optimizer, train_dl, scheduler = acc.prepare(policy, optimizer, train_dl, scheduler)
+        if eval_dl is not None:
+            eval_dl = acc.prepare(eval_dl)
+        reference = inputs.make_reference(policy, acc)
+        if hasattr(reference, "module"):
+            acc.register_for_checkpointing(reference.module)
+
+        state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
+        resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, out)
+        if resume is not None:
+            state = checkpoint.load_checkpoint(acc, resume)
+            log.info("resumed from %s at step %d", resume, state["global_step"])
+
+        if acc.is_main_process:
+            run_name = cfg.run_name or out.name
+            acc.init_trackers("preftune", config=_tracker_config(cfg),
+                              init_kwargs={"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}})
+        metrics_log = MetricsLog(out / "metrics.jsonl", acc)
+        self._log_start(inputs, reference, total_steps, num_epochs)
+
+        window = MetricWindow()
+        result = RunResult(out, None, state["global_step"])
+        bar = tqdm(total=total_steps, initial=state["global_step"], desc=f"{'+'.join(cfg.methods)}",
+                   disable=not acc.is_local_main_process or cfg.disable_tqdm, dynamic_ncols=True)
+        policy.train()
+        started, pairs_seen, tokens_seen, last_log = time.perf_counter(), 0, 0, time.perf_counter()
+        step = state["global_step"]
+        for epoch in range(state["epoch"], num_epochs):
+            train_dl.set_epoch(epoch)
+            skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
+            batches = acc.skip_first_batches(train_dl, skip) if skip else train_dl
+            for batch_index, batch in enumerate(batches, start=skip):
+                with acc.accumulate(policy):
+                    loss = batch_loss(policy, reference, batch, spec, window)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                        window.add("grad_norm", torch.as_tensor(grad_norm, dtype=torch.float32).reshape(1))
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                pairs_seen += batch["input_ids"].shape[0] // 2
+                tokens_seen += int(batch["attention_mask"].sum())
+                if result.first_loss is None:
+                    result.first_loss = loss.item()
+                if not acc.sync_gradients:
+                    continue
+                step += 1
+                bar.update(1)
+                state = {"global_step": step, "epoch": epoch, "batches_in_epoch": batch_index + 1}
+                if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
+                    reference.sync(acc.unwrap_model(policy).model, cfg.ref_model_mixup_alpha)
+                if step % cfg.logging_steps == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    record = {"step": step, "epoch": round(epoch + (batch_index + 1) / len(train_dl), 4),
+                              "learning_rate": scheduler.get_last_lr()[0], **window.values(acc),
+                              "pairs_per_second": pairs_seen * acc.num_processes / (now - last_log),
+                              "tokens_per_second": tokens_seen * acc.num_processes / (now - last_log)}
+                    pairs_seen, tokens_seen, last_log = 0, 0, now
+                    metrics_log.write(record)
+                    result.train_metrics = record
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', 0):.2f}",
+                                    pairs_s=f"{record['pairs_per_second']:.1f}")
+                if eval_dl is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+                    result.eval_metrics = self._evaluate(policy, reference, eval_dl, spec, step, metrics_log)
+                if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+                    checkpoint.save_checkpoint(acc, out, step, state, cfg.save_total_limit)
+                if step >= total_steps:
+                    break
+            if step >= total_steps:
+                break
+        bar.close()
+        train_seconds = time.perf_counter() - started
+
+        if eval_dl is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
+            result.eval_metrics = self._evaluate(policy, reference, eval_dl, spec, step, metrics_log)
+        if cfg.save_steps:
+            checkpoint.save_checkpoint(acc, out, step, {**state, "epoch": num_epochs, "batches_in_epoch": 0},
+                                       cfg.save_total_limit)
+        result.final_dir = checkpoint.export_final(acc, policy, inputs.tokenizer, out, cfg.save_merged_model)
+        result.global_step = step
+        if acc.is_main_process:
+            summary = {"global_step": step, "train_runtime_s": round(train_seconds, 3),
+                       "first_loss": result.first_loss, "train": result.train_metrics,
+                       "eval": result.eval_metrics, "reference": reference.name, "methods": cfg.methods,
+                       "parameters": inputs.parameter_counts, "data": inputs.data_reports,
+                       "final_dir": str(result.final_dir)}
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        acc.end_training()
+        return result
+
+    # ------------------------------------------------------------------------------------------------
+    def _schedule_length(self, batches_per_epoch: int) -> tuple[int, int]:
+        cfg = self.cfg
+        per_epoch = max(1, math.ceil(batches_per_epoch / self.accelerator.num_processes
+                                     / cfg.gradient_accumulation_steps))
+        if cfg.max_steps > 0:
+            return cfg.max_steps, math.ceil(cfg.max_steps / per_epoch)
+        return math.ceil(per_epoch * cfg.num_train_epochs), math.ceil(cfg.num_train_epochs)
+
+    @torch.no_grad()
+    def _evaluate(self, policy, reference, eval_dl, spec, step, metrics_log) -> dict[str, float]:
+        policy.eval()
+        window = MetricWindow()
+        for batch in eval_dl:
+            batch_loss(policy, reference, batch, spec, window)
+        policy.train()
+        record = {"step": step, **{f"eval_{k}": v for k, v in window.values(self.accelerator).items()}}
+        metrics_log.write(record)
+        return record
+
+    def _log_start(self, inputs: RunInputs, reference, total_steps: int, num_epochs: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        trainable, total = inputs.parameter_counts
+        log.info("methods %s | reference: %s | %d train rows, %s eval rows | %d steps over %d epoch(s) | "
+                 "%d processes | trainable params %s of %s", "+".join(self.cfg.methods), reference.name,
+                 len(inputs.train), len(inputs.eval) if inputs.eval is not None else 0, total_steps,
+                 num_epochs, self.accelerator.num_processes, f"{trainable:,}", f"{total:,}")
+        for report in inputs.data_reports.values():
+            log.info("%s", report)
+
+
+def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
+    """Trackers accept scalars and strings only."""
+    flat = {}
+    for key, value in cfg.to_dict().items():
+        flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def train(config: TrainConfig | dict | str | Path, **objects) -> RunResult:
+    """Train from a config object, a mapping of config keys, or a YAML path; see :class:`PreferenceTrainer`."""
+    from preftune.config import build_config, load_config
+
+    if isinstance(config, (str, Path)):
+        config = load_config(config)
+    elif isinstance(config, dict):
+        config = build_config(config)
+    return PreferenceTrainer(config, **objects).train()

@@ -1,0 +1,244 @@
+"""Everything a run needs before its first step: tokenizer, model, tokenized data, reference strategy.
+
+Objects passed in memory win over paths in the config; with neither, the embedded default is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from preftune.config import TrainConfig
+from preftune.data import formats, tokenize
+from preftune.data.batching import PairedCollator, UnpairedCollator
+from preftune.methods.registry import get_method
+from preftune.modeling import loading, reference
+from preftune.modeling.logprobs import LogProbModel
+
+log = logging.getLogger("preftune")
+
+
+def cache_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("PREFTUNE_CACHE") or Path.home() / ".cache" / "preftune")
+
+
+@dataclass
+class RunInputs:
+    tokenizer: Any
+    model: nn.Module
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    make_reference: Callable[[nn.Module, Accelerator], Any]
+    parameter_counts: tuple[int, int]
+    data_reports: dict[str, str] = field(default_factory=dict)
+
+
+def _as_dataset(rows) -> datasets.Dataset:
+    return rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
+
+
+def _load_model_and_tokenizer(cfg: TrainConfig, model, tokenizer, builtin_rows):
+    if tokenizer is None:
+        if cfg.tokenizer_name_or_path or cfg.model_name_or_path:
+            tokenizer = loading.load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                                               cfg.trust_remote_code)
+        else:
+            from preftune.demo.default import default_tokenizer
+
+            tokenizer = default_tokenizer(builtin_rows)
+    if model is None:
+        if cfg.model_name_or_path:
+            model = loading.load_causal_lm(cfg.model_name_or_path, cfg)
+        else:
+            from preftune.demo.default import default_model
+
+            log.info("no model_name_or_path: using the embedded tiny Llama with random weights")
+            model = default_model(tokenizer, seed=cfg.seed)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokenizer, unpaired: bool, reports,
+                   name: str) -> datasets.Dataset:
+    normalised, report = formats.normalise(rows, source, skip_invalid=cfg.skip_invalid_rows)
+    reports[f"{name}/rows"] = str(report)
+    if unpaired and "chosen" in normalised.column_names:
+        normalised = formats.paired_to_unpaired(normalised)
+    if not unpaired and "completion" in normalised.column_names:
+        raise formats.DataError(f"{source}: method {cfg.methods} needs paired rows (prompt, chosen, rejected); "
+                                "this dataset is unpaired (prompt, completion, label)")
+    tokenized, tok_report = tokenize.tokenize_rows(
+        normalised, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        cache_dir=cache_root(cfg) / "tokenized", source=source,
+    )
+    reports[f"{name}/tokens"] = str(tok_report)
+    keep = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label")
+            if c in tokenized.column_names]
+    return tokenized.select_columns(keep)
+
+
+def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_model=None, tokenizer=None,
+                   train_dataset=None, eval_dataset=None) -> RunInputs:
+    builtin_rows = None
+    if train_dataset is None and cfg.dataset is None:
+        from preftune.demo.default import builtin_preferences
+
+        builtin_rows = builtin_preferences()
+    model, tokenizer = _load_model_and_tokenizer(cfg, model, tokenizer, builtin_rows or [])
+    if cfg.disable_dropout:
+        loading.disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.use_peft and not loading.is_peft_model(model):
+        model = loading.add_lora(model, cfg)
+
+    unpaired = get_method(cfg.methods[0]).data == "unpaired"
+    reports: dict[str, str] = {}
+    if train_dataset is not None:
+        train_rows, train_source = _as_dataset(train_dataset), "train_dataset"
+    elif cfg.dataset is not None:
+        train_rows, train_source = formats.load_rows(cfg.dataset, cfg.dataset_split), cfg.dataset
+    else:
+        train_rows, train_source = datasets.Dataset.from_list(builtin_rows), "built-in preferences"
+    with accelerator.main_process_first():  # one process tokenizes and fills the cache, the others read it
+        train = _prepare_split(cfg, train_rows, train_source, tokenizer, unpaired, reports, "train")
+        evaluation = None
+        if eval_dataset is not None or cfg.eval_dataset is not None:
+            eval_rows = (_as_dataset(eval_dataset) if eval_dataset is not None
+                         else formats.load_rows(cfg.eval_dataset, cfg.eval_split))
+            evaluation = _prepare_split(cfg, eval_rows, str(cfg.eval_dataset or "eval_dataset"), tokenizer,
+                                        unpaired, reports, "eval")
+    if evaluation is None and cfg.eval_split_size > 0:
+        split = train.train_test_split(test_size=cfg.eval_split_size, seed=cfg.seed)
+        train, evaluation = split["train"], split["test"]
+
+    strategy = choose_reference(cfg, model, ref_model)
+    if strategy.kind == "precompute":
+        live = _ReadOnlyReference(LogProbModel(strategy.source_model, cfg.logprob_chunk_size), accelerator,
+                                  adapters_off=strategy.label == "adapters off")
+        fingerprint = reference.model_fingerprint(strategy.source_model)
+        train = attach_reference_logps(cfg, accelerator, live, train, unpaired, fingerprint, tokenizer)
+        if evaluation is not None:
+            evaluation = attach_reference_logps(cfg, accelerator, live, evaluation, unpaired, fingerprint,
+                                                tokenizer)
+        strategy.release()
+
+    return RunInputs(tokenizer=tokenizer, model=model, train=train, eval=evaluation,
+                     make_reference=strategy.build, parameter_counts=loading.count_parameters(model),
+                     data_reports=reports)
+
+
+@dataclass
+class ReferencePlan:
+    """Which reference a run uses; ``build(policy, accelerator)`` gives the strategy the loop calls."""
+
+    kind: str  # none | precompute | model | adapters
+    source_model: nn.Module | None
+    chunk_size: int
+    label: str  # none | frozen copy | checkpoint | adapters off
+
+    def release(self) -> None:
+        self.source_model = None  # precomputed columns replace the reference model: free its memory
+
+    def build(self, policy: nn.Module, accelerator: Accelerator):
+        if self.kind == "none":
+            return reference.NoReference()
+        if self.kind == "precompute":
+            return reference.PrecomputedReference()
+        if self.kind == "adapters":
+            return reference.AdaptersOffReference(policy, accelerator.unwrap_model)
+        return reference.ModelReference(self.source_model, self.chunk_size, self.label,
+                                        accelerator.autocast).to(accelerator.device)
+
+
+class _ReadOnlyReference:
+    """Reference log-probs from a model that must not be changed (the policy before training, or the
+    explicit reference), used once to precompute: eval mode for the pass, adapters off under LoRA."""
+
+    def __init__(self, module: LogProbModel, accelerator: Accelerator, adapters_off: bool):
+        self.module, self.accelerator, self.adapters_off = module.to(accelerator.device), accelerator, adapters_off
+
+    @torch.no_grad()
+    def logps(self, batch, token_weights=None):
+        was_training = self.module.training
+        self.module.eval()
+        adapters = self.module.model.disable_adapter() if self.adapters_off else contextlib.nullcontext()
+        with adapters, self.accelerator.autocast():
+            out = self.module(**reference.model_inputs(batch), token_weights=token_weights)["logps"]
+        self.module.train(was_training)
+        return out
+
+
+def choose_reference(cfg: TrainConfig, model: nn.Module, ref_model: nn.Module | None) -> ReferencePlan:
+    """Explicit checkpoint > adapters off (LoRA) > frozen copy; precomputed whenever it stays fixed."""
+    chunk = cfg.logprob_chunk_size
+    if not any(get_method(m).needs_reference for m in cfg.methods):
+        return ReferencePlan("none", None, chunk, "none")
+    if ref_model is None and cfg.ref_model_name_or_path:
+        ref_model = loading.load_causal_lm(cfg.ref_model_name_or_path, cfg)
+    precompute = cfg.precompute_ref_log_probs
+    if precompute is None:
+        precompute = not cfg.sync_ref_model
+    if ref_model is not None:
+        if cfg.disable_dropout:
+            loading.disable_dropout(ref_model)
+        return ReferencePlan("precompute" if precompute else "model", ref_model, chunk, "checkpoint")
+    if loading.is_peft_model(model):
+        return ReferencePlan("precompute" if precompute else "adapters", model, chunk, "adapters off")
+    if precompute:  # the policy before its first step is the reference: no copy needed
+        return ReferencePlan("precompute", model, chunk, "frozen copy")
+    return ReferencePlan("model", copy.deepcopy(model), chunk, "frozen copy")
+
+
+def attach_reference_logps(cfg: TrainConfig, accelerator: Accelerator, live, data: datasets.Dataset,
+                           unpaired: bool, model_fp: str, tokenizer) -> datasets.Dataset:
+    """Add ``ref_*_logps`` columns: computed once (sharded over processes), cached on disk by fingerprints."""
+    names = reference.reference_columns(not unpaired)
+    key = reference.cache_key(model_fp, data._fingerprint, cfg.ld_alpha, cfg.bf16, cfg.fp16, unpaired,
+                              len(data))
+    path = cache_root(cfg) / "reference" / f"{key}.npy"
+    values = reference.load_cached(path)
+    if values is None:
+        values = _compute_reference_logps(cfg, accelerator, live, data, unpaired, tokenizer)
+        if accelerator.is_main_process:
+            reference.save_cached(path, values)
+        log.info("reference log-probs computed for %d rows and cached at %s", len(data), path)
+    else:
+        log.info("reference log-probs read from cache %s", path)
+    accelerator.wait_for_everyone()
+    return data.add_column(names[0], values[:, 0].tolist()).add_column(names[1], values[:, 1].tolist())
+
+
+@torch.no_grad()
+def _compute_reference_logps(cfg, accelerator, live, data, unpaired, tokenizer) -> np.ndarray:
+    from preftune.training.loop import LossSpec
+
+    spec = LossSpec.from_config(cfg)
+    collate = (UnpairedCollator if unpaired else PairedCollator)(tokenizer.pad_token_id)
+    shard = data.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
+    loader = DataLoader(shard, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
+    rows = []
+    for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        logps = live.logps(batch, spec.token_weights(batch)).float()
+        n = logps.shape[0] // 2
+        rows.append(torch.stack([logps[:n], logps[n:]], dim=1).cpu())
+    local = torch.cat(rows).numpy() if rows else np.zeros((0, 2), dtype=np.float32)
+    gathered = accelerator.gather_for_metrics([local], use_gather_object=True) \
+        if accelerator.num_processes > 1 else [local]
+    return np.concatenate(gathered).astype(np.float32)
+

@@ -1,0 +1,42 @@
+"""Two CPU processes (torchrun, gloo) give the same weights as one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from preftune.demo.default import builtin_preferences, default_model, default_tokenizer
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    rows = builtin_preferences(32, seed=3)
+    tok = default_tokenizer(rows)
+    default_model(tok, seed=0).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # adam_epsilon=1: the update is proportional to the gradient, so all-reduce rounding stays tiny.
+    common = [f"model_name_or_path={tmp_path / 'model'}", f"dataset={data}", "max_steps=3",
+              "learning_rate=1e-2", "adam_epsilon=1", "disable_tqdm=true", f"cache_dir={tmp_path / 'cache'}",
+              "precompute_ref_log_probs=false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    two = subprocess.run([*torchrun, "-m", "preftune.cli", "train", *common, "per_device_train_batch_size=2",
+                          f"output_dir={tmp_path / 'two'}"], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes" in two.stderr
+    one = subprocess.run([sys.executable, "-m", "preftune.cli", "train", *common, "per_device_train_batch_size=4",
+                          f"output_dir={tmp_path / 'one'}"], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    a, b = load_file(tmp_path / "one/final/model.safetensors"), load_file(tmp_path / "two/final/model.safetensors")
+    start = default_model(tok, seed=0).state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # training moved the weights
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7, msg=key)
