@@ -7,13 +7,15 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from preftune.demo.default import builtin_preferences, default_model, default_tokenizer
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("precompute", ["true", "false"])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, precompute):
     rows = builtin_preferences(32, seed=3)
     tok = default_tokenizer(rows)
     default_model(tok, seed=0).save_pretrained(tmp_path / "model")
@@ -24,7 +26,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     # adam_epsilon=1: the update is proportional to the gradient, so all-reduce rounding stays tiny.
     common = [f"model_name_or_path={tmp_path / 'model'}", f"dataset={data}", "max_steps=3",
               "learning_rate=1e-2", "adam_epsilon=1", "disable_tqdm=true", f"cache_dir={tmp_path / 'cache'}",
-              "precompute_ref_log_probs=false"]
+              f"precompute_ref_log_probs={precompute}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
     two = subprocess.run([*torchrun, "-m", "preftune.cli", "train", *common, "per_device_train_batch_size=2",

@@ -18,8 +18,10 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from preftune.config import TrainConfig
 from preftune.data import formats, tokenize
@@ -232,13 +234,13 @@ def _compute_reference_logps(cfg, accelerator, live, data, unpaired, tokenizer) 
     shard = data.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
     loader = DataLoader(shard, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
     rows = []
-    for batch in loader:
+    for batch in tqdm(loader, desc="reference log-probs", disable=not accelerator.is_local_main_process,
+                      dynamic_ncols=True):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         logps = live.logps(batch, spec.token_weights(batch)).float()
         n = logps.shape[0] // 2
         rows.append(torch.stack([logps[:n], logps[n:]], dim=1).cpu())
     local = torch.cat(rows).numpy() if rows else np.zeros((0, 2), dtype=np.float32)
-    gathered = accelerator.gather_for_metrics([local], use_gather_object=True) \
-        if accelerator.num_processes > 1 else [local]
+    gathered = gather_object([local]) if accelerator.num_processes > 1 else [local]
     return np.concatenate(gathered).astype(np.float32)
 
