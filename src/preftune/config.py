@@ -92,6 +92,9 @@ class TrainConfig:
     fp16: bool = False
     seed: int = 42
     logprob_chunk_size: int = 1024
+    # --- speed (None: the fastest correct choice for the model, logged at start) -----------------------
+    prefix_sharing: bool | None = None  # prompt encoded once, chosen and rejected branch from it
+    padding_free: bool | None = None  # several pairs packed per row, no padding between them
     # --- logging and checkpoints -------------------------------------------------------------------
     output_dir: str = "runs/preftune"
     overwrite_output_dir: bool = False

@@ -376,14 +376,13 @@ def test_wpo_weights_are_exp_of_summed_log_weights_and_detached():
 
 
 def test_ld_token_weights_on_a_hand_example():
-    mask_c = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]])  # |y_w| = 3, 2
-    mask_r = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]])  # |y_l| = 5, 3 → l_p = 3, 2
-    w_c, w_r = losses.ld_token_weights(mask_c, mask_r, ld_alpha=0.5)
-    assert w_c.tolist() == [[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]]
-    assert w_r.tolist() == [[0, 1, 1, 1, 0.5, 0.5], [0, 1, 1, 0.5, 0, 0]]
+    # Two pairs: |y_w| = 3, 2 (sequences 0, 1) and |y_l| = 5, 3 (sequences 2, 3) → l_p = 3, 2.
+    seq_tokens = torch.tensor([3, 2, 5, 3])
+    score_seq = torch.repeat_interleave(torch.arange(4), seq_tokens)
+    weights = losses.ld_token_weights(score_seq, seq_tokens, ld_alpha=0.5)
+    assert weights.tolist() == [1, 1, 1] + [1, 1] + [1, 1, 1, 0.5, 0.5] + [1, 1, 0.5]
     # α = 1 is plain DPO: every completion token counts fully.
-    w_c, w_r = losses.ld_token_weights(mask_c.bool(), mask_r.bool(), ld_alpha=1.0)
-    assert torch.equal(w_c, mask_c.float()) and torch.equal(w_r, mask_r.float())
+    assert torch.equal(losses.ld_token_weights(score_seq, seq_tokens, ld_alpha=1.0), torch.ones(13))
 
 
 # ---- the registry ----------------------------------------------------------------------------------

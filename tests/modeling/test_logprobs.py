@@ -1,82 +1,130 @@
-"""Facts about the log-prob engine: equal to the naive full-logits computation, padding-invariant."""
+"""Facts about the log-prob engine: equal to full logits, and equal across every batch layout."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from preftune.data.batching import pad_sequences
-from preftune.modeling.logprobs import completion_logps
+from preftune.data.batching import PreferenceCollator, pad_sequences
+from preftune.modeling.logprobs import completion_logps, model_inputs
 
 ARCHS = ["llama", "gpt2", "qwen2", "mistral"]
+LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]  # (prefix_sharing, padding_free)
 
 
-def naive_logps(model, batch):
-    """Full ``[N, L, V]`` logits, log-softmax in fp32, summed over completion targets."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logp = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    return (logp * batch["completion_mask"][:, 1:]).sum(1)
+def naive_logps(model, prompts, completions):
+    """One sequence at a time, full ``[L, V]`` logits, log-softmax, summed over completion targets."""
+    out = []
+    for p, c in zip(prompts, completions):
+        ids = torch.tensor([list(p) + list(c)])
+        logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        out.append(logp[len(p) - 1 :].gather(-1, ids[0, len(p) :, None]).sum())
+    return torch.stack(out)
 
 
-def sample_batch(seed: int = 0, vocab: int = 300):
+def random_ids(g, lengths, vocab=300):
+    return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def sample_pairs(seed: int = 0, unpaired: bool = False):
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(5, vocab, (n,), generator=g).tolist() for n in (3, 7, 5)]
-    completions = [torch.randint(5, vocab, (n,), generator=g).tolist() for n in (6, 2, 9)]
-    return prompts, completions
+    prompts = random_ids(g, (3, 7, 5, 1))
+    chosen, rejected = random_ids(g, (6, 2, 9, 4)), random_ids(g, (4, 5, 1, 8))
+    if unpaired:
+        return [{"prompt_ids": p, "completion_ids": c, "label": i % 2 == 0}
+                for i, (p, c) in enumerate(zip(prompts, chosen))]
+    return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in zip(prompts, chosen, rejected)]
+
+
+def expected_sequences(rows):
+    """(prompts, completions) of sequences 0..2B-1 in the collators' numbering."""
+    prompts = [r["prompt_ids"] for r in rows]
+    if "chosen_ids" in rows[0]:
+        return prompts * 2, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    completions = [r["completion_ids"] for r in rows]
+    return prompts * 2, completions + completions[1:] + completions[:1]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("chunk_size", [1, 4, 1024])
 def test_chunked_logps_equal_full_logits(tiny_model, arch, chunk_size):
     model = tiny_model(arch).double()
-    batch = pad_sequences(*sample_batch(), pad_id=0)
-    out = completion_logps(model, **batch, chunk_size=chunk_size)
-    torch.testing.assert_close(out["logps"].double(), naive_logps(model, batch), rtol=1e-6, atol=1e-6)
-    assert out["tokens"].tolist() == [6, 2, 9]
+    prompts, completions = expected_sequences(sample_pairs())
+    out = completion_logps(model, **model_inputs(pad_sequences(prompts, completions, 0)), chunk_size=chunk_size)
+    torch.testing.assert_close(out["logps"], naive_logps(model, prompts, completions), rtol=1e-9, atol=1e-9)
+    assert out["tokens"].tolist() == [len(c) for c in completions]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_chunked_gradient_equals_full_logits_gradient(tiny_model, arch):
-    batch = pad_sequences(*sample_batch(1), pad_id=0)
-    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-    grads = []
-    for fn in (lambda m: completion_logps(m, **batch, chunk_size=3)["logps"].double(),
-               lambda m: naive_logps(m, batch)):
-        model = tiny_model(arch).double()
-        (fn(model) * weights).sum().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-8)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["padded", "shared", "packed", "shared+packed"])
+@pytest.mark.parametrize("unpaired", [False, True], ids=["paired", "unpaired"])
+def test_every_layout_gives_the_log_probs_and_gradients_of_separate_forwards(tiny_model, arch, layout, unpaired):
+    """Prefix sharing and packing change the layout only: values and gradients are those of one
+    sequence at a time (fp64, so any difference would be a masking or position error)."""
+    rows = sample_pairs(1, unpaired)
+    prompts, completions = expected_sequences(rows)
+    weights = torch.linspace(-1.0, 2.0, 2 * len(rows), dtype=torch.float64)
+
+    reference_model = tiny_model(arch).double()
+    expected = naive_logps(reference_model, prompts, completions)
+    (expected * weights).sum().backward()
+
+    model = tiny_model(arch).double()
+    batch = PreferenceCollator(0, prefix_sharing=layout[0], padding_free=layout[1])(rows)
+    got = completion_logps(model, **model_inputs(batch), chunk_size=3)["logps"]
+    (got * weights).sum().backward()
+
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-9, atol=1e-9)
+    # Llama-family RMSNorm computes in fp32 even in an fp64 model; the shared prompt sums its two branches'
+    # gradients before that fp32 backward, separate forwards after it, so agreement is to fp32 rounding.
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-6 * q.grad.abs().max().item(), msg=name)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_padding_does_not_change_logps(tiny_model, arch):
-    model = tiny_model(arch)
-    prompts, completions = sample_batch(2)
-    together = completion_logps(model, **pad_sequences(prompts, completions, pad_id=0))["logps"]
-    alone = torch.cat([
-        completion_logps(model, **pad_sequences([p], [c], pad_id=0))["logps"]
-        for p, c in zip(prompts, completions)
-    ])
-    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+def test_prefix_sharing_encodes_the_prompt_once_and_packing_removes_rows():
+    g = torch.Generator().manual_seed(2)
+    rows = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in
+            zip(random_ids(g, (20, 3, 4, 2)), random_ids(g, (10, 2, 3, 1)), random_ids(g, (12, 3, 2, 2)))]
+    padded = PreferenceCollator(0, prefix_sharing=False, padding_free=False)(rows)
+    shared = PreferenceCollator(0, prefix_sharing=True, padding_free=False)(rows)
+    packed = PreferenceCollator(0, prefix_sharing=True, padding_free=True)(rows)
+    prompt_tokens = sum(len(r["prompt_ids"]) for r in rows)
+    assert int(padded["num_input_tokens"]) - int(shared["num_input_tokens"]) == prompt_tokens
+    assert packed["input_ids"].shape[0] < shared["input_ids"].shape[0] == len(rows)
+    assert packed["input_ids"].shape[1] == shared["input_ids"].shape[1]  # rows never exceed the longest pair
+
+
+def test_eager_attention_takes_the_same_layouts(tiny_model):
+    model = tiny_model("llama").double()
+    model.set_attn_implementation("eager")
+    rows = sample_pairs(3)
+    batch = PreferenceCollator(0, prefix_sharing=True, padding_free=True)(rows)
+    got = completion_logps(model, **model_inputs(batch))["logps"]
+    torch.testing.assert_close(got, naive_logps(model, *expected_sequences(rows)), rtol=1e-9, atol=1e-9)
 
 
 def test_token_weights_scale_each_completion_token(tiny_model):
     model = tiny_model().double()
-    batch = pad_sequences(*sample_batch(3), pad_id=0)
-    weights = batch["completion_mask"].double() * 0.5
-    full = completion_logps(model, **batch)["logps"]
-    half = completion_logps(model, **batch, token_weights=weights)["logps"]
+    batch = pad_sequences(*expected_sequences(sample_pairs(3)), 0)
+    full = completion_logps(model, **model_inputs(batch))["logps"]
+    half = completion_logps(model, **model_inputs(batch), token_weights=torch.full_like(
+        batch["score_target"], 0.5, dtype=torch.float64))["logps"]
     torch.testing.assert_close(half, 0.5 * full)
 
 
 def test_wpo_log_weight_matches_definition(tiny_model):
     model = tiny_model().double()
-    batch = pad_sequences(*sample_batch(4), pad_id=0)
-    out = completion_logps(model, **batch)
-    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
-    logp = logits.log_softmax(-1)
-    target = logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    log_sq = (2 * logp).logsumexp(-1)
-    mask = batch["completion_mask"][:, 1:]
-    expected = ((target - log_sq) * mask).sum(1) / mask.sum(1)
-    torch.testing.assert_close(out["wpo"].double(), expected, rtol=1e-6, atol=1e-6)
+    prompts, completions = expected_sequences(sample_pairs(4))
+    out = completion_logps(model, **model_inputs(pad_sequences(prompts, completions, 0)))
+    expected = []
+    for p, c in zip(prompts, completions):
+        ids = torch.tensor([list(p) + list(c)])
+        logp = model(input_ids=ids).logits[0, len(p) - 1 : -1].log_softmax(-1)
+        target = logp.gather(-1, ids[0, len(p) :, None]).squeeze(-1)
+        expected.append((target - (2 * logp).logsumexp(-1)).mean())
+    torch.testing.assert_close(out["wpo"], torch.stack(expected).detach(), rtol=1e-9, atol=1e-9)
+
+
+def test_an_empty_prompt_is_refused():
+    with pytest.raises(ValueError, match="empty prompt"):
+        PreferenceCollator(0)([{"prompt_ids": [], "chosen_ids": [5], "rejected_ids": [6]}])

@@ -8,11 +8,11 @@ from transformers import AutoModelForCausalLM
 
 from preftune import train
 from preftune.data import formats, tokenize
-from preftune.data.batching import PairedCollator
+from preftune.data.batching import PreferenceCollator
 from preftune.demo.default import builtin_preferences, default_tokenizer
 from preftune.demo.tiny import build_tiny_model
 from preftune.methods.registry import METHODS
-from preftune.modeling.logprobs import completion_logps
+from preftune.modeling.logprobs import completion_logps, model_inputs
 
 TRAIN = builtin_preferences(40, seed=11)
 HELD_OUT = builtin_preferences(16, seed=12)
@@ -28,13 +28,13 @@ def held_out_batch(tok, tmp_path_factory):
     rows, _ = formats.normalise(formats.datasets.Dataset.from_list(HELD_OUT), "held-out")
     ids, _ = tokenize.tokenize_rows(rows, tok, max_length=128, max_prompt_length=64,
                                     cache_dir=tmp_path_factory.mktemp("cache"))
-    return PairedCollator(tok.pad_token_id)(list(ids))
+    return PreferenceCollator(tok.pad_token_id)(list(ids))
 
 
 @torch.no_grad()
 def preference_gap(model, batch) -> float:
     """Mean over held-out pairs of log π(y_w|x) − log π(y_l|x)."""
-    logps = completion_logps(model.eval(), batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    logps = completion_logps(model.eval(), **model_inputs(batch))
     n = logps["logps"].shape[0] // 2
     return (logps["logps"][:n] - logps["logps"][n:]).mean().item()
 

@@ -213,3 +213,13 @@ def test_rmsprop_and_periodic_eval(tmp_path, tok):
     evals = [m for m in metrics(result) if "eval_loss" in m]
     assert [m["step"] for m in evals] == [2, 4]
     assert evals[-1]["eval_rewards/margins"] > evals[0]["eval_rewards/margins"]
+
+
+def test_prefix_sharing_and_packing_train_like_the_padded_layout(tmp_path, tok):
+    """The default layout (prompt once, pairs packed) trains to the weights of the plain padded one."""
+    padded = run(tmp_path, tok, "padded", prefix_sharing=False, padding_free=False)
+    fast = run(tmp_path, tok, "fast")
+    summary = json.loads((fast.output_dir / "summary.json").read_text())
+    assert summary["layout"] == "prefix sharing, padding-free packing"
+    assert [m["loss"] for m in metrics(fast)] == pytest.approx([m["loss"] for m in metrics(padded)], abs=1e-5)
+    assert_same_weights(final_weights(padded), final_weights(fast), atol=1e-5)

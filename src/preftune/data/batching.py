@@ -1,13 +1,24 @@
-"""Collators: tokenized rows → padded tensors for one forward of the policy.
+"""Collators: tokenized rows → the tensors of one forward of the policy.
 
-Paired rows become ``2B`` sequences in one batch — rows ``0..B-1`` are ``prompt+chosen``, rows
-``B..2B-1`` are ``prompt+rejected`` — so chosen and rejected go through the model in one forward.
-Unpaired rows (KTO) become ``B`` sequences plus ``B`` *mismatched* ones (prompt i with completion
-i+1 mod B) used for KTO's KL estimate.
+A *unit* is one prompt followed by one or more *branches* (completions). Paired rows give a unit with
+two branches, chosen and rejected; unpaired rows (KTO) give the completion and a mismatched completion
+(prompt i with the completion of row i+1, for KTO's KL estimate). Two switches shape the batch:
 
-Every collator returns ``input_ids``, ``attention_mask`` and ``completion_mask`` of shape ``[N, L]``;
-``completion_mask`` is 1 on the positions of completion tokens (the tokens whose log-prob is scored).
-Precomputed reference log-probs, when the rows carry them, pass through as ``[B]`` fp32 tensors.
+* ``prefix_sharing`` — the prompt is encoded once and every branch follows it in the same row; a branch
+  attends to the prompt and to itself only, and its positions restart where the prompt ends (so RoPE
+  and learned positions see exactly what two separate sequences would). Off: one row per branch,
+  ``prompt + completion``, the prompt repeated.
+* ``padding_free`` — units are packed into rows (first-fit decreasing, never longer than the longest
+  unit), each attending only within itself. Off: one unit per row, right-padded.
+
+Scoring is explicit, so every layout is read the same way: ``score_index [M]`` points into the flattened
+``[R·L]`` positions whose hidden state predicts ``score_target [M]``, a token of sequence
+``score_seq [M]``; sequences are numbered ``0..S-1`` with the first branch of unit i at i and the second
+at B + i (chosen / rejected, or completion / mismatched). ``seq_tokens [S]`` counts each sequence's
+completion tokens. Scores are grouped by sequence, in token order.
+
+The attention mask is ``[R, L]`` (plain right padding) or a boolean ``[R, 1, L, L]`` (True = may attend)
+for shared or packed layouts, with ``position_ids [R, L]``.
 """
 
 from __future__ import annotations
@@ -21,53 +32,145 @@ from torch import Tensor
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps")
 
 
-def pad_sequences(
-    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
-) -> dict[str, Tensor]:
-    """Right-pad ``prompt + completion`` rows; returns ``input_ids``, ``attention_mask``, ``completion_mask``."""
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    n, width = len(lengths), max(lengths)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    completion_mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        input_ids[i, : len(p) + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
-        attention_mask[i, : len(p) + len(c)] = 1
-        completion_mask[i, len(p) : len(p) + len(c)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+@dataclass
+class Unit:
+    prompt: Sequence[int]
+    branches: list[tuple[Sequence[int], int]]  # (completion ids, sequence id)
+
+    def __len__(self) -> int:
+        return len(self.prompt) + sum(len(c) for c, _ in self.branches)
+
+
+def units_from_rows(rows: Sequence[dict], prefix_sharing: bool) -> tuple[list[Unit], int]:
+    """Units for paired (``chosen_ids``/``rejected_ids``) or unpaired (``completion_ids``) rows; also S."""
+    b = len(rows)
+    if "chosen_ids" in rows[0]:
+        branches = [[(r["chosen_ids"], i), (r["rejected_ids"], b + i)] for i, r in enumerate(rows)]
+    else:
+        completions = [r["completion_ids"] for r in rows]
+        mismatched = completions[1:] + completions[:1]  # KTO: prompt i with completion i+1 (label irrelevant)
+        branches = [[(completions[i], i), (mismatched[i], b + i)] for i in range(b)]
+    if prefix_sharing:
+        units = [Unit(r["prompt_ids"], br) for r, br in zip(rows, branches)]
+    else:  # chosen rows first, then rejected rows: the order a reader of the padded batch expects
+        units = [Unit(r["prompt_ids"], [br[k]]) for k in range(2) for r, br in zip(rows, branches)]
+    return units, 2 * b
+
+
+def pack_units(units: list[Unit], capacity: int) -> list[list[Unit]]:
+    """First-fit decreasing: fill rows of ``capacity`` tokens, longest units first."""
+    rows: list[list[Unit]] = []
+    room: list[int] = []
+    for unit in sorted(units, key=len, reverse=True):
+        for i, free in enumerate(room):
+            if len(unit) <= free:
+                rows[i].append(unit)
+                room[i] -= len(unit)
+                break
+        else:
+            rows.append([unit])
+            room.append(capacity - len(unit))
+    return rows
+
+
+def build_batch(units: list[Unit], num_seqs: int, pad_token_id: int, packed: bool) -> dict[str, Tensor]:
+    """Lay units out in rows and build ids, mask, positions and the explicit scoring arrays."""
+    rows = pack_units(units, max(len(u) for u in units)) if packed else [[u] for u in units]
+    width = max(sum(len(u) for u in row) for row in rows)
+    n_rows = len(rows)
+    input_ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    unit_id = torch.full((n_rows, width), -1, dtype=torch.long)  # which unit a token belongs to (-1: pad)
+    branch_id = torch.zeros((n_rows, width), dtype=torch.long)  # 0: prompt, k: k-th branch
+    seq_scores: dict[int, tuple[list[int], list[int]]] = {}
+    plain = all(len(u.branches) == 1 for u in units) and not packed
+
+    unit_counter = 0
+    for r, row in enumerate(rows):
+        offset = 0
+        for unit in row:
+            p = len(unit.prompt)
+            if p == 0:
+                raise ValueError("a row has an empty prompt: the first completion token would have no predictor "
+                                 "(use a tokenizer that adds BOS, or give every row a prompt)")
+            input_ids[r, offset : offset + p] = torch.as_tensor(unit.prompt, dtype=torch.long)
+            position_ids[r, offset : offset + p] = torch.arange(p)
+            unit_id[r, offset : offset + p] = unit_counter
+            start = offset + p
+            for k, (completion, seq) in enumerate(unit.branches, start=1):
+                n = len(completion)
+                input_ids[r, start : start + n] = torch.as_tensor(completion, dtype=torch.long)
+                position_ids[r, start : start + n] = torch.arange(p, p + n)
+                unit_id[r, start : start + n] = unit_counter
+                branch_id[r, start : start + n] = k
+                # The last prompt token predicts the first completion token; each completion token the next.
+                predictors = [offset + p - 1] + list(range(start, start + n - 1))
+                seq_scores[seq] = ([r * width + j for j in predictors], list(completion))
+                start += n
+            offset = start
+            unit_counter += 1
+
+    order = sorted(seq_scores)
+    assert order == list(range(num_seqs)), "every sequence must appear exactly once"
+    score_index = torch.tensor([i for s in order for i in seq_scores[s][0]], dtype=torch.long)
+    score_target = torch.tensor([t for s in order for t in seq_scores[s][1]], dtype=torch.long)
+    seq_tokens = torch.tensor([len(seq_scores[s][1]) for s in order], dtype=torch.long)
+    score_seq = torch.repeat_interleave(torch.arange(num_seqs), seq_tokens)
+
+    real = unit_id >= 0
+    if plain:
+        attention_mask = real.long()
+    else:
+        same_unit = unit_id[:, :, None] == unit_id[:, None, :]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        # A key is visible if it is in the prompt or in the query's own branch.
+        visible_branch = (branch_id[:, None, :] == 0) | (branch_id[:, None, :] == branch_id[:, :, None])
+        allowed = same_unit & causal & visible_branch & real[:, :, None]
+        # Padding queries attend to themselves only, so no softmax row is empty (SDPA would give NaN).
+        allowed |= torch.eye(width, dtype=torch.bool)
+        attention_mask = allowed[:, None]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "score_index": score_index,
+        "score_target": score_target,
+        "score_seq": score_seq,
+        "seq_tokens": seq_tokens,
+        "num_input_tokens": real.sum().reshape(1),
+    }
 
 
 def _reference_columns(rows: Sequence[dict]) -> dict[str, Tensor]:
     return {
-        name: torch.tensor([row[name] for row in rows], dtype=torch.float32)
-        for name in REF_COLUMNS
-        if name in rows[0]
+        name: torch.tensor([row[name] for row in rows], dtype=torch.float32) for name in REF_COLUMNS if name in rows[0]
     }
 
 
 @dataclass
-class PairedCollator:
+class PreferenceCollator:
+    """Collate paired or unpaired tokenized rows; see the module docstring for the layouts."""
+
     pad_token_id: int
+    prefix_sharing: bool = True
+    padding_free: bool = False
+
+    def describe(self) -> str:
+        sharing = "prefix sharing" if self.prefix_sharing else "prompt repeated per completion"
+        packing = "padding-free packing" if self.padding_free else "right padding"
+        return f"{sharing}, {packing}"
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, Tensor]:
-        prompts = [row["prompt_ids"] for row in rows]
-        batch = pad_sequences(
-            prompts + prompts,
-            [row["chosen_ids"] for row in rows] + [row["rejected_ids"] for row in rows],
-            self.pad_token_id,
-        )
+        units, num_seqs = units_from_rows(rows, self.prefix_sharing)
+        batch = build_batch(units, num_seqs, self.pad_token_id, packed=self.padding_free)
+        if "label" in rows[0]:
+            batch["desirable"] = torch.tensor([bool(row["label"]) for row in rows])
         return batch | _reference_columns(rows)
 
 
-@dataclass
-class UnpairedCollator:
-    pad_token_id: int
-
-    def __call__(self, rows: Sequence[dict]) -> dict[str, Tensor]:
-        prompts = [row["prompt_ids"] for row in rows]
-        completions = [row["completion_ids"] for row in rows]
-        # KTO's reference point: prompt i with the completion of row i+1 (the label does not matter).
-        mismatched = completions[1:] + completions[:1]
-        batch = pad_sequences(prompts + prompts, completions + mismatched, self.pad_token_id)
-        batch["desirable"] = torch.tensor([bool(row["label"]) for row in rows])
-        return batch | _reference_columns(rows)
+def pad_sequences(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, Tensor]:
+    """One right-padded row per ``prompt + completion`` (sequence i = row i), in the collators' format."""
+    units = [Unit(p, [(c, i)]) for i, (p, c) in enumerate(zip(prompts, completions))]
+    return build_batch(units, len(units), pad_id, packed=False)

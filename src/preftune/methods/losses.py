@@ -357,25 +357,21 @@ def wpo_weights(chosen_log_weight: Tensor, rejected_log_weight: Tensor) -> Tenso
     return torch.exp(chosen_log_weight + rejected_log_weight).detach()
 
 
-def ld_token_weights(
-    completion_mask_chosen: Tensor, completion_mask_rejected: Tensor, ld_alpha: float
-) -> tuple[Tensor, Tensor]:
+def ld_token_weights(score_seq: Tensor, seq_tokens: Tensor, ld_alpha: float) -> Tensor:
     """LD-DPO token weights (Liu et al. 2024, arXiv 2409.06411).
 
     With l_p = min(|y_w|, |y_l|) per pair, a sequence's log-prob becomes Σ_{t≤l_p} log p + α·Σ_{t>l_p} log p;
     apply the returned weights to the per-token log-probs of the policy **and** the reference.
-    Masks ``[B, L_w]`` / ``[B, L_l]`` (0/1 or bool, completion positions in order); returns float weights
-    of the same shapes: 1 on the first l_p completion tokens, α after them, 0 off the completion.
+    ``seq_tokens [2B]`` holds |y| for chosen sequences ``0..B-1`` and rejected ``B..2B-1``; ``score_seq [M]``
+    names the sequence of each scored token, grouped by sequence in token order. Returns fp32 ``[M]``:
+    1 on the first l_p tokens of each sequence, α after them.
     """
-
-    def weights(mask: Tensor, public_length: Tensor) -> Tensor:
-        mask = mask.to(torch.float32)
-        position = mask.cumsum(dim=-1)  # 1-based index among completion tokens
-        inside = torch.where(position <= public_length[:, None], 1.0, ld_alpha)
-        return inside * mask
-
-    public_length = torch.minimum(completion_mask_chosen.sum(-1), completion_mask_rejected.sum(-1))
-    return weights(completion_mask_chosen, public_length), weights(completion_mask_rejected, public_length)
+    half = seq_tokens.shape[0] // 2
+    public = torch.minimum(seq_tokens[:half], seq_tokens[half:]).repeat(2)
+    starts = torch.cumsum(seq_tokens, 0) - seq_tokens
+    rank = torch.arange(score_seq.shape[0], device=score_seq.device) - starts[score_seq]  # 0-based within sequence
+    one = torch.ones((), dtype=torch.float32, device=score_seq.device)
+    return torch.where(rank < public[score_seq], one, one * ld_alpha)
 
 
 __all__ = [

@@ -39,40 +39,48 @@ def _head_chunk(
     return target_logps, log_sq_norm
 
 
+def _attention_mask_for(lm: PreTrainedModel, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean ``[R, 1, L, L]`` masks go to SDPA as they are; eager attention adds its mask to the scores."""
+    if mask.dim() == 4 and getattr(lm.config, "_attn_implementation", "sdpa") == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
 def completion_logps(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor,
-    completion_mask: Tensor,
+    score_index: Tensor,
+    score_target: Tensor,
+    score_seq: Tensor,
+    seq_tokens: Tensor,
     *,
     position_ids: Tensor | None = None,
     token_weights: Tensor | None = None,
     chunk_size: int = 1024,
 ) -> dict[str, Tensor]:
-    """Summed completion log-probs of N sequences.
+    """Summed completion log-probs of S sequences laid out in R rows (see ``preftune.data.batching``).
 
-    Args: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[N, L]``; ``token_weights`` optional
-    fp32 ``[N, L]`` weights on completion tokens (LD-DPO); ``position_ids`` optional ``[N, L]``.
-    Returns fp32 ``[N]`` tensors: ``logps`` = Σ_t w_t·log p(y_t | x, y_<t), ``tokens`` = |y|, and
+    Args: ``input_ids [R, L]``; ``attention_mask`` ``[R, L]`` or boolean ``[R, 1, L, L]``; ``score_index``,
+    ``score_target``, ``score_seq`` ``[M]`` (flat predictor position, target token, sequence of each scored
+    token); ``seq_tokens [S]``; ``token_weights`` optional ``[M]`` (LD-DPO); ``position_ids [R, L]``.
+    Returns fp32 ``[S]`` tensors: ``logps`` = Σ_t w_t·log p(y_t | x, y_<t), ``tokens`` = |y|, and
     ``wpo`` = mean_t [log p(y_t) − log Σ_v p_v²] (no grad; WPO's log-weight).
     """
     lm = unwrap_causal_lm(model)
-    hidden = lm.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
     head = lm.get_output_embeddings()
+    hidden = lm.base_model(
+        input_ids=input_ids,
+        attention_mask=_attention_mask_for(lm, attention_mask, head.weight.dtype),
+        position_ids=position_ids,
+        use_cache=False,
+    ).last_hidden_state
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-
-    # Position t predicts token t+1: score positions whose next token is a completion token.
-    scored = completion_mask[:, 1:].bool()
-    rows = torch.nonzero(scored, as_tuple=True)[0]
-    h = hidden[:, :-1][scored]
-    targets = input_ids[:, 1:][scored]
-    weights = token_weights[:, 1:][scored].float() if token_weights is not None else None
+    h = hidden.flatten(0, 1)[score_index]
 
     pieces, sq_norms = [], []
     for start in range(0, h.shape[0], chunk_size):
-        args = (h[start : start + chunk_size], head.weight, head.bias, targets[start : start + chunk_size])
+        args = (h[start : start + chunk_size], head.weight, head.bias, score_target[start : start + chunk_size])
         if torch.is_grad_enabled():
             logp, sq = checkpoint(_head_chunk, *args, softcap, use_reentrant=False)
         else:
@@ -82,12 +90,21 @@ def completion_logps(
     token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
     log_sq_norm = torch.cat(sq_norms) if sq_norms else token_logps.detach()
 
-    n = input_ids.shape[0]
-    weighted = token_logps * weights if weights is not None else token_logps
-    logps = token_logps.new_zeros(n).index_add(0, rows, weighted)
-    tokens = completion_mask.sum(1).to(logps.dtype)
-    wpo = token_logps.new_zeros(n).index_add(0, rows, (token_logps - log_sq_norm).detach())
+    n = seq_tokens.shape[0]
+    weighted = token_logps * token_weights.to(token_logps.dtype) if token_weights is not None else token_logps
+    logps = token_logps.new_zeros(n).index_add(0, score_seq, weighted)
+    tokens = seq_tokens.to(logps.dtype)
+    wpo = token_logps.new_zeros(n).index_add(0, score_seq, (token_logps - log_sq_norm).detach())
     return {"logps": logps, "tokens": tokens, "wpo": wpo / tokens.clamp(min=1)}
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "score_index", "score_target", "score_seq",
+                "seq_tokens")
+
+
+def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of a collated batch that :func:`completion_logps` reads."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 class LogProbModel(nn.Module):
@@ -106,16 +123,14 @@ class LogProbModel(nn.Module):
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
-        completion_mask: Tensor,
+        score_index: Tensor,
+        score_target: Tensor,
+        score_seq: Tensor,
+        seq_tokens: Tensor,
         position_ids: Tensor | None = None,
         token_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
         return completion_logps(
-            self.model,
-            input_ids,
-            attention_mask,
-            completion_mask,
-            position_ids=position_ids,
-            token_weights=token_weights,
-            chunk_size=self.chunk_size,
+            self.model, input_ids, attention_mask, score_index, score_target, score_seq, seq_tokens,
+            position_ids=position_ids, token_weights=token_weights, chunk_size=self.chunk_size,
         )

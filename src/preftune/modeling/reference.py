@@ -21,16 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from preftune.data.batching import REF_COLUMNS
-from preftune.modeling.logprobs import LogProbModel, unwrap_causal_lm
+from preftune.modeling.logprobs import LogProbModel, model_inputs, unwrap_causal_lm
 
 log = logging.getLogger(__name__)
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "completion_mask")
-
-
-def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: batch[k] for k in MODEL_INPUTS}
-
 
 class NoReference:
     name = "none"

@@ -25,11 +25,9 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from preftune.config import TrainConfig
-from preftune.data.batching import PairedCollator, UnpairedCollator
 from preftune.methods import losses
 from preftune.methods.registry import compute_loss, get_method
-from preftune.modeling.logprobs import LogProbModel
-from preftune.modeling.reference import model_inputs
+from preftune.modeling.logprobs import LogProbModel, model_inputs
 from preftune.training import checkpoint
 from preftune.training.setup import RunInputs, prepare_inputs
 from preftune.training.tracking import MetricsLog, MetricWindow
@@ -72,10 +70,7 @@ class LossSpec:
     def token_weights(self, batch: dict[str, Tensor]) -> Tensor | None:
         if self.ld_alpha is None or not self.paired:
             return None
-        mask = batch["completion_mask"]
-        half = mask.shape[0] // 2
-        w_chosen, w_rejected = losses.ld_token_weights(mask[:half], mask[half:], self.ld_alpha)
-        return torch.cat([w_chosen, w_rejected])
+        return losses.ld_token_weights(batch["score_seq"], batch["seq_tokens"], self.ld_alpha)
 
 
 def batch_loss(
@@ -184,7 +179,7 @@ class PreferenceTrainer:
             cfg.save(out / "config.yaml")
         inputs: RunInputs = prepare_inputs(cfg, acc, **self.given)
         spec = LossSpec.from_config(cfg)
-        collate = (PairedCollator if spec.paired else UnpairedCollator)(inputs.tokenizer.pad_token_id)
+        collate = inputs.collator
 
         policy = LogProbModel(inputs.model, cfg.logprob_chunk_size)
         optimizer = build_optimizer(cfg, policy)
@@ -238,8 +233,8 @@ class PreferenceTrainer:
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
-                pairs_seen += batch["input_ids"].shape[0] // 2
-                tokens_seen += int(batch["attention_mask"].sum())
+                pairs_seen += batch["seq_tokens"].shape[0] // 2
+                tokens_seen += int(batch["num_input_tokens"].sum())
                 if result.first_loss is None:
                     result.first_loss = loss.item()
                 if not acc.sync_gradients:
@@ -283,7 +278,7 @@ class PreferenceTrainer:
                        "first_loss": result.first_loss, "train": result.train_metrics,
                        "eval": result.eval_metrics, "reference": reference.name, "methods": cfg.methods,
                        "parameters": inputs.parameter_counts, "data": inputs.data_reports,
-                       "final_dir": str(result.final_dir)}
+                       "layout": inputs.collator.describe(), "final_dir": str(result.final_dir)}
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.end_training()
         return result
@@ -316,6 +311,7 @@ class PreferenceTrainer:
                  "%d processes | trainable params %s of %s", "+".join(self.cfg.methods), reference.name,
                  len(inputs.train), len(inputs.eval) if inputs.eval is not None else 0, total_steps,
                  num_epochs, self.accelerator.num_processes, f"{trainable:,}", f"{total:,}")
+        log.info("layout: %s", inputs.collator.describe())
         for report in inputs.data_reports.values():
             log.info("%s", report)
 

@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from preftune.config import TrainConfig
+from preftune.config import ConfigError, TrainConfig
 from preftune.data import formats, tokenize
-from preftune.data.batching import PairedCollator, UnpairedCollator
+from preftune.data.batching import PreferenceCollator
 from preftune.methods.registry import get_method
 from preftune.modeling import loading, reference
-from preftune.modeling.logprobs import LogProbModel
+from preftune.modeling.logprobs import LogProbModel, model_inputs, unwrap_causal_lm
 
 log = logging.getLogger("preftune")
 
@@ -43,9 +43,28 @@ class RunInputs:
     model: nn.Module
     train: datasets.Dataset
     eval: datasets.Dataset | None
+    collator: PreferenceCollator
     make_reference: Callable[[nn.Module, Accelerator], Any]
     parameter_counts: tuple[int, int]
     data_reports: dict[str, str] = field(default_factory=dict)
+
+
+# Layouts other than plain padding pass a boolean [R, 1, L, L] mask, which these implementations take.
+MASK_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def make_collator(cfg: TrainConfig, tokenizer, model: nn.Module) -> PreferenceCollator:
+    """The fastest correct layout by default: prefix sharing and packing wherever the attention takes 4D masks."""
+    impl = getattr(unwrap_causal_lm(model).config, "_attn_implementation", None)
+    supported = impl in MASK_IMPLEMENTATIONS
+
+    def resolve(requested: bool | None, name: str) -> bool:
+        if requested and not supported:
+            raise ConfigError(f"{name}=true needs attn_implementation in {MASK_IMPLEMENTATIONS}, the model uses {impl}")
+        return supported if requested is None else requested
+
+    return PreferenceCollator(tokenizer.pad_token_id, prefix_sharing=resolve(cfg.prefix_sharing, "prefix_sharing"),
+                              padding_free=resolve(cfg.padding_free, "padding_free"))
 
 
 def _as_dataset(rows) -> datasets.Dataset:
@@ -128,18 +147,18 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
         split = train.train_test_split(test_size=cfg.eval_split_size, seed=cfg.seed)
         train, evaluation = split["train"], split["test"]
 
+    collator = make_collator(cfg, tokenizer, model)
     strategy = choose_reference(cfg, model, ref_model)
     if strategy.kind == "precompute":
         live = _ReadOnlyReference(LogProbModel(strategy.source_model, cfg.logprob_chunk_size), accelerator,
                                   adapters_off=strategy.label == "adapters off")
         fingerprint = reference.model_fingerprint(strategy.source_model)
-        train = attach_reference_logps(cfg, accelerator, live, train, unpaired, fingerprint, tokenizer)
+        train = attach_reference_logps(cfg, accelerator, live, train, unpaired, fingerprint, collator)
         if evaluation is not None:
-            evaluation = attach_reference_logps(cfg, accelerator, live, evaluation, unpaired, fingerprint,
-                                                tokenizer)
+            evaluation = attach_reference_logps(cfg, accelerator, live, evaluation, unpaired, fingerprint, collator)
         strategy.release()
 
-    return RunInputs(tokenizer=tokenizer, model=model, train=train, eval=evaluation,
+    return RunInputs(tokenizer=tokenizer, model=model, train=train, eval=evaluation, collator=collator,
                      make_reference=strategy.build, parameter_counts=loading.count_parameters(model),
                      data_reports=reports)
 
@@ -180,7 +199,7 @@ class _ReadOnlyReference:
         self.module.eval()
         adapters = self.module.model.disable_adapter() if self.adapters_off else contextlib.nullcontext()
         with adapters, self.accelerator.autocast():
-            out = self.module(**reference.model_inputs(batch), token_weights=token_weights)["logps"]
+            out = self.module(**model_inputs(batch), token_weights=token_weights)["logps"]
         self.module.train(was_training)
         return out
 
@@ -207,7 +226,7 @@ def choose_reference(cfg: TrainConfig, model: nn.Module, ref_model: nn.Module | 
 
 
 def attach_reference_logps(cfg: TrainConfig, accelerator: Accelerator, live, data: datasets.Dataset,
-                           unpaired: bool, model_fp: str, tokenizer) -> datasets.Dataset:
+                           unpaired: bool, model_fp: str, collator: PreferenceCollator) -> datasets.Dataset:
     """Add ``ref_*_logps`` columns: computed once (sharded over processes), cached on disk by fingerprints."""
     names = reference.reference_columns(not unpaired)
     key = reference.cache_key(model_fp, data._fingerprint, cfg.ld_alpha, cfg.bf16, cfg.fp16, unpaired,
@@ -215,7 +234,7 @@ def attach_reference_logps(cfg: TrainConfig, accelerator: Accelerator, live, dat
     path = cache_root(cfg) / "reference" / f"{key}.npy"
     values = reference.load_cached(path)
     if values is None:
-        values = _compute_reference_logps(cfg, accelerator, live, data, unpaired, tokenizer)
+        values = _compute_reference_logps(cfg, accelerator, live, data, collator)
         if accelerator.is_main_process:
             reference.save_cached(path, values)
         log.info("reference log-probs computed for %d rows and cached at %s", len(data), path)
@@ -226,11 +245,10 @@ def attach_reference_logps(cfg: TrainConfig, accelerator: Accelerator, live, dat
 
 
 @torch.no_grad()
-def _compute_reference_logps(cfg, accelerator, live, data, unpaired, tokenizer) -> np.ndarray:
+def _compute_reference_logps(cfg, accelerator, live, data, collate: PreferenceCollator) -> np.ndarray:
     from preftune.training.loop import LossSpec
 
     spec = LossSpec.from_config(cfg)
-    collate = (UnpairedCollator if unpaired else PairedCollator)(tokenizer.pad_token_id)
     shard = data.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
     loader = DataLoader(shard, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
     rows = []
