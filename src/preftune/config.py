@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from preftune.methods.registry import METHODS, get_method
+from preftune.methods.registry import METHODS, get_method, run_data
 
 # Accepted for familiarity; mapped onto our own names.
 ALIASES = {"loss_type": "method", "model": "model_name_or_path", "ref_model": "ref_model_name_or_path"}
@@ -121,9 +121,10 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         for name in self.methods:
             get_method(name)
-        kinds = {get_method(m).data for m in self.methods}
-        if len(kinds) > 1:
-            raise ConfigError(f"methods {self.methods} mix paired and unpaired data; combine only one kind")
+        try:
+            run_data(self.methods)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.loss_weights is not None and len(self.loss_weights) != len(self.methods):
             raise ConfigError(
                 f"loss_weights has {len(self.loss_weights)} entries but method lists {len(self.methods)}"

@@ -11,7 +11,7 @@ from preftune.methods import losses
 from preftune.methods.losses import LossOutput, PairLogps, UnpairedLogps
 from preftune.methods.registry import METHODS, Method, compute_loss, describe, get_method, register
 
-PAIRED = sorted(name for name, m in METHODS.items() if m.data == "paired")
+PAIRED = sorted(name for name, m in METHODS.items() if m.data in ("paired", "sft"))  # sft also takes pairs
 
 # Four pairs chosen away from every kink (hinge, SLiC's max, DPOP's max) so finite differences are valid.
 S_W = [-12.3, -8.1, -20.5, -5.2]

@@ -223,3 +223,18 @@ def test_prefix_sharing_and_packing_train_like_the_padded_layout(tmp_path, tok):
     assert summary["layout"] == "prefix sharing, padding-free packing"
     assert [m["loss"] for m in metrics(fast)] == pytest.approx([m["loss"] for m in metrics(padded)], abs=1e-5)
     assert_same_weights(final_weights(padded), final_weights(fast), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [
+    [{"prompt": r["prompt"], "completion": r["chosen"]} for r in ROWS],
+    [{"text": r["prompt"] + r["chosen"]} for r in ROWS],
+    ROWS,  # paired rows: SFT on the chosen completions (Preferred-FT)
+], ids=["prompt-completion", "text", "paired"])
+def test_sft_lowers_the_held_out_nll(tmp_path, tok, rows):
+    result = run(tmp_path, tok, "sft", method="sft", rows=rows, max_steps=6, eval_split_size=0.25, eval_steps=1,
+                 learning_rate=5e-3)
+    records = metrics(result)
+    evals = [m["eval_loss"] for m in records if "eval_loss" in m]
+    assert evals[-1] < evals[0] - 0.5  # per-token NLL in nats
+    assert "samples_per_second" in records[0] and "rewards/margins" not in records[0]
+    assert json.loads((result.output_dir / "summary.json").read_text())["reference"] == "none"

@@ -41,9 +41,12 @@ class Unit:
         return len(self.prompt) + sum(len(c) for c, _ in self.branches)
 
 
-def units_from_rows(rows: Sequence[dict], prefix_sharing: bool) -> tuple[list[Unit], int]:
-    """Units for paired (``chosen_ids``/``rejected_ids``) or unpaired (``completion_ids``) rows; also S."""
+def units_from_rows(rows: Sequence[dict], prefix_sharing: bool, sft: bool = False) -> tuple[list[Unit], int]:
+    """Units for paired (``chosen_ids``/``rejected_ids``), unpaired (``completion_ids``, with KTO's mismatched
+    branch) or SFT rows (``completion_ids``, one branch); also S, the number of scored sequences."""
     b = len(rows)
+    if sft:
+        return [Unit(r["prompt_ids"], [(r["completion_ids"], i)]) for i, r in enumerate(rows)], b
     if "chosen_ids" in rows[0]:
         branches = [[(r["chosen_ids"], i), (r["rejected_ids"], b + i)] for i, r in enumerate(rows)]
     else:
@@ -154,6 +157,7 @@ class PreferenceCollator:
     pad_token_id: int
     prefix_sharing: bool = True
     padding_free: bool = False
+    sft: bool = False  # SFT rows: the completion only, no mismatched KL branch
 
     def describe(self) -> str:
         sharing = "prefix sharing" if self.prefix_sharing else "prompt repeated per completion"
@@ -161,7 +165,7 @@ class PreferenceCollator:
         return f"{sharing}, {packing}"
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, Tensor]:
-        units, num_seqs = units_from_rows(rows, self.prefix_sharing)
+        units, num_seqs = units_from_rows(rows, self.prefix_sharing, self.sft)
         batch = build_batch(units, num_seqs, self.pad_token_id, packed=self.padding_free)
         if "label" in rows[0]:
             batch["desirable"] = torch.tensor([bool(row["label"]) for row in rows])

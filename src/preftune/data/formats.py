@@ -6,6 +6,8 @@ Accepted input formats (TRL's names), each as plain text or as conversations (li
 * ``standard``: ``prompt``, ``chosen``, ``rejected``
 * ``implicit``: ``chosen``, ``rejected`` holding whole texts/conversations; the prompt is their shared start
 * ``unpaired``: ``prompt``, ``completion``, ``label`` (bool-like: bool, 0/1, "true"/"false")
+* ``completion`` (SFT): ``prompt``, ``completion`` — read as unpaired rows labelled desirable
+* ``text`` (SFT on whole texts): ``text`` — an empty prompt and the text as the completion
 
 Canonical rows (what :func:`normalise` returns):
 
@@ -42,6 +44,8 @@ COLUMN_SETS: dict[str, tuple[str, ...]] = {
     "standard": ("prompt", "chosen", "rejected"),
     "implicit": ("chosen", "rejected"),
     "unpaired": ("prompt", "completion", "label"),
+    "completion": ("prompt", "completion"),
+    "text": ("text",),
 }
 PAIRED_COLUMNS = ("prompt", "chosen", "rejected")
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
@@ -103,7 +107,7 @@ class DatasetFormat:
 
     @property
     def paired(self) -> bool:
-        return self.kind != "unpaired"
+        return self.kind in ("standard", "implicit")
 
     @property
     def input_columns(self) -> tuple[str, ...]:
@@ -232,6 +236,10 @@ def detect_format(ds: Dataset, source: str) -> DatasetFormat:
         kind = "standard" if "prompt" in columns else "implicit"
     elif unpaired:
         kind = "unpaired"
+    elif set(COLUMN_SETS["completion"]) <= columns:
+        kind = "completion"
+    elif "text" in columns:
+        kind = "text"
     else:
         accepted = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in COLUMN_SETS.items())
         raise DataError(source, None, None, f"unknown columns {sorted(columns)}; accepted column sets are "
@@ -438,7 +446,12 @@ def _normalise_row(row: Mapping[str, Any], fmt: DatasetFormat) -> dict[str, Any]
     if fmt.paired:
         return _normalise_paired_row(row, fmt)
     read, check = _readers(fmt)
-    prompt, completion, label = read(row, "prompt"), read(row, "completion"), _label(row)
+    if fmt.kind == "text":
+        prompt, completion, label = "", read(row, "text"), True
+        check("text", completion)
+        return {"prompt": prompt, "completion": completion, "label": label}
+    prompt, completion = read(row, "prompt"), read(row, "completion")
+    label = _label(row) if fmt.kind == "unpaired" else True  # SFT rows are all desirable
     check("completion", completion)
     return {"prompt": prompt, "completion": completion, "label": label}
 
@@ -557,6 +570,15 @@ def _split_pairs(batch: dict[str, list]) -> dict[str, list]:
     if SOURCE_ROW in batch:
         out[SOURCE_ROW] = interleave(batch[SOURCE_ROW], batch[SOURCE_ROW])
     return out
+
+
+def paired_to_sft(ds: Dataset) -> Dataset:
+    """Canonical paired rows as SFT rows: the chosen completion, labelled desirable (Preferred-FT)."""
+    if not is_paired(ds) or "prompt" not in ds.column_names:
+        raise ValueError(f"expected canonical paired rows (prompt, chosen, rejected), got {ds.column_names}")
+    return (ds.remove_columns("rejected").rename_column("chosen", "completion")
+            .map(lambda _: {"label": True}, desc="Keeping chosen completions",
+                 new_fingerprint=_derived_fingerprint(ds._fingerprint, NORMALISE_VERSION, "paired_to_sft")))
 
 
 def paired_to_unpaired(ds: Dataset) -> Dataset:

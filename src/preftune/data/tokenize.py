@@ -247,7 +247,9 @@ def _encode_texts(batch: dict[str, list], tokenizer, fields: Sequence[str]) -> t
     for name in fields:
         encoded = tokenizer(batch[name], add_special_tokens=False, return_attention_mask=False)["input_ids"]
         completions[name] = [_ending_with_eos(list(ids), eos_id, tokenizer) for ids in encoded]
-    return [list(p) for p in prompts], completions
+    # An empty prompt (SFT on whole texts) still needs one token to predict the first completion token.
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos_id
+    return [list(p) or [start] for p in prompts], completions
 
 
 def _encode_conversations(

@@ -20,7 +20,6 @@ from torch import nn
 
 from preftune.modeling.logprobs import unwrap_causal_lm
 
-
 # Logits processors a checkpoint's generation_config may switch on; evaluation samples from π itself.
 NEUTRAL_PROCESSORS = dict(num_beams=1, repetition_penalty=None, no_repeat_ngram_size=None, min_new_tokens=None,
                           min_length=None, min_p=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None,

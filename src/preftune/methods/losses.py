@@ -290,14 +290,18 @@ def cpo(lp: PairLogps, beta: float, cpo_alpha: float) -> LossOutput:
     return LossOutput(losses, *_rewards(beta, s_w, s_l))
 
 
-def sft(lp: PairLogps, beta: float) -> LossOutput:
+def sft(lp: PairLogps | UnpairedLogps, beta: float) -> LossOutput:
     """Supervised fine-tuning on the chosen completion: ℓ = −s_w/|y_w| (per-token NLL of each sequence).
 
     As a term in a weighted sum it gives RPO / MPO recipes (``["dpo", "sft"]``, weights ``[1, α]``).
+    On SFT rows (:class:`UnpairedLogps`, every completion a target) ℓ = −s/|y| per row.
     Choice: per-sequence token mean, averaged over the batch by the caller (TRL takes one token mean
     over the batch). ``beta`` only scales the logged rewards β·ρ (β·s when there is no reference), so
     an SFT run still shows how the chosen and rejected log-probs move. Shapes: ``[B]``.
     """
+    if isinstance(lp, UnpairedLogps):
+        rho = lp.logps if lp.ref_logps is None else lp.logps - lp.ref_logps
+        return LossOutput(-lp.logps / _count(lp.tokens), (beta * rho).detach(), rho.new_zeros(0))
     rho_w, rho_l = lp.ratios()
     return LossOutput(lp.chosen_nll(), *_rewards(beta, rho_w, rho_l))
 

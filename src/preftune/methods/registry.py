@@ -19,7 +19,8 @@ class Method:
     """A preference method as data.
 
     ``data``: the examples the loss takes (``paired`` → :class:`~losses.PairLogps`, ``unpaired`` →
-    :class:`~losses.UnpairedLogps`). ``needs_reference``: the loop must compute reference log-probs
+    :class:`~losses.UnpairedLogps`; ``sft``: SFT rows on their own, or the chosen side of pairs).
+    ``needs_reference``: the loop must compute reference log-probs
     (without them a reference-based loss silently uses a uniform reference). ``uses_average_logps``:
     the loss compares length-normalised log-probs (it divides by the token counts itself — always
     pass summed log-probs). ``uses_chosen_nll``: the loss contains an NLL term on the chosen completion.
@@ -28,7 +29,7 @@ class Method:
 
     name: str
     loss: Callable[..., losses.LossOutput]
-    data: Literal["paired", "unpaired"] = "paired"
+    data: Literal["paired", "unpaired", "sft"] = "paired"
     needs_reference: bool = True
     uses_average_logps: bool = False
     uses_chosen_nll: bool = False
@@ -96,7 +97,7 @@ register(Method("orpo", losses.orpo, needs_reference=False, uses_average_logps=T
 register(Method("cpo", losses.cpo, needs_reference=False, uses_chosen_nll=True,
                 defaults={"beta": 0.1, "cpo_alpha": 1.0},
                 summary="CPO: reference-free DPO + α·NLL (Xu et al. 2024, 2401.08417)"))
-register(Method("sft", losses.sft, needs_reference=False, uses_chosen_nll=True, defaults={"beta": 0.1},
+register(Method("sft", losses.sft, data="sft", needs_reference=False, uses_chosen_nll=True, defaults={"beta": 0.1},
                 summary="SFT on the chosen completion (per-token NLL); β only scales logged rewards"))
 
 # Unpaired.
@@ -114,6 +115,16 @@ def get_method(name: str) -> Method:
         raise ValueError(f"Unknown method '{name}'.{hint} Known: {', '.join(sorted(METHODS))}") from None
 
 
+def run_data(names: list[str]) -> Literal["paired", "unpaired", "sft"]:
+    """The rows a combination of methods trains on: ``sft`` alone reads SFT rows (or the chosen side of
+    pairs); with paired methods it is a term on the chosen completions; it cannot join unpaired ones."""
+    kinds = {get_method(name).data for name in names}
+    others = kinds - {"sft"}
+    if len(others) > 1 or ("sft" in kinds and others == {"unpaired"}):
+        raise ValueError(f"cannot combine paired and unpaired methods: {names}")
+    return others.pop() if others else "sft"
+
+
 def compute_loss(
     names: list[str], weights: list[float], lp: Any, hparams: Mapping[str, Any]
 ) -> losses.LossOutput:
@@ -126,8 +137,7 @@ def compute_loss(
     if not names or len(names) != len(weights):
         raise ValueError(f"need one weight per method, got methods {names} and weights {weights}")
     methods = [get_method(name) for name in names]
-    if len({m.data for m in methods}) > 1:
-        raise ValueError(f"cannot combine paired and unpaired methods: {names}")
+    run_data(names)
     terms = []
     for method, weight in zip(methods, weights, strict=True):
         kwargs = {k: method.defaults[k] if hparams.get(k) is None else hparams[k] for k in method.hparams}

@@ -114,5 +114,6 @@ def save_cached(path: Path, values: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def reference_columns(paired: bool) -> tuple[str, str]:
-    return (REF_COLUMNS[0], REF_COLUMNS[1]) if paired else (REF_COLUMNS[2], REF_COLUMNS[3])
+def reference_columns(kind: str) -> tuple[str, str]:
+    """Dataset columns of precomputed reference log-probs: ``[chosen, rejected]`` or ``[completion, kl]``."""
+    return (REF_COLUMNS[0], REF_COLUMNS[1]) if kind == "paired" else (REF_COLUMNS[2], REF_COLUMNS[3])

@@ -26,7 +26,7 @@ from transformers import get_scheduler
 
 from preftune.config import TrainConfig
 from preftune.methods import losses
-from preftune.methods.registry import compute_loss, get_method
+from preftune.methods.registry import compute_loss, run_data
 from preftune.modeling.logprobs import LogProbModel, model_inputs
 from preftune.training import checkpoint
 from preftune.training.setup import RunInputs, prepare_inputs
@@ -52,9 +52,22 @@ class LossSpec:
     methods: list[str]
     weights: list[float]
     hparams: dict[str, float]
-    paired: bool
+    kind: str  # paired | unpaired | sft
     ld_alpha: float | None
     use_weighting: bool
+
+    @property
+    def paired(self) -> bool:
+        return self.kind == "paired"
+
+    @property
+    def unit(self) -> str:
+        return "pairs" if self.kind == "paired" else "samples"
+
+    def examples(self, batch: dict[str, Tensor]) -> int:
+        """Pairs, unpaired examples or SFT rows in a batch (the unit of ``*_per_second``)."""
+        sequences = batch["seq_tokens"].shape[0]
+        return sequences if self.kind == "sft" else sequences // 2
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> LossSpec:
@@ -62,7 +75,7 @@ class LossSpec:
             methods=cfg.methods,
             weights=cfg.loss_weights or [1.0] * len(cfg.methods),
             hparams=cfg.loss_hparams(),
-            paired=get_method(cfg.methods[0]).data == "paired",
+            kind=run_data(cfg.methods),
             ld_alpha=cfg.ld_alpha,
             use_weighting=cfg.use_weighting,
         )
@@ -83,10 +96,13 @@ def batch_loss(
     n = out["logps"].shape[0] // 2
     split = lambda t: (None, None) if t is None else (t[:n], t[n:])
     (s_a, s_b), (t_a, t_b), (r_a, r_b) = split(out["logps"]), split(out["tokens"]), split(ref)
-    if spec.paired:
+    if spec.kind == "paired":
         logps = losses.PairLogps(s_a, s_b, t_a, t_b, r_a, r_b)
-    else:
+    elif spec.kind == "unpaired":
         logps = losses.UnpairedLogps(s_a, t_a, batch["desirable"], r_a, s_b.detach(), r_b)
+    else:  # SFT rows: one sequence per row
+        s_a, everything = out["logps"], torch.ones_like(out["tokens"], dtype=torch.bool)
+        logps = losses.UnpairedLogps(s_a, out["tokens"], everything, ref)
     result = compute_loss(spec.methods, spec.weights, logps, spec.hparams)
     per_example = result.losses
     if spec.use_weighting and spec.paired:
@@ -101,10 +117,12 @@ def batch_loss(
         window.add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float())
         window.add("logps/chosen", s_a)
         window.add("logps/rejected", s_b)
-    else:
+    elif spec.kind == "unpaired":
         desirable = batch["desirable"]
         window.add("logps/chosen", s_a[desirable])
         window.add("logps/rejected", s_a[~desirable])
+    else:
+        window.add("logps/chosen", s_a)
     return loss
 
 
@@ -184,9 +202,9 @@ class PreferenceTrainer:
         policy = LogProbModel(inputs.model, cfg.logprob_chunk_size)
         optimizer = build_optimizer(cfg, policy)
         train_dl = DataLoader(inputs.train, batch_size=cfg.per_device_train_batch_size, shuffle=True,
-                              collate_fn=collate, drop_last=not spec.paired)
+                              collate_fn=collate, drop_last=spec.kind == "unpaired")
         eval_dl = (DataLoader(inputs.eval, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
-                              drop_last=not spec.paired) if inputs.eval is not None else None)
+                              drop_last=spec.kind == "unpaired") if inputs.eval is not None else None)
         total_steps, num_epochs = self._schedule_length(len(train_dl))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
         # Accelerate steps a prepared scheduler once per process per optimizer step; size it to match.
@@ -233,7 +251,7 @@ class PreferenceTrainer:
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
-                pairs_seen += batch["seq_tokens"].shape[0] // 2
+                pairs_seen += spec.examples(batch)
                 tokens_seen += int(batch["num_input_tokens"].sum())
                 if result.first_loss is None:
                     result.first_loss = loss.item()
@@ -248,13 +266,16 @@ class PreferenceTrainer:
                     now = time.perf_counter()
                     record = {"step": step, "epoch": round(epoch + (batch_index + 1) / len(train_dl), 4),
                               "learning_rate": scheduler.get_last_lr()[0], **window.values(acc),
-                              "pairs_per_second": pairs_seen * acc.num_processes / (now - last_log),
+                              f"{spec.unit}_per_second": pairs_seen * acc.num_processes / (now - last_log),
                               "tokens_per_second": tokens_seen * acc.num_processes / (now - last_log)}
                     pairs_seen, tokens_seen, last_log = 0, 0, now
                     metrics_log.write(record)
                     result.train_metrics = record
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', 0):.2f}",
-                                    pairs_s=f"{record['pairs_per_second']:.1f}")
+                    speed = record[f"{spec.unit}_per_second"]
+                    shown = {"loss": f"{record['loss']:.4f}", f"{spec.unit}/s": f"{speed:.1f}"}
+                    if "rewards/accuracies" in record:
+                        shown["acc"] = f"{record['rewards/accuracies']:.2f}"
+                    bar.set_postfix(shown)
                 if eval_dl is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
                     result.eval_metrics = self._evaluate(policy, reference, eval_dl, spec, step, metrics_log)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from preftune.config import ConfigError, TrainConfig
 from preftune.data import formats, tokenize
 from preftune.data.batching import PreferenceCollator
-from preftune.methods.registry import get_method
+from preftune.methods.registry import get_method, run_data
 from preftune.modeling import loading, reference
 from preftune.modeling.logprobs import LogProbModel, model_inputs, unwrap_causal_lm
 
@@ -53,7 +53,7 @@ class RunInputs:
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-def make_collator(cfg: TrainConfig, tokenizer, model: nn.Module) -> PreferenceCollator:
+def make_collator(cfg: TrainConfig, tokenizer, model: nn.Module, sft: bool = False) -> PreferenceCollator:
     """The fastest correct layout by default: prefix sharing and packing wherever the attention takes 4D masks."""
     impl = getattr(unwrap_causal_lm(model).config, "_attn_implementation", None)
     supported = impl in MASK_IMPLEMENTATIONS
@@ -64,7 +64,7 @@ def make_collator(cfg: TrainConfig, tokenizer, model: nn.Module) -> PreferenceCo
         return supported if requested is None else requested
 
     return PreferenceCollator(tokenizer.pad_token_id, prefix_sharing=resolve(cfg.prefix_sharing, "prefix_sharing"),
-                              padding_free=resolve(cfg.padding_free, "padding_free"))
+                              padding_free=resolve(cfg.padding_free, "padding_free"), sft=sft)
 
 
 def _as_dataset(rows) -> datasets.Dataset:
@@ -93,15 +93,30 @@ def _load_model_and_tokenizer(cfg: TrainConfig, model, tokenizer, builtin_rows):
     return model, tokenizer
 
 
-def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokenizer, unpaired: bool, reports,
+def _rows_for(kind: str, normalised: datasets.Dataset, source: str, methods: list[str], reports, name: str):
+    """Canonical rows in the shape the methods train on: pairs split for KTO, chosen sides for SFT."""
+    paired = formats.is_paired(normalised)
+    if kind == "paired" and not paired:
+        raise formats.DataError(f"{source}: method {methods} needs paired rows (prompt, chosen, rejected); "
+                                "this dataset is unpaired (prompt, completion[, label])")
+    if kind == "unpaired" and paired:
+        return formats.paired_to_unpaired(normalised)
+    if kind == "sft":
+        if paired:
+            return formats.paired_to_sft(normalised)
+        desirable = normalised.filter(lambda label: label, input_columns="label", desc="Keeping desirable rows")
+        if len(desirable) < len(normalised):
+            reports[f"{name}/sft"] = (f"{source}: SFT trains on the {len(desirable)} desirable rows; "
+                                      f"{len(normalised) - len(desirable)} undesirable rows left out")
+        return desirable
+    return normalised
+
+
+def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokenizer, kind: str, reports,
                    name: str) -> datasets.Dataset:
     normalised, report = formats.normalise(rows, source, skip_invalid=cfg.skip_invalid_rows)
     reports[f"{name}/rows"] = str(report)
-    if unpaired and "chosen" in normalised.column_names:
-        normalised = formats.paired_to_unpaired(normalised)
-    if not unpaired and "completion" in normalised.column_names:
-        raise formats.DataError(f"{source}: method {cfg.methods} needs paired rows (prompt, chosen, rejected); "
-                                "this dataset is unpaired (prompt, completion, label)")
+    normalised = _rows_for(kind, normalised, source, cfg.methods, reports, name)
     tokenized, tok_report = tokenize.tokenize_rows(
         normalised, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         cache_dir=cache_root(cfg) / "tokenized", source=source,
@@ -127,7 +142,7 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
     if cfg.use_peft and not loading.is_peft_model(model):
         model = loading.add_lora(model, cfg)
 
-    unpaired = get_method(cfg.methods[0]).data == "unpaired"
+    kind = run_data(cfg.methods)
     reports: dict[str, str] = {}
     if train_dataset is not None:
         train_rows, train_source = _as_dataset(train_dataset), "train_dataset"
@@ -136,26 +151,26 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
     else:
         train_rows, train_source = datasets.Dataset.from_list(builtin_rows), "built-in preferences"
     with accelerator.main_process_first():  # one process tokenizes and fills the cache, the others read it
-        train = _prepare_split(cfg, train_rows, train_source, tokenizer, unpaired, reports, "train")
+        train = _prepare_split(cfg, train_rows, train_source, tokenizer, kind, reports, "train")
         evaluation = None
         if eval_dataset is not None or cfg.eval_dataset is not None:
             eval_rows = (_as_dataset(eval_dataset) if eval_dataset is not None
                          else formats.load_rows(cfg.eval_dataset, cfg.eval_split))
             evaluation = _prepare_split(cfg, eval_rows, str(cfg.eval_dataset or "eval_dataset"), tokenizer,
-                                        unpaired, reports, "eval")
+                                        kind, reports, "eval")
     if evaluation is None and cfg.eval_split_size > 0:
         split = train.train_test_split(test_size=cfg.eval_split_size, seed=cfg.seed)
         train, evaluation = split["train"], split["test"]
 
-    collator = make_collator(cfg, tokenizer, model)
+    collator = make_collator(cfg, tokenizer, model, sft=kind == "sft")
     strategy = choose_reference(cfg, model, ref_model)
     if strategy.kind == "precompute":
         live = _ReadOnlyReference(LogProbModel(strategy.source_model, cfg.logprob_chunk_size), accelerator,
                                   adapters_off=strategy.label == "adapters off")
         fingerprint = reference.model_fingerprint(strategy.source_model)
-        train = attach_reference_logps(cfg, accelerator, live, train, unpaired, fingerprint, collator)
+        train = attach_reference_logps(cfg, accelerator, live, train, kind, fingerprint, collator)
         if evaluation is not None:
-            evaluation = attach_reference_logps(cfg, accelerator, live, evaluation, unpaired, fingerprint, collator)
+            evaluation = attach_reference_logps(cfg, accelerator, live, evaluation, kind, fingerprint, collator)
         strategy.release()
 
     return RunInputs(tokenizer=tokenizer, model=model, train=train, eval=evaluation, collator=collator,
@@ -226,11 +241,10 @@ def choose_reference(cfg: TrainConfig, model: nn.Module, ref_model: nn.Module | 
 
 
 def attach_reference_logps(cfg: TrainConfig, accelerator: Accelerator, live, data: datasets.Dataset,
-                           unpaired: bool, model_fp: str, collator: PreferenceCollator) -> datasets.Dataset:
+                           kind: str, model_fp: str, collator: PreferenceCollator) -> datasets.Dataset:
     """Add ``ref_*_logps`` columns: computed once (sharded over processes), cached on disk by fingerprints."""
-    names = reference.reference_columns(not unpaired)
-    key = reference.cache_key(model_fp, data._fingerprint, cfg.ld_alpha, cfg.bf16, cfg.fp16, unpaired,
-                              len(data))
+    names = reference.reference_columns(kind)
+    key = reference.cache_key(model_fp, data._fingerprint, cfg.ld_alpha, cfg.bf16, cfg.fp16, kind, len(data))
     path = cache_root(cfg) / "reference" / f"{key}.npy"
     values = reference.load_cached(path)
     if values is None:

@@ -21,6 +21,8 @@ class MetricWindow:
 
     def add(self, name: str, values: Tensor) -> None:
         values = values.detach().float().flatten()
+        if values.numel() == 0:  # e.g. a batch with no undesirable KTO example: nothing to average
+            return
         self.sums[name] += values.sum().item()
         self.counts[name] += values.numel()
 
