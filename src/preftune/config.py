@@ -56,6 +56,7 @@ class TrainConfig:
     rpo_alpha: float | None = None
     dpop_lambda: float | None = None
     slic_lambda: float | None = None
+    center_rewards_coefficient: float | None = None  # reward modelling
     desirable_weight: float | None = None
     undesirable_weight: float | None = None
     ld_alpha: float | None = None  # LD-DPO: weight of tokens past the shorter completion
@@ -125,6 +126,8 @@ class TrainConfig:
             run_data(self.methods)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if len({get_method(m).model for m in self.methods}) > 1:
+            raise ConfigError(f"methods {self.methods} train different models (a reward head and a causal LM)")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.methods):
             raise ConfigError(
                 f"loss_weights has {len(self.loss_weights)} entries but method lists {len(self.methods)}"

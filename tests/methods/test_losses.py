@@ -117,14 +117,22 @@ def _sft(s_w, s_l, r_w, r_l, n_w, n_l, beta):
     return -s_w / n_w
 
 
+def _reward(s_w, s_l, r_w, r_l, n_w, n_l, center_rewards_coefficient):
+    # s_w, s_l stand for the reward head's scores here.
+    return -logsig(s_w - s_l) + center_rewards_coefficient * (s_w + s_l) ** 2
+
+
 HAND = {
     "dpo": _dpo, "cdpo": _dpo, "robust": _robust, "ipo": _ipo, "hinge": _hinge, "dpop": _dpop, "rpo": _rpo,
     "nca_pair": _nca_pair, "bco_pair": _bco_pair, "sppo_hard": _sppo_hard, "apo_zero": _apo_zero,
     "apo_down": _apo_down, "slic": _slic, "simpo": _simpo, "orpo": _orpo, "cpo": _cpo, "sft": _sft,
+    "reward": _reward,
 }
 
 
 def hand_rewards(name: str, beta: float, i: int) -> tuple[float, float]:
+    if name == "reward":
+        return S_W[i], S_L[i]
     if name in ("simpo", "orpo"):
         return beta * S_W[i] / N_W[i], beta * S_L[i] / N_L[i]
     if get_method(name).needs_reference:
@@ -137,6 +145,7 @@ CASES = [(name, {}) for name in PAIRED] + [
     ("hinge", {"beta": 1.0}),  # the fourth pair's margin 1.7 > 1: hinge inactive, ℓ = 0
     ("dpop", {"dpop_lambda": 5.0}),
     ("slic", {"beta": 0.5, "slic_lambda": 1.0}),
+    ("reward", {"center_rewards_coefficient": 0.01}),
 ]
 
 
@@ -152,7 +161,7 @@ def test_loss_matches_hand_computation(name, override):
     for i in range(len(S_W)):
         expected = HAND[name](S_W[i], S_L[i], R_W[i], R_L[i], N_W[i], N_L[i], **hp)
         assert out.losses[i].item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
-        chosen_reward, rejected_reward = hand_rewards(name, hp["beta"], i)
+        chosen_reward, rejected_reward = hand_rewards(name, hp.get("beta", 1.0), i)
         assert out.chosen_rewards[i].item() == pytest.approx(chosen_reward, rel=1e-12)
         assert out.rejected_rewards[i].item() == pytest.approx(rejected_reward, rel=1e-12)
 
@@ -392,7 +401,7 @@ def test_ld_token_weights_on_a_hand_example():
 def test_registry_entry_has_a_default_for_every_hparam(name):
     method = METHODS[name]
     assert set(method.hparams) == set(method.defaults)
-    assert "beta" in method.hparams
+    assert "beta" in method.hparams or method.model == "reward"  # a reward head has no KL temperature
 
 
 def test_register_rejects_missing_defaults():

@@ -238,3 +238,20 @@ def test_sft_lowers_the_held_out_nll(tmp_path, tok, rows):
     assert evals[-1] < evals[0] - 0.5  # per-token NLL in nats
     assert "samples_per_second" in records[0] and "rewards/margins" not in records[0]
     assert json.loads((result.output_dir / "summary.json").read_text())["reference"] == "none"
+
+
+def test_reward_model_learns_a_separable_preference(tmp_path, tok):
+    """Bradley–Terry on a score head: kind replies beat rude ones on held-out pairs, and final/ loads as a
+    sequence classifier that ranks them."""
+    from transformers import AutoModelForSequenceClassification
+
+    result = run(tmp_path, tok, "rm", method="reward", max_steps=12, eval_split_size=0.25, learning_rate=3e-3)
+    records = metrics(result)
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=0.05)  # random head: r_w ≈ r_l
+    assert result.eval_metrics["eval_rewards/accuracies"] >= 0.9
+    assert "logps/chosen" not in records[0]
+    model = AutoModelForSequenceClassification.from_pretrained(result.final_dir).eval()
+    kind = tok("Tell me about the weather. Sure! The weather is lovely.", return_tensors="pt")
+    rude = tok("Tell me about the weather. No. The weather is boring and so are you.", return_tensors="pt")
+    with torch.no_grad():
+        assert model(**kind).logits.item() > model(**rude).logits.item()

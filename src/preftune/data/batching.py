@@ -15,7 +15,8 @@ Scoring is explicit, so every layout is read the same way: ``score_index [M]`` p
 ``[R·L]`` positions whose hidden state predicts ``score_target [M]``, a token of sequence
 ``score_seq [M]``; sequences are numbered ``0..S-1`` with the first branch of unit i at i and the second
 at B + i (chosen / rejected, or completion / mismatched). ``seq_tokens [S]`` counts each sequence's
-completion tokens. Scores are grouped by sequence, in token order.
+completion tokens and ``seq_last_index [S]`` is the flat position of its last token (where a reward model
+reads its score). Scores are grouped by sequence, in token order.
 
 The attention mask is ``[R, L]`` (plain right padding) or a boolean ``[R, 1, L, L]`` (True = may attend)
 for shared or packed layouts, with ``position_ids [R, L]``.
@@ -86,6 +87,7 @@ def build_batch(units: list[Unit], num_seqs: int, pad_token_id: int, packed: boo
     unit_id = torch.full((n_rows, width), -1, dtype=torch.long)  # which unit a token belongs to (-1: pad)
     branch_id = torch.zeros((n_rows, width), dtype=torch.long)  # 0: prompt, k: k-th branch
     seq_scores: dict[int, tuple[list[int], list[int]]] = {}
+    last_token: dict[int, int] = {}  # flat position of each sequence's last token (reward models read it)
     plain = all(len(u.branches) == 1 for u in units) and not packed
 
     unit_counter = 0
@@ -109,6 +111,7 @@ def build_batch(units: list[Unit], num_seqs: int, pad_token_id: int, packed: boo
                 # The last prompt token predicts the first completion token; each completion token the next.
                 predictors = [offset + p - 1] + list(range(start, start + n - 1))
                 seq_scores[seq] = ([r * width + j for j in predictors], list(completion))
+                last_token[seq] = r * width + start + n - 1
                 start += n
             offset = start
             unit_counter += 1
@@ -119,6 +122,7 @@ def build_batch(units: list[Unit], num_seqs: int, pad_token_id: int, packed: boo
     score_target = torch.tensor([t for s in order for t in seq_scores[s][1]], dtype=torch.long)
     seq_tokens = torch.tensor([len(seq_scores[s][1]) for s in order], dtype=torch.long)
     score_seq = torch.repeat_interleave(torch.arange(num_seqs), seq_tokens)
+    seq_last_index = torch.tensor([last_token[s] for s in order], dtype=torch.long)
 
     real = unit_id >= 0
     if plain:
@@ -140,6 +144,7 @@ def build_batch(units: list[Unit], num_seqs: int, pad_token_id: int, packed: boo
         "score_target": score_target,
         "score_seq": score_seq,
         "seq_tokens": seq_tokens,
+        "seq_last_index": seq_last_index,
         "num_input_tokens": real.sum().reshape(1),
     }
 

@@ -87,10 +87,13 @@ def plot_reward_distributions(rewards: Mapping[str, Sequence[float]], out_png: s
     """Overlaid histograms of gold rewards in [0, 1], one per policy (e.g. ``{"SFT": r1, "DPO": r2}``)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     edges = [i / bins for i in range(bins + 1)]
-    for name, values in rewards.items():
+    colours = plt.get_cmap("tab10")
+    for i, (name, values) in enumerate(rewards.items()):
         values = list(values)
         mean = sum(values) / max(len(values), 1)
-        ax.hist(values, bins=edges, alpha=0.5, label=f"{name} (mean {mean:.2f}, n={len(values)})")
+        colour = colours(i % 10)
+        ax.hist(values, bins=edges, alpha=0.5, color=colour, label=f"{name} (mean {mean:.2f}, n={len(values)})")
+        ax.axvline(mean, color=colour, linestyle="--", linewidth=1.5)  # the mean, which the legend states
     ax.set_xlim(0, 1)
     ax.set_xlabel("gold reward p(positive) of a sample (0 = negative, 1 = positive)")
     ax.set_ylabel("number of samples")

@@ -306,6 +306,18 @@ def sft(lp: PairLogps | UnpairedLogps, beta: float) -> LossOutput:
     return LossOutput(lp.chosen_nll(), *_rewards(beta, rho_w, rho_l))
 
 
+def bradley_terry(lp: PairLogps, center_rewards_coefficient: float) -> LossOutput:
+    """Reward modelling under Bradley–Terry (Ouyang et al. 2022, arXiv 2203.02155, Eq. 1).
+
+    Here ``lp.chosen`` / ``lp.rejected`` hold the scalar rewards r_w, r_l of a scoring head, not log-probs:
+    ℓ = −log σ(r_w − r_l) + c·(r_w + r_l)², the second term (TRL's ``center_rewards_coefficient``, Eisenstein
+    et al. 2023) keeps rewards centred on 0. Rewards logged are r itself. Shapes: ``[B]``.
+    """
+    r_w, r_l = lp.chosen, lp.rejected
+    losses = -F.logsigmoid(r_w - r_l) + center_rewards_coefficient * (r_w + r_l) ** 2
+    return LossOutput(losses, r_w.detach(), r_l.detach())
+
+
 # --------------------------------------------------------------------------------------------------
 # Unpaired
 # --------------------------------------------------------------------------------------------------
@@ -398,6 +410,7 @@ __all__ = [
     "orpo",
     "cpo",
     "sft",
+    "bradley_terry",
     "kto",
     "combine",
     "wpo_weights",

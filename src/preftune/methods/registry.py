@@ -33,6 +33,7 @@ class Method:
     needs_reference: bool = True
     uses_average_logps: bool = False
     uses_chosen_nll: bool = False
+    model: Literal["causal_lm", "reward"] = "causal_lm"  # reward: a sequence-classification head scores y
     defaults: Mapping[str, float] = field(default_factory=dict)
     summary: str = ""
 
@@ -99,6 +100,11 @@ register(Method("cpo", losses.cpo, needs_reference=False, uses_chosen_nll=True,
                 summary="CPO: reference-free DPO + α·NLL (Xu et al. 2024, 2401.08417)"))
 register(Method("sft", losses.sft, data="sft", needs_reference=False, uses_chosen_nll=True, defaults={"beta": 0.1},
                 summary="SFT on the chosen completion (per-token NLL); β only scales logged rewards"))
+
+# Reward modelling, the RLHF baseline's first stage.
+register(Method("reward", losses.bradley_terry, needs_reference=False, model="reward",
+                defaults={"center_rewards_coefficient": 0.0},
+                summary="Bradley–Terry reward model on a sequence-classification head (RLHF baseline)"))
 
 # Unpaired.
 register(Method("kto", losses.kto, data="unpaired",

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from preftune.config import TrainConfig
 
@@ -35,6 +42,23 @@ def load_causal_lm(path: str, cfg: TrainConfig) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
+def load_reward_model(path: str, cfg: TrainConfig) -> PreTrainedModel:
+    """A one-output sequence classifier (a causal LM checkpoint gets a new ``score`` head)."""
+    kwargs = dict(num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+
+
+def as_reward_model(causal_lm: PreTrainedModel) -> PreTrainedModel:
+    """The same body with a new one-output ``score`` head (the LM head is dropped), for reward modelling."""
+    config = copy.deepcopy(causal_lm.config)
+    config.num_labels = 1
+    reward = AutoModelForSequenceClassification.from_config(config, attn_implementation=config._attn_implementation)
+    reward.base_model.load_state_dict(causal_lm.base_model.state_dict())
+    return reward
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Dropout makes the policy's and the reference's log-probs differ at step 0 (DPO's loss ≠ ln 2)."""
     for module in model.modules():
@@ -42,7 +66,7 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def add_lora(model: PreTrainedModel, cfg: TrainConfig) -> nn.Module:
+def add_lora(model: PreTrainedModel, cfg: TrainConfig, task: str = "CAUSAL_LM") -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
@@ -50,7 +74,7 @@ def add_lora(model: PreTrainedModel, cfg: TrainConfig) -> nn.Module:
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task,
     )
     return get_peft_model(model, lora)
 

@@ -39,7 +39,7 @@ def _head_chunk(
     return target_logps, log_sq_norm
 
 
-def _attention_mask_for(lm: PreTrainedModel, mask: Tensor, dtype: torch.dtype) -> Tensor:
+def attention_mask_for(lm: PreTrainedModel, mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Boolean ``[R, 1, L, L]`` masks go to SDPA as they are; eager attention adds its mask to the scores."""
     if mask.dim() == 4 and getattr(lm.config, "_attn_implementation", "sdpa") == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
@@ -58,6 +58,7 @@ def completion_logps(
     position_ids: Tensor | None = None,
     token_weights: Tensor | None = None,
     chunk_size: int = 1024,
+    seq_last_index: Tensor | None = None,  # part of every batch; reward models read it, log-probs do not
 ) -> dict[str, Tensor]:
     """Summed completion log-probs of S sequences laid out in R rows (see ``preftune.data.batching``).
 
@@ -71,7 +72,7 @@ def completion_logps(
     head = lm.get_output_embeddings()
     hidden = lm.base_model(
         input_ids=input_ids,
-        attention_mask=_attention_mask_for(lm, attention_mask, head.weight.dtype),
+        attention_mask=attention_mask_for(lm, attention_mask, head.weight.dtype),
         position_ids=position_ids,
         use_cache=False,
     ).last_hidden_state
@@ -99,7 +100,7 @@ def completion_logps(
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "score_index", "score_target", "score_seq",
-                "seq_tokens")
+                "seq_tokens", "seq_last_index")
 
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -129,6 +130,7 @@ class LogProbModel(nn.Module):
         seq_tokens: Tensor,
         position_ids: Tensor | None = None,
         token_weights: Tensor | None = None,
+        seq_last_index: Tensor | None = None,
     ) -> dict[str, Tensor]:
         return completion_logps(
             self.model, input_ids, attention_mask, score_index, score_target, score_seq, seq_tokens,

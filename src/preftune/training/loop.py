@@ -26,8 +26,9 @@ from transformers import get_scheduler
 
 from preftune.config import TrainConfig
 from preftune.methods import losses
-from preftune.methods.registry import compute_loss, run_data
+from preftune.methods.registry import compute_loss, get_method, run_data
 from preftune.modeling.logprobs import LogProbModel, model_inputs
+from preftune.modeling.reward import RewardModel
 from preftune.training import checkpoint
 from preftune.training.setup import RunInputs, prepare_inputs
 from preftune.training.tracking import MetricsLog, MetricWindow
@@ -55,6 +56,7 @@ class LossSpec:
     kind: str  # paired | unpaired | sft
     ld_alpha: float | None
     use_weighting: bool
+    model: str = "causal_lm"  # or "reward": the batch's "logps" are then a scoring head's rewards
 
     @property
     def paired(self) -> bool:
@@ -76,6 +78,7 @@ class LossSpec:
             weights=cfg.loss_weights or [1.0] * len(cfg.methods),
             hparams=cfg.loss_hparams(),
             kind=run_data(cfg.methods),
+            model=get_method(cfg.methods[0]).model,
             ld_alpha=cfg.ld_alpha,
             use_weighting=cfg.use_weighting,
         )
@@ -112,7 +115,10 @@ def batch_loss(
     window.add("loss", per_example)
     window.add("rewards/chosen", result.chosen_rewards)
     window.add("rewards/rejected", result.rejected_rewards)
-    if spec.paired:
+    if spec.model == "reward":
+        window.add("rewards/margins", result.chosen_rewards - result.rejected_rewards)
+        window.add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float())
+    elif spec.paired:
         window.add("rewards/margins", result.chosen_rewards - result.rejected_rewards)
         window.add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float())
         window.add("logps/chosen", s_a)
@@ -199,7 +205,7 @@ class PreferenceTrainer:
         spec = LossSpec.from_config(cfg)
         collate = inputs.collator
 
-        policy = LogProbModel(inputs.model, cfg.logprob_chunk_size)
+        policy = (RewardModel if spec.model == "reward" else LogProbModel)(inputs.model, cfg.logprob_chunk_size)
         optimizer = build_optimizer(cfg, policy)
         train_dl = DataLoader(inputs.train, batch_size=cfg.per_device_train_batch_size, shuffle=True,
                               collate_fn=collate, drop_last=spec.kind == "unpaired")

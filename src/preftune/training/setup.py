@@ -71,7 +71,7 @@ def _as_dataset(rows) -> datasets.Dataset:
     return rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
 
 
-def _load_model_and_tokenizer(cfg: TrainConfig, model, tokenizer, builtin_rows):
+def _load_model_and_tokenizer(cfg: TrainConfig, model, tokenizer, builtin_rows, reward: bool):
     if tokenizer is None:
         if cfg.tokenizer_name_or_path or cfg.model_name_or_path:
             tokenizer = loading.load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
@@ -82,12 +82,15 @@ def _load_model_and_tokenizer(cfg: TrainConfig, model, tokenizer, builtin_rows):
             tokenizer = default_tokenizer(builtin_rows)
     if model is None:
         if cfg.model_name_or_path:
-            model = loading.load_causal_lm(cfg.model_name_or_path, cfg)
+            model = (loading.load_reward_model if reward else loading.load_causal_lm)(cfg.model_name_or_path, cfg)
         else:
             from preftune.demo.default import default_model
 
             log.info("no model_name_or_path: using the embedded tiny Llama with random weights")
             model = default_model(tokenizer, seed=cfg.seed)
+    if reward and not hasattr(model, "score"):
+        log.info("reward modelling: the causal LM's body gets a new one-output score head")
+        model = loading.as_reward_model(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -134,13 +137,14 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
         from preftune.demo.default import builtin_preferences
 
         builtin_rows = builtin_preferences()
-    model, tokenizer = _load_model_and_tokenizer(cfg, model, tokenizer, builtin_rows or [])
+    reward = get_method(cfg.methods[0]).model == "reward"
+    model, tokenizer = _load_model_and_tokenizer(cfg, model, tokenizer, builtin_rows or [], reward)
     if cfg.disable_dropout:
         loading.disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.use_peft and not loading.is_peft_model(model):
-        model = loading.add_lora(model, cfg)
+        model = loading.add_lora(model, cfg, task="SEQ_CLS" if reward else "CAUSAL_LM")
 
     kind = run_data(cfg.methods)
     reports: dict[str, str] = {}
