@@ -96,6 +96,7 @@ class TrainConfig:
     # --- speed (None: the fastest correct choice for the model, logged at start) -----------------------
     prefix_sharing: bool | None = None  # prompt encoded once, chosen and rejected branch from it
     padding_free: bool | None = None  # several pairs packed per row, no padding between them
+    group_by_length: bool = False  # batches of similar length (less padding when padding_free is off)
     # --- logging and checkpoints -------------------------------------------------------------------
     output_dir: str = "runs/preftune"
     overwrite_output_dir: bool = False

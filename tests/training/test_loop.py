@@ -255,3 +255,19 @@ def test_reward_model_learns_a_separable_preference(tmp_path, tok):
     rude = tok("Tell me about the weather. No. The weather is boring and so are you.", return_tensors="pt")
     with torch.no_grad():
         assert model(**kind).logits.item() > model(**rude).logits.item()
+
+
+def test_length_grouped_batches_hold_similar_lengths_and_train_like_shuffled(tmp_path, tok):
+    from preftune.data.batching import LengthGroupedSampler
+
+    lengths = [5, 50, 6, 48, 7, 52, 4, 49]
+    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=0, group=2)
+    order = list(sampler)
+    assert sorted(order) == list(range(8))  # a permutation: nothing dropped or repeated
+    assert sorted(lengths[i] for i in order[:4]) == [48, 49, 50, 52]  # the long ones share a batch
+    many = LengthGroupedSampler(list(range(40)), batch_size=4, seed=0, group=1)
+    first = list(many)
+    many.set_epoch(1)
+    assert list(many) != first and sorted(list(many)) == sorted(first)  # reshuffled each epoch
+    result = run(tmp_path, tok, "grouped", group_by_length=True, prefix_sharing=False, padding_free=False)
+    assert metrics(result)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

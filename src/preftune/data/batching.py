@@ -183,3 +183,35 @@ def pad_sequences(
     """One right-padded row per ``prompt + completion`` (sequence i = row i), in the collators' format."""
     units = [Unit(p, [(c, i)]) for i, (p, c) in enumerate(zip(prompts, completions))]
     return build_batch(units, len(units), pad_id, packed=False)
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Random order, but batches of similar length: shuffle, cut into mega-batches of ``batch_size × group``
+    examples, sort each by length (longest first). Less padding in the padded layout, and the same order on
+    every process (seeded by ``seed + epoch``), so it composes with data parallelism."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, group: int = 50):
+        self.lengths, self.mega, self.seed, self.epoch = list(lengths), batch_size * group, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        for start in range(0, len(order), self.mega):
+            yield from sorted(order[start : start + self.mega], key=lambda i: -self.lengths[i])
+
+
+def example_lengths(rows) -> list[int]:
+    """Tokens of each tokenized row with the prompt counted once (what the batch layouts pay for)."""
+    columns = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids") if c in rows.column_names]
+    table = rows.select_columns(columns).with_format("arrow")[:]
+    total = None
+    for c in columns:
+        lengths = table.column(c).combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+        total = lengths if total is None else total + lengths
+    return total.tolist()

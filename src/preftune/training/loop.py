@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from preftune.config import TrainConfig
+from preftune.data.batching import LengthGroupedSampler, example_lengths
 from preftune.methods import losses
 from preftune.methods.registry import compute_loss, get_method, run_data
 from preftune.modeling.logprobs import LogProbModel, model_inputs
@@ -207,8 +208,10 @@ class PreferenceTrainer:
 
         policy = (RewardModel if spec.model == "reward" else LogProbModel)(inputs.model, cfg.logprob_chunk_size)
         optimizer = build_optimizer(cfg, policy)
-        train_dl = DataLoader(inputs.train, batch_size=cfg.per_device_train_batch_size, shuffle=True,
-                              collate_fn=collate, drop_last=spec.kind == "unpaired")
+        sampler = (LengthGroupedSampler(example_lengths(inputs.train), cfg.per_device_train_batch_size, cfg.seed)
+                   if cfg.group_by_length else None)
+        train_dl = DataLoader(inputs.train, batch_size=cfg.per_device_train_batch_size, shuffle=sampler is None,
+                              sampler=sampler, collate_fn=collate, drop_last=spec.kind == "unpaired")
         eval_dl = (DataLoader(inputs.eval, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
                               drop_last=spec.kind == "unpaired") if inputs.eval is not None else None)
         total_steps, num_epochs = self._schedule_length(len(train_dl))
