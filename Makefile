@@ -19,7 +19,7 @@ $(BIN)/preftune: pyproject.toml
 setup: $(BIN)/preftune
 
 demo: setup
-	$(BIN)/preftune train examples/default.yaml
+	$(BIN)/preftune demo
 
 test: setup
 	$(BIN)/pytest

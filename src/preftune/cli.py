@@ -9,6 +9,7 @@ import sys
 from preftune.config import FIELDS, ConfigError
 
 EPILOG = """examples:
+  preftune demo                                    # SFT → on-policy pairs → DPO → evaluation, embedded world
   preftune train                                   # embedded default: tiny Llama, built-in pairs
   preftune train run.yaml                          # your model and data
   preftune train run.yaml beta=0.2 method=ipo      # overrides, same names as the YAML keys
@@ -26,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("config", nargs="?", help="YAML config file (optional)")
     train.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+    demo = sub.add_parser("demo", help="the whole pipeline on the embedded world: SFT → pairs → DPO → evaluation")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
+    demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("config", help="list every config key with its default")
     return parser
@@ -42,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if args.command == "demo":
+        from preftune.demo.pipeline import DemoSettings, run_demo
+
+        settings = DemoSettings.quick(args.output_dir) if args.quick else DemoSettings(output_dir=args.output_dir)
+        settings.seed = args.seed
+        run_demo(settings)
+        return 0
     if args.command == "methods":
         from preftune.methods.registry import describe
 

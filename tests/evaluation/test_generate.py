@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -97,3 +99,22 @@ def test_batch_size_does_not_change_greedy_output(tiny_model, tokenizer):
     one = generate(model, tokenizer, PROMPTS, max_new_tokens=6, temperature=0, batch_size=1)
     all_ = generate(model, tokenizer, PROMPTS, max_new_tokens=6, temperature=0, batch_size=64)
     assert one.completion_ids == all_.completion_ids
+
+
+def test_a_tokenizer_without_pad_token_pads_with_eos_and_is_restored(tiny_model, tokenizer):
+    model = tiny_model()
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    expected = generate(model, tokenizer, PROMPTS, max_new_tokens=5, temperature=0)
+    got = generate(model, no_pad, PROMPTS, max_new_tokens=5, temperature=0)
+    assert got.completion_ids == expected.completion_ids
+    assert no_pad.pad_token is None
+
+
+def test_rows_hold_the_decoded_samples(tiny_model, tokenizer):
+    samples = generate(tiny_model(), tokenizer, PROMPTS, max_new_tokens=4, seed=0)
+    rows = samples.to_rows()
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert [r["tokens"] for r in rows] == samples.lengths
+    for row, ids in zip(rows, samples.completion_ids):
+        assert row["completion"] == tokenizer.decode(ids, skip_special_tokens=True)

@@ -49,6 +49,11 @@ class Samples:
         """Completion lengths in tokens, EOS included when produced."""
         return [len(ids) for ids in self.completion_ids]
 
+    def to_rows(self) -> list[dict]:
+        """One JSON-ready dict per sample: ``prompt``, ``completion``, ``tokens``, ``ended_with_eos``."""
+        return [{"prompt": p, "completion": c, "tokens": n, "ended_with_eos": e}
+                for p, c, n, e in zip(self.prompts, self.completions, self.lengths, self.ended_with_eos)]
+
     def groups(self) -> Iterator[range]:
         """Flat index ranges of each prompt's ``num_samples`` samples, in prompt order."""
         for start in range(0, len(self), self.num_samples):
@@ -56,13 +61,29 @@ class Samples:
 
 
 @contextlib.contextmanager
-def _padding_side(tokenizer, side: str):
-    previous = tokenizer.padding_side
-    tokenizer.padding_side = side
+def _left_padding(tokenizer):
+    """Left padding (generation appends on the right), with EOS as the pad token if there is none; restored after."""
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if pad is None:  # masked positions never influence the result, so any id will do
+        tokenizer.pad_token = tokenizer.eos_token
     try:
         yield
     finally:
-        tokenizer.padding_side = previous
+        tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = None
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Seed torch's RNG for the block and restore the previous state after it; a no-op without a seed."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _sampling_kwargs(temperature: float, top_p: float, top_k: int) -> dict:
@@ -112,38 +133,32 @@ def generate(
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError("num_samples, batch_size and max_new_tokens must be >= 1")
     sampling = _sampling_kwargs(temperature, top_p, top_k)
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if pad_id is None:  # left padding needs some id; masked positions never influence the result
-        pad_id = eos_id
-    lm = unwrap_causal_lm(model)
-    device = next(lm.parameters()).device
+    eos_id = tokenizer.eos_token_id
+    device = next(unwrap_causal_lm(model).parameters()).device
     flat_prompts = [p for p in prompts for _ in range(num_samples)]
     out = Samples([], [], [], [], [], num_samples=num_samples)
 
     was_training = model.training
     model.eval()
-    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seed is not None \
-        else contextlib.nullcontext()
     try:
-        with rng, _padding_side(tokenizer, "left"):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with _seeded(seed, device), _left_padding(tokenizer):
             for start in range(0, len(flat_prompts), batch_size):
                 batch = flat_prompts[start : start + batch_size]
                 enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
+                width = enc["input_ids"].shape[1]
                 generated = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
+                    **enc, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
                     use_cache=True, **sampling,
-                )[:, enc["input_ids"].shape[1] :].tolist()
+                )[:, width:].tolist()
                 for row, text in enumerate(batch):
                     completion, ended = _cut_at_eos(generated[row], eos_id)
-                    width = int(enc["attention_mask"][row].sum())
+                    prompt_len = int(enc["attention_mask"][row].sum())
                     out.prompts.append(text)
-                    out.prompt_ids.append(enc["input_ids"][row, enc["input_ids"].shape[1] - width :].tolist())
+                    out.prompt_ids.append(enc["input_ids"][row, width - prompt_len :].tolist())
                     out.completion_ids.append(completion)
                     out.ended_with_eos.append(ended)
-        out.completions = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True,
-                                                 clean_up_tokenization_spaces=False)
     finally:
         model.train(was_training)
+    out.completions = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True,
+                                             clean_up_tokenization_spaces=False)
     return out

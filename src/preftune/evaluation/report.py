@@ -99,7 +99,7 @@ def plot_reward_distributions(rewards: Mapping[str, Sequence[float]], out_png: s
     ax.set_ylabel("number of samples")
     ax.set_title("Gold reward of policy samples on held-out prompts")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper center")
+    ax.legend(loc="best")
     return _save(fig, out_png)
 
 
