@@ -31,6 +31,28 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
     demo.add_argument("--seed", type=int, default=0)
+    pairs = sub.add_parser("pairs", help="sample k completions per prompt, judge them, write preference pairs")
+    pairs.add_argument("--model", required=True, help="policy checkpoint to sample from")
+    pairs.add_argument("--prompts", required=True, help=".txt (one prompt per line) or .jsonl with 'prompt'")
+    pairs.add_argument("--out", required=True, help="output JSONL of {prompt, chosen, rejected}")
+    pairs.add_argument("--judge", default="gold", help="'gold' (VADER sentiment) or a reward-model path")
+    pairs.add_argument("--k", type=int, default=4)
+    pairs.add_argument("--mode", choices=["all", "best_vs_worst"], default="all")
+    pairs.add_argument("--max-new-tokens", type=int, default=64)
+    pairs.add_argument("--temperature", type=float, default=1.0)
+    pairs.add_argument("--seed", type=int, default=0)
+    ev = sub.add_parser("eval", help="reward, KL to the reference, win rate, length, EOS rate on held-out prompts")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--reference", required=True)
+    ev.add_argument("--prompts", required=True)
+    ev.add_argument("--judge", default="gold")
+    ev.add_argument("--pairs", help="held-out pairs (JSONL) for implicit-reward accuracy")
+    ev.add_argument("--beta", type=float, default=0.1)
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--num-samples", type=int, default=1)
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", help="write the metrics as JSON here")
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("config", help="list every config key with its default")
     return parser
@@ -53,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = DemoSettings.quick(args.output_dir) if args.quick else DemoSettings(output_dir=args.output_dir)
         settings.seed = args.seed
         run_demo(settings)
+        return 0
+    if args.command in ("pairs", "eval"):
+        from preftune.evaluation import commands
+
+        options = {k: v for k, v in vars(args).items() if k != "command"}
+        print((commands.pairs_command if args.command == "pairs" else commands.eval_command)(**options))
         return 0
     if args.command == "methods":
         from preftune.methods.registry import describe

@@ -1,0 +1,45 @@
+"""The demo pipeline end to end at a reduced size, and the pairs / eval commands on its outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from preftune.cli import main
+from preftune.demo.pipeline import DemoSettings, run_demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(DemoSettings.quick(str(out)))
+
+
+def test_dpo_raises_the_gold_reward_of_the_sft_model(demo):
+    out, summary = demo
+    sft, dpo = summary["evaluation"]["SFT (π_ref)"], summary["evaluation"]["DPO"]
+    assert sft["kl"] == pytest.approx(0.0, abs=1e-4) and sft["win_rate"] == 0.5  # π_ref against itself
+    assert dpo["reward"] > sft["reward"] + 0.05
+    assert dpo["kl"] > 0
+    for name in ("demo.json", "demo.md", "pairs.jsonl", "training_curves.png", "reward_distribution.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "dpo" / "final" / "model.safetensors").exists()
+
+
+def test_pairs_and_eval_commands_on_the_demo_models(demo, tmp_path, capsys):
+    out, _ = demo
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The acting was\nI watched this film\n")
+    pairs = tmp_path / "pairs.jsonl"
+    assert main(["pairs", "--model", str(out / "sft" / "final"), "--prompts", str(prompts), "--out", str(pairs),
+                 "--k", "3", "--max-new-tokens", "12"]) == 0
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert rows and all(r["score_chosen"] > r["score_rejected"] for r in rows)
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(out / "dpo" / "final"), "--reference", str(out / "sft" / "final"),
+                 "--prompts", str(prompts), "--pairs", str(pairs), "--beta", "0.5", "--max-new-tokens", "12",
+                 "--out", str(report)]) == 0
+    metrics = json.loads(report.read_text())["policy"]
+    assert {"reward", "kl", "win_rate", "length", "eos_rate", "implicit_reward_accuracy"} <= set(metrics)
+    assert "reward" in capsys.readouterr().out
