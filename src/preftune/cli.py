@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", help="write the metrics as JSON here")
+    exp = sub.add_parser("experiment", help="reproducible experiments: frontier (the DPO paper's reward–KL plot)")
+    exp.add_argument("name", choices=["frontier"])
+    exp.add_argument("--output-dir", default="experiments/frontier")
+    exp.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("config", help="list every config key with its default")
     return parser
@@ -75,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = DemoSettings.quick(args.output_dir) if args.quick else DemoSettings(output_dir=args.output_dir)
         settings.seed = args.seed
         run_demo(settings)
+        return 0
+    if args.command == "experiment":
+        from preftune.experiments.frontier import FrontierSettings, frontier_table, run_frontier
+
+        settings = FrontierSettings.quick(args.output_dir) if args.quick else FrontierSettings(
+            output_dir=args.output_dir)
+        print(frontier_table(run_frontier(settings)))
         return 0
     if args.command in ("pairs", "eval"):
         from preftune.evaluation import commands

@@ -57,6 +57,7 @@ class TrainConfig:
     dpop_lambda: float | None = None
     slic_lambda: float | None = None
     center_rewards_coefficient: float | None = None  # reward modelling
+    unlikelihood_alpha: float | None = None
     desirable_weight: float | None = None
     undesirable_weight: float | None = None
     ld_alpha: float | None = None  # LD-DPO: weight of tokens past the shorter completion

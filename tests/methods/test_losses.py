@@ -122,15 +122,21 @@ def _reward(s_w, s_l, r_w, r_l, n_w, n_l, center_rewards_coefficient):
     return -logsig(s_w - s_l) + center_rewards_coefficient * (s_w + s_l) ** 2
 
 
+def _unlikelihood(s_w, s_l, r_w, r_l, n_w, n_l, unlikelihood_alpha):
+    return -s_w / n_w - unlikelihood_alpha * math.log(1 - math.exp(s_l / n_l))
+
+
 HAND = {
     "dpo": _dpo, "cdpo": _dpo, "robust": _robust, "ipo": _ipo, "hinge": _hinge, "dpop": _dpop, "rpo": _rpo,
     "nca_pair": _nca_pair, "bco_pair": _bco_pair, "sppo_hard": _sppo_hard, "apo_zero": _apo_zero,
     "apo_down": _apo_down, "slic": _slic, "simpo": _simpo, "orpo": _orpo, "cpo": _cpo, "sft": _sft,
-    "reward": _reward,
+    "reward": _reward, "unlikelihood": _unlikelihood,
 }
 
 
 def hand_rewards(name: str, beta: float, i: int) -> tuple[float, float]:
+    if name == "unlikelihood":
+        return S_W[i] / N_W[i], S_L[i] / N_L[i]
     if name == "reward":
         return S_W[i], S_L[i]
     if name in ("simpo", "orpo"):
@@ -401,7 +407,7 @@ def test_ld_token_weights_on_a_hand_example():
 def test_registry_entry_has_a_default_for_every_hparam(name):
     method = METHODS[name]
     assert set(method.hparams) == set(method.defaults)
-    assert "beta" in method.hparams or method.model == "reward"  # a reward head has no KL temperature
+    assert "beta" in method.hparams or name in ("reward", "unlikelihood")  # no KL temperature in these
 
 
 def test_register_rejects_missing_defaults():

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
+from preftune.config import build_config
 from preftune.demo.world import review_corpus, review_prompts, world_model, world_tokenizer
 from preftune.evaluation.judges import GoldSentimentJudge
 from preftune.evaluation.metrics import evaluate_policy, format_table
 from preftune.evaluation.pairs import build_pairs, save_pairs
 from preftune.evaluation.report import plot_reward_distributions, plot_training_curves
-from preftune.training.loop import train
+from preftune.training.loop import PreferenceTrainer
 
 log = logging.getLogger("preftune")
 
@@ -51,62 +52,82 @@ class DemoSettings:
                    max_new_tokens=16, dpo_steps=30, dpo_batch_size=32, eval_samples=1)
 
 
-def _train(settings: DemoSettings, name: str, **config) -> Path:
+def train_stage(settings: DemoSettings, name: str, callbacks=(), **config) -> Path:
+    """One training run of the pipeline under ``output_dir/name``; returns its ``final/`` folder."""
     out = Path(settings.output_dir) / name
     common = dict(output_dir=str(out), overwrite_output_dir=True, seed=settings.seed, logging_steps=10,
                   max_length=128, max_prompt_length=32, lr_scheduler_type="cosine", warmup_ratio=0.05,
                   cache_dir=str(Path(settings.output_dir) / "cache"))
     objects = {k: config.pop(k) for k in ("model", "tokenizer", "train_dataset")}
-    return train(common | config, **objects).final_dir
+    return PreferenceTrainer(build_config(common | config), callbacks=callbacks, **objects).train().final_dir
 
 
-def run_demo(settings: DemoSettings) -> dict:
-    """Run the pipeline; returns the evaluation of SFT and DPO and writes everything under ``output_dir``."""
-    started = time.perf_counter()
-    out = Path(settings.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+@dataclass
+class World:
+    """What every stage after SFT shares: the tokenizer, π_ref, the pairs and the held-out prompts."""
 
-    def lap(name: str, t0: float) -> float:
-        timings[name] = round(time.perf_counter() - t0, 1)
-        log.info("demo: %s done in %.1f s", name, timings[name])
-        return time.perf_counter()
+    tokenizer: object
+    sft_dir: Path
+    sft: object
+    pairs: list[dict]
+    eval_prompts: list[str]
+    pair_report: object
 
-    t = time.perf_counter()
+
+def build_world(settings: DemoSettings, lap=lambda name: None) -> World:
+    """Corpus → tokenizer → SFT (π_ref) → on-policy pairs labelled by the gold reward."""
     corpus = review_corpus(settings.reviews, seed=settings.seed)
     tokenizer = world_tokenizer(corpus)
     prompts = review_prompts(corpus, tokenizer, settings.pair_prompts + settings.eval_prompts, seed=settings.seed + 1)
     train_prompts, eval_prompts = prompts[: settings.pair_prompts], prompts[settings.pair_prompts :]
-    t = lap("world", t)
+    lap("world")
 
-    sft_dir = _train(settings, "sft", method="sft", model=world_model(tokenizer, seed=settings.seed),
-                     tokenizer=tokenizer, train_dataset=[{"text": review} for review in corpus],
-                     max_steps=settings.sft_steps, per_device_train_batch_size=settings.sft_batch_size,
-                     learning_rate=settings.sft_learning_rate)
+    sft_dir = train_stage(settings, "sft", method="sft", model=world_model(tokenizer, seed=settings.seed),
+                          tokenizer=tokenizer, train_dataset=[{"text": review} for review in corpus],
+                          max_steps=settings.sft_steps, per_device_train_batch_size=settings.sft_batch_size,
+                          learning_rate=settings.sft_learning_rate)
     sft = AutoModelForCausalLM.from_pretrained(sft_dir).eval()
-    t = lap("sft", t)
+    lap("sft")
 
-    judge = GoldSentimentJudge()
-    pairs, pair_report = build_pairs(sft, tokenizer, train_prompts, judge, k=settings.samples_per_prompt,
-                                     mode="all", max_new_tokens=settings.max_new_tokens, seed=settings.seed)
-    save_pairs(pairs, out / "pairs.jsonl")
+    pairs, pair_report = build_pairs(sft, tokenizer, train_prompts, GoldSentimentJudge(),
+                                     k=settings.samples_per_prompt, mode="all",
+                                     max_new_tokens=settings.max_new_tokens, seed=settings.seed)
+    save_pairs(pairs, Path(settings.output_dir) / "pairs.jsonl")
     log.info("demo: %s", pair_report)
-    t = lap("pairs", t)
+    pairs = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in pairs]
+    lap("pairs")
+    return World(tokenizer, sft_dir, sft, pairs, eval_prompts, pair_report)
 
-    dpo_dir = _train(settings, "dpo", method="dpo", beta=settings.beta, model=AutoModelForCausalLM.from_pretrained(
-                     sft_dir), tokenizer=tokenizer, train_dataset=[
-                     {k: row[k] for k in ("prompt", "chosen", "rejected")} for row in pairs],
-                     max_steps=settings.dpo_steps, per_device_train_batch_size=settings.dpo_batch_size,
-                     learning_rate=settings.dpo_learning_rate)
+
+def run_demo(settings: DemoSettings) -> dict:
+    """Run the pipeline; returns the evaluation of SFT and DPO and writes everything under ``output_dir``."""
+    started = last = time.perf_counter()
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal last
+        timings[name] = round(time.perf_counter() - last, 1)
+        log.info("demo: %s done in %.1f s", name, timings[name])
+        last = time.perf_counter()
+
+    world = build_world(settings, lap)
+    tokenizer, sft, eval_prompts, pair_report = world.tokenizer, world.sft, world.eval_prompts, world.pair_report
+    judge = GoldSentimentJudge()
+    dpo_dir = train_stage(settings, "dpo", method="dpo", beta=settings.beta,
+                          model=AutoModelForCausalLM.from_pretrained(world.sft_dir), tokenizer=tokenizer,
+                          train_dataset=world.pairs, max_steps=settings.dpo_steps,
+                          per_device_train_batch_size=settings.dpo_batch_size, learning_rate=settings.dpo_learning_rate)
     dpo = AutoModelForCausalLM.from_pretrained(dpo_dir).eval()
-    t = lap("dpo", t)
+    lap("dpo")
 
     sampling = dict(max_new_tokens=settings.max_new_tokens, num_samples=settings.eval_samples, seed=settings.seed + 2,
                     return_per_sample=True)
     results = {"SFT (π_ref)": evaluate_policy(sft, sft, tokenizer, eval_prompts, judge, **sampling)}
     results["DPO"] = evaluate_policy(dpo, sft, tokenizer, eval_prompts, judge,
                                      reference_samples=results["SFT (π_ref)"]["per_sample"]["samples"], **sampling)
-    t = lap("evaluation", t)
+    lap("evaluation")
 
     rewards = {name: r.pop("per_sample")["rewards"] for name, r in results.items()}
     plot_reward_distributions(rewards, out / "reward_distribution.png")

@@ -306,6 +306,19 @@ def sft(lp: PairLogps | UnpairedLogps, beta: float) -> LossOutput:
     return LossOutput(lp.chosen_nll(), *_rewards(beta, rho_w, rho_l))
 
 
+def unlikelihood(lp: PairLogps, unlikelihood_alpha: float) -> LossOutput:
+    """Unlikelihood, the DPO paper's baseline (Rafailov et al. 2023 §6; Welleck et al. 2019, arXiv 1908.04319).
+
+    ℓ = −avg(y_w) − α·log(1 − exp(avg(y_l))): raise the chosen likelihood, push the rejected one down with a
+    bounded penalty. The paper prints no formula; this is Welleck's −log(1 − p) applied to the geometric-mean
+    token probability exp(avg(y_l)) of the rejected completion, so it needs only per-sequence log-probs.
+    No reference; rewards are avg(y). Shapes: ``[B]``.
+    """
+    avg_w, avg_l = lp.averages()
+    losses = -avg_w - unlikelihood_alpha * _log1mexp(avg_l.clamp(max=-1e-12))
+    return LossOutput(losses, avg_w.detach(), avg_l.detach())
+
+
 def bradley_terry(lp: PairLogps, center_rewards_coefficient: float) -> LossOutput:
     """Reward modelling under Bradley–Terry (Ouyang et al. 2022, arXiv 2203.02155, Eq. 1).
 
@@ -411,6 +424,7 @@ __all__ = [
     "cpo",
     "sft",
     "bradley_terry",
+    "unlikelihood",
     "kto",
     "combine",
     "wpo_weights",

@@ -101,6 +101,10 @@ register(Method("cpo", losses.cpo, needs_reference=False, uses_chosen_nll=True,
 register(Method("sft", losses.sft, data="sft", needs_reference=False, uses_chosen_nll=True, defaults={"beta": 0.1},
                 summary="SFT on the chosen completion (per-token NLL); β only scales logged rewards"))
 
+register(Method("unlikelihood", losses.unlikelihood, needs_reference=False, uses_average_logps=True,
+                uses_chosen_nll=True, defaults={"unlikelihood_alpha": 1.0},
+                summary="Unlikelihood baseline of the DPO paper: NLL(y_w) − α·log(1 − p̄(y_l))"))
+
 # Reward modelling, the RLHF baseline's first stage.
 register(Method("reward", losses.bradley_terry, needs_reference=False, model="reward",
                 defaults={"center_rewards_coefficient": 0.0},

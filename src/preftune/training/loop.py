@@ -11,6 +11,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ from preftune.training.setup import RunInputs, prepare_inputs
 from preftune.training.tracking import MetricsLog, MetricWindow
 
 log = logging.getLogger("preftune")
+
+
+# Called after every optimizer step with (step, the unwrapped model); may return metrics to log.
+StepCallback = Callable[[int, nn.Module], "dict[str, float] | None"]
 
 
 @dataclass
@@ -192,11 +197,12 @@ class PreferenceTrainer:
     """
 
     def __init__(self, config: TrainConfig, model=None, ref_model=None, tokenizer=None,
-                 train_dataset=None, eval_dataset=None):
+                 train_dataset=None, eval_dataset=None, callbacks: list[StepCallback] = ()):
         self.cfg = config.validate()
         self.accelerator = make_accelerator(self.cfg)
         self.given = dict(model=model, ref_model=ref_model, tokenizer=tokenizer,
                           train_dataset=train_dataset, eval_dataset=eval_dataset)
+        self.callbacks = list(callbacks)
 
     # ------------------------------------------------------------------------------------------------
     def train(self) -> RunResult:
@@ -274,6 +280,7 @@ class PreferenceTrainer:
                 state = {"global_step": step, "epoch": epoch, "batches_in_epoch": batch_index + 1}
                 if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
                     reference.sync(acc.unwrap_model(policy).model, cfg.ref_model_mixup_alpha)
+                self._run_callbacks(step, acc.unwrap_model(policy).model, metrics_log)
                 if step % cfg.logging_steps == 0 or step == total_steps:
                     now = time.perf_counter()
                     record = {"step": step, "epoch": round(epoch + (batch_index + 1) / len(train_dl), 4),
@@ -324,6 +331,15 @@ class PreferenceTrainer:
         if cfg.max_steps > 0:
             return cfg.max_steps, math.ceil(cfg.max_steps / per_epoch)
         return math.ceil(per_epoch * cfg.num_train_epochs), math.ceil(cfg.num_train_epochs)
+
+    def _run_callbacks(self, step: int, model: nn.Module, metrics_log: MetricsLog) -> None:
+        """External evaluations (generation, judges, …): their numbers go into metrics.jsonl."""
+        for callback in self.callbacks:
+            was_training = model.training
+            record = callback(step, model)
+            model.train(was_training)
+            if record:
+                metrics_log.write({"step": step, **record})
 
     @torch.no_grad()
     def _evaluate(self, policy, reference, eval_dl, spec, step, metrics_log) -> dict[str, float]:

@@ -1,0 +1,132 @@
+"""The DPO paper's reward–KL frontier (Rafailov et al. 2023, Fig. 2 left) in miniature, on the demo world.
+
+Every run starts from the same SFT model π_ref and the same on-policy pairs (labelled by the gold VADER
+reward). Every ``eval_every`` optimizer steps the policy samples the held-out prompts; each checkpoint
+gives one point (sequence-level KL(π‖π_ref) on its own samples, mean gold reward). The frontier of a
+method is the upper envelope of its points.
+
+Methods are data: :data:`RUNS` maps a label to a config (any registered method). Methods that are not a
+config of the one loop (PPO, online DPO, …) join the same plot through :func:`register_runner`: a function
+``(world, settings, evaluate) -> list[point]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+from preftune.demo.pipeline import DemoSettings, World, build_world, train_stage
+from preftune.evaluation.generate import generate
+from preftune.evaluation.judges import GoldSentimentJudge
+from preftune.evaluation.metrics import evaluate_policy
+from preftune.evaluation.report import plot_frontier
+
+log = logging.getLogger("preftune")
+
+# label → config of the one loop. The paper sweeps DPO's β and compares the baselines that need no RL.
+RUNS: dict[str, dict] = {
+    **{f"DPO β={beta:g}": {"method": "dpo", "beta": beta} for beta in (0.05, 0.1, 0.5, 1.0, 5.0)},
+    "Preferred-FT": {"method": "sft"},  # SFT on the chosen completions
+    **{f"Unlikelihood α={a:g}": {"method": "unlikelihood", "unlikelihood_alpha": a} for a in (0.1, 1.0)},
+}
+
+Point = dict  # {"method", "kl", "reward", "step"}
+Runner = Callable[[World, "FrontierSettings", Callable[[object], dict]], list[Point]]
+RUNNERS: dict[str, Runner] = {}
+
+
+def register_runner(label: str, runner: Runner) -> None:
+    """Add a method that trains outside the one loop (PPO, online methods) to the frontier."""
+    RUNNERS[label] = runner
+
+
+@dataclass
+class FrontierSettings:
+    world: DemoSettings = field(default_factory=lambda: DemoSettings(output_dir="experiments/frontier/work"))
+    steps: int = 200
+    eval_every: int = 20
+    batch_size: int = 64
+    learning_rate: float = 3e-4
+    eval_prompts: int = 128
+    output_dir: str = "experiments/frontier"
+    runs: list[str] = field(default_factory=lambda: list(RUNS) + list(RUNNERS))
+
+    @classmethod
+    def quick(cls, output_dir: str) -> FrontierSettings:
+        world = DemoSettings.quick(str(Path(output_dir) / "work"))
+        return cls(world=world, steps=12, eval_every=6, batch_size=32, eval_prompts=world.eval_prompts,
+                   output_dir=output_dir, runs=["DPO β=0.5", "Preferred-FT", "Unlikelihood α=1"])
+
+
+def run_frontier(settings: FrontierSettings) -> list[Point]:
+    """Train every run with periodic evaluation; write points, plot and table under ``output_dir``."""
+    started = time.perf_counter()
+    world = build_world(settings.world)
+    judge = GoldSentimentJudge()
+    prompts = world.eval_prompts[: settings.eval_prompts]
+    sampling = dict(max_new_tokens=settings.world.max_new_tokens, num_samples=1, seed=settings.world.seed + 2)
+    reference_samples = generate(world.sft, world.tokenizer, prompts, **sampling)
+
+    def evaluate(model) -> dict:
+        return evaluate_policy(model.eval(), world.sft, world.tokenizer, prompts, judge,
+                               reference_samples=reference_samples, **sampling)
+
+    start = evaluate(world.sft)
+    points: list[Point] = []
+    for label in settings.runs:
+        run_points = [{"method": label, "step": 0, "kl": 0.0, "reward": start["reward"]}]
+
+        def checkpoint(step: int, model, label=label, run_points=run_points) -> dict | None:
+            if step % settings.eval_every:
+                return None
+            metrics = evaluate(model)
+            run_points.append({"method": label, "step": step, "kl": metrics["kl"], "reward": metrics["reward"]})
+            return {"gold_reward": metrics["reward"], "kl_to_ref": metrics["kl"]}
+
+        if label in RUNNERS:
+            run_points += RUNNERS[label](world, settings, evaluate)
+        else:
+            slug = label.replace(" ", "_").replace("=", "").replace("β", "beta").replace("α", "alpha")
+            train_stage(settings.world, f"runs/{slug}", callbacks=[checkpoint], **RUNS[label],
+                        model=AutoModelForCausalLM.from_pretrained(world.sft_dir), tokenizer=world.tokenizer,
+                        train_dataset=world.pairs, max_steps=settings.steps,
+                        per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate)
+        log.info("frontier: %s → %s", label, [(round(p["kl"], 2), round(p["reward"], 3)) for p in run_points])
+        points += run_points
+
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "points.json").write_text(json.dumps({"settings": _settings_dict(settings), "points": points,
+                                                  "sft_reward": start["reward"],
+                                                  "seconds": round(time.perf_counter() - started, 1)}, indent=2))
+    plot_frontier(points, out / "frontier.png", title="Reward–KL frontier on the demo world (gold VADER reward)")
+    (out / "frontier.md").write_text(frontier_table(points) + "\n")
+    return points
+
+
+KL_BUDGETS = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0)
+
+
+def frontier_table(points: list[Point]) -> str:
+    """Markdown: for each method, the best mean gold reward reached within each KL budget (nats)."""
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    head = "| method | " + " | ".join(f"KL ≤ {b:g}" for b in KL_BUDGETS) + " | max KL reached |"
+    lines = [head, "|---|" + "---:|" * (len(KL_BUDGETS) + 1)]
+    for method in methods:
+        mine = [p for p in points if p["method"] == method]
+        cells = []
+        for budget in KL_BUDGETS:
+            within = [p["reward"] for p in mine if p["kl"] <= budget]
+            cells.append(f"{max(within):.3f}" if within else "–")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {max(p['kl'] for p in mine):.2f} |")
+    return "\n".join(lines)
+
+
+def _settings_dict(settings: FrontierSettings) -> dict:
+    return asdict(settings)
