@@ -115,7 +115,7 @@ def test_token_weights_scale_each_completion_token(tiny_model):
 def test_wpo_log_weight_matches_definition(tiny_model):
     model = tiny_model().double()
     prompts, completions = expected_sequences(sample_pairs(4))
-    out = completion_logps(model, **model_inputs(pad_sequences(prompts, completions, 0)))
+    out = completion_logps(model, **model_inputs(pad_sequences(prompts, completions, 0)), with_wpo=True)
     expected = []
     for p, c in zip(prompts, completions):
         ids = torch.tensor([list(p) + list(c)])

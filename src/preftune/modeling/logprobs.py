@@ -9,6 +9,7 @@ logsumexp(z)`` is taken in fp32 whatever the model's dtype.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
@@ -21,21 +22,26 @@ def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
 
 
 def _head_chunk(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None
-) -> tuple[Tensor, Tensor]:
-    """``hidden [k, H]`` → (``log p(target) [k]``, ``log Σ_v p_v² [k]``), in fp32 (fp64 for fp64 models)."""
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None, with_wpo: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``hidden [k, H]`` → (``log p(target) [k]``, ``log Σ_v p_v² [k]`` or None); log-softmax in fp32 (fp64 for
+    fp64 models). Under mixed precision the projection itself runs in the autocast dtype, like every other
+    matmul of the model (and as TRL does); without it, in fp32."""
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        logits = hidden.to(dtype) @ weight.to(dtype).T
-        if bias is not None:
-            logits = logits + bias.to(dtype)
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        logits = F.linear(hidden, weight, bias).to(dtype)
+    else:
+        logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    with torch.autocast(device_type=device, enabled=False):
         if softcap is not None:  # Gemma-style final logit soft-capping
             logits = torch.tanh(logits / softcap) * softcap
         lse = logits.logsumexp(-1)
         target_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-        # WPO's per-token normaliser, kept off the graph: log Σ p² = lse(2z) − 2·lse(z).
-        with torch.no_grad():
-            log_sq_norm = (2 * logits).logsumexp(-1) - 2 * lse
+        log_sq_norm = None
+        if with_wpo:  # WPO's per-token normaliser, kept off the graph: log Σ p² = lse(2z) − 2·lse(z)
+            with torch.no_grad():
+                log_sq_norm = (2 * logits).logsumexp(-1) - 2 * lse
     return target_logps, log_sq_norm
 
 
@@ -58,6 +64,7 @@ def completion_logps(
     position_ids: Tensor | None = None,
     token_weights: Tensor | None = None,
     chunk_size: int = 1024,
+    with_wpo: bool = False,
     seq_last_index: Tensor | None = None,  # part of every batch; reward models read it, log-probs do not
 ) -> dict[str, Tensor]:
     """Summed completion log-probs of S sequences laid out in R rows (see ``preftune.data.batching``).
@@ -65,8 +72,8 @@ def completion_logps(
     Args: ``input_ids [R, L]``; ``attention_mask`` ``[R, L]`` or boolean ``[R, 1, L, L]``; ``score_index``,
     ``score_target``, ``score_seq`` ``[M]`` (flat predictor position, target token, sequence of each scored
     token); ``seq_tokens [S]``; ``token_weights`` optional ``[M]`` (LD-DPO); ``position_ids [R, L]``.
-    Returns fp32 ``[S]`` tensors: ``logps`` = Σ_t w_t·log p(y_t | x, y_<t), ``tokens`` = |y|, and
-    ``wpo`` = mean_t [log p(y_t) − log Σ_v p_v²] (no grad; WPO's log-weight).
+    Returns fp32 ``[S]`` tensors: ``logps`` = Σ_t w_t·log p(y_t | x, y_<t), ``tokens`` = |y|, and with
+    ``with_wpo`` ``wpo`` = mean_t [log p(y_t) − log Σ_v p_v²] (no grad; WPO's log-weight).
     """
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
@@ -81,22 +88,25 @@ def completion_logps(
 
     pieces, sq_norms = [], []
     for start in range(0, h.shape[0], chunk_size):
-        args = (h[start : start + chunk_size], head.weight, head.bias, score_target[start : start + chunk_size])
+        args = (h[start : start + chunk_size], head.weight, head.bias, score_target[start : start + chunk_size],
+                softcap, with_wpo)
         if torch.is_grad_enabled():
-            logp, sq = checkpoint(_head_chunk, *args, softcap, use_reentrant=False)
+            logp, sq = checkpoint(_head_chunk, *args, use_reentrant=False)
         else:
-            logp, sq = _head_chunk(*args, softcap)
+            logp, sq = _head_chunk(*args)
         pieces.append(logp)
         sq_norms.append(sq)
     token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    log_sq_norm = torch.cat(sq_norms) if sq_norms else token_logps.detach()
 
     n = seq_tokens.shape[0]
     weighted = token_logps * token_weights.to(token_logps.dtype) if token_weights is not None else token_logps
     logps = token_logps.new_zeros(n).index_add(0, score_seq, weighted)
-    tokens = seq_tokens.to(logps.dtype)
-    wpo = token_logps.new_zeros(n).index_add(0, score_seq, (token_logps - log_sq_norm).detach())
-    return {"logps": logps, "tokens": tokens, "wpo": wpo / tokens.clamp(min=1)}
+    out = {"logps": logps, "tokens": seq_tokens.to(logps.dtype)}
+    if with_wpo:
+        log_sq_norm = torch.cat(sq_norms) if sq_norms else token_logps.detach()
+        wpo = token_logps.new_zeros(n).index_add(0, score_seq, (token_logps - log_sq_norm).detach())
+        out["wpo"] = wpo / out["tokens"].clamp(min=1)
+    return out
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "score_index", "score_target", "score_seq",
@@ -131,8 +141,9 @@ class LogProbModel(nn.Module):
         position_ids: Tensor | None = None,
         token_weights: Tensor | None = None,
         seq_last_index: Tensor | None = None,
+        with_wpo: bool = False,
     ) -> dict[str, Tensor]:
         return completion_logps(
             self.model, input_ids, attention_mask, score_index, score_target, score_seq, seq_tokens,
-            position_ids=position_ids, token_weights=token_weights, chunk_size=self.chunk_size,
+            position_ids=position_ids, token_weights=token_weights, chunk_size=self.chunk_size, with_wpo=with_wpo,
         )

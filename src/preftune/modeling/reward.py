@@ -26,7 +26,7 @@ def sequence_rewards(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
     last = hidden.flatten(0, 1)[seq_last_index]
     with torch.autocast(device_type=last.device.type, enabled=False):
         scores = head(last.to(head.weight.dtype)).squeeze(-1).float()
-    return {"logps": scores, "tokens": seq_tokens.to(scores.dtype), "wpo": torch.zeros_like(scores)}
+    return {"logps": scores, "tokens": seq_tokens.to(scores.dtype)}
 
 
 class RewardModel(nn.Module):

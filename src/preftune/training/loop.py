@@ -100,7 +100,7 @@ def batch_loss(
 ) -> Tensor:
     """Mean loss of one micro-batch; per-example metrics go into ``window`` (TRL's names)."""
     token_weights = spec.token_weights(batch)
-    out = policy(**model_inputs(batch), token_weights=token_weights)
+    out = policy(**model_inputs(batch), token_weights=token_weights, with_wpo=spec.use_weighting)
     ref = reference.logps(batch, token_weights)
     n = out["logps"].shape[0] // 2
     split = lambda t: (None, None) if t is None else (t[:n], t[n:])
