@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from preftune.data.batching import pad_sequences
 from preftune.evaluation.generate import Samples, generate
 from preftune.evaluation.judges import ImplicitRewardJudge, Judge, compare, length_sorted_batches
-from preftune.modeling.logprobs import unwrap_causal_lm
+from preftune.modeling.logprobs import flat_hidden_states, head_logits, unwrap_causal_lm
 
 # ------------------------------------------------------------------------------------ sequence KL
 
@@ -26,23 +26,17 @@ def _completion_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Hidden states ``[M, H]`` at the M positions that predict a completion token (``batch["score_index"]``)."""
     lm = unwrap_causal_lm(model)
     device = next(lm.parameters()).device
-    hidden = lm.base_model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                           position_ids=batch["position_ids"].to(device), use_cache=False).last_hidden_state
-    return hidden.flatten(0, 1)[batch["score_index"].to(device)]
+    hidden = flat_hidden_states(lm, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                batch["position_ids"].to(device), lm.get_output_embeddings().weight.dtype)
+    return hidden[batch["score_index"].to(device)]
 
 
 def _log_softmax_head(model: nn.Module, hidden: Tensor) -> Tensor:
     """``log π(·|context)`` ``[k, V]`` from hidden states ``[k, H]``, in fp32 (fp64 for fp64 models)."""
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    logits = hidden.to(dtype) @ head.weight.to(dtype).T
-    if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias.to(dtype)
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
-    if softcap is not None:  # Gemma-style soft-capping, as the model's own forward applies it
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.log_softmax(-1)
+    return head_logits(hidden, head.weight, getattr(head, "bias", None),
+                       getattr(lm.config, "final_logit_softcapping", None)).log_softmax(-1)
 
 
 @torch.no_grad()

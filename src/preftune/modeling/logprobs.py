@@ -21,21 +21,27 @@ def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
     return get_base() if callable(get_base) else model
 
 
-def _head_chunk(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None, with_wpo: bool
-) -> tuple[Tensor, Tensor | None]:
-    """``hidden [k, H]`` → (``log p(target) [k]``, ``log Σ_v p_v² [k]`` or None); log-softmax in fp32 (fp64 for
-    fp64 models). Under mixed precision the projection itself runs in the autocast dtype, like every other
-    matmul of the model (and as TRL does); without it, in fp32."""
+def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
+    """LM-head logits ``[k, V]`` of hidden states ``[k, H]`` in fp32 (fp64 for fp64 models). Under mixed
+    precision the projection itself runs in the autocast dtype, like every other matmul of the model (and as
+    TRL does); the result is upcast before any softmax."""
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
         logits = F.linear(hidden, weight, bias).to(dtype)
     else:
         logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    with torch.autocast(device_type=device, enabled=False):
-        if softcap is not None:  # Gemma-style final logit soft-capping
-            logits = torch.tanh(logits / softcap) * softcap
+    if softcap is not None:  # Gemma-style final logit soft-capping, as the model's own forward applies it
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _head_chunk(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None, with_wpo: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``hidden [k, H]`` → (``log p(target) [k]``, ``log Σ_v p_v² [k]`` or None), log-softmax in fp32."""
+    logits = head_logits(hidden, weight, bias, softcap)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
         lse = logits.logsumexp(-1)
         target_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
         log_sq_norm = None
@@ -50,6 +56,18 @@ def attention_mask_for(lm: PreTrainedModel, mask: Tensor, dtype: torch.dtype) ->
     if mask.dim() == 4 and getattr(lm.config, "_attn_implementation", "sdpa") == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
+
+
+def flat_hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor,
+                       position_ids: Tensor | None, mask_dtype: torch.dtype) -> Tensor:
+    """The body's last hidden states for a collated batch, flattened to ``[R·L, H]`` (what score indices point
+    into); the head is left to the caller."""
+    return model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask_for(model, attention_mask, mask_dtype),
+        position_ids=position_ids,
+        use_cache=False,
+    ).last_hidden_state.flatten(0, 1)
 
 
 def completion_logps(
@@ -77,14 +95,9 @@ def completion_logps(
     """
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
-    hidden = lm.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask_for(lm, attention_mask, head.weight.dtype),
-        position_ids=position_ids,
-        use_cache=False,
-    ).last_hidden_state
+    hidden = flat_hidden_states(lm, input_ids, attention_mask, position_ids, head.weight.dtype)
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    h = hidden.flatten(0, 1)[score_index]
+    h = hidden[score_index]
 
     pieces, sq_norms = [], []
     for start in range(0, h.shape[0], chunk_size):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from preftune.modeling.logprobs import attention_mask_for, unwrap_causal_lm
+from preftune.modeling.logprobs import flat_hidden_states, unwrap_causal_lm
 
 
 def sequence_rewards(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, seq_last_index: Tensor,
@@ -17,13 +17,7 @@ def sequence_rewards(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
     """``r(x, y)`` for S sequences: the ``score`` head on each sequence's last hidden state; fp32 ``[S]``."""
     cls = unwrap_causal_lm(model)
     head = cls.score
-    hidden = cls.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask_for(cls, attention_mask, head.weight.dtype),
-        position_ids=position_ids,
-        use_cache=False,
-    ).last_hidden_state
-    last = hidden.flatten(0, 1)[seq_last_index]
+    last = flat_hidden_states(cls, input_ids, attention_mask, position_ids, head.weight.dtype)[seq_last_index]
     with torch.autocast(device_type=last.device.type, enabled=False):
         scores = head(last.to(head.weight.dtype)).squeeze(-1).float()
     return {"logps": scores, "tokens": seq_tokens.to(scores.dtype)}
