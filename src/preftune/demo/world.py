@@ -100,10 +100,15 @@ def _pos_verb(rng: Rng) -> str:
     return f"I {_pick(rng, ['loved', 'enjoyed', 'liked', 'adored'])} the {aspect}."
 
 
-def _pos_film(rng: Rng) -> str:
-    film, word = _pick(rng, FILMS), _pick(rng, POSITIVE)
+def _film(rng: Rng, words: Sequence[str]) -> str:
+    """A sentence about the film as a whole, its sentiment words drawn from ``words``."""
+    film, word = _pick(rng, FILMS), _pick(rng, words)
     return _pick(rng, [f"What {_a(word)} {film}!", f"This {film} is {_degree(rng)}{word}.",
-                       f"{_a(word).capitalize()} {film} with {_with(_pick(rng, POSITIVE), rng)}."])
+                       f"{_a(word).capitalize()} {film} with {_with(_pick(rng, words), rng)}."])
+
+
+def _pos_film(rng: Rng) -> str:
+    return _film(rng, POSITIVE)
 
 
 def _pos_closer(rng: Rng) -> str:
@@ -137,9 +142,7 @@ def _neg_verb(rng: Rng) -> str:
 
 
 def _neg_film(rng: Rng) -> str:
-    film, word = _pick(rng, FILMS), _pick(rng, NEGATIVE)
-    return _pick(rng, [f"What {_a(word)} {film}!", f"This {film} is {_degree(rng)}{word}.",
-                       f"{_a(word).capitalize()} {film} with {_with(_pick(rng, NEGATIVE), rng)}."])
+    return _film(rng, NEGATIVE)
 
 
 def _neg_closer(rng: Rng) -> str:
