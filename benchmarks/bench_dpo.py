@@ -315,6 +315,7 @@ def comparison(runs: list[Run], workload: str) -> dict[str, Any]:
         "peak_rss_ratio": memory, "peak_rss_ratio_vs_lowest_trl": ours.peak_rss_gib / trl_lowest,
         "speed_target": target, "speed_pass": None if target is None else speed >= target,
         "memory_target": MEMORY_TARGET, "memory_pass": memory <= MEMORY_TARGET,
+        "contended": any((r.load_during or 0.0) > CONTENDED for r in (ours, theirs)),
     }
 
 
@@ -354,7 +355,9 @@ def workload_table(runs: list[Run], workload: dpo_assets.Workload, stats: dpo_as
             f"pairs/s ×{c['pairs_per_s_ratio']:.2f} "
             f"(target ≥ {fmt(c['speed_target'], '.1f')}×: {verdict(c['speed_pass'])}); peak RSS "
             f"×{c['peak_rss_ratio']:.2f} (target ≤ {MEMORY_TARGET}: {verdict(c['memory_pass'])}; "
-            f"×{c['peak_rss_ratio_vs_lowest_trl']:.2f} of TRL's lowest-memory configuration).",
+            f"×{c['peak_rss_ratio_vs_lowest_trl']:.2f} of TRL's lowest-memory configuration)."
+            + (f" **Not comparable: other processes used more than {CONTENDED} cores during these runs.**"
+               if c["contended"] else ""),
         ]
     ablations = [r for r in runs if r.ablation and r.pairs_per_s]
     for r in ablations:
