@@ -109,9 +109,9 @@ def batch_loss(
         logps = losses.PairLogps(s_a, s_b, t_a, t_b, r_a, r_b)
     elif spec.kind == "unpaired":
         logps = losses.UnpairedLogps(s_a, t_a, batch["desirable"], r_a, s_b.detach(), r_b)
-    else:  # SFT rows: one sequence per row
-        s_a, everything = out["logps"], torch.ones_like(out["tokens"], dtype=torch.bool)
-        logps = losses.UnpairedLogps(s_a, out["tokens"], everything, ref)
+    else:  # SFT rows: one sequence per row, every one a target
+        logps = losses.UnpairedLogps(out["logps"], out["tokens"], torch.ones_like(out["tokens"], dtype=torch.bool),
+                                     ref)
     result = compute_loss(spec.methods, spec.weights, logps, spec.hparams)
     per_example = result.losses
     if spec.use_weighting and spec.paired:
@@ -121,20 +121,19 @@ def batch_loss(
     window.add("loss", per_example)
     window.add("rewards/chosen", result.chosen_rewards)
     window.add("rewards/rejected", result.rejected_rewards)
-    if spec.model == "reward":
+    if spec.paired:
         window.add("rewards/margins", result.chosen_rewards - result.rejected_rewards)
         window.add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float())
-    elif spec.paired:
-        window.add("rewards/margins", result.chosen_rewards - result.rejected_rewards)
-        window.add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float())
+    if spec.model == "reward":  # a reward head's "logps" are its scores, already logged as rewards
+        return loss
+    if spec.kind == "paired":
         window.add("logps/chosen", s_a)
         window.add("logps/rejected", s_b)
     elif spec.kind == "unpaired":
-        desirable = batch["desirable"]
-        window.add("logps/chosen", s_a[desirable])
-        window.add("logps/rejected", s_a[~desirable])
+        window.add("logps/chosen", s_a[batch["desirable"]])
+        window.add("logps/rejected", s_a[~batch["desirable"]])
     else:
-        window.add("logps/chosen", s_a)
+        window.add("logps/chosen", out["logps"])
     return loss
 
 
