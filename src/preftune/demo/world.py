@@ -78,15 +78,23 @@ def _with(word: str, rng: Rng) -> str:
 # Each maker returns one sentence whose VADER sign matches its list (tests check every maker).
 
 
-def _pos_aspect(rng: Rng) -> str:
+def _aspect(rng: Rng, words: Sequence[str]) -> str:
     aspect, verb = _pick(rng, ASPECTS)
-    return f"The {aspect} {verb} {_degree(rng)}{_pick(rng, POSITIVE)}."
+    return f"The {aspect} {verb} {_degree(rng)}{_pick(rng, words)}."
+
+
+def _two(rng: Rng, words: Sequence[str]) -> str:
+    aspect, verb = _pick(rng, ASPECTS)
+    first, second = rng.sample(words, 2)
+    return f"The {aspect} {verb} {first} and {second}."
+
+
+def _pos_aspect(rng: Rng) -> str:
+    return _aspect(rng, POSITIVE)
 
 
 def _pos_two(rng: Rng) -> str:
-    aspect, verb = _pick(rng, ASPECTS)
-    first, second = rng.sample(POSITIVE, 2)
-    return f"The {aspect} {verb} {first} and {second}."
+    return _two(rng, POSITIVE)
 
 
 def _pos_negated(rng: Rng) -> str:
@@ -118,14 +126,11 @@ def _pos_closer(rng: Rng) -> str:
 
 
 def _neg_aspect(rng: Rng) -> str:
-    aspect, verb = _pick(rng, ASPECTS)
-    return f"The {aspect} {verb} {_degree(rng)}{_pick(rng, NEGATIVE)}."
+    return _aspect(rng, NEGATIVE)
 
 
 def _neg_two(rng: Rng) -> str:
-    aspect, verb = _pick(rng, ASPECTS)
-    first, second = rng.sample(NEGATIVE, 2)
-    return f"The {aspect} {verb} {first} and {second}."
+    return _two(rng, NEGATIVE)
 
 
 def _neg_negated(rng: Rng) -> str:
