@@ -52,10 +52,16 @@ def _head_chunk(
 
 
 def attention_mask_for(lm: PreTrainedModel, mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """Boolean ``[R, 1, L, L]`` masks go to SDPA as they are; eager attention adds its mask to the scores."""
-    if mask.dim() == 4 and getattr(lm.config, "_attn_implementation", "sdpa") == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return mask
+    """A boolean ``[R, 1, L, L]`` mask becomes one additive mask (0 / dtype-min) in the dtype the attention
+    computes in (the autocast dtype under mixed precision). SDPA would otherwise convert the boolean mask
+    again in every layer and keep each copy for backward; eager attention needs the additive form anyway.
+    ``[R, L]`` padding masks pass through."""
+    if mask.dim() != 4 or mask.dtype != torch.bool:
+        return mask
+    device = mask.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def flat_hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor,
