@@ -64,14 +64,14 @@ TRL_CONFIGS: dict[str, dict[str, Any]] = {
     "fp32+precompute": {"bf16": False, "gradient_checkpointing": False, "precompute_ref_log_probs": True},
     "bf16-no-gc+precompute": {"gradient_checkpointing": False, "precompute_ref_log_probs": True},
 }
-# preftune: its defaults (fp32) and bf16 mixed precision; the best of these counts.
-PREFTUNE_CONFIGS: dict[str, dict[str, Any]] = {"default": {}, "bf16": {"bf16": True}}
+# preftune: its defaults (bf16 autocast where the CPU has native bf16, else fp32) and fp32 forced; the best counts.
+PREFTUNE_CONFIGS: dict[str, dict[str, Any]] = {"default": {}, "fp32": {"bf16": False}}
 # Layout switches that may exist in preftune's TrainConfig; each is also run forced off (an ablation).
 ABLATION_SWITCHES = ("prefix_sharing", "padding_free")
 # Targets from the issue: preftune pairs/s at least this multiple of TRL's fastest configuration.
 SPEED_TARGETS = {"a": 3.0, "b": 1.5}
 MEMORY_TARGET = 0.5
-CHECK_CONFIGS = {"preftune": {}, "trl": {"bf16": False, "gradient_checkpointing": False}}
+CHECK_CONFIGS = {"preftune": {"bf16": False}, "trl": {"bf16": False, "gradient_checkpointing": False}}
 CHECK_PAIRS = 4
 CONTENDED = 0.25  # cores used by other processes during the timed steps above which a run is retried
 
@@ -177,9 +177,11 @@ class Run:
 
     @property
     def bf16(self) -> bool:
-        """Whether the run computes in bf16 (TRL's default is bf16 unless the config says otherwise)."""
-        default = self.tool == "trl"
-        return bool(self.settings.get("bf16", default))
+        """Whether the run computes in bf16: as the tool resolved it (preftune's default depends on the CPU), else
+        as configured (TRL's default is bf16)."""
+        if self.effective.get("bf16") is not None:
+            return bool(self.effective["bf16"])
+        return bool(self.settings.get("bf16", self.tool == "trl"))
 
 
 def launch(run: Run, run_dir: Path, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -281,7 +283,7 @@ def resolve_ablation(run: Run, done: list[Run]) -> None:
             and r.purpose == "timing" and r.pairs_per_s]
     base = max(ours, key=lambda r: r.pairs_per_s).settings if ours else {}
     run.settings = {**base, run.ablation: False}
-    run.config += "-bf16" if run.settings.get("bf16") else ""
+    run.config += "-fp32" if run.settings.get("bf16") is False else ""
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -363,7 +365,7 @@ def workload_table(runs: list[Run], workload: dpo_assets.Workload, stats: dpo_as
     for r in ablations:
         base = next((b for b in runs if b.tool == "preftune" and b.ablation is None and b.pairs_per_s
                      and b.purpose == "timing"
-                     and b.settings.get("bf16", False) == r.settings.get("bf16", False)), None)
+                     and b.settings == {k: v for k, v in r.settings.items() if k != r.ablation}), None)
         if base is not None:
             lines.append(f"- {r.ablation} on (auto) vs off: ×{base.pairs_per_s / r.pairs_per_s:.2f} pairs/s, "
                          f"peak RSS {base.peak_rss_gib:.2f} vs {r.peak_rss_gib:.2f} GiB")

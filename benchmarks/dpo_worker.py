@@ -81,6 +81,8 @@ def peak_rss_bytes() -> int | None:
 
 def run_preftune(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Train with preftune's public ``train`` and read per-step throughput back from ``metrics.jsonl``."""
+    import yaml
+
     from preftune import train
     from preftune.config import FIELDS
 
@@ -130,6 +132,7 @@ def run_preftune(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             tracking.MetricsLog.write = write
 
     records = [json.loads(line) for line in (Path(config["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    resolved = yaml.safe_load((Path(config["output_dir"]) / "config.yaml").read_text())  # bf16 as preftune chose
     records = [r for r in records if "pairs_per_second" in r]
     step_seconds = [PAIRS_PER_STEP / r["pairs_per_second"] for r in records]
     first = records[0] if records else {}
@@ -142,7 +145,7 @@ def run_preftune(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "steps_done": result.global_step,
         "step_other_load": other_load(samples) if len(samples) == len(step_seconds) + 1 else None,
         "hook_step_seconds": [t1[0] - t0[0] for t0, t1 in zip(samples, samples[1:])],
-        "effective": {k: config.get(k, FIELDS[k].default) for k in
+        "effective": {k: resolved.get(k, FIELDS[k].default) for k in
                       ("bf16", "dtype", "gradient_checkpointing", "precompute_ref_log_probs", "attn_implementation",
                        "logprob_chunk_size", "prefix_sharing", "padding_free") if k in FIELDS},
     }

@@ -90,7 +90,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
-    bf16: bool = False
+    bf16: bool | None = None  # None: bf16 autocast where the hardware has it natively (training.loop.resolve_precision)
     fp16: bool = False
     seed: int = 42
     logprob_chunk_size: int = 256  # LM-head positions per chunk: 256 was fastest and lightest on CPU
@@ -98,6 +98,10 @@ class TrainConfig:
     prefix_sharing: bool | None = None  # prompt encoded once, chosen and rejected branch from it
     padding_free: bool | None = None  # several pairs packed per row, no padding between them
     group_by_length: bool = False  # batches of similar length (less padding when padding_free is off)
+    # Training micro-batches of as many examples as fit in this many tokens (prompt counted once, per device);
+    # per_device_train_batch_size is then ignored for training. Steadier memory and step time; the batches are
+    # length-grouped already, so group_by_length has no further effect.
+    max_tokens_per_batch: int | None = None
     # --- logging and checkpoints -------------------------------------------------------------------
     output_dir: str = "runs/preftune"
     overwrite_output_dir: bool = False
@@ -155,6 +159,11 @@ class TrainConfig:
                 raise ConfigError(f"{n} must be >= 1, got {getattr(self, n)}")
         if any(get_method(m).data == "unpaired" for m in self.methods) and self.per_device_train_batch_size < 2:
             raise ConfigError("KTO estimates its KL term from mismatched pairs: per_device_train_batch_size >= 2")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
+            raise ConfigError(f"max_tokens_per_batch must be >= 1, got {self.max_tokens_per_batch}")
+        if any(get_method(m).data == "unpaired" for m in self.methods) and self.max_tokens_per_batch is not None:
+            raise ConfigError("KTO estimates its KL term from mismatched pairs and needs >= 2 examples per batch, "
+                              "which a token budget cannot guarantee: unset max_tokens_per_batch")
         return self
 
     def to_dict(self) -> dict[str, Any]:

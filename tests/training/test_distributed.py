@@ -26,7 +26,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, precompute
     # adam_epsilon=1: the update is proportional to the gradient, so all-reduce rounding stays tiny.
     common = [f"model_name_or_path={tmp_path / 'model'}", f"dataset={data}", "max_steps=3",
               "learning_rate=1e-2", "adam_epsilon=1", "disable_tqdm=true", f"cache_dir={tmp_path / 'cache'}",
-              f"precompute_ref_log_probs={precompute}"]
+              f"precompute_ref_log_probs={precompute}", "bf16=false"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
     two = subprocess.run([*torchrun, "-m", "preftune.cli", "train", *common, "per_device_train_batch_size=2",

@@ -45,7 +45,7 @@ def test_method_trains_and_raises_the_held_out_preference_gap(method, tok, held_
     before = preference_gap(start, held_out_batch)
     result = train(dict(method=method, output_dir=str(tmp_path / method), cache_dir=str(tmp_path / "cache"),
                         max_steps=8, per_device_train_batch_size=4, learning_rate=2e-3, disable_tqdm=True,
-                        logging_steps=1, seed=0, max_length=128, max_prompt_length=64),
+                        logging_steps=1, seed=0, max_length=128, max_prompt_length=64, bf16=False),
                    model=build_tiny_model(tok, seed=0), tokenizer=tok, train_dataset=TRAIN)
     after = preference_gap(AutoModelForCausalLM.from_pretrained(result.final_dir), held_out_batch)
     assert after > before + 1.0, f"{method}: gap {before:.3f} → {after:.3f}"

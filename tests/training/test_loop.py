@@ -8,10 +8,12 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from preftune import train
+from preftune.config import build_config
 from preftune.demo.default import builtin_preferences, default_tokenizer
 from preftune.demo.tiny import build_tiny_model
 
@@ -26,7 +28,7 @@ def tok():
 def run(tmp_path, tok, name="run", model=None, rows=ROWS, **overrides):
     config = dict(output_dir=str(tmp_path / name), cache_dir=str(tmp_path / "cache"), max_steps=3,
                   per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, disable_tqdm=True,
-                  seed=0) | overrides
+                  seed=0, bf16=False) | overrides  # fp32: the equalities below are exact
     model = model or build_tiny_model(tok, seed=0)
     return train(config, model=model, tokenizer=tok, train_dataset=rows)
 
@@ -150,6 +152,21 @@ def test_other_architectures_start_at_ln2_and_export(tmp_path, tok, arch):
 def test_bf16_autocast_keeps_step_zero_at_ln2(tmp_path, tok):
     result = run(tmp_path, tok, "bf16", bf16=True, max_steps=1)
     assert metrics(result)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_default_precision_is_bf16_exactly_where_it_is_native(tmp_path, tok, monkeypatch, native):
+    from preftune.training import loop
+
+    monkeypatch.setattr(loop, "native_bf16", lambda: native)
+    result = run(tmp_path, tok, "auto", bf16=None, max_steps=1)
+    saved = yaml.safe_load((result.output_dir / "config.yaml").read_text())
+    assert saved["bf16"] is native  # the resolved choice is what the run directory records
+    resolve = lambda **kw: loop.resolve_precision(build_config(kw), embedded_model=False).bf16  # noqa: E731
+    assert resolve(fp16=True) is False  # fp16 asked for: no bf16 on top
+    assert resolve(dtype="float16") is False
+    assert resolve(bf16=False) is False and resolve(bf16=True) is True  # explicit choices stand
+    assert loop.resolve_precision(build_config({}), embedded_model=True).bf16 is False  # the toy model: fp32
 
 
 def test_explicit_reference_checkpoint(tmp_path, tok):

@@ -215,3 +215,64 @@ def example_lengths(rows) -> list[int]:
         lengths = table.column(c).combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
         total = lengths if total is None else total + lengths
     return total.tolist()
+
+
+class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of as many examples as fit in a token budget, instead of a fixed number of examples.
+
+    Batch b holds examples whose lengths (tokens with the prompt counted once, see :func:`example_lengths`)
+    sum to at most the budget, ``Σ_{i∈b} len_i ≤ max_tokens``, or a single example longer than the budget on
+    its own — nothing is dropped. Every step then costs about the same number of tokens, so memory and step
+    time stay steady (a fixed batch size peaks on its longest batch), and batches of similar lengths pad
+    little.
+
+    The composition is fixed once from ``seed``: shuffle, cut into mega-chunks of about ``group`` batches'
+    worth of tokens, sort each chunk by length (longest first) and fill batches greedily in that order, so
+    the examples of a batch come from one chunk and have similar lengths. Each epoch reshuffles only the
+    order of the batches (seeded by ``seed + epoch``): ``len()`` is the same in every epoch and on every
+    process, which the schedule and data parallelism rely on.
+    """
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int = 0, group: int = 50):
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.max_tokens, self.seed, self.epoch = max_tokens, seed, 0
+        self.over_budget = sum(length > max_tokens for length in lengths)  # each alone in its batch
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(lengths), generator=g).tolist()
+        self.batches: list[list[int]] = []
+        chunk: list[int] = []
+        chunk_tokens = 0
+        for i in order:
+            chunk.append(i)
+            chunk_tokens += lengths[i]
+            if chunk_tokens >= group * max_tokens:
+                self.batches += self._fill(chunk, lengths)
+                chunk, chunk_tokens = [], 0
+        if chunk:
+            self.batches += self._fill(chunk, lengths)
+
+    def _fill(self, chunk: list[int], lengths: Sequence[int]) -> list[list[int]]:
+        """Next-fit over the chunk sorted longest first: a batch closes when the next example would not fit."""
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        used = 0
+        for i in sorted(chunk, key=lambda i: -lengths[i]):
+            if batch and used + lengths[i] > self.max_tokens:
+                batches.append(batch)
+                batch, used = [], 0
+            batch.append(i)
+            used += lengths[i]
+        batches.append(batch)
+        return batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        for k in torch.randperm(len(self.batches), generator=g).tolist():
+            yield list(self.batches[k])

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from preftune.config import TrainConfig
-from preftune.data.batching import LengthGroupedSampler, example_lengths
+from preftune.data.batching import LengthGroupedSampler, TokenBudgetBatchSampler, example_lengths
 from preftune.methods import losses
 from preftune.methods.registry import compute_loss, get_method, run_data
 from preftune.modeling.logprobs import LogProbModel, model_inputs
@@ -154,6 +154,27 @@ def _no_accelerator_device() -> bool:
     return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu and xpu.is_available()))
 
 
+def native_bf16() -> bool:
+    """Whether this machine multiplies bf16 matrices in hardware: a CUDA GPU with bf16 (Ampere and later), or
+    a CPU with AVX512-BF16 or AMX. Elsewhere bf16 autocast is emulated and slower than fp32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    if not _no_accelerator_device():
+        return False  # MPS / XPU: left to an explicit bf16=true
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the fallback
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def resolve_precision(cfg: TrainConfig, embedded_model: bool) -> TrainConfig:
+    """``bf16=None`` (the default) becomes True where bf16 is native (and fp16 is not asked for), as in TRL:
+    bf16 autocast was ×1.5–1.6 faster than fp32 per pair for a 58M-parameter model on a 2-core AVX512-BF16 CPU
+    (benchmarks/README.md). The embedded toy model stays fp32: its matmuls are too small for autocast's casts
+    to pay (×0.7). The resolved value is written back, so config.yaml and the reference cache record it."""
+    if cfg.bf16 is None:
+        cfg.bf16 = not cfg.fp16 and cfg.dtype != "float16" and not embedded_model and native_bf16()
+    return cfg
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
     # Accelerate's state is a process-wide singleton; a second run in the same process (a notebook, the
@@ -187,6 +208,22 @@ def check_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     return out
 
 
+def build_train_loader(cfg: TrainConfig, dataset, collate: Callable[[list[dict]], dict[str, Tensor]],
+                       drop_last: bool) -> tuple[DataLoader, TokenBudgetBatchSampler | None]:
+    """Training batches of ``per_device_train_batch_size`` examples (shuffled or grouped by length), or of as many
+    examples as fit in ``max_tokens_per_batch`` tokens; the token-budget sampler is returned too (or None).
+
+    A micro-batch's loss is the mean over its examples, so under a budget — where the number of examples varies —
+    every micro-batch still counts equally under gradient accumulation (and across processes)."""
+    if cfg.max_tokens_per_batch is not None:
+        budget = TokenBudgetBatchSampler(example_lengths(dataset), cfg.max_tokens_per_batch, cfg.seed)
+        return DataLoader(dataset, batch_sampler=budget, collate_fn=collate), budget
+    sampler = (LengthGroupedSampler(example_lengths(dataset), cfg.per_device_train_batch_size, cfg.seed)
+               if cfg.group_by_length else None)
+    return DataLoader(dataset, batch_size=cfg.per_device_train_batch_size, shuffle=sampler is None, sampler=sampler,
+                      collate_fn=collate, drop_last=drop_last), None
+
+
 class PreferenceTrainer:
     """Train a causal LM with any registered method.
 
@@ -198,7 +235,8 @@ class PreferenceTrainer:
     def __init__(self, config: TrainConfig, model=None, ref_model=None, tokenizer=None,
                  train_dataset=None, eval_dataset=None, callbacks: list[StepCallback] = ()):
         self.cfg = config.validate()
-        self.accelerator = make_accelerator(self.cfg)
+        embedded = model is None and config.model_name_or_path is None
+        self.accelerator = make_accelerator(resolve_precision(self.cfg, embedded_model=embedded))
         self.given = dict(model=model, ref_model=ref_model, tokenizer=tokenizer,
                           train_dataset=train_dataset, eval_dataset=eval_dataset)
         self.callbacks = list(callbacks)
@@ -216,10 +254,7 @@ class PreferenceTrainer:
 
         policy = (RewardModel if spec.model == "reward" else LogProbModel)(inputs.model, cfg.logprob_chunk_size)
         optimizer = build_optimizer(cfg, policy)
-        sampler = (LengthGroupedSampler(example_lengths(inputs.train), cfg.per_device_train_batch_size, cfg.seed)
-                   if cfg.group_by_length else None)
-        train_dl = DataLoader(inputs.train, batch_size=cfg.per_device_train_batch_size, shuffle=sampler is None,
-                              sampler=sampler, collate_fn=collate, drop_last=spec.kind == "unpaired")
+        train_dl, budget = build_train_loader(cfg, inputs.train, collate, drop_last=spec.kind == "unpaired")
         eval_dl = (DataLoader(inputs.eval, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
                               drop_last=spec.kind == "unpaired") if inputs.eval is not None else None)
         total_steps, num_epochs = self._schedule_length(len(train_dl))
@@ -245,7 +280,7 @@ class PreferenceTrainer:
             acc.init_trackers("preftune", config=_tracker_config(cfg),
                               init_kwargs={"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}})
         metrics_log = MetricsLog(out / "metrics.jsonl", acc)
-        self._log_start(inputs, reference, total_steps, num_epochs)
+        self._log_start(inputs, reference, total_steps, num_epochs, budget)
 
         window = MetricWindow()
         result = RunResult(out, None, state["global_step"])
@@ -256,6 +291,8 @@ class PreferenceTrainer:
         step = state["global_step"]
         for epoch in range(state["epoch"], num_epochs):
             train_dl.set_epoch(epoch)
+            if budget is not None:  # under several processes Accelerate's shard does not pass set_epoch on to it
+                budget.set_epoch(epoch)
             skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
             batches = acc.skip_first_batches(train_dl, skip) if skip else train_dl
             for batch_index, batch in enumerate(batches, start=skip):
@@ -351,7 +388,8 @@ class PreferenceTrainer:
         metrics_log.write(record)
         return record
 
-    def _log_start(self, inputs: RunInputs, reference, total_steps: int, num_epochs: int) -> None:
+    def _log_start(self, inputs: RunInputs, reference, total_steps: int, num_epochs: int,
+                   budget: TokenBudgetBatchSampler | None) -> None:
         if not self.accelerator.is_main_process:
             return
         trainable, total = inputs.parameter_counts
@@ -360,6 +398,13 @@ class PreferenceTrainer:
                  len(inputs.train), len(inputs.eval) if inputs.eval is not None else 0, total_steps,
                  num_epochs, self.accelerator.num_processes, f"{trainable:,}", f"{total:,}")
         log.info("layout: %s", inputs.collator.describe())
+        cfg = self.cfg
+        if budget is not None:
+            log.info("batches: up to %d tokens each, %d per epoch; %d example(s) longer than that train alone",
+                     budget.max_tokens, len(budget), budget.over_budget)
+        else:
+            log.info("batches: %d examples each%s", cfg.per_device_train_batch_size,
+                     ", grouped by length" if cfg.group_by_length else "")
         for report in inputs.data_reports.values():
             log.info("%s", report)
 
