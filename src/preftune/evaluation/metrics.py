@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from preftune.data.batching import pad_sequences
 from preftune.evaluation.generate import Samples, generate
 from preftune.evaluation.judges import ImplicitRewardJudge, Judge, compare, length_sorted_batches
-from preftune.modeling.logprobs import flat_hidden_states, head_logits, unwrap_causal_lm
+from preftune.modeling.lm_head import head_logits
+from preftune.modeling.logprobs import flat_hidden_states, unwrap_causal_lm
 
 # ------------------------------------------------------------------------------------ sequence KL
 

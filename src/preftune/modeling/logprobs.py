@@ -1,18 +1,23 @@
 """Per-sequence completion log-probs without ever materialising ``[batch, seq, vocab]`` logits.
 
 The model body runs once; only the hidden states at positions whose *next* token is a completion
-token go through the LM head, ``chunk_size`` positions at a time, each chunk checkpointed so its
-``[chunk, vocab]`` logits are freed after use and recomputed in backward. ``log p = z[target] −
-logsumexp(z)`` is taken in fp32 whatever the model's dtype.
+token go through the LM head, ``chunk_size`` positions at a time in one reused ``[chunk, vocab]`` buffer,
+recomputed in backward (``preftune.modeling.lm_head``). ``log p = z[target] − logsumexp(z)`` is taken in
+fp32 whatever the model's dtype.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
+
+from preftune.modeling.lm_head import head_token_logps
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
@@ -21,43 +26,31 @@ def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
     return get_base() if callable(get_base) else model
 
 
-def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
-    """LM-head logits ``[k, V]`` of hidden states ``[k, H]`` in fp32 (fp64 for fp64 models). Under mixed
-    precision the projection itself runs in the autocast dtype, like every other matmul of the model (and as
-    TRL does); the result is upcast before any softmax."""
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        logits = F.linear(hidden, weight, bias).to(dtype)
-    else:
-        logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    if softcap is not None:  # Gemma-style final logit soft-capping, as the model's own forward applies it
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+def flex_block_mask(mask: Tensor) -> BlockMask:
+    """A boolean ``[R, 1, L, L]`` mask as a FlexAttention ``BlockMask``: blocks with no allowed pair are
+    skipped, and the attention never sees a dense ``L × L`` mask. transformers passes any 4D mask through."""
+    from torch.nn.attention.flex_attention import create_block_mask  # torch ≥ 2.5, like flex_attention itself
+
+    rows, _, length, _ = mask.shape
+    # Indexed through a flat [R, L·L] view: inductor's CPU kernel (torch 2.13) fails to compile a mask_mod
+    # that indexes the 4D mask once the sequence length has become a dynamic shape.
+    flat = mask.reshape(rows, length * length)
+
+    def may_attend(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return flat[b, q * length + kv]
+
+    return create_block_mask(may_attend, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=mask.device)
 
 
-def _head_chunk(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None, with_wpo: bool
-) -> tuple[Tensor, Tensor | None]:
-    """``hidden [k, H]`` → (``log p(target) [k]``, ``log Σ_v p_v² [k]`` or None), log-softmax in fp32."""
-    logits = head_logits(hidden, weight, bias, softcap)
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        lse = logits.logsumexp(-1)
-        target_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-        log_sq_norm = None
-        if with_wpo:  # WPO's per-token normaliser, kept off the graph: log Σ p² = lse(2z) − 2·lse(z)
-            with torch.no_grad():
-                log_sq_norm = (2 * logits).logsumexp(-1) - 2 * lse
-    return target_logps, log_sq_norm
-
-
-def attention_mask_for(lm: PreTrainedModel, mask: Tensor, dtype: torch.dtype) -> Tensor:
+def attention_mask_for(lm: PreTrainedModel, mask: Tensor, dtype: torch.dtype) -> Tensor | BlockMask:
     """A boolean ``[R, 1, L, L]`` mask becomes one additive mask (0 / dtype-min) in the dtype the attention
     computes in (the autocast dtype under mixed precision). SDPA would otherwise convert the boolean mask
     again in every layer and keep each copy for backward; eager attention needs the additive form anyway.
-    ``[R, L]`` padding masks pass through."""
+    Under ``flex_attention`` it becomes a ``BlockMask`` instead. ``[R, L]`` padding masks pass through."""
     if mask.dim() != 4 or mask.dtype != torch.bool:
         return mask
+    if getattr(lm.config, "_attn_implementation", None) == "flex_attention":
+        return flex_block_mask(mask)
     device = mask.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
@@ -103,26 +96,14 @@ def completion_logps(
     head = lm.get_output_embeddings()
     hidden = flat_hidden_states(lm, input_ids, attention_mask, position_ids, head.weight.dtype)
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    h = hidden[score_index]
-
-    pieces, sq_norms = [], []
-    for start in range(0, h.shape[0], chunk_size):
-        args = (h[start : start + chunk_size], head.weight, head.bias, score_target[start : start + chunk_size],
-                softcap, with_wpo)
-        if torch.is_grad_enabled():
-            logp, sq = checkpoint(_head_chunk, *args, use_reentrant=False)
-        else:
-            logp, sq = _head_chunk(*args)
-        pieces.append(logp)
-        sq_norms.append(sq)
-    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    token_logps, log_sq_norm = head_token_logps(hidden[score_index], head.weight, head.bias, score_target, softcap,
+                                                chunk_size, with_sq_norm=with_wpo)
 
     n = seq_tokens.shape[0]
     weighted = token_logps * token_weights.to(token_logps.dtype) if token_weights is not None else token_logps
     logps = token_logps.new_zeros(n).index_add(0, score_seq, weighted)
     out = {"logps": logps, "tokens": seq_tokens.to(logps.dtype)}
     if with_wpo:
-        log_sq_norm = torch.cat(sq_norms) if sq_norms else token_logps.detach()
         wpo = token_logps.new_zeros(n).index_add(0, score_seq, (token_logps - log_sq_norm).detach())
         out["wpo"] = wpo / out["tokens"].clamp(min=1)
     return out

@@ -49,8 +49,9 @@ class RunInputs:
     data_reports: dict[str, str] = field(default_factory=dict)
 
 
-# Layouts other than plain padding pass a boolean [R, 1, L, L] mask, which these implementations take.
-MASK_IMPLEMENTATIONS = ("sdpa", "eager")
+# Layouts other than plain padding pass a boolean [R, 1, L, L] mask, which these implementations take
+# (flex_attention as a BlockMask built from it, see preftune.modeling.logprobs.attention_mask_for).
+MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
 def make_collator(cfg: TrainConfig, tokenizer, model: nn.Module, sft: bool = False) -> PreferenceCollator:
@@ -139,6 +140,10 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
         builtin_rows = builtin_preferences()
     reward = get_method(cfg.methods[0]).model == "reward"
     model, tokenizer = _load_model_and_tokenizer(cfg, model, tokenizer, builtin_rows or [], reward)
+    impl = getattr(unwrap_causal_lm(model).config, "_attn_implementation", None)
+    if impl == "flex_attention" and accelerator.device.type == "cpu":  # fail now, not at the first backward
+        raise ConfigError("attn_implementation=flex_attention trains on GPUs only: torch has no FlexAttention "
+                          "backward on CPU; use attn_implementation=sdpa (the default)")
     if cfg.disable_dropout:
         loading.disable_dropout(model)
     if cfg.gradient_checkpointing:
