@@ -97,6 +97,7 @@ class TrainConfig:
     # --- speed (None: the fastest correct choice for the model, logged at start) -----------------------
     prefix_sharing: bool | None = None  # prompt encoded once, chosen and rejected branch from it
     padding_free: bool | None = None  # several pairs packed per row, no padding between them
+    fused_mlp: bool | None = None  # gated MLPs keep 2 of their 4 activations for backward (modeling.fused_mlp)
     group_by_length: bool = False  # batches of similar length (less padding when padding_free is off)
     # Training micro-batches of as many examples as fit in this many tokens (prompt counted once, per device);
     # per_device_train_batch_size is then ignored for training. Steadier memory and step time; the batches are

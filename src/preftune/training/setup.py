@@ -28,6 +28,7 @@ from preftune.data import formats, tokenize
 from preftune.data.batching import PreferenceCollator
 from preftune.methods.registry import get_method, run_data
 from preftune.modeling import loading, reference
+from preftune.modeling.fused_mlp import fuse_gated_mlps
 from preftune.modeling.logprobs import LogProbModel, model_inputs, unwrap_causal_lm
 
 log = logging.getLogger("preftune")
@@ -66,6 +67,22 @@ def make_collator(cfg: TrainConfig, tokenizer, model: nn.Module, sft: bool = Fal
 
     return PreferenceCollator(tokenizer.pad_token_id, prefix_sharing=resolve(cfg.prefix_sharing, "prefix_sharing"),
                               padding_free=resolve(cfg.padding_free, "padding_free"), sft=sft)
+
+
+def _fuse_mlps(cfg: TrainConfig, model: nn.Module, accelerator: Accelerator) -> None:
+    """On by default; not under DeepSpeed ZeRO-3, which gathers each weight in its own module's forward hook."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    zero3 = plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+    if cfg.fused_mlp and zero3:
+        raise ConfigError("fused_mlp=true bypasses down_proj's forward, where DeepSpeed ZeRO-3 gathers its weight; "
+                          "leave fused_mlp unset under ZeRO-3")
+    if cfg.fused_mlp is False or zero3:
+        return
+    count = fuse_gated_mlps(model)
+    if count:
+        log.info("fused gated MLPs: %d layers keep act(gate)·up for backward as gate and up only", count)
+    elif cfg.fused_mlp:
+        log.warning("fused_mlp=true: no MLP of this model has the plain down(act(gate(x)) * up(x)) form; unchanged")
 
 
 def _as_dataset(rows) -> datasets.Dataset:
@@ -150,6 +167,7 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.use_peft and not loading.is_peft_model(model):
         model = loading.add_lora(model, cfg, task="SEQ_CLS" if reward else "CAUSAL_LM")
+    _fuse_mlps(cfg, model, accelerator)
 
     kind = run_data(cfg.methods)
     reports: dict[str, str] = {}
