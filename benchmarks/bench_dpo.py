@@ -67,7 +67,7 @@ TRL_CONFIGS: dict[str, dict[str, Any]] = {
 # preftune: its defaults (bf16 autocast where the CPU has native bf16, else fp32) and fp32 forced; the best counts.
 PREFTUNE_CONFIGS: dict[str, dict[str, Any]] = {"default": {}, "fp32": {"bf16": False}}
 # Layout switches that may exist in preftune's TrainConfig; each is also run forced off (an ablation).
-ABLATION_SWITCHES = ("prefix_sharing", "padding_free")
+ABLATION_SWITCHES = ("prefix_sharing", "padding_free", "fused_mlp")
 # Targets from the issue: preftune pairs/s at least this multiple of TRL's fastest configuration.
 SPEED_TARGETS = {"a": 3.0, "b": 1.5}
 MEMORY_TARGET = 0.5
