@@ -15,7 +15,7 @@ from preftune.config import ConfigError, build_config
 from preftune.data.batching import TokenBudgetBatchSampler
 from preftune.demo.default import builtin_preferences, default_tokenizer
 from preftune.demo.tiny import build_tiny_model
-from preftune.training.loop import LossSpec
+from preftune.training.objective import LossSpec
 
 _rng = random.Random(0)
 LENGTHS = [_rng.randint(5, 120) for _ in range(300)] + [400, 250]  # the last two exceed the budget

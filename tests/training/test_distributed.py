@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -12,6 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from preftune.demo.default import builtin_preferences, default_model, default_tokenizer
+
+
+def free_port() -> str:
+    """A port nobody listens on now (a fixed one may still be held by an earlier run's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("precompute", ["true", "false"])
@@ -28,7 +36,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, precompute
               "learning_rate=1e-2", "adam_epsilon=1", "disable_tqdm=true", f"cache_dir={tmp_path / 'cache'}",
               f"precompute_ref_log_probs={precompute}", "bf16=false"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
     two = subprocess.run([*torchrun, "-m", "preftune.cli", "train", *common, "per_device_train_batch_size=2",
                           f"output_dir={tmp_path / 'two'}"], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -30,6 +30,7 @@ from preftune.methods.registry import get_method, run_data
 from preftune.modeling import loading, reference
 from preftune.modeling.fused_mlp import fuse_gated_mlps
 from preftune.modeling.logprobs import LogProbModel, model_inputs, unwrap_causal_lm
+from preftune.training.objective import LossSpec
 
 log = logging.getLogger("preftune")
 
@@ -287,8 +288,6 @@ def attach_reference_logps(cfg: TrainConfig, accelerator: Accelerator, live, dat
 
 @torch.no_grad()
 def _compute_reference_logps(cfg, accelerator, live, data, collate: PreferenceCollator) -> np.ndarray:
-    from preftune.training.loop import LossSpec
-
     spec = LossSpec.from_config(cfg)
     shard = data.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
     loader = DataLoader(shard, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)

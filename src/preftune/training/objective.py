@@ -1,0 +1,100 @@
+"""What one micro-batch's loss is: the methods, weights and hyper-parameters of a run (:class:`LossSpec`) and
+:func:`batch_loss` — policy log-probs, reference log-probs, per-example losses, their mean, TRL-named metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from preftune.config import TrainConfig
+from preftune.methods import losses
+from preftune.methods.registry import compute_loss, get_method, run_data
+from preftune.modeling.logprobs import model_inputs
+from preftune.training.tracking import MetricWindow
+
+
+@dataclass
+class LossSpec:
+    """What the loop needs to turn log-probs into a loss — read once from the registry and config."""
+
+    methods: list[str]
+    weights: list[float]
+    hparams: dict[str, float]
+    kind: str  # paired | unpaired | sft
+    ld_alpha: float | None
+    use_weighting: bool
+    model: str = "causal_lm"  # or "reward": the batch's "logps" are then a scoring head's rewards
+
+    @property
+    def paired(self) -> bool:
+        return self.kind == "paired"
+
+    @property
+    def unit(self) -> str:
+        return "pairs" if self.kind == "paired" else "samples"
+
+    def examples(self, batch: dict[str, Tensor]) -> int:
+        """Pairs, unpaired examples or SFT rows in a batch (the unit of ``*_per_second``)."""
+        sequences = batch["seq_tokens"].shape[0]
+        return sequences if self.kind == "sft" else sequences // 2
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> LossSpec:
+        return cls(
+            methods=cfg.methods,
+            weights=cfg.loss_weights or [1.0] * len(cfg.methods),
+            hparams=cfg.loss_hparams(),
+            kind=run_data(cfg.methods),
+            model=get_method(cfg.methods[0]).model,
+            ld_alpha=cfg.ld_alpha,
+            use_weighting=cfg.use_weighting,
+        )
+
+    def token_weights(self, batch: dict[str, Tensor]) -> Tensor | None:
+        if self.ld_alpha is None or not self.paired:
+            return None
+        return losses.ld_token_weights(batch["score_seq"], batch["seq_tokens"], self.ld_alpha)
+
+
+def batch_loss(
+    policy: nn.Module, reference, batch: dict[str, Tensor], spec: LossSpec, window: MetricWindow
+) -> Tensor:
+    """Mean loss of one micro-batch; per-example metrics go into ``window`` (TRL's names)."""
+    token_weights = spec.token_weights(batch)
+    out = policy(**model_inputs(batch), token_weights=token_weights, with_wpo=spec.use_weighting)
+    ref = reference.logps(batch, token_weights)
+    n = out["logps"].shape[0] // 2
+    split = lambda t: (None, None) if t is None else (t[:n], t[n:])
+    (s_a, s_b), (t_a, t_b), (r_a, r_b) = split(out["logps"]), split(out["tokens"]), split(ref)
+    if spec.kind == "paired":
+        logps = losses.PairLogps(s_a, s_b, t_a, t_b, r_a, r_b)
+    elif spec.kind == "unpaired":
+        logps = losses.UnpairedLogps(s_a, t_a, batch["desirable"], r_a, s_b.detach(), r_b)
+    else:  # SFT rows: one sequence per row, every one a target
+        logps = losses.UnpairedLogps(out["logps"], out["tokens"], torch.ones_like(out["tokens"], dtype=torch.bool),
+                                     ref)
+    result = compute_loss(spec.methods, spec.weights, logps, spec.hparams)
+    per_example = result.losses
+    if spec.use_weighting and spec.paired:
+        per_example = per_example * losses.wpo_weights(out["wpo"][:n], out["wpo"][n:])
+    loss = per_example.mean()
+
+    window.add("loss", per_example)
+    window.add("rewards/chosen", result.chosen_rewards)
+    window.add("rewards/rejected", result.rejected_rewards)
+    if spec.paired:
+        window.add("rewards/margins", result.chosen_rewards - result.rejected_rewards)
+        window.add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float())
+    if spec.model == "reward":  # a reward head's "logps" are its scores, already logged as rewards
+        return loss
+    if spec.kind == "paired":
+        window.add("logps/chosen", s_a)
+        window.add("logps/rejected", s_b)
+    elif spec.kind == "unpaired":
+        window.add("logps/chosen", s_a[batch["desirable"]])
+        window.add("logps/rejected", s_a[~batch["desirable"]])
+    else:
+        window.add("logps/chosen", out["logps"])
+    return loss
