@@ -158,11 +158,12 @@ class TrainConfig:
                   "logging_steps", "logprob_chunk_size"):
             if getattr(self, n) < 1:
                 raise ConfigError(f"{n} must be >= 1, got {getattr(self, n)}")
-        if any(get_method(m).data == "unpaired" for m in self.methods) and self.per_device_train_batch_size < 2:
+        unpaired = any(get_method(m).data == "unpaired" for m in self.methods)
+        if unpaired and self.per_device_train_batch_size < 2:
             raise ConfigError("KTO estimates its KL term from mismatched pairs: per_device_train_batch_size >= 2")
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ConfigError(f"max_tokens_per_batch must be >= 1, got {self.max_tokens_per_batch}")
-        if any(get_method(m).data == "unpaired" for m in self.methods) and self.max_tokens_per_batch is not None:
+        if unpaired and self.max_tokens_per_batch is not None:
             raise ConfigError("KTO estimates its KL term from mismatched pairs and needs >= 2 examples per batch, "
                               "which a token budget cannot guarantee: unset max_tokens_per_batch")
         return self

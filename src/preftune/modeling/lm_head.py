@@ -47,6 +47,11 @@ def _project(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, softca
     return tanh
 
 
+def _chunk_buffer(hidden: Tensor, weight: Tensor, chunk_size: int, dtype: torch.dtype) -> Tensor:
+    """The one ``[chunk, V]`` buffer every chunk's logits are written into."""
+    return hidden.new_empty(min(chunk_size, max(hidden.shape[0], 1)), weight.shape[0], dtype=dtype)
+
+
 def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
     """Logits ``[k, V]`` of hidden states ``[k, H]``, in fp32 (fp64 for fp64 models), multiplied in the dtype
     :class:`LMHeadLogProbs` uses; for callers that need whole distributions (the KL metric), a few rows at a time."""
@@ -70,7 +75,7 @@ class LMHeadLogProbs(torch.autograd.Function):
         w = weight.to(matmul_dtype)  # one cast per forward (a no-op in fp32)
         logps = hidden.new_empty(m, dtype=out_dtype)
         sq_norm = hidden.new_empty(m if with_sq_norm else 0, dtype=out_dtype)
-        buf = hidden.new_empty(min(chunk_size, max(m, 1)), weight.shape[0], dtype=out_dtype)
+        buf = _chunk_buffer(hidden, weight, chunk_size, out_dtype)
         with torch.autocast(hidden.device.type, enabled=False), torch.no_grad():
             for start in range(0, m, chunk_size):
                 rows = slice(start, start + chunk_size)
@@ -99,7 +104,7 @@ class LMHeadLogProbs(torch.autograd.Function):
                              device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=out_dtype, device=bias.device) if need_b else None
         m = hidden.shape[0]
-        buf = hidden.new_empty(min(ctx.chunk_size, max(m, 1)), weight.shape[0], dtype=out_dtype)
+        buf = _chunk_buffer(hidden, weight, ctx.chunk_size, out_dtype)
         with torch.autocast(hidden.device.type, enabled=False), torch.no_grad():
             for start in range(0, m, ctx.chunk_size):
                 rows = slice(start, start + ctx.chunk_size)

@@ -42,6 +42,11 @@ def flex_block_mask(mask: Tensor) -> BlockMask:
     return create_block_mask(may_attend, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=mask.device)
 
 
+def attention_implementation(lm: PreTrainedModel) -> str | None:
+    """The attention the model was loaded with (``sdpa``, ``eager``, ``flex_attention``, …)."""
+    return getattr(lm.config, "_attn_implementation", None)
+
+
 def attention_mask_for(lm: PreTrainedModel, mask: Tensor, dtype: torch.dtype) -> Tensor | BlockMask:
     """A boolean ``[R, 1, L, L]`` mask becomes one additive mask (0 / dtype-min) in the dtype the attention
     computes in (the autocast dtype under mixed precision). SDPA would otherwise convert the boolean mask
@@ -49,7 +54,7 @@ def attention_mask_for(lm: PreTrainedModel, mask: Tensor, dtype: torch.dtype) ->
     Under ``flex_attention`` it becomes a ``BlockMask`` instead. ``[R, L]`` padding masks pass through."""
     if mask.dim() != 4 or mask.dtype != torch.bool:
         return mask
-    if getattr(lm.config, "_attn_implementation", None) == "flex_attention":
+    if attention_implementation(lm) == "flex_attention":
         return flex_block_mask(mask)
     device = mask.device.type
     if torch.is_autocast_enabled(device):

@@ -31,7 +31,7 @@ from preftune.modeling.logprobs import LogProbModel
 from preftune.modeling.reward import RewardModel
 from preftune.training import checkpoint
 from preftune.training.objective import LossSpec, batch_loss
-from preftune.training.setup import RunInputs, prepare_inputs
+from preftune.training.setup import RunInputs, prepare_inputs, uses_embedded_model
 from preftune.training.tracking import MetricsLog, MetricWindow
 
 log = logging.getLogger("preftune")
@@ -149,7 +149,7 @@ class PreferenceTrainer:
     def __init__(self, config: TrainConfig, model=None, ref_model=None, tokenizer=None,
                  train_dataset=None, eval_dataset=None, callbacks: list[StepCallback] = ()):
         self.cfg = config.validate()
-        embedded = model is None and config.model_name_or_path is None
+        embedded = uses_embedded_model(self.cfg, model)
         self.accelerator = make_accelerator(resolve_precision(self.cfg, embedded_model=embedded))
         self.given = dict(model=model, ref_model=ref_model, tokenizer=tokenizer,
                           train_dataset=train_dataset, eval_dataset=eval_dataset)

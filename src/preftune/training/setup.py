@@ -29,7 +29,7 @@ from preftune.data.batching import PreferenceCollator
 from preftune.methods.registry import get_method, run_data
 from preftune.modeling import loading, reference
 from preftune.modeling.fused_mlp import fuse_gated_mlps
-from preftune.modeling.logprobs import LogProbModel, model_inputs, unwrap_causal_lm
+from preftune.modeling.logprobs import LogProbModel, attention_implementation, model_inputs, unwrap_causal_lm
 from preftune.training.objective import LossSpec
 
 log = logging.getLogger("preftune")
@@ -58,7 +58,7 @@ MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 def make_collator(cfg: TrainConfig, tokenizer, model: nn.Module, sft: bool = False) -> PreferenceCollator:
     """The fastest correct layout by default: prefix sharing and packing wherever the attention takes 4D masks."""
-    impl = getattr(unwrap_causal_lm(model).config, "_attn_implementation", None)
+    impl = attention_implementation(unwrap_causal_lm(model))
     supported = impl in MASK_IMPLEMENTATIONS
 
     def resolve(requested: bool | None, name: str) -> bool:
@@ -90,6 +90,11 @@ def _as_dataset(rows) -> datasets.Dataset:
     return rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
 
 
+def uses_embedded_model(cfg: TrainConfig, model) -> bool:
+    """No model object and no model path: the run trains the embedded tiny Llama (preftune.demo.default)."""
+    return model is None and not cfg.model_name_or_path
+
+
 def _load_model_and_tokenizer(cfg: TrainConfig, model, tokenizer, builtin_rows, reward: bool):
     if tokenizer is None:
         if cfg.tokenizer_name_or_path or cfg.model_name_or_path:
@@ -99,14 +104,13 @@ def _load_model_and_tokenizer(cfg: TrainConfig, model, tokenizer, builtin_rows, 
             from preftune.demo.default import default_tokenizer
 
             tokenizer = default_tokenizer(builtin_rows)
-    if model is None:
-        if cfg.model_name_or_path:
-            model = (loading.load_reward_model if reward else loading.load_causal_lm)(cfg.model_name_or_path, cfg)
-        else:
-            from preftune.demo.default import default_model
+    if uses_embedded_model(cfg, model):
+        from preftune.demo.default import default_model
 
-            log.info("no model_name_or_path: using the embedded tiny Llama with random weights")
-            model = default_model(tokenizer, seed=cfg.seed)
+        log.info("no model_name_or_path: using the embedded tiny Llama with random weights")
+        model = default_model(tokenizer, seed=cfg.seed)
+    elif model is None:
+        model = (loading.load_reward_model if reward else loading.load_causal_lm)(cfg.model_name_or_path, cfg)
     if reward and not hasattr(model, "score"):
         log.info("reward modelling: the causal LM's body gets a new one-output score head")
         model = loading.as_reward_model(model)
@@ -158,8 +162,8 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
         builtin_rows = builtin_preferences()
     reward = get_method(cfg.methods[0]).model == "reward"
     model, tokenizer = _load_model_and_tokenizer(cfg, model, tokenizer, builtin_rows or [], reward)
-    impl = getattr(unwrap_causal_lm(model).config, "_attn_implementation", None)
-    if impl == "flex_attention" and accelerator.device.type == "cpu":  # fail now, not at the first backward
+    flex = attention_implementation(unwrap_causal_lm(model)) == "flex_attention"
+    if flex and accelerator.device.type == "cpu":  # fail now, not at the first backward
         raise ConfigError("attn_implementation=flex_attention trains on GPUs only: torch has no FlexAttention "
                           "backward on CPU; use attn_implementation=sdpa (the default)")
     if cfg.disable_dropout:
