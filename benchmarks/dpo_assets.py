@@ -82,7 +82,7 @@ class _Lexicon:
 
 def train_tokenizer(out_dir: Path, seed: int = 0):
     """Train a byte-level BPE tokenizer with exactly :data:`VOCAB_SIZE` entries on generated prose."""
-    from preftune.demo.tiny import build_tokenizer
+    from preftune.modeling.tiny import build_tokenizer
 
     lexicon = _Lexicon(seed)
     rng = random.Random(seed + 1)

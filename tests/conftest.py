@@ -23,7 +23,7 @@ CORPUS = [
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from preftune.demo.tiny import build_tokenizer
+    from preftune.modeling.tiny import build_tokenizer
 
     return build_tokenizer(CORPUS, vocab_size=400)
 
@@ -31,7 +31,7 @@ def tokenizer():
 @pytest.fixture
 def tiny_model(tokenizer):
     """Factory: ``tiny_model(arch="llama", seed=0)`` gives a fresh random causal LM in eval mode."""
-    from preftune.demo.tiny import build_tiny_model
+    from preftune.modeling.tiny import build_tiny_model
 
     def make(arch: str = "llama", seed: int = 0, **overrides):
         return build_tiny_model(tokenizer, arch=arch, seed=seed, **overrides).eval()

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
-from preftune.demo.default import builtin_preferences, default_model, default_tokenizer
+from preftune.data.builtin import builtin_preferences
+from preftune.modeling.tiny import default_model, default_tokenizer
 
 
 @pytest.fixture(scope="module")

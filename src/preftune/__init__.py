@@ -1,7 +1,33 @@
-"""preftune: align causal language models with preference data (DPO and its family) on Accelerate."""
+"""preftune: align causal language models with preference data (DPO and its family) on Accelerate.
 
-from preftune.config import TrainConfig, build_config, load_config
-from preftune.training.loop import PreferenceTrainer, RunResult, train
+The names below load on first use, so ``import preftune`` (and ``preftune --help``) does not import torch.
+"""
 
-__all__ = ["TrainConfig", "build_config", "load_config", "PreferenceTrainer", "RunResult", "train"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "TrainConfig": "preftune.config",
+    "build_config": "preftune.config",
+    "load_config": "preftune.config",
+    "PreferenceTrainer": "preftune.training.loop",
+    "RunResult": "preftune.training.loop",
+    "train": "preftune.training.loop",
+}
+__all__ = ["TrainConfig", "build_config", "load_config", "PreferenceTrainer", "RunResult", "train"]
+
+if TYPE_CHECKING:
+    from preftune.config import TrainConfig, build_config, load_config
+    from preftune.training.loop import PreferenceTrainer, RunResult, train
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'preftune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -16,20 +16,17 @@ from typing import Any, Literal
 
 import yaml
 
+from preftune.errors import ConfigError
 from preftune.methods.registry import METHODS, get_method, run_data
 
 # Accepted for familiarity; mapped onto our own names.
 ALIASES = {"loss_type": "method", "model": "model_name_or_path", "ref_model": "ref_model_name_or_path"}
 
 
-class ConfigError(ValueError):
-    pass
-
-
 @dataclass
 class TrainConfig:
     # --- model -------------------------------------------------------------------------------------
-    model_name_or_path: str | None = None  # None: the embedded tiny Llama (see preftune.demo.default)
+    model_name_or_path: str | None = None  # None: the embedded tiny Llama (see preftune.modeling.tiny)
     tokenizer_name_or_path: str | None = None
     ref_model_name_or_path: str | None = None  # explicit reference checkpoint
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"  # weights as loaded

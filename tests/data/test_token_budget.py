@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from preftune import train
 from preftune.config import ConfigError, build_config
 from preftune.data.batching import TokenBudgetBatchSampler
-from preftune.demo.default import builtin_preferences, default_tokenizer
-from preftune.demo.tiny import build_tiny_model
+from preftune.data.builtin import builtin_preferences
+from preftune.modeling.tiny import build_tiny_model, default_tokenizer
 from preftune.training.objective import LossSpec
 
 _rng = random.Random(0)

@@ -81,7 +81,7 @@ def test_training_with_flex_attention_on_cpu_is_refused_up_front(tmp_path, tiny_
     """torch has no FlexAttention backward on CPU: the run stops before any work, with the way out."""
     from preftune import train
     from preftune.config import ConfigError
-    from preftune.demo.default import builtin_preferences
+    from preftune.data.builtin import builtin_preferences
 
     if torch.cuda.is_available():
         pytest.skip("the refusal is for CPU-only machines")

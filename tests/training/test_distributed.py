@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preftune.demo.default import builtin_preferences, default_model, default_tokenizer
+from preftune.data.builtin import builtin_preferences
+from preftune.modeling.tiny import default_model, default_tokenizer
 
 
 def free_port() -> str:

@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM
 from preftune import train
 from preftune.data import formats, tokenize
 from preftune.data.batching import PreferenceCollator
-from preftune.demo.default import builtin_preferences, default_tokenizer
-from preftune.demo.tiny import build_tiny_model
+from preftune.data.builtin import builtin_preferences
 from preftune.methods.registry import METHODS
 from preftune.modeling.logprobs import completion_logps, model_inputs
+from preftune.modeling.tiny import build_tiny_model, default_tokenizer
 
 TRAIN = builtin_preferences(40, seed=11)
 HELD_OUT = builtin_preferences(16, seed=12)

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from preftune import train
 from preftune.config import build_config
-from preftune.demo.default import builtin_preferences, default_tokenizer
-from preftune.demo.tiny import build_tiny_model
+from preftune.data.builtin import builtin_preferences
+from preftune.modeling.tiny import build_tiny_model, default_tokenizer
 
 ROWS = builtin_preferences(48, seed=1)
 

@@ -37,6 +37,8 @@ from typing import Any
 import datasets
 from datasets import Dataset, DatasetDict, Features, Value
 
+from preftune.errors import DataError
+
 # Bump when normalisation output changes: it is part of the fingerprint that `datasets` caches under.
 NORMALISE_VERSION = "preftune-normalise-1"
 
@@ -69,33 +71,6 @@ NOT_ASSISTANT = "completion not starting with an assistant turn"
 EMPTY_COMPLETION = "empty completion"
 IDENTICAL = "identical chosen/rejected"
 BAD_LABEL = "invalid label"
-
-
-class DataError(ValueError):
-    """Bad input data, named precisely: ``source, row N, field 'x': problem``.
-
-    ``row`` is the 0-based row index in the source and ``field`` the column; both are None for
-    problems of the whole dataset (unknown columns, unreadable file). ``DataError("whole message")``
-    (no ``problem``) takes an already complete message.
-    """
-
-    def __init__(
-        self, source: str, row: int | None = None, field: str | None = None, problem: str | None = None
-    ):
-        self.source, self.row, self.field, self.problem = source, row, field, problem
-        if problem is None:
-            super().__init__(source)
-            return
-        where = [str(source)]
-        if row is not None:
-            where.append(f"row {row}")
-        if field is not None:
-            where.append(f"field '{field}'")
-        super().__init__(f"{', '.join(where)}: {problem}")
-
-    def __reduce__(self):
-        # Default exception pickling replays only the message; `datasets` workers (num_proc) pickle errors.
-        return (type(self), (self.source, self.row, self.field, self.problem))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from preftune.demo.tiny import build_tiny_model, build_tokenizer
+from preftune.modeling.tiny import build_tiny_model, build_tokenizer
 
 # ------------------------------------------------------------------------------------ vocabulary
 

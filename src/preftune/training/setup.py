@@ -91,7 +91,7 @@ def _as_dataset(rows) -> datasets.Dataset:
 
 
 def uses_embedded_model(cfg: TrainConfig, model) -> bool:
-    """No model object and no model path: the run trains the embedded tiny Llama (preftune.demo.default)."""
+    """No model object and no model path: the run trains the embedded tiny Llama (preftune.modeling.tiny)."""
     return model is None and not cfg.model_name_or_path
 
 
@@ -101,11 +101,11 @@ def _load_model_and_tokenizer(cfg: TrainConfig, model, tokenizer, builtin_rows, 
             tokenizer = loading.load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
                                                cfg.trust_remote_code)
         else:
-            from preftune.demo.default import default_tokenizer
+            from preftune.modeling.tiny import default_tokenizer
 
             tokenizer = default_tokenizer(builtin_rows)
     if uses_embedded_model(cfg, model):
-        from preftune.demo.default import default_model
+        from preftune.modeling.tiny import default_model
 
         log.info("no model_name_or_path: using the embedded tiny Llama with random weights")
         model = default_model(tokenizer, seed=cfg.seed)
@@ -157,7 +157,7 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
                    train_dataset=None, eval_dataset=None) -> RunInputs:
     builtin_rows = None
     if train_dataset is None and cfg.dataset is None:
-        from preftune.demo.default import builtin_preferences
+        from preftune.data.builtin import builtin_preferences
 
         builtin_rows = builtin_preferences()
     reward = get_method(cfg.methods[0]).model == "reward"

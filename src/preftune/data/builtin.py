@@ -1,4 +1,5 @@
-"""The embedded default: a small built-in preference dataset, its tokenizer and a tiny Llama.
+"""The embedded default's data: a small built-in preference dataset (its tokenizer and tiny Llama are in
+:mod:`preftune.modeling.tiny`).
 
 ``preftune train`` with no model and no dataset uses these, so the main job runs on a fresh machine
 with nothing to download. The preferences are simple on purpose — chosen replies are kind and on
@@ -8,10 +9,6 @@ topic, rejected replies are curt or rude — so a few hundred DPO steps visibly 
 from __future__ import annotations
 
 import random
-
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
-
-from preftune.demo.tiny import build_tiny_model, build_tokenizer
 
 TOPICS = ["the weather", "a good book", "my garden", "the new film", "dinner tonight", "a trip to the sea",
           "learning to cook", "my first bike", "the school play", "a rainy day", "the city park",
@@ -35,14 +32,3 @@ def builtin_preferences(n: int = 640, seed: int = 0) -> list[dict[str, str]]:
         rejected = " " + rng.choice(RUDE).format(T=topic[0].upper() + topic[1:])
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
-
-
-def default_tokenizer(rows: list[dict[str, str]]) -> PreTrainedTokenizerFast:
-    texts = [row[k] for row in rows for k in ("prompt", "chosen", "rejected")]
-    return build_tokenizer(texts, vocab_size=600)
-
-
-def default_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTrainedModel:
-    """A 4-layer Llama (≈0.5M parameters) with random weights."""
-    return build_tiny_model(tokenizer, arch="llama", seed=seed, hidden_size=128, intermediate_size=256,
-                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)

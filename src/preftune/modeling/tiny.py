@@ -1,4 +1,5 @@
-"""Tiny, locally built models and tokenizers: the embedded default and the test fixtures.
+"""Tiny, locally built models and tokenizers: the embedded default (:func:`default_model`,
+:func:`default_tokenizer`, trained on :func:`preftune.data.builtin.builtin_preferences`) and the test fixtures.
 
 Nothing here downloads anything: the tokenizer is a byte-level BPE trained on the spot and the model
 gets random weights from a small config.
@@ -83,3 +84,14 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model
+
+
+def default_tokenizer(rows: list[dict[str, str]]) -> PreTrainedTokenizerFast:
+    texts = [row[k] for row in rows for k in ("prompt", "chosen", "rejected")]
+    return build_tokenizer(texts, vocab_size=600)
+
+
+def default_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTrainedModel:
+    """A 4-layer Llama (≈0.5M parameters) with random weights."""
+    return build_tiny_model(tokenizer, arch="llama", seed=seed, hidden_size=128, intermediate_size=256,
+                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
