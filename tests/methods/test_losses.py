@@ -290,7 +290,7 @@ def test_reference_based_loss_without_reference_uses_uniform_reference():
 # ---- reference-free --------------------------------------------------------------------------------
 
 
-def test_simpo_gradient_matches_methods_md():
+def test_simpo_gradient_matches_the_paper():
     beta, gamma = 2.0, 1.0
     method = get_method("simpo")
     chosen = torch.tensor(S_W, dtype=torch.float64, requires_grad=True)

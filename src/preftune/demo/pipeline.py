@@ -2,7 +2,7 @@
 
 world → SFT (π_ref) → on-policy pairs sampled from π_ref and labelled by the gold reward → DPO →
 evaluation (gold reward, KL(π‖π_ref), win rate, length) → table and plots. A miniature of the DPO paper's
-IMDb experiment (shared/reference/methods.md §1.3, §5).
+IMDb experiment (Rafailov et al. 2023, arXiv 2305.18290, §6.1).
 """
 
 from __future__ import annotations

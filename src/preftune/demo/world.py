@@ -1,6 +1,6 @@
 """The demo world: synthetic movie reviews, their prompts, tokenizer and a tiny Llama to SFT on them.
 
-A miniature of the DPO paper's IMDb experiment (methods.md §1.3, §5) that runs on a laptop CPU:
+A miniature of the DPO paper's IMDb experiment (arXiv 2305.18290, §6.1) that runs on a laptop CPU:
 
 * :func:`review_corpus` — seeded reviews of 1–3 sentences: positive, negative and mixed ("…, but …"),
   with intensifiers ("very", "a bit") and negations the VADER lexicon scores correctly ("not good" is

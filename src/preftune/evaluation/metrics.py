@@ -1,9 +1,10 @@
 """Evaluation of a policy against its reference: reward, KL, win rate, length, EOS rate, implicit-reward accuracy.
 
-The KL is the DPO paper's x-axis (methods.md §1.3): the sequence-level KL(π‖π_ref) on the policy's own
-samples, Σ_t KL(π(·|x, y<t) ‖ π_ref(·|x, y<t)) with the exact per-token KL over the whole vocabulary,
-summed over the completion's tokens (the EOS step included when the sample produced one). Its average
-over y ~ π estimates the true KL(π(·|x) ‖ π_ref(·|x)) with lower variance than Σ_t log π/π_ref.
+The KL is the x-axis of the DPO paper's Fig. 2 (Rafailov et al. 2023, arXiv 2305.18290, §6.1): the
+sequence-level KL(π‖π_ref) on the policy's own samples, Σ_t KL(π(·|x, y<t) ‖ π_ref(·|x, y<t)) with the exact
+per-token KL over the whole vocabulary, summed over the completion's tokens (the EOS step included when the
+sample produced one). Its average over y ~ π estimates the true KL(π(·|x) ‖ π_ref(·|x)) with lower variance
+than Σ_t log π/π_ref.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """On-policy preference pairs: sample k completions per prompt, score them with a judge, order them.
 
-As in the DPO paper's IMDb setup (methods.md §1.3): 4 samples per prefix from the SFT model, all
+As in the DPO paper's IMDb setup (arXiv 2305.18290, §6.1 and App. C.1): 4 samples per prefix from the SFT model, all
 C(4, 2) = 6 pairs ordered by the ground-truth reward. ``mode="all"`` writes every pair (i, j) with
 score_i ≠ score_j, the higher-scored one as ``chosen``; ``mode="best_vs_worst"`` writes one pair per
 prompt, the highest against the lowest. Nothing is dropped silently: :class:`PairReport` counts pairs

@@ -1,6 +1,6 @@
 """Preference losses as pure functions over per-sequence log-probs.
 
-Notation (as in ``shared/reference/methods.md``): for a batch of B pairs,
+Notation (the DPO paper's, arXiv 2305.18290): for a batch of B pairs,
 ``s_w = log π_θ(y_w|x)`` and ``s_l = log π_θ(y_l|x)`` are *summed* completion log-probs, shape ``[B]``;
 ``r_w``, ``r_l`` the same under the frozen reference; ``ρ = s − r`` the log-ratio; ``h = ρ_w − ρ_l``;
 ``|y|`` the completion token count; ``avg(y) = s/|y|``. Every loss returns per-example losses (the caller
