@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from preftune import train
 from preftune.config import build_config
 from preftune.data.builtin import builtin_preferences
+from preftune.errors import RunDirError
 from preftune.modeling.tiny import build_tiny_model, default_tokenizer
 
 ROWS = builtin_preferences(48, seed=1)
@@ -109,7 +110,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tok):
 
 def test_a_finished_run_is_not_overwritten_by_accident(tmp_path, tok):
     run(tmp_path, tok, "done", max_steps=1)
-    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+    with pytest.raises(RunDirError, match="overwrite_output_dir"):
         run(tmp_path, tok, "done", max_steps=1)
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps")
+SOURCE_ROW = "source_row"  # as preftune.data.formats names it
 
 
 @dataclass
@@ -174,6 +175,8 @@ class PreferenceCollator:
         batch = build_batch(units, num_seqs, self.pad_token_id, packed=self.padding_free)
         if "label" in rows[0]:
             batch["desirable"] = torch.tensor([bool(row["label"]) for row in rows])
+        if SOURCE_ROW in rows[0]:  # where each example came from, for reports that name rows
+            batch["source_rows"] = torch.tensor([row[SOURCE_ROW] for row in rows], dtype=torch.long)
         return batch | _reference_columns(rows)
 
 

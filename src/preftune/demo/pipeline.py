@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from preftune.config import build_config
 from preftune.demo.world import review_corpus, review_prompts, world_model, world_tokenizer
+from preftune.errors import RunDirError
 from preftune.evaluation.judges import GoldSentimentJudge
 from preftune.evaluation.metrics import evaluate_policy, format_table
 from preftune.evaluation.pairs import build_pairs, save_pairs
@@ -45,6 +46,7 @@ class DemoSettings:
     dpo_learning_rate: float = 3e-4
     eval_prompts: int = 256
     eval_samples: int = 2
+    overwrite: bool = False  # replace a finished demo in output_dir
 
     @classmethod
     def quick(cls, output_dir: str) -> DemoSettings:
@@ -75,8 +77,31 @@ class World:
     pair_report: object
 
 
+DEMO_MARKER = ".preftune-demo"
+FINISHED = "demo.json"
+
+
+def claim_demo_folder(settings: DemoSettings) -> Path:
+    """The demo's output folder, marked as a demo's; refused when it holds anything else, or a finished demo
+    (unless ``overwrite``). An unfinished demo (a crash, an interrupt) is simply run again."""
+    out = Path(settings.output_dir)
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and DEMO_MARKER not in entries:
+        shown = ", ".join(entries[:4]) + (", …" if len(entries) > 4 else "")
+        raise RunDirError(f"{out} is not a demo folder (it holds {shown}); the demo writes sft/, dpo/ and more "
+                          "there, so give it an empty or new --output-dir")
+    if FINISHED in entries and not settings.overwrite:
+        raise RunDirError(f"{out} holds a finished demo; pass --overwrite to run it again there, or choose another "
+                          "--output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `preftune demo`: this folder may be rewritten by the next demo\n")
+    (out / FINISHED).unlink(missing_ok=True)  # a rerun is unfinished until it ends
+    return out
+
+
 def build_world(settings: DemoSettings, lap=lambda name: None) -> World:
     """Corpus → tokenizer → SFT (π_ref) → on-policy pairs labelled by the gold reward."""
+    claim_demo_folder(settings)
     corpus = review_corpus(settings.reviews, seed=settings.seed)
     tokenizer = world_tokenizer(corpus)
     prompts = review_prompts(corpus, tokenizer, settings.pair_prompts + settings.eval_prompts, seed=settings.seed + 1)
@@ -104,7 +129,6 @@ def run_demo(settings: DemoSettings) -> dict:
     """Run the pipeline; returns the evaluation of SFT and DPO and writes everything under ``output_dir``."""
     started = last = time.perf_counter()
     out = Path(settings.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     def lap(name: str) -> None:

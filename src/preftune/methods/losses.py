@@ -17,7 +17,7 @@ Conventions shared by every loss:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -69,11 +69,13 @@ class UnpairedLogps:
 
 @dataclass
 class LossOutput:
-    """``losses [B]`` (with grad); ``chosen_rewards`` / ``rejected_rewards`` detached implicit rewards."""
+    """``losses [B]`` (with grad); ``chosen_rewards`` / ``rejected_rewards`` detached implicit rewards; for a
+    weighted combination, ``terms`` maps each method to its own unweighted per-example losses ``[B]``."""
 
     losses: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _count(tokens: Tensor) -> Tensor:

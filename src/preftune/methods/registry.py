@@ -152,7 +152,9 @@ def compute_loss(
     for method, weight in zip(methods, weights, strict=True):
         kwargs = {k: method.defaults[k] if hparams.get(k) is None else hparams[k] for k in method.hparams}
         terms.append((method.loss(lp, **kwargs), weight))
-    return losses.combine(terms)
+    out = losses.combine(terms)
+    out.terms = {method.name: term.losses for method, (term, _) in zip(methods, terms)}
+    return out
 
 
 def describe() -> str:

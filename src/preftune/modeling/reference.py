@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -100,17 +101,45 @@ def cache_key(*parts: object) -> str:
     return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
 
 
-def load_cached(path: Path) -> np.ndarray | None:
-    if path.exists():
-        return np.load(path, allow_pickle=False)
-    return None
+def _checksum(values: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).hexdigest()
+
+
+def load_cached(path: Path, rows: int) -> np.ndarray | None:
+    """Cached reference log-probs ``[rows, 2]``, or None when absent or not to be trusted: unreadable or truncated,
+    another row count, a checksum that does not match its sidecar ``.json``, or non-finite values. Each reason is
+    logged; the caller recomputes and overwrites."""
+    meta_path = path.with_suffix(".json")
+    if not path.exists():
+        return None
+    try:
+        values = np.load(path, allow_pickle=False)
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError, EOFError) as err:
+        log.warning("reference cache %s is unreadable (%s: %s); recomputing it", path, type(err).__name__, err)
+        return None
+    problem = None
+    if values.shape != (rows, 2) or meta.get("rows") != rows:
+        problem = f"it holds {values.shape[0] if values.ndim else 0} rows ({meta.get('rows')} recorded), not {rows}"
+    elif meta.get("checksum") != _checksum(values):
+        problem = "its checksum does not match the values (changed after it was written)"
+    elif not np.isfinite(values).all():
+        problem = "it holds non-finite values"
+    if problem:
+        log.warning("reference cache %s is not used: %s; recomputing it", path, problem)
+        return None
+    return values
 
 
 def save_cached(path: Path, values: np.ndarray) -> None:
-    """Atomic write: a crash never leaves a partial cache under the final name."""
+    """Atomic write of the values and their sidecar (row count, checksum): a crash never leaves a partial cache
+    under the final name, and :func:`load_cached` can tell a changed file from the one written here."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, values, allow_pickle=False)
+    meta = path.with_suffix(".tmp.json")
+    meta.write_text(json.dumps({"rows": int(values.shape[0]), "checksum": _checksum(values)}))
+    meta.replace(path.with_suffix(".json"))
     tmp.replace(path)
 
 

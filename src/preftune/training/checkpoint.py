@@ -1,21 +1,45 @@
-"""Checkpoints that are either complete or absent, and the final Hugging Face export.
+"""Checkpoints that are complete or absent, resumes that are the same run, and the final Hugging Face export.
 
-A checkpoint is written to ``checkpoint-N.tmp`` and renamed to ``checkpoint-N`` only once every file is
-on disk, so a crash mid-write never leaves a directory that looks complete.
+* Atomic: a checkpoint is written to ``checkpoint-N.tmp`` and renamed to ``checkpoint-N`` once every file is on
+  disk (``trainer_state.json`` last), so a crash mid-write never leaves a folder that looks complete; a failed
+  write (a full disk) removes its ``.tmp`` folder instead of leaving it to fill the disk.
+* Safe to load: the states preftune owns are JSON (``trainer_state.json``) and safetensors (the TR-DPO
+  reference's weights); Accelerate's own files (optimizer, scheduler, RNG) are read with ``weights_only`` —
+  a pickle that would run code is refused — and a resume whose state does not load fails, naming the file.
+  Nothing is registered with ``register_for_checkpointing``, whose files Accelerate loads with full pickle.
+* The same run: ``trainer_state.json`` stores the run's fingerprint (:func:`run_fingerprint`); a resume whose
+  config or data differ is refused, naming what changed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import RNG_STATE_NAME
+from accelerate.utils import load as weights_only_load
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from preftune.errors import ResumeError
+
+log = logging.getLogger("preftune")
 
 STATE_FILE = "trainer_state.json"
+REFERENCE_FILE = "reference.safetensors"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+# Keys that change how a run is watched or stored, not what it computes: a resume may change these.
+OPERATIONAL_KEYS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "eval_steps", "save_steps",
+    "save_total_limit", "report_to", "run_name", "disable_tqdm", "cache_dir", "per_device_eval_batch_size",
+    "precompute_ref_log_probs", "logprob_chunk_size", "eval_dataset", "eval_split",
+})
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -27,18 +51,47 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
 
 
-def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep: int | None
-) -> Path:
-    """Save model, optimizer, scheduler, RNG and loop state; every process must call this."""
+def run_fingerprint(config: dict[str, Any], data: dict[str, str]) -> dict[str, Any]:
+    """What makes two runs the same run: every config key that changes the computation (resolved values, so
+    ``bf16: null`` and the ``bf16: true`` it became on this machine compare equal) and the fingerprints of the
+    prepared data."""
+    return {"config": {k: v for k, v in sorted(config.items()) if k not in OPERATIONAL_KEYS}, "data": dict(data)}
+
+
+def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints (empty when the runs are the same)."""
+    changes = []
+    old_cfg, new_cfg = saved.get("config", {}), current.get("config", {})
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        if old_cfg.get(key) != new_cfg.get(key):
+            changes.append(f"{key}: {old_cfg.get(key)!r} → {new_cfg.get(key)!r}")
+    old_data, new_data = saved.get("data", {}), current.get("data", {})
+    for split in sorted(set(old_data) | set(new_data)):
+        if old_data.get(split) != new_data.get(split):
+            changes.append(f"the {split} data (other rows, or the same file with other contents)")
+    return changes
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any],
+                    keep: int | None, reference: nn.Module | None = None) -> Path:
+    """Save model, optimizer, scheduler, RNG and loop state (and a moving reference's weights); every process
+    must call this. ``state`` is JSON: the loop's position and the run's fingerprint."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            if reference is not None:
+                save_model(reference, str(tmp / REFERENCE_FILE))
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: its presence means complete
+    except OSError:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint on a full disk keeps it full
+        raise
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -49,12 +102,57 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json``, or ResumeError when the checkpoint is incomplete or unreadable."""
     path = Path(path)
     if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(f"{path} is not a complete preftune checkpoint (no {STATE_FILE})")
-    accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())
+        raise ResumeError(f"{path} is not a complete preftune checkpoint (no {STATE_FILE}); resume from another "
+                          "checkpoint or start over")
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise ResumeError(f"{path / STATE_FILE} could not be read ({err}); resume from another checkpoint") from None
+
+
+def check_same_run(path: Path, state: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Refuse to resume ``path`` (whose state is ``state``) under a run that differs from the one that wrote it."""
+    if "run" not in state:
+        raise ResumeError(f"{path} has no run fingerprint (written by an older preftune?); it cannot be checked "
+                          "to belong to this run, so it is not resumed")
+    changes = fingerprint_changes(state["run"], fingerprint)
+    if changes:
+        raise ResumeError(f"{path} belongs to another run; changed since: {'; '.join(changes)}. Resume with the "
+                          "original settings (the run folder's config.yaml) or start a new run in another output_dir")
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path, reference: nn.Module | None = None) -> dict:
+    """Restore every process's state from ``path``; ResumeError when any part does not load."""
+    path = Path(path)
+    state = read_state(path)
+    # Accelerate skips an unreadable RNG file with an info line; a resume must not silently differ.
+    rng = path / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+    try:
+        weights_only_load(rng)
+    except Exception as err:
+        raise ResumeError(f"{rng}: the random-number state does not load safely ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); the resume would not continue the same "
+                          "run. Resume from another checkpoint") from None
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:
+        raise ResumeError(f"{path}: the training state does not load ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); resume from another checkpoint") from None
+    if reference is not None:
+        file = path / REFERENCE_FILE
+        try:
+            missing, unexpected = load_model(reference, str(file), strict=False)
+        except Exception as err:
+            raise ResumeError(f"{file}: the moving reference's weights do not load ({type(err).__name__}: {err})") \
+                from None
+        if missing or unexpected:
+            raise ResumeError(f"{file}: the moving reference's weights do not match the model "
+                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return state
 
 
 def resolve_resume(resume: str | bool | None, output_dir: str | Path) -> Path | None:
@@ -64,9 +162,13 @@ def resolve_resume(resume: str | bool | None, output_dir: str | Path) -> Path | 
     if resume is True:
         found = list_checkpoints(output_dir)
         if not found:
-            raise FileNotFoundError(f"resume_from_checkpoint=true but {output_dir} has no complete checkpoint")
+            raise ResumeError(f"resume_from_checkpoint=true but {output_dir} has no complete checkpoint; start "
+                              "without resume_from_checkpoint")
         return found[-1]
-    return Path(resume)
+    path = Path(resume)
+    if not path.is_dir():
+        raise ResumeError(f"resume_from_checkpoint={resume}: no such checkpoint folder")
+    return path
 
 
 def export_final(accelerator: Accelerator, policy, tokenizer, output_dir: str | Path, merged: bool) -> Path:
@@ -79,15 +181,19 @@ def export_final(accelerator: Accelerator, policy, tokenizer, output_dir: str | 
         tmp = target.with_name(target.name + ".tmp")
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            if merge:
-                import copy
+            try:
+                if merge:
+                    import copy
 
-                copy.deepcopy(inner).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
-            else:
-                # The wrapper's state dict prefixes every key with "model."; HF expects them bare.
-                weights = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
-                inner.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+                    copy.deepcopy(inner).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+                else:
+                    # The wrapper's state dict prefixes every key with "model."; HF expects them bare.
+                    weights = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
+                    inner.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)

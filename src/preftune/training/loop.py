@@ -6,12 +6,12 @@ the reference strategy, checkpoints and tracking are calls to small helpers.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,13 @@ from transformers import get_scheduler
 
 from preftune.config import TrainConfig
 from preftune.data.batching import LengthGroupedSampler, TokenBudgetBatchSampler, example_lengths
+from preftune.errors import TrainingError
+from preftune.methods.registry import METHODS, get_method
 from preftune.modeling.logprobs import LogProbModel
 from preftune.modeling.reward import RewardModel
 from preftune.training import checkpoint
-from preftune.training.objective import LossSpec, batch_loss
+from preftune.training.objective import LossSpec, NonFiniteLoss, batch_loss
+from preftune.training.rundir import open_run_folder
 from preftune.training.setup import RunInputs, prepare_inputs, uses_embedded_model
 from preftune.training.tracking import MetricsLog, MetricWindow
 
@@ -107,21 +110,6 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     )
 
 
-def check_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
-    out = Path(cfg.output_dir)
-    finished = (out / "summary.json").exists() or (out / "final").exists()
-    if finished and not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-        raise FileExistsError(
-            f"{out} already holds a finished run; set overwrite_output_dir=true or choose another output_dir"
-        )
-    if accelerator.is_main_process:
-        if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    return out
-
-
 def build_train_loader(cfg: TrainConfig, dataset, collate: Callable[[list[dict]], dict[str, Tensor]],
                        drop_last: bool) -> tuple[DataLoader, TokenBudgetBatchSampler | None]:
     """Training batches of ``per_device_train_batch_size`` examples (shuffled or grouped by length), or of as many
@@ -148,7 +136,8 @@ class PreferenceTrainer:
 
     def __init__(self, config: TrainConfig, model=None, ref_model=None, tokenizer=None,
                  train_dataset=None, eval_dataset=None, callbacks: list[StepCallback] = ()):
-        self.cfg = config.validate()
+        # A copy: resolved choices (precision, layout, reference) are written into it, not into the caller's object.
+        self.cfg = copy.deepcopy(config).validate()
         embedded = uses_embedded_model(self.cfg, model)
         self.accelerator = make_accelerator(resolve_precision(self.cfg, embedded_model=embedded))
         self.given = dict(model=model, ref_model=ref_model, tokenizer=tokenizer,
@@ -157,43 +146,60 @@ class PreferenceTrainer:
 
     # ------------------------------------------------------------------------------------------------
     def train(self) -> RunResult:
+        out, resume, lock = open_run_folder(self.cfg, self.accelerator)
+        try:
+            return self._train(out, resume)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self, out: Path, resume: Path | None) -> RunResult:
         cfg, acc = self.cfg, self.accelerator
         set_seed(cfg.seed)
-        out = check_output_dir(cfg, acc)
-        if acc.is_main_process:
-            cfg.save(out / "config.yaml")
+        saved = checkpoint.read_state(resume) if resume is not None else None
         inputs: RunInputs = prepare_inputs(cfg, acc, **self.given)
+        fingerprint = checkpoint.run_fingerprint(effective_config(cfg), inputs.data_fingerprints)
+        if saved is not None:
+            checkpoint.check_same_run(resume, saved, fingerprint)
+        elif acc.is_main_process:  # a resumed run keeps the config.yaml it started with
+            cfg.save(out / "config.yaml")
         spec = LossSpec.from_config(cfg)
         collate = inputs.collator
 
         policy = (RewardModel if spec.model == "reward" else LogProbModel)(inputs.model, cfg.logprob_chunk_size)
         optimizer = build_optimizer(cfg, policy)
         train_dl, budget = build_train_loader(cfg, inputs.train, collate, drop_last=spec.kind == "unpaired")
-        eval_dl = (DataLoader(inputs.eval, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
-                              drop_last=spec.kind == "unpaired") if inputs.eval is not None else None)
+        if len(train_dl) == 0:
+            raise TrainingError(f"{len(inputs.train)} training rows do not fill one batch of "
+                                f"{cfg.per_device_train_batch_size}: nothing would be trained; use more rows or a "
+                                "smaller per_device_train_batch_size")
         total_steps, num_epochs = self._schedule_length(len(train_dl))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
         # Accelerate steps a prepared scheduler once per process per optimizer step; size it to match.
         scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup * acc.num_processes,
                                   num_training_steps=total_steps * acc.num_processes)
         policy, optimizer, train_dl, scheduler = acc.prepare(policy, optimizer, train_dl, scheduler)
-        if eval_dl is not None:
-            eval_dl = acc.prepare(eval_dl)
         reference = inputs.make_reference(policy, acc)
-        if hasattr(reference, "module"):
-            acc.register_for_checkpointing(reference.module)
+        moving_reference = reference.module if cfg.sync_ref_model else None  # TR-DPO's reference is state too
 
         state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
-        resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, out)
         if resume is not None:
-            state = checkpoint.load_checkpoint(acc, resume)
+            state = checkpoint.load_checkpoint(acc, resume, moving_reference)
             log.info("resumed from %s at step %d", resume, state["global_step"])
 
+        metrics_log = MetricsLog(out / "metrics.jsonl", acc)
+        if resume is not None:
+            dropped = metrics_log.resume_at(state["global_step"])
+            if dropped:
+                log.info("metrics.jsonl: dropped %d records logged after step %d by the interrupted run",
+                         dropped, state["global_step"])
         if acc.is_main_process:
             run_name = cfg.run_name or out.name
+            # purge_step: TensorBoard hides the interrupted run's events after the checkpoint's step.
+            purge = {"purge_step": state["global_step"] + 1} if resume is not None else {}
             acc.init_trackers("preftune", config=_tracker_config(cfg),
-                              init_kwargs={"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}})
-        metrics_log = MetricsLog(out / "metrics.jsonl", acc)
+                              init_kwargs={"wandb": {"name": run_name}, "mlflow": {"run_name": run_name},
+                                           "tensorboard": purge})
         self._log_start(inputs, reference, total_steps, num_epochs, budget)
 
         window = MetricWindow()
@@ -203,6 +209,7 @@ class PreferenceTrainer:
         policy.train()
         started, pairs_seen, tokens_seen, last_log = time.perf_counter(), 0, 0, time.perf_counter()
         step = state["global_step"]
+        window_rows: list[int] = []  # source rows of the micro-batches of the step being accumulated
         for epoch in range(state["epoch"], num_epochs):
             train_dl.set_epoch(epoch)
             if budget is not None:  # under several processes Accelerate's shard does not pass set_epoch on to it
@@ -210,12 +217,20 @@ class PreferenceTrainer:
             skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
             batches = acc.skip_first_batches(train_dl, skip) if skip else train_dl
             for batch_index, batch in enumerate(batches, start=skip):
+                window_rows += batch["source_rows"].tolist() if "source_rows" in batch else []
                 with acc.accumulate(policy):
-                    loss = batch_loss(policy, reference, batch, spec, window)
+                    try:
+                        loss = batch_loss(policy, reference, batch, spec, window)
+                    except NonFiniteLoss as err:
+                        raise self._stopped(step + 1, epoch, window_rows, f"the loss is not finite ({err})") from None
                     acc.backward(loss)
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                        window.add("grad_norm", torch.as_tensor(grad_norm, dtype=torch.float32).reshape(1))
+                        grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32).reshape(1)
+                        if not cfg.fp16 and not bool(torch.isfinite(grad_norm).all()):  # fp16: the scaler skips
+                            raise self._stopped(step + 1, epoch, window_rows,
+                                                f"the gradient norm is {grad_norm.item()}")
+                        window.add("grad_norm", grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
@@ -226,8 +241,10 @@ class PreferenceTrainer:
                 if not acc.sync_gradients:
                     continue
                 step += 1
+                window_rows = []
                 bar.update(1)
-                state = {"global_step": step, "epoch": epoch, "batches_in_epoch": batch_index + 1}
+                state = {"global_step": step, "epoch": epoch, "batches_in_epoch": batch_index + 1,
+                         "run": fingerprint}
                 if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
                     reference.sync(acc.unwrap_model(policy).model, cfg.ref_model_mixup_alpha)
                 self._run_callbacks(step, acc.unwrap_model(policy).model, metrics_log)
@@ -245,10 +262,10 @@ class PreferenceTrainer:
                     if "rewards/accuracies" in record:
                         shown["acc"] = f"{record['rewards/accuracies']:.2f}"
                     bar.set_postfix(shown)
-                if eval_dl is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                    result.eval_metrics = self._evaluate(policy, reference, eval_dl, spec, step, metrics_log)
+                if inputs.eval is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+                    result.eval_metrics = self._evaluate(policy, reference, inputs, spec, step, metrics_log)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                    checkpoint.save_checkpoint(acc, out, step, state, cfg.save_total_limit)
+                    checkpoint.save_checkpoint(acc, out, step, state, cfg.save_total_limit, moving_reference)
                 if step >= total_steps:
                     break
             if step >= total_steps:
@@ -256,11 +273,12 @@ class PreferenceTrainer:
         bar.close()
         train_seconds = time.perf_counter() - started
 
-        if eval_dl is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
-            result.eval_metrics = self._evaluate(policy, reference, eval_dl, spec, step, metrics_log)
+        if inputs.eval is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
+            result.eval_metrics = self._evaluate(policy, reference, inputs, spec, step, metrics_log)
+        check_finite_weights(acc.unwrap_model(policy), step)
         if cfg.save_steps:
             checkpoint.save_checkpoint(acc, out, step, {**state, "epoch": num_epochs, "batches_in_epoch": 0},
-                                       cfg.save_total_limit)
+                                       cfg.save_total_limit, moving_reference)
         result.final_dir = checkpoint.export_final(acc, policy, inputs.tokenizer, out, cfg.save_merged_model)
         result.global_step = step
         if acc.is_main_process:
@@ -274,6 +292,13 @@ class PreferenceTrainer:
         return result
 
     # ------------------------------------------------------------------------------------------------
+    def _stopped(self, step: int, epoch: int, rows: list[int], what: str) -> TrainingError:
+        """The report of a run stopped by a non-finite value: where, on which rows, and what to try."""
+        shown = ", ".join(map(str, rows[:16])) + (", …" if len(rows) > 16 else "")
+        where = f" on rows {shown} of {self.cfg.dataset or 'the training data'}" if rows else ""
+        return TrainingError(f"training stopped at step {step} (epoch {epoch}): {what}{where}; nothing was exported "
+                             f"(learning_rate is {self.cfg.learning_rate:g}: try a lower one, or check those rows)")
+
     def _schedule_length(self, batches_per_epoch: int) -> tuple[int, int]:
         cfg = self.cfg
         per_epoch = max(1, math.ceil(batches_per_epoch / self.accelerator.num_processes
@@ -291,12 +316,25 @@ class PreferenceTrainer:
             if record:
                 metrics_log.write({"step": step, **record})
 
+    def _eval_batches(self, dataset, collate) -> Iterator[tuple[dict[str, Tensor], bool]]:
+        """Every evaluation row exactly once over all processes: process p takes rows p, p+P, p+2P, …, and every
+        process runs the same number of batches (model forwards may synchronise processes); a process out of rows
+        runs a stand-in batch flagged ``False``, whose metrics are not counted. So the metrics equal one process's
+        for any batch size (Accelerate's even batches would count repeated rows instead)."""
+        acc, size = self.accelerator, self.cfg.per_device_eval_batch_size
+        mine = list(range(acc.process_index, len(dataset), acc.num_processes))
+        rounds = math.ceil(math.ceil(len(dataset) / acc.num_processes) / size)
+        for start in range(0, rounds * size, size):
+            rows = mine[start : start + size]
+            batch = collate([dataset[i] for i in (rows or [0])])
+            yield {k: v.to(acc.device) for k, v in batch.items()}, bool(rows)
+
     @torch.no_grad()
-    def _evaluate(self, policy, reference, eval_dl, spec, step, metrics_log) -> dict[str, float]:
+    def _evaluate(self, policy, reference, inputs: RunInputs, spec, step, metrics_log) -> dict[str, float]:
         policy.eval()
-        window = MetricWindow()
-        for batch in eval_dl:
-            batch_loss(policy, reference, batch, spec, window)
+        window, ignored = MetricWindow(), MetricWindow()
+        for batch, counted in self._eval_batches(inputs.eval, inputs.collator):
+            batch_loss(policy, reference, batch, spec, window if counted else ignored)
         policy.train()
         record = {"step": step, **{f"eval_{k}": v for k, v in window.values(self.accelerator).items()}}
         metrics_log.write(record)
@@ -306,13 +344,15 @@ class PreferenceTrainer:
                    budget: TokenBudgetBatchSampler | None) -> None:
         if not self.accelerator.is_main_process:
             return
+        cfg = self.cfg
         trainable, total = inputs.parameter_counts
         log.info("methods %s | reference: %s | %d train rows, %s eval rows | %d steps over %d epoch(s) | "
-                 "%d processes | trainable params %s of %s", "+".join(self.cfg.methods), reference.name,
+                 "%d processes | trainable params %s of %s", "+".join(cfg.methods), reference.name,
                  len(inputs.train), len(inputs.eval) if inputs.eval is not None else 0, total_steps,
                  num_epochs, self.accelerator.num_processes, f"{trainable:,}", f"{total:,}")
-        log.info("layout: %s", inputs.collator.describe())
-        cfg = self.cfg
+        precision = "bf16 autocast" if cfg.bf16 else "fp16 autocast" if cfg.fp16 else "fp32"
+        log.info("precision: %s (weights loaded as %s) | layout: %s | fused MLPs: %s", precision, cfg.dtype,
+                 inputs.collator.describe(), "yes" if cfg.fused_mlp else "no")
         if budget is not None:
             log.info("batches: up to %d tokens each, %d per epoch; %d example(s) longer than that train alone",
                      budget.max_tokens, len(budget), budget.over_budget)
@@ -321,6 +361,29 @@ class PreferenceTrainer:
                      ", grouped by length" if cfg.group_by_length else "")
         for report in inputs.data_reports.values():
             log.info("%s", report)
+
+
+def effective_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as the run computes with it: each loss hyper-parameter of the run's methods left at None holds
+    the value used (the first method's registry default), so ``beta: null`` and ``beta: 0.1`` under DPO are the
+    same run; hyper-parameters of methods the run does not use are left out."""
+    values = cfg.to_dict()
+    used = {k for m in cfg.methods for k in get_method(m).hparams}
+    for unused in {k for m in METHODS.values() for k in m.hparams} - used:
+        values.pop(unused, None)
+    for name in cfg.methods:
+        for key, default in get_method(name).defaults.items():
+            if values.get(key) is None:
+                values[key] = default
+    return values
+
+
+def check_finite_weights(model: nn.Module, step: int) -> None:
+    """Never export non-finite weights: a model that holds any is refused with the names of its first tensors."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingError(f"after step {step} {len(bad)} weight tensors hold non-finite values ({', '.join(bad[:3])}"
+                            f"{', …' if len(bad) > 3 else ''}); nothing was exported: lower the learning_rate")
 
 
 def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:

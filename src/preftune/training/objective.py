@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from preftune.config import TrainConfig
+from preftune.errors import TrainingError
 from preftune.methods import losses
 from preftune.methods.registry import compute_loss, get_method, run_data
 from preftune.modeling.logprobs import model_inputs
@@ -58,6 +59,21 @@ class LossSpec:
         return losses.ld_token_weights(batch["score_seq"], batch["seq_tokens"], self.ld_alpha)
 
 
+class NonFiniteLoss(TrainingError):
+    """A micro-batch's loss is not finite; the message says which part (the loop adds the step and the rows)."""
+
+
+def _non_finite_parts(policy_logps: Tensor, ref_logps: Tensor | None, terms: dict[str, Tensor]) -> str:
+    def state(t: Tensor) -> str:
+        return "finite" if bool(torch.isfinite(t).all()) else f"{int((~torch.isfinite(t)).sum())} non-finite"
+
+    parts = [f"loss term '{name}': {state(values)}" for name, values in terms.items()]
+    parts.append(f"policy log-probs: {state(policy_logps)}")
+    if ref_logps is not None:
+        parts.append(f"reference log-probs: {state(ref_logps)}")
+    return "; ".join(parts)
+
+
 def batch_loss(
     policy: nn.Module, reference, batch: dict[str, Tensor], spec: LossSpec, window: MetricWindow
 ) -> Tensor:
@@ -80,6 +96,8 @@ def batch_loss(
     if spec.use_weighting and spec.paired:
         per_example = per_example * losses.wpo_weights(out["wpo"][:n], out["wpo"][n:])
     loss = per_example.mean()
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(_non_finite_parts(out["logps"], ref, result.terms))
 
     window.add("loss", per_example)
     window.add("rewards/chosen", result.chosen_rewards)

@@ -23,9 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from preftune.config import ConfigError, TrainConfig
+from preftune.config import TrainConfig
 from preftune.data import formats, tokenize
 from preftune.data.batching import PreferenceCollator
+from preftune.errors import ConfigError, DataError, ModelError
 from preftune.methods.registry import get_method, run_data
 from preftune.modeling import loading, reference
 from preftune.modeling.fused_mlp import fuse_gated_mlps
@@ -49,6 +50,8 @@ class RunInputs:
     make_reference: Callable[[nn.Module, Accelerator], Any]
     parameter_counts: tuple[int, int]
     data_reports: dict[str, str] = field(default_factory=dict)
+    data_fingerprints: dict[str, str] = field(default_factory=dict)  # split → tokenized data fingerprint
+    reference_label: str = "none"
 
 
 # Layouts other than plain padding pass a boolean [R, 1, L, L] mask, which these implementations take
@@ -70,20 +73,22 @@ def make_collator(cfg: TrainConfig, tokenizer, model: nn.Module, sft: bool = Fal
                               padding_free=resolve(cfg.padding_free, "padding_free"), sft=sft)
 
 
-def _fuse_mlps(cfg: TrainConfig, model: nn.Module, accelerator: Accelerator) -> None:
-    """On by default; not under DeepSpeed ZeRO-3, which gathers each weight in its own module's forward hook."""
+def _fuse_mlps(cfg: TrainConfig, model: nn.Module, accelerator: Accelerator) -> bool:
+    """On by default; not under DeepSpeed ZeRO-3, which gathers each weight in its own module's forward hook.
+    Returns whether any MLP was fused."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     zero3 = plugin is not None and getattr(plugin, "zero_stage", 0) == 3
     if cfg.fused_mlp and zero3:
         raise ConfigError("fused_mlp=true bypasses down_proj's forward, where DeepSpeed ZeRO-3 gathers its weight; "
                           "leave fused_mlp unset under ZeRO-3")
     if cfg.fused_mlp is False or zero3:
-        return
+        return False
     count = fuse_gated_mlps(model)
     if count:
         log.info("fused gated MLPs: %d layers keep act(gate)·up for backward as gate and up only", count)
     elif cfg.fused_mlp:
         log.warning("fused_mlp=true: no MLP of this model has the plain down(act(gate(x)) * up(x)) form; unchanged")
+    return count > 0
 
 
 def _as_dataset(rows) -> datasets.Dataset:
@@ -95,7 +100,7 @@ def uses_embedded_model(cfg: TrainConfig, model) -> bool:
     return model is None and not cfg.model_name_or_path
 
 
-def _load_model_and_tokenizer(cfg: TrainConfig, model, tokenizer, builtin_rows, reward: bool):
+def _load_tokenizer(cfg: TrainConfig, tokenizer, builtin_rows):
     if tokenizer is None:
         if cfg.tokenizer_name_or_path or cfg.model_name_or_path:
             tokenizer = loading.load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
@@ -104,6 +109,12 @@ def _load_model_and_tokenizer(cfg: TrainConfig, model, tokenizer, builtin_rows, 
             from preftune.modeling.tiny import default_tokenizer
 
             tokenizer = default_tokenizer(builtin_rows)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_model(cfg: TrainConfig, model, tokenizer, reward: bool):
     if uses_embedded_model(cfg, model):
         from preftune.modeling.tiny import default_model
 
@@ -114,9 +125,7 @@ def _load_model_and_tokenizer(cfg: TrainConfig, model, tokenizer, builtin_rows, 
     if reward and not hasattr(model, "score"):
         log.info("reward modelling: the causal LM's body gets a new one-output score head")
         model = loading.as_reward_model(model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model
 
 
 def _rows_for(kind: str, normalised: datasets.Dataset, source: str, methods: list[str], reports, name: str):
@@ -148,31 +157,22 @@ def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokeni
         cache_dir=cache_root(cfg) / "tokenized", source=source,
     )
     reports[f"{name}/tokens"] = str(tok_report)
-    keep = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label")
+    keep = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label", formats.SOURCE_ROW)
             if c in tokenized.column_names]
     return tokenized.select_columns(keep)
 
 
 def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_model=None, tokenizer=None,
                    train_dataset=None, eval_dataset=None) -> RunInputs:
+    """Tokenizer → data (read, validated, tokenized: a bad file fails before any model loads) → model → layout →
+    reference (precomputed and cached when it stays fixed). The resolved choices are written back into ``cfg``."""
     builtin_rows = None
     if train_dataset is None and cfg.dataset is None:
         from preftune.data.builtin import builtin_preferences
 
         builtin_rows = builtin_preferences()
     reward = get_method(cfg.methods[0]).model == "reward"
-    model, tokenizer = _load_model_and_tokenizer(cfg, model, tokenizer, builtin_rows or [], reward)
-    flex = attention_implementation(unwrap_causal_lm(model)) == "flex_attention"
-    if flex and accelerator.device.type == "cpu":  # fail now, not at the first backward
-        raise ConfigError("attn_implementation=flex_attention trains on GPUs only: torch has no FlexAttention "
-                          "backward on CPU; use attn_implementation=sdpa (the default)")
-    if cfg.disable_dropout:
-        loading.disable_dropout(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.use_peft and not loading.is_peft_model(model):
-        model = loading.add_lora(model, cfg, task="SEQ_CLS" if reward else "CAUSAL_LM")
-    _fuse_mlps(cfg, model, accelerator)
+    tokenizer = _load_tokenizer(cfg, tokenizer, builtin_rows or [])
 
     kind = run_data(cfg.methods)
     reports: dict[str, str] = {}
@@ -193,9 +193,28 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
     if evaluation is None and cfg.eval_split_size > 0:
         split = train.train_test_split(test_size=cfg.eval_split_size, seed=cfg.seed)
         train, evaluation = split["train"], split["test"]
+    data_fingerprints = {"train": train._fingerprint} | ({"eval": evaluation._fingerprint} if evaluation else {})
+
+    model = _load_model(cfg, model, tokenizer, reward)
+    check_model_fits(model, tokenizer, [(train_source, train)] + ([("eval", evaluation)] if evaluation else []))
+    flex = attention_implementation(unwrap_causal_lm(model)) == "flex_attention"
+    if flex and accelerator.device.type == "cpu":  # fail now, not at the first backward
+        raise ConfigError("attn_implementation=flex_attention trains on GPUs only: torch has no FlexAttention "
+                          "backward on CPU; use attn_implementation=sdpa (the default)")
+    if cfg.disable_dropout:
+        loading.disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.use_peft and not loading.is_peft_model(model):
+        model = loading.add_lora(model, cfg, task="SEQ_CLS" if reward else "CAUSAL_LM")
+    cfg.fused_mlp = _fuse_mlps(cfg, model, accelerator)
 
     collator = make_collator(cfg, tokenizer, model, sft=kind == "sft")
+    cfg.prefix_sharing, cfg.padding_free = collator.prefix_sharing, collator.padding_free
     strategy = choose_reference(cfg, model, ref_model)
+    cfg.precompute_ref_log_probs = strategy.kind == "precompute"
+    if strategy.source_model is not None and strategy.source_model is not model:
+        check_same_vocabulary(model, strategy.source_model)
     if strategy.kind == "precompute":
         live = _ReadOnlyReference(LogProbModel(strategy.source_model, cfg.logprob_chunk_size), accelerator,
                                   adapters_off=strategy.label == "adapters off")
@@ -207,7 +226,48 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
 
     return RunInputs(tokenizer=tokenizer, model=model, train=train, eval=evaluation, collator=collator,
                      make_reference=strategy.build, parameter_counts=loading.count_parameters(model),
-                     data_reports=reports)
+                     data_reports=reports, data_fingerprints=data_fingerprints, reference_label=strategy.label)
+
+
+def _vocabulary_size(model: nn.Module) -> int:
+    return unwrap_causal_lm(model).get_input_embeddings().weight.shape[0]
+
+
+def check_same_vocabulary(policy: nn.Module, ref: nn.Module) -> None:
+    """A reference over another vocabulary scores other tokens (or indexes out of range): refuse it up front."""
+    if _vocabulary_size(policy) != _vocabulary_size(ref):
+        raise ModelError(f"the reference model's vocabulary has {_vocabulary_size(ref)} entries, the policy's "
+                         f"{_vocabulary_size(policy)}: log-ratios need the same tokenizer and vocabulary; use a "
+                         "reference trained with the policy's tokenizer")
+
+
+def check_model_fits(model: nn.Module, tokenizer, splits: list[tuple[str, datasets.Dataset]]) -> None:
+    """Fail before step 0, not with an index error inside the model: every token id must have an embedding, and
+    every row must fit the model's positions (the prompt plus its longest completion; branches restart there)."""
+    vocabulary = _vocabulary_size(model)
+    if len(tokenizer) > vocabulary:
+        raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {vocabulary}; use the "
+                         "model's own tokenizer (or resize its embeddings before training)")
+    config = unwrap_causal_lm(model).config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not positions:
+        return
+    for source, data in splits:
+        lengths = row_positions(data)
+        longest = int(np.argmax(lengths)) if len(lengths) else 0
+        if len(lengths) and lengths[longest] > positions:
+            row = data[longest].get(formats.SOURCE_ROW, longest)
+            raise DataError(source, row, None, f"needs {lengths[longest]} positions (prompt plus its longest "
+                            f"completion) but the model has {positions}; set max_length <= {positions}")
+
+
+def row_positions(data: datasets.Dataset) -> np.ndarray:
+    """Positions each row needs: its prompt plus its longest completion (every layout restarts positions there)."""
+    table = data.with_format("arrow")[:]
+    prompt = table.column("prompt_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+    completions = [table.column(c).combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+                   for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in data.column_names]
+    return prompt + np.max(np.stack(completions), axis=0)
 
 
 @dataclass
@@ -278,7 +338,7 @@ def attach_reference_logps(cfg: TrainConfig, accelerator: Accelerator, live, dat
     names = reference.reference_columns(kind)
     key = reference.cache_key(model_fp, data._fingerprint, cfg.ld_alpha, cfg.bf16, cfg.fp16, kind, len(data))
     path = cache_root(cfg) / "reference" / f"{key}.npy"
-    values = reference.load_cached(path)
+    values = reference.load_cached(path, len(data))
     if values is None:
         values = _compute_reference_logps(cfg, accelerator, live, data, collator)
         if accelerator.is_main_process:

@@ -45,6 +45,18 @@ class MetricsLog:
         self.path = path
         self.accelerator = accelerator
 
+    def resume_at(self, step: int) -> int:
+        """Drop the records of steps after ``step`` — logged by a run that died before its next checkpoint, and
+        about to be logged again by the resumed run — so the file reads as one run. Returns how many went."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return 0
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+        return len(lines) - len(kept)
+
     def write(self, record: dict) -> None:
         if self.accelerator.is_main_process:
             with self.path.open("a") as f:
