@@ -282,3 +282,20 @@ def test_a_run_of_zero_steps_is_an_error(tmp_path, tok):
     with pytest.raises(TrainingError, match="do not fill one batch"):
         run(tmp_path, tok, rows=unpaired, method="kto", per_device_train_batch_size=8)
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_full_disk_leaves_no_partial_checkpoint_behind(tmp_path, tok, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    real = Accelerator.save_state
+
+    def fill_the_disk(self, output_dir, **kwargs):
+        real(self, output_dir, **kwargs)  # some files land, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Accelerator, "save_state", fill_the_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run(tmp_path, tok, save_steps=1)
+    assert not list((tmp_path / "run").glob("checkpoint-*"))  # neither complete-looking nor .tmp

@@ -135,10 +135,14 @@ def save_cached(path: Path, values: np.ndarray) -> None:
     """Atomic write of the values and their sidecar (row count, checksum): a crash never leaves a partial cache
     under the final name, and :func:`load_cached` can tell a changed file from the one written here."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, values, allow_pickle=False)
-    meta = path.with_suffix(".tmp.json")
-    meta.write_text(json.dumps({"rows": int(values.shape[0]), "checksum": _checksum(values)}))
+    tmp, meta = path.with_suffix(".tmp.npy"), path.with_suffix(".tmp.json")
+    try:
+        np.save(tmp, values, allow_pickle=False)
+        meta.write_text(json.dumps({"rows": int(values.shape[0]), "checksum": _checksum(values)}))
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a partial file on a full disk keeps it full
+        meta.unlink(missing_ok=True)
+        raise
     meta.replace(path.with_suffix(".json"))
     tmp.replace(path)
 
