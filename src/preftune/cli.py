@@ -150,6 +150,8 @@ def _explain_os_error(err: OSError) -> tuple[str, int] | None:
                 "its permissions", EXIT_NOT_WRITABLE)
     if code in (errno.ENOTDIR, errno.EEXIST):
         blocker = _file_in_the_way(Path(path))
+        if blocker is None:
+            return f"{path} already exists; choose another path or move it away", EXIT_NOT_WRITABLE
         what = f"{path} is a file" if blocker == Path(path) else f"cannot create the folder {path}: {blocker} is a file"
         return f"{what}, not a folder; choose another folder (output_dir=…) or move the file", EXIT_NOT_WRITABLE
     if code == errno.EISDIR:
@@ -159,12 +161,12 @@ def _explain_os_error(err: OSError) -> tuple[str, int] | None:
     return None
 
 
-def _file_in_the_way(path: Path) -> Path:
-    """The existing non-folder at ``path`` or above it that stops ``path`` from being a folder."""
+def _file_in_the_way(path: Path) -> Path | None:
+    """The existing non-folder at ``path`` or above it that stops ``path`` from being a folder, if any."""
     for candidate in (path, *path.parents):
         if candidate.exists() and not candidate.is_dir():
             return candidate
-    return path
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:
