@@ -1,12 +1,42 @@
-"""``preftune`` command line: ``preftune train [CONFIG.yaml] [key=value …]`` and friends."""
+"""``preftune`` command line: ``preftune train [CONFIG.yaml] [key=value …]`` and friends.
+
+A user error ends with one line on stderr, ``preftune: <what is wrong, where, what to do>``, and an exit
+code per kind (:data:`EXIT_CODES`); anything else is a bug and keeps its traceback. ``--debug`` (or
+``PREFTUNE_DEBUG=1``) shows the traceback of user errors too. Nothing heavy is imported before a command
+runs, so ``preftune --help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
+import textwrap
+import traceback
+from pathlib import Path
 
-from preftune.config import FIELDS, ConfigError
+from preftune import errors
+
+# Exit codes of the OS errors the CLI explains itself; the PreftuneError classes carry their own.
+EXIT_DISK_FULL = 8
+EXIT_NOT_WRITABLE = 9  # permission denied, a read-only file system, a file where a folder must be
+EXIT_NOT_FOUND = 10
+EXIT_INTERRUPTED = 130
+EXIT_CODES = {
+    "config": errors.ConfigError.exit_code,
+    "data": errors.DataError.exit_code,
+    "output folder": errors.RunDirError.exit_code,
+    "resume": errors.ResumeError.exit_code,
+    "model": errors.ModelError.exit_code,
+    "training": errors.TrainingError.exit_code,
+    "disk full": EXIT_DISK_FULL,
+    "not writable": EXIT_NOT_WRITABLE,
+    "file not found": EXIT_NOT_FOUND,
+    "interrupted": EXIT_INTERRUPTED,
+}
+DEBUG_HELP = "show the Python traceback of user errors too (or set PREFTUNE_DEBUG=1)"
 
 EPILOG = """examples:
   preftune demo                                    # SFT → on-policy pairs → DPO → evaluation, embedded world
@@ -16,12 +46,16 @@ EPILOG = """examples:
   accelerate launch -m preftune.cli train run.yaml # data-parallel / FSDP / DeepSpeed
   preftune methods                                 # the methods and their defaults
   preftune config                                  # every config key with its default
-"""
+
+""" + textwrap.fill("exit codes: 0 done · " + " · ".join(f"{code} {kind}" for kind, code in EXIT_CODES.items())
+                    + " · 1 with a traceback: a bug, please report it (--debug or PREFTUNE_DEBUG=1 shows the "
+                    "traceback of user errors too)", width=100, subsequent_indent="  ")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="preftune", description="Preference tuning of causal LMs.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train with DPO or any registered method",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true", help="replace a finished demo in --output-dir")
     pairs = sub.add_parser("pairs", help="sample k completions per prompt, judge them, write preference pairs")
     pairs.add_argument("--model", required=True, help="policy checkpoint to sample from")
     pairs.add_argument("--prompts", required=True, help=".txt (one prompt per line) or .jsonl with 'prompt'")
@@ -59,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("config", help="list every config key with its default")
+    for command in sub.choices.values():  # `preftune train run.yaml --debug` as well as `preftune --debug train …`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -71,13 +108,76 @@ def _split_config_and_overrides(config: str | None, overrides: list[str]) -> tup
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    debug = vars(args).pop("debug") or os.environ.get("PREFTUNE_DEBUG", "") not in ("", "0")
+    try:
+        return _run(args)
+    except errors.PreftuneError as err:
+        return _fail(str(err), err.exit_code, debug)
+    except OSError as err:
+        explained = _explain_os_error(err)
+        if explained is None:
+            raise
+        return _fail(*explained, debug)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED, debug)
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    """One line on stderr (newlines inside a message are folded), after the traceback under --debug."""
+    if debug:
+        traceback.print_exc()
+    print(f"preftune: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def _explain_os_error(err: OSError) -> tuple[str, int] | None:
+    """A message and an exit code for the OS errors a user can fix (disk full, permissions, paths); None
+    for the others, which keep their traceback."""
+    path = err.filename
+    code = err.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        where = f" while writing {path}" if path else ""
+        return (f"no space left on the device{where}; free some space, or point output_dir (and cache_dir) at a "
+                "disk with room, then run again", EXIT_DISK_FULL)
+    if path is None:
+        if isinstance(err, FileNotFoundError):
+            return str(err), EXIT_NOT_FOUND
+        if isinstance(err, (FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)):
+            return str(err), EXIT_NOT_WRITABLE
+        return None
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "the file system is read-only" if code == errno.EROFS else "permission denied"
+        return (f"{path}: {reason}; choose a folder you can write to (output_dir=…, cache_dir=…) or change "
+                "its permissions", EXIT_NOT_WRITABLE)
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        blocker = _file_in_the_way(Path(path))
+        if blocker is None:
+            return f"{path} already exists; choose another path or move it away", EXIT_NOT_WRITABLE
+        what = f"{path} is a file" if blocker == Path(path) else f"cannot create the folder {path}: {blocker} is a file"
+        return f"{what}, not a folder; choose another folder (output_dir=…) or move the file", EXIT_NOT_WRITABLE
+    if code == errno.EISDIR:
+        return f"{path} is a folder where a file is expected; give the path of a file", EXIT_NOT_WRITABLE
+    if code == errno.ENOENT:
+        return f"{path}: no such file or folder; check the path", EXIT_NOT_FOUND
+    return None
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The existing non-folder at ``path`` or above it that stops ``path`` from being a folder, if any."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() and not candidate.is_dir():
+            return candidate
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if args.command == "demo":
         from preftune.demo.pipeline import DemoSettings, run_demo
 
         settings = DemoSettings.quick(args.output_dir) if args.quick else DemoSettings(output_dir=args.output_dir)
-        settings.seed = args.seed
+        settings.seed, settings.overwrite = args.seed, args.overwrite
         run_demo(settings)
         return 0
     if args.command == "experiment":
@@ -99,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(describe())
         return 0
     if args.command == "config":
-        from preftune.config import TrainConfig
+        from preftune.config import FIELDS, TrainConfig
 
         defaults = TrainConfig()
         for name in FIELDS:
@@ -109,19 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     from preftune.config import load_config
 
     path, overrides = _split_config_and_overrides(args.config, args.overrides)
-    try:
-        cfg = load_config(path, overrides)
-    except ConfigError as err:
-        print(f"preftune: config error: {err}", file=sys.stderr)
-        return 2
-    from preftune.data.formats import DataError
+    cfg = load_config(path, overrides)
     from preftune.training.loop import train
 
-    try:
-        result = train(cfg)
-    except (DataError, FileNotFoundError, FileExistsError) as err:
-        print(f"preftune: {err}", file=sys.stderr)
-        return 2
+    result = train(cfg)
     print(f"run directory: {result.output_dir}  (final model: {result.final_dir})")
     metrics = result.eval_metrics or result.train_metrics
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}

@@ -2,14 +2,27 @@
 
 Names follow TRL's ``DPOConfig`` / ``TrainingArguments`` where a user would know them. A loss
 hyper-parameter left at ``None`` takes the chosen method's default from the registry.
+
+Every value that cannot work is refused by :meth:`TrainConfig.validate` with a :class:`ConfigError` that
+names the key; :func:`load_config` adds the YAML file and line the value came from. A YAML file that
+gives a key twice is refused too (PyYAML would keep the last value without a word).
+
+This module imports neither torch nor transformers at import time (``preftune config`` lists the keys
+quickly); validating ``lr_scheduler_type`` imports transformers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import importlib.util
+import inspect
+import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,8 +32,30 @@ import yaml
 from preftune.errors import ConfigError
 from preftune.methods.registry import METHODS, get_method, run_data
 
-# Accepted for familiarity; mapped onto our own names.
+# Accepted for familiarity (TRL's and the CLI's names); mapped onto our own names.
 ALIASES = {"loss_type": "method", "model": "model_name_or_path", "ref_model": "ref_model_name_or_path"}
+
+# report_to names: Accelerate's trackers → (modules, any of which makes it available; the package to install).
+TRACKERS = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"),
+    "trackio": (("trackio",), "trackio"),
+    "comet_ml": (("comet_ml",), "comet-ml"),
+    "aim": (("aim",), "aim"),
+    "clearml": (("clearml",), "clearml"),
+    "dvclive": (("dvclive",), "dvclive"),
+    "swanlab": (("swanlab",), "swanlab"),
+}
+
+# Schedulers that adapt the learning rate to a metric passed at every step (scheduler.step(metric)).
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
+
+# lr_scheduler_kwargs counted in optimizer steps (warmup_stable_decay's phases, inverse_sqrt's time scale).
+_STEP_COUNT_KWARGS = ("num_decay_steps", "num_stable_steps", "timescale")
+
+# lora_target_modules as module names ("q_proj, v_proj"); any other string is PEFT's regex.
+_MODULE_NAMES = re.compile(r"^\s*[\w.]+(\s*,\s*[\w.]+)*\s*,?\s*$")
 
 
 @dataclass
@@ -69,7 +104,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_target_modules: str | list[str] = "all-linear"
+    lora_target_modules: str | list[str] = "all-linear"  # or names ("q_proj,v_proj"), or a regex string (PEFT)
     save_merged_model: bool = False
     # --- optimisation ------------------------------------------------------------------------------
     num_train_epochs: float = 1.0
@@ -83,7 +118,8 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    lr_scheduler_type: str = "linear"
+    lr_scheduler_type: str = "linear"  # transformers' SchedulerType names
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {min_lr_rate: 0.1} for cosine_with_min_lr
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -108,7 +144,9 @@ class TrainConfig:
     save_steps: int | None = None  # None: checkpoint at the end only
     save_total_limit: int | None = 2
     resume_from_checkpoint: str | bool | None = None  # True: the latest checkpoint in output_dir
-    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, mlflow, trackio …
+    # tensorboard, wandb, mlflow, trackio … (Accelerate's trackers); "none": metrics.jsonl only; "all": every
+    # tracker installed here, resolved by validate() so config.yaml records the list used
+    report_to: list[str] = field(default_factory=list)
     run_name: str | None = None
     disable_tqdm: bool = False
     cache_dir: str | None = None  # tokenization and reference caches; default ~/.cache/preftune
@@ -124,46 +162,113 @@ class TrainConfig:
         return {n: getattr(self, n) for n in sorted(names) if getattr(self, n) is not None}
 
     def validate(self) -> TrainConfig:
+        """Check every value and combination; normalise ``report_to`` and ``lora_target_modules`` in place."""
+        if not self.methods:
+            raise _invalid("method", "method is an empty list; name at least one method (`preftune methods`)")
         for name in self.methods:
-            get_method(name)
+            try:
+                get_method(name)
+            except ConfigError as err:
+                raise _invalid("method", str(err)) from None
         try:
             run_data(self.methods)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        except ConfigError as err:
+            raise _invalid("method", str(err)) from None
         if len({get_method(m).model for m in self.methods}) > 1:
-            raise ConfigError(f"methods {self.methods} train different models (a reward head and a causal LM)")
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.methods):
-            raise ConfigError(
-                f"loss_weights has {len(self.loss_weights)} entries but method lists {len(self.methods)}"
-            )
+            raise _invalid("method", f"methods {self.methods} train different models (a reward head and a causal LM)")
+        self._check_loss_weights()
+        self._check_ranges()
         if self.bf16 and self.fp16:
-            raise ConfigError("bf16 and fp16 are exclusive; pick one")
+            raise _invalid(("bf16", "fp16"), "bf16 and fp16 are exclusive; pick one")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
-        if not 0.0 <= self.eval_split_size < 1.0:
-            raise ConfigError(f"eval_split_size must be in [0, 1), got {self.eval_split_size}")
+            raise _invalid(("max_steps", "num_train_epochs"), "set max_steps > 0 or num_train_epochs > 0")
         if self.max_length is not None and self.max_prompt_length is not None:
             if self.max_prompt_length >= self.max_length:
-                raise ConfigError(
-                    f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
-                )
+                raise _invalid(("max_prompt_length", "max_length"), f"max_prompt_length ({self.max_prompt_length}) "
+                               f"must be below max_length ({self.max_length})")
         if self.sync_ref_model and self.precompute_ref_log_probs:
-            raise ConfigError("sync_ref_model (TR-DPO) moves the reference; it cannot be precomputed")
+            raise _invalid(("sync_ref_model", "precompute_ref_log_probs"),
+                           "sync_ref_model (TR-DPO) moves the reference; it cannot be precomputed")
         if self.sync_ref_model and self.use_peft and self.ref_model_name_or_path is None:
-            raise ConfigError("sync_ref_model needs a reference model; under LoRA set ref_model_name_or_path")
-        for n in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                  "logging_steps", "logprob_chunk_size"):
-            if getattr(self, n) < 1:
-                raise ConfigError(f"{n} must be >= 1, got {getattr(self, n)}")
+            raise _invalid(("sync_ref_model", "use_peft"),
+                           "sync_ref_model needs a reference model; under LoRA set ref_model_name_or_path")
         unpaired = any(get_method(m).data == "unpaired" for m in self.methods)
         if unpaired and self.per_device_train_batch_size < 2:
-            raise ConfigError("KTO estimates its KL term from mismatched pairs: per_device_train_batch_size >= 2")
-        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
-            raise ConfigError(f"max_tokens_per_batch must be >= 1, got {self.max_tokens_per_batch}")
+            raise _invalid("per_device_train_batch_size", "KTO estimates its KL term from mismatched pairs: "
+                           "per_device_train_batch_size >= 2")
         if unpaired and self.max_tokens_per_batch is not None:
-            raise ConfigError("KTO estimates its KL term from mismatched pairs and needs >= 2 examples per batch, "
-                              "which a token budget cannot guarantee: unset max_tokens_per_batch")
+            raise _invalid("max_tokens_per_batch", "KTO estimates its KL term from mismatched pairs and needs >= 2 "
+                           "examples per batch, which a token budget cannot guarantee: unset max_tokens_per_batch")
+        self.lora_target_modules = _target_modules(self.lora_target_modules)
+        self.report_to = _trackers(self.report_to)
+        self._check_scheduler()
         return self
+
+    def _check_loss_weights(self) -> None:
+        weights = self.loss_weights
+        if weights is None:
+            return
+        if len(weights) != len(self.methods):
+            raise _invalid(("loss_weights", "method"), f"loss_weights has {len(weights)} entries but method lists "
+                           f"{len(self.methods)} ({self.methods}); give one weight per method")
+        bad = [w for w in weights if not (math.isfinite(w) and w >= 0)]
+        if bad:
+            raise _invalid("loss_weights", f"loss_weights must be finite and >= 0, got {weights}; a negative weight "
+                           "would maximise its loss term")
+        if not any(weights):
+            raise _invalid("loss_weights", f"loss_weights are all zero ({weights}): nothing would be trained")
+
+    def _check_ranges(self) -> None:
+        for key, low, high, hint in _RANGES:
+            value = getattr(self, key)
+            if value is not None and not _in_range(value, low, high):
+                raise _invalid(key, f"{key} must be {_describe_range(low, high)}, got {value!r}{hint}")
+
+    def _check_scheduler(self) -> None:
+        """Catch now what ``transformers.get_scheduler`` would raise after the model and data are loaded."""
+        from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+        from transformers.trainer_utils import SchedulerType
+
+        name, kwargs = self.lr_scheduler_type, self.lr_scheduler_kwargs
+        names = [t.value for t in SchedulerType]
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise _invalid("lr_scheduler_type", f"unknown lr_scheduler_type {name!r}.{hint} "
+                           f"Known: {', '.join(names)}")
+        if name in METRIC_SCHEDULERS:
+            raise _invalid("lr_scheduler_type", f"lr_scheduler_type={name} sets the learning rate from a metric "
+                           "passed at every step (scheduler.step(metric)), which preftune's loop does not pass; "
+                           "choose a schedule of the step number (linear, cosine, cosine_with_min_lr, "
+                           "warmup_stable_decay, …)")
+        parameters = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]).parameters
+        # get_scheduler passes these itself (constant and constant_with_warmup take no other argument).
+        own = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+        if name in ("constant", "constant_with_warmup"):
+            own |= set(parameters)
+        accepted = [p for p in parameters if p not in own]
+        for key in kwargs:
+            if key in own and key in parameters and name not in ("constant", "constant_with_warmup"):
+                raise _invalid("lr_scheduler_kwargs", f"lr_scheduler_kwargs: {key!r} is set by preftune (from "
+                               "warmup_steps/warmup_ratio, max_steps/num_train_epochs and the resume point)")
+            if key not in accepted:
+                takes = f"takes {', '.join(accepted)}" if accepted else "takes no lr_scheduler_kwargs"
+                raise _invalid("lr_scheduler_kwargs", f"lr_scheduler_kwargs: lr_scheduler_type={name} {takes}, "
+                               f"not {key!r}")
+        missing = [p for p in accepted if parameters[p].default is inspect.Parameter.empty and p not in kwargs]
+        if missing:
+            raise _invalid(("lr_scheduler_kwargs", "lr_scheduler_type"), f"lr_scheduler_type={name} needs "
+                           f"lr_scheduler_kwargs {missing}, e.g. lr_scheduler_kwargs={{{missing[0]}: …}}")
+        if {"min_lr", "min_lr_rate"} <= set(accepted) and ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
+            raise _invalid(("lr_scheduler_kwargs", "lr_scheduler_type"), f"lr_scheduler_type={name} needs exactly "
+                           "one of min_lr (an absolute learning rate) or min_lr_rate (a fraction of learning_rate) "
+                           "in lr_scheduler_kwargs, e.g. lr_scheduler_kwargs={min_lr_rate: 0.1}")
+
+    def scheduler_kwargs(self, num_processes: int = 1) -> dict[str, Any]:
+        """``lr_scheduler_kwargs`` for ``get_scheduler``: counts of steps are scaled like its warmup and length,
+        since Accelerate steps a prepared scheduler once per process per optimizer step."""
+        return {k: v * num_processes if k in _STEP_COUNT_KWARGS and v is not None else v
+                for k, v in self.lr_scheduler_kwargs.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,6 +278,117 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _accept_aliases(init: Callable[..., None]) -> Callable[..., None]:
+    """``TrainConfig(loss_type="ipo", model=...)`` as the CLI and YAML accept them (constructor only: the
+    fields keep one name each, so ``dataclasses.replace`` and ``config.yaml`` see ``method``)."""
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        for alias, name in ALIASES.items():
+            if alias not in kwargs:
+                continue
+            if name in kwargs and kwargs[name] != kwargs[alias]:
+                raise _invalid((alias, name), f"both {alias}={kwargs[alias]!r} and {name}={kwargs[name]!r} are "
+                               f"given; {alias} is another name for {name}: give one")
+            kwargs[name] = kwargs.pop(alias)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+TrainConfig.__init__ = _accept_aliases(TrainConfig.__init__)
+
+
+def _invalid(keys: str | tuple[str, ...], message: str) -> ConfigError:
+    """A ConfigError about ``keys``; load_config prefixes the file and line each key was read from."""
+    err = ConfigError(message)
+    err.config_keys = (keys,) if isinstance(keys, str) else tuple(keys)
+    return err
+
+
+# (key, lower bound, upper bound, what to do); a bound is (value, inclusive) or None. None values are not checked.
+_POSITIVE, _NON_NEGATIVE, _AT_LEAST_1 = (0, False), (0, True), (1, True)
+_RANGES: list[tuple[str, tuple | None, tuple | None, str]] = [
+    ("beta", _POSITIVE, None, "; β is the KL temperature (IPO's target margin is 1/(2β)): typical values are "
+     "0.05–0.5, or leave beta unset for the method's default"),
+    ("label_smoothing", _NON_NEGATIVE, (0.5, False), "; ε is the assumed rate of flipped labels (robust DPO "
+     "divides by 1 − 2ε, and at ε = 0.5 the labels carry no preference)"),
+    *((key, _NON_NEGATIVE, None, "") for key in (
+        "simpo_gamma", "cpo_alpha", "rpo_alpha", "dpop_lambda", "slic_lambda", "center_rewards_coefficient",
+        "unlikelihood_alpha", "desirable_weight", "undesirable_weight")),
+    ("ld_alpha", _NON_NEGATIVE, (1, True), ""),
+    ("learning_rate", _POSITIVE, None, "; typical values are 1e-7–1e-5 (full fine-tuning), 1e-5–1e-4 (LoRA)"),
+    ("max_length", _AT_LEAST_1, None, "; give a number of tokens, or null for no limit"),
+    ("max_prompt_length", _AT_LEAST_1, None, "; give a number of tokens, or null for no limit"),
+    ("max_tokens_per_batch", _AT_LEAST_1, None, "; or null for batches of per_device_train_batch_size"),
+    *((key, _AT_LEAST_1, None, "") for key in (
+        "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+        "logging_steps", "logprob_chunk_size", "ref_model_sync_steps", "lora_r")),
+    ("eval_steps", _AT_LEAST_1, None, "; or null to evaluate at the end only"),
+    ("save_steps", _AT_LEAST_1, None, "; or null to checkpoint at the end only"),
+    ("save_total_limit", _AT_LEAST_1, None, "; or null to keep every checkpoint"),
+    ("eval_split_size", _NON_NEGATIVE, (1, False), ""),
+    ("num_train_epochs", _NON_NEGATIVE, None, ""),
+    ("warmup_ratio", _NON_NEGATIVE, (1, True), ""),
+    ("warmup_steps", _NON_NEGATIVE, None, ""),
+    ("ref_model_mixup_alpha", _NON_NEGATIVE, (1, True), ""),
+    ("weight_decay", _NON_NEGATIVE, None, ""),
+    ("adam_beta1", _NON_NEGATIVE, (1, False), ""),
+    ("adam_beta2", _NON_NEGATIVE, (1, False), ""),
+    ("adam_epsilon", _POSITIVE, None, ""),
+    ("max_grad_norm", _POSITIVE, None, "; gradients are always clipped to this norm (0 would zero them): use a "
+     "large value such as 1e9 to leave them unclipped"),
+    ("lora_alpha", _POSITIVE, None, ""),
+    ("lora_dropout", _NON_NEGATIVE, (1, False), ""),
+    ("seed", _NON_NEGATIVE, (2**32 - 1, True), " (numpy's seed range)"),
+]
+
+
+def _in_range(value: float, low: tuple | None, high: tuple | None) -> bool:
+    if not math.isfinite(value):
+        return False
+    if low is not None and (value < low[0] or (value == low[0] and not low[1])):
+        return False
+    return high is None or value < high[0] or (value == high[0] and high[1])
+
+
+def _describe_range(low: tuple | None, high: tuple | None) -> str:
+    if high is None:
+        return f"{'>=' if low[1] else '>'} {low[0]}"
+    return f"in {'[' if low[1] else '('}{low[0]}, {high[0]}{']' if high[1] else ')'}"
+
+
+def _target_modules(value: str | list[str]) -> str | list[str]:
+    """``"q_proj, v_proj"`` → ``["q_proj", "v_proj"]``; "all-linear" and regex strings stay (PEFT reads them)."""
+    if isinstance(value, str) and value != "all-linear" and _MODULE_NAMES.match(value):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return value
+
+
+def _trackers(value: str | list[str]) -> list[str]:
+    """report_to as a list of installed trackers: "none" → [], "all" → every tracker installed here."""
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    names = [n for n in names if n and n != "none"]
+    if "all" in names:
+        installed = [t for t, (modules, _) in TRACKERS.items() if any(_installed(m) for m in modules)]
+        names = [*installed, *(n for n in names if n != "all" and n not in installed)]
+    for name in names:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(name, TRACKERS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise _invalid("report_to", f"report_to: unknown tracker {name!r}.{hint} Known: "
+                           f"{', '.join(TRACKERS)}, all (every installed one), none")
+        modules, package = TRACKERS[name]
+        if not any(_installed(m) for m in modules):
+            raise _invalid("report_to", f"report_to: {name} is not installed; `pip install {package}`, or drop it "
+                           "from report_to (metrics.jsonl is always written)")
+    return list(dict.fromkeys(names))
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def _union_members(hint: Any) -> tuple:
@@ -185,6 +401,8 @@ def _as(option: Any, value: Any) -> tuple[bool, Any]:
     """Try to read ``value`` as type ``option``; ``(ok, converted)``."""
     if option is type(None):
         return value is None, None
+    if option is Any:
+        return True, value
     if option is bool:
         return isinstance(value, bool), value
     if option is int:
@@ -204,6 +422,8 @@ def _as(option: Any, value: Any) -> tuple[bool, Any]:
         (item,) = typing.get_args(option)
         converted = [_as(item, v) for v in value]
         return all(ok for ok, _ in converted), [v for _, v in converted]
+    if typing.get_origin(option) is dict and isinstance(value, dict):
+        return all(isinstance(k, str) for k in value), dict(value)
     return False, None
 
 
@@ -211,49 +431,152 @@ def _coerce(name: str, value: Any) -> Any:
     """Turn a YAML/CLI value into the field's declared type, or say what was expected."""
     hint = typing.get_type_hints(TrainConfig)[name]
     if name == "report_to" and isinstance(value, str):
-        value = [] if value in ("none", "") else [v.strip() for v in value.split(",")]
+        value = [v.strip() for v in value.split(",")]
+    if name == "report_to" and value is None:
+        value = []
     for option in _union_members(hint):
         ok, converted = _as(option, value)
         if ok:
             return converted
-    raise ConfigError(f"config key '{name}': expected {hint}, got {value!r} ({type(value).__name__})")
+    raise _invalid(name, f"config key '{name}': expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, except that a key given twice in one mapping is an error, not "the last one wins"."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` then overriding a merged key is YAML's way to override
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = lines.get(key)
+            except TypeError:  # an unhashable key: SafeLoader refuses it below, with its own message
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {first + 1} and {key_node.start_mark.line + 1}); "
+                    "YAML would keep the last value without a word: keep one", key_node.start_mark)
+            lines[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(err: yaml.YAMLError, where: str, lines: bool) -> ConfigError:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    if mark is not None:
+        where = f"{where}, line {mark.line + 1}, column {mark.column + 1}" if lines else where
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} at line {context_mark.line + 1})" if lines else f" ({context})"
+    if isinstance(err, yaml.constructor.ConstructorError) and "given twice" in problem:
+        return ConfigError(f"{where}: {problem}")
+    return ConfigError(f"{where}: invalid YAML: {problem}; fix the syntax " + _QUOTES_HINT)
+
+
+_QUOTES_HINT = "(a value holding ':', '#', '[' or '{' needs quotes)"
+
+
+def _load_yaml(text: str, where: str, lines: bool = True) -> tuple[Any, dict[str, int]]:
+    """The document in ``text`` and the 1-based line of each top-level key (``lines``: name lines in errors)."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as err:
+        raise _yaml_error(err, where, lines) from None
+    finally:
+        loader.dispose()
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    return data, lines
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value")
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. beta=0.1)")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    value = _load_yaml(raw, f"override '{text}'", lines=False)[0] if raw.strip() else None
+    return key.strip(), value
 
 
 def build_config(values: dict[str, Any]) -> TrainConfig:
     """Validate a mapping of keys to values into a :class:`TrainConfig` (unknown keys suggest the closest)."""
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for key, value in values.items():
-        key = ALIASES.get(key, key)
-        if key not in FIELDS:
-            close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
+        name = ALIASES.get(key, key)
+        if name not in FIELDS:
+            close = difflib.get_close_matches(str(key), [*FIELDS, *ALIASES], n=1, cutoff=0.6)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{key}'.{hint}")
-        kwargs[key] = _coerce(key, value)
+            raise _invalid(key, f"unknown config key '{key}'.{hint} (`preftune config` lists every key)")
+        if name in given:
+            alias = key if key in ALIASES else given[name]
+            raise _invalid((given[name], key), f"both '{given[name]}' and '{key}' are given; '{alias}' is another "
+                           f"name for '{name}': give one")
+        given[name] = key
+        kwargs[name] = _coerce(name, value)
     return TrainConfig(**kwargs).validate()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML file (optional), apply ``key=value`` overrides, validate."""
+    """Read a YAML file (optional), apply ``key=value`` overrides, validate.
+
+    An error about a value read from the file names the file and the key's line: ``run.yaml, line 4: …``."""
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            what = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {path} {what}; give the path of a YAML file of config keys "
+                              "(`preftune config` lists them)")
+        loaded, lines = _load_yaml(_read_text(path), str(path))
+        if loaded is None:
+            loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of config keys (key: value per line), "
+                              f"got {type(loaded).__name__}")
         values.update(loaded)
+        origins = {key: f"{path}, line {line}" for key, line in lines.items()}
     for text in overrides:
         key, value = _parse_override(text)
+        for other in _spellings(key):  # an override replaces the file's value, under either spelling
+            values.pop(other, None)
+            origins.pop(other, None)
         values[key] = value
-    return build_config(values)
+    try:
+        return build_config(values)
+    except ConfigError as err:
+        keys = getattr(err, "config_keys", ())
+        spelled = {spelling: origin for key, origin in origins.items() for spelling in _spellings(key)}
+        where = list(dict.fromkeys(spelled[k] for k in keys if k in spelled))
+        if not where:
+            raise
+        located = _invalid(keys, f"{'; '.join(where)}: {err}")
+        raise located from None
+
+
+def _spellings(key: str) -> set[str]:
+    """A key and its alias: ``{"loss_type", "method"}``."""
+    name = ALIASES.get(key, key)
+    return {name, *(alias for alias, target in ALIASES.items() if target == name)}
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file "
+                          "as UTF-8") from None
 
 
 __all__ = ["TrainConfig", "ConfigError", "build_config", "load_config", "METHODS"]

@@ -25,10 +25,16 @@ Columns outside the format are not carried over; :class:`NormaliseReport` lists 
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
 import hashlib
+import json
+import logging
+import lzma
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -132,7 +138,9 @@ def load_rows(source: str, split: str = "train") -> Dataset:
     Files are read by extension (``.json``, ``.jsonl``, ``.parquet``, ``.csv``, optionally compressed,
     e.g. ``.jsonl.gz``). A name that looks like a path (starts with ``/``, ``.`` or ``~``, has two or more
     slashes, ends in a data-file suffix, or its folder exists locally) but does not exist raises
-    FileNotFoundError; a Hub id such as ``Anthropic/hh-rlhf`` (one slash) is looked up on the Hub.
+    :class:`MissingDataError` (a DataError and a FileNotFoundError); a Hub id such as ``Anthropic/hh-rlhf``
+    (one slash) is looked up on the Hub. A text file (JSON, JSON lines, CSV) that is empty or not UTF-8, or a
+    JSON line that does not parse, is a DataError naming the file and the line.
     """
     path = Path(source).expanduser()
     if path.is_dir():
@@ -140,8 +148,13 @@ def load_rows(source: str, split: str = "train") -> Dataset:
     if path.is_file():
         return _load_file(path, source)
     if _looks_like_path(source):
-        raise FileNotFoundError(f"{source}: no such file or folder")
+        raise MissingDataError(source, None, None, f"no such file or folder (relative paths start at {Path.cwd()}); "
+                               "check the dataset path")
     return _load_from_hub(source, split)
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A dataset path that does not exist (also a FileNotFoundError, as it always was)."""
 
 
 def _load_file(path: Path, source: str) -> Dataset:
@@ -149,10 +162,124 @@ def _load_file(path: Path, source: str) -> Dataset:
     if builder is None:
         raise DataError(source, None, None, f"unsupported file type; expected one of "
                         f"{', '.join(sorted(_FILE_BUILDERS))} or a folder written by Dataset.save_to_disk")
+    if builder in ("json", "csv"):
+        _check_text_file(path, source, builder)
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # the builders raise many types; the user needs the file name and the cause
-        raise DataError(source, None, None, f"could not be read as {builder}: {type(e).__name__}: {e}") from e
+        with _builder_errors_unlogged(builder):
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # the builders raise many types; the user needs the file name, the line and the cause
+        if builder == "json":
+            problem = _json_problem(path, source)
+            if problem is not None:
+                raise problem from e
+        raise DataError(source, None, None, f"could not be read as {builder}: {_root_cause(e)}") from e
+
+
+class _DropErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _builder_errors_unlogged(builder: str) -> Iterator[None]:
+    """The builder logs its failure at ERROR before raising; the DataError raised here says it better (with the
+    line), and the CLI's message stays the one line on stderr."""
+    logger, drop = logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}"), _DropErrors()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+_SCAN_BLOCK = 1 << 24  # bytes read at a time (then up to the end of the line) when checking a text file
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_EXPECTED = {"json": "one JSON object per line (JSON lines) or a JSON list of objects, e.g. "
+                     '{"prompt": "...", "chosen": "...", "rejected": "..."}',
+             "csv": "a header line of column names (e.g. prompt,chosen,rejected), then one row per line"}
+
+
+def _open_binary(path: Path):
+    """The file's bytes, through a compression the standard library reads; None for one it does not."""
+    suffix = path.suffix.lower()
+    if suffix in _COMPRESSIONS and suffix not in _OPENERS:
+        return None
+    return _OPENERS.get(suffix, open)(path, "rb")
+
+
+def _check_text_file(path: Path, source: str, builder: str) -> None:
+    """Refuse a JSON/CSV file that holds no rows or is not UTF-8, naming the first bad line.
+
+    The file is read in blocks of whole lines (a UTF-8 character never holds a newline byte), so the line
+    number of a bad byte is exact and memory stays bounded."""
+    stream = _open_binary(path)
+    if stream is None:
+        return
+    lines_before, content = 0, False
+    with stream:
+        while block := stream.read(_SCAN_BLOCK):
+            block += stream.readline()
+            try:
+                block.decode("utf-8")
+            except UnicodeDecodeError as err:
+                line = lines_before + block.count(b"\n", 0, err.start) + 1
+                offset = err.start - (block.rfind(b"\n", 0, err.start) + 1)
+                raise DataError(source, None, None, f"line {line}: byte 0x{block[err.start]:02x} (byte {offset + 1} "
+                                "of the line) is not UTF-8 text; save the file as UTF-8 (from Latin-1: "
+                                "iconv -f latin1 -t utf-8)") from None
+            content = content or bool(block.strip())
+            lines_before += block.count(b"\n")
+    if not content:
+        raise DataError(source, None, None, f"the file is empty (no rows); expected {_EXPECTED[builder]}")
+
+
+def _json_problem(path: Path, source: str) -> DataError | None:
+    """Why a JSON (lines) file did not load: its first line that is not a JSON object, or the document's
+    syntax error; None when the file parses (the cause lies elsewhere)."""
+    stream = _open_binary(path)
+    if stream is None:
+        return None
+    with stream:
+        text = stream.read().decode("utf-8")
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if _data_suffix(path) == ".json" and not _is_json_object(first):
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as e:
+            return DataError(source, None, None, f"line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}); "
+                             f"expected {_EXPECTED['json']}")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return DataError(source, None, None, f"line {number}, column {e.colno}: not valid JSON ({e.msg}); each "
+                             "line of a JSON lines file holds one whole JSON object")
+        if not isinstance(value, dict):
+            return DataError(source, None, None, f"line {number}: holds a JSON {type(value).__name__}, not an "
+                             f"object; expected {_EXPECTED['json']}")
+    return None
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost cause of a loader's error (``datasets`` wraps the useful one), as ``Type: message``."""
+    seen = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    for cause in reversed(seen):
+        if str(cause).strip():
+            return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
+    return type(seen[-1]).__name__
 
 
 def _data_suffix(path: Path) -> str:

@@ -1,17 +1,41 @@
 """The registry of methods: a method is data — its loss, its defaults and what it needs.
 
-The training loop asks this registry; it never branches on a method's name.
+The training loop asks this registry; it never branches on a method's name. The built-in entries name
+their loss functions (``"dpo"`` → :func:`preftune.methods.losses.dpo`), which are imported on first use:
+listing the methods or validating a config does not import torch.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from preftune.methods import losses
+from preftune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from preftune.methods import losses
+
+
+class LossByName:
+    """A loss function of :mod:`preftune.methods.losses`, named, imported when first called or inspected."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @functools.cached_property
+    def function(self) -> Callable[..., losses.LossOutput]:
+        return getattr(importlib.import_module("preftune.methods.losses"), self.name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> losses.LossOutput:
+        return self.function(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"preftune.methods.losses.{self.name}"
 
 
 @dataclass(frozen=True)
@@ -28,7 +52,7 @@ class Method:
     """
 
     name: str
-    loss: Callable[..., losses.LossOutput]
+    loss: Callable[..., losses.LossOutput] | str  # a function, or the name of one in preftune.methods.losses
     data: Literal["paired", "unpaired", "sft"] = "paired"
     needs_reference: bool = True
     uses_average_logps: bool = False
@@ -37,17 +61,33 @@ class Method:
     defaults: Mapping[str, float] = field(default_factory=dict)
     summary: str = ""
 
+    def __post_init__(self):
+        if isinstance(self.loss, str):
+            object.__setattr__(self, "loss", LossByName(self.loss))
+
     @property
     def hparams(self) -> tuple[str, ...]:
         """Names of the hyper-parameters the loss takes (its keyword arguments after the log-probs)."""
-        return tuple(list(inspect.signature(self.loss).parameters)[1:])
+        function = self.loss.function if isinstance(self.loss, LossByName) else self.loss
+        return tuple(list(inspect.signature(function).parameters)[1:])
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
-    """Add ``method`` to the registry; its defaults must cover exactly the loss's hyper-parameters."""
+    """Add ``method`` to the registry; its defaults must cover exactly the loss's hyper-parameters.
+
+    A loss given as a function is checked now; a built-in loss given by name is checked by the test
+    suite (tests/methods/test_losses.py), so that registering it does not import torch."""
+    if not isinstance(method.loss, LossByName):
+        check_defaults(method)
+    METHODS[method.name] = method
+    return method
+
+
+def check_defaults(method: Method) -> None:
+    """Raise ValueError unless ``method.defaults`` names exactly its loss's hyper-parameters."""
     missing = set(method.hparams) - set(method.defaults)
     unknown = set(method.defaults) - set(method.hparams)
     if missing or unknown:
@@ -55,74 +95,74 @@ def register(method: Method) -> Method:
             f"Method '{method.name}': defaults must match the loss's hyper-parameters "
             f"(missing: {sorted(missing)}, unknown: {sorted(unknown)})"
         )
-    METHODS[method.name] = method
-    return method
 
 
 # Reference-based, paired.
-register(Method("dpo", losses.dpo, defaults={"beta": 0.1, "label_smoothing": 0.0},
+register(Method("dpo", "dpo", defaults={"beta": 0.1, "label_smoothing": 0.0},
                 summary="DPO, sigmoid loss (Rafailov et al. 2023, arXiv 2305.18290)"))
-register(Method("cdpo", losses.dpo, defaults={"beta": 0.1, "label_smoothing": 0.1},
+register(Method("cdpo", "dpo", defaults={"beta": 0.1, "label_smoothing": 0.1},
                 summary="conservative DPO: label smoothing ε, finite optimum (Mitchell 2023)"))
-register(Method("robust", losses.robust, defaults={"beta": 0.1, "label_smoothing": 0.1},
+register(Method("robust", "robust", defaults={"beta": 0.1, "label_smoothing": 0.1},
                 summary="robust DPO: unbiased under label flips with rate ε (Chowdhury 2024, 2403.00409)"))
-register(Method("ipo", losses.ipo, uses_average_logps=True, defaults={"beta": 0.1},
+register(Method("ipo", "ipo", uses_average_logps=True, defaults={"beta": 0.1},
                 summary="IPO: squared loss to a 1/(2β) margin, length-normalised log-ratios (Azar 2023)"))
-register(Method("hinge", losses.hinge, defaults={"beta": 0.1},
+register(Method("hinge", "hinge", defaults={"beta": 0.1},
                 summary="hinge-norm with reference, margin 1/β (RSO, Liu et al. 2023, 2309.06657)"))
-register(Method("dpop", losses.dpop, defaults={"beta": 0.1, "dpop_lambda": 50.0},
+register(Method("dpop", "dpop", defaults={"beta": 0.1, "dpop_lambda": 50.0},
                 summary="DPO-Positive: penalise chosen log-prob below the reference (Smaug, 2402.13228)"))
-register(Method("rpo", losses.rpo, uses_chosen_nll=True, defaults={"beta": 0.1, "rpo_alpha": 1.0},
+register(Method("rpo", "rpo", uses_chosen_nll=True, defaults={"beta": 0.1, "rpo_alpha": 1.0},
                 summary="DPO + α·per-token NLL of the chosen (Pang et al. 2024, 2404.19733)"))
-register(Method("nca_pair", losses.nca_pair, defaults={"beta": 0.1},
+register(Method("nca_pair", "nca_pair", defaults={"beta": 0.1},
                 summary="NCA, pairwise (Chen et al. 2024, 2402.05369)"))
-register(Method("bco_pair", losses.bco_pair, defaults={"beta": 0.1},
+register(Method("bco_pair", "bco_pair", defaults={"beta": 0.1},
                 summary="BCO, pairwise, no running-mean shift (Jung et al. 2024, 2404.04656)"))
-register(Method("sppo_hard", losses.sppo_hard, defaults={"beta": 0.1},
+register(Method("sppo_hard", "sppo_hard", defaults={"beta": 0.1},
                 summary="SPPO with hard labels: regress ρ_w → 1/(2β), ρ_l → −1/(2β) (Wu et al. 2024)"))
-register(Method("apo_zero", losses.apo_zero, defaults={"beta": 0.1},
+register(Method("apo_zero", "apo_zero", defaults={"beta": 0.1},
                 summary="APO-zero: raise chosen, lower rejected (D'Oosterlinck et al. 2024, 2408.06266)"))
-register(Method("apo_down", losses.apo_down, defaults={"beta": 0.1},
+register(Method("apo_down", "apo_down", defaults={"beta": 0.1},
                 summary="APO-down: lower chosen, keep the gap (D'Oosterlinck et al. 2024, 2408.06266)"))
 
 # Reference-free, paired.
-register(Method("slic", losses.slic, needs_reference=False, uses_chosen_nll=True,
+register(Method("slic", "slic", needs_reference=False, uses_chosen_nll=True,
                 defaults={"beta": 1.0, "slic_lambda": 0.1},
                 summary="SLiC-HF: hinge on s_w − s_l with margin δ=β, plus λ·NLL (Zhao et al. 2023)"))
-register(Method("simpo", losses.simpo, needs_reference=False, uses_average_logps=True,
+register(Method("simpo", "simpo", needs_reference=False, uses_average_logps=True,
                 defaults={"beta": 2.0, "simpo_gamma": 1.0, "label_smoothing": 0.0},
                 summary="SimPO: averaged log-probs, absolute margin γ (Meng et al. 2024, 2405.14734)"))
-register(Method("orpo", losses.orpo, needs_reference=False, uses_average_logps=True, uses_chosen_nll=True,
+register(Method("orpo", "orpo", needs_reference=False, uses_average_logps=True, uses_chosen_nll=True,
                 defaults={"beta": 0.1},
                 summary="ORPO: NLL − β·log σ(log odds ratio) (Hong et al. 2024, 2403.07691)"))
-register(Method("cpo", losses.cpo, needs_reference=False, uses_chosen_nll=True,
+register(Method("cpo", "cpo", needs_reference=False, uses_chosen_nll=True,
                 defaults={"beta": 0.1, "cpo_alpha": 1.0},
                 summary="CPO: reference-free DPO + α·NLL (Xu et al. 2024, 2401.08417)"))
-register(Method("sft", losses.sft, data="sft", needs_reference=False, uses_chosen_nll=True, defaults={"beta": 0.1},
+register(Method("sft", "sft", data="sft", needs_reference=False, uses_chosen_nll=True, defaults={"beta": 0.1},
                 summary="SFT on the chosen completion (per-token NLL); β only scales logged rewards"))
 
-register(Method("unlikelihood", losses.unlikelihood, needs_reference=False, uses_average_logps=True,
+register(Method("unlikelihood", "unlikelihood", needs_reference=False, uses_average_logps=True,
                 uses_chosen_nll=True, defaults={"unlikelihood_alpha": 1.0},
                 summary="Unlikelihood baseline of the DPO paper: NLL(y_w) − α·log(1 − p̄(y_l))"))
 
 # Reward modelling, the RLHF baseline's first stage.
-register(Method("reward", losses.bradley_terry, needs_reference=False, model="reward",
+register(Method("reward", "bradley_terry", needs_reference=False, model="reward",
                 defaults={"center_rewards_coefficient": 0.0},
                 summary="Bradley–Terry reward model on a sequence-classification head (RLHF baseline)"))
 
 # Unpaired.
-register(Method("kto", losses.kto, data="unpaired",
+register(Method("kto", "kto", data="unpaired",
                 defaults={"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
                 summary="KTO: unpaired, KL reference point (Ethayarajh et al. 2024, 2402.01306)"))
 
 
 def get_method(name: str) -> Method:
+    """The registered method ``name``; an unknown name is a ConfigError suggesting the closest ones."""
     try:
         return METHODS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, METHODS, n=3)
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(name, METHODS, n=3) if isinstance(name, str) else []
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"Unknown method '{name}'.{hint} Known: {', '.join(sorted(METHODS))}") from None
+        raise ConfigError(f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(METHODS))} "
+                          "(`preftune methods` describes them)") from None
 
 
 def run_data(names: list[str]) -> Literal["paired", "unpaired", "sft"]:
@@ -131,7 +171,7 @@ def run_data(names: list[str]) -> Literal["paired", "unpaired", "sft"]:
     kinds = {get_method(name).data for name in names}
     others = kinds - {"sft"}
     if len(others) > 1 or ("sft" in kinds and others == {"unpaired"}):
-        raise ValueError(f"cannot combine paired and unpaired methods: {names}")
+        raise ConfigError(f"cannot combine paired and unpaired methods: {names}")
     return others.pop() if others else "sft"
 
 
@@ -152,6 +192,8 @@ def compute_loss(
     for method, weight in zip(methods, weights, strict=True):
         kwargs = {k: method.defaults[k] if hparams.get(k) is None else hparams[k] for k in method.hparams}
         terms.append((method.loss(lp, **kwargs), weight))
+    from preftune.methods import losses
+
     out = losses.combine(terms)
     out.terms = {method.name: term.losses for method, (term, _) in zip(methods, terms)}
     return out

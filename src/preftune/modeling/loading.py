@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,20 +19,62 @@ from transformers import (
 )
 
 from preftune.config import TrainConfig
+from preftune.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
+# What a local folder must hold to be loaded as each kind (a PEFT adapter folder loads as a model too).
+_MARKERS = {"model": ("config.json", "adapter_config.json"),
+            "tokenizer": ("tokenizer_config.json", "tokenizer.json", "config.json")}
+
+
+def _looks_local(path: str) -> bool:
+    """A path, not a Hub id (``name`` or ``org/name``): transformers would otherwise say "Repo id must use …"."""
+    if path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") > 1:
+        return True
+    return "/" in path and Path(path).parent.is_dir()  # `models/x` where ./models exists
+
+
+@contextlib.contextmanager
+def _loading(path: str, kind: str) -> Iterator[None]:
+    """Check a local ``path`` before loading; turn transformers' "not found / not a model" errors into a
+    ModelError naming the path and what to give instead. OS errors with an errno (disk full, permissions)
+    pass through for the CLI to report."""
+    local = Path(path).expanduser()
+    noun = "model or tokenizer" if kind == "tokenizer" else kind  # the tokenizer is read from the model's folder
+    if local.is_dir():
+        if not any((local / name).is_file() for name in _MARKERS[kind]):
+            raise ModelError(f"{path} is not a {kind} folder: it holds none of {', '.join(_MARKERS[kind])}; give "
+                             "a folder written by save_pretrained, or a Hub id such as 'org/name'")
+    elif local.exists():
+        raise ModelError(f"{path} is a file, not a {noun} folder; give the folder written by save_pretrained "
+                         "(config.json and the weights), or a Hub id such as 'org/name'")
+    elif _looks_local(path):
+        raise ModelError(f"{path}: no such {noun} folder (relative paths start at {Path.cwd()}); check the path: "
+                         f"give a folder written by save_pretrained, or a Hub id such as 'org/name'")
+    try:
+        yield
+    except OSError as err:
+        if err.errno is not None:
+            raise
+        cause = " ".join(str(err).split())
+        raise ModelError(f"{path}: could not load the {kind} ({cause}); give a local folder written by "
+                         "save_pretrained, or a Hub id that can be downloaded or is in the Hugging Face cache") from err
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with _loading(path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and of the loss, so any id works; EOS is the
         # convention users expect.
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer at {path} has no eos_token; preftune appends EOS to every completion")
+        raise ModelError(f"tokenizer at {path} has no eos_token; preftune appends EOS to every completion: set one "
+                         "(tokenizer.eos_token = ...; save_pretrained)")
     return tokenizer
 
 
@@ -39,7 +84,8 @@ def load_causal_lm(path: str, cfg: TrainConfig) -> PreTrainedModel:
     kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with _loading(path, "model"):
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def load_reward_model(path: str, cfg: TrainConfig) -> PreTrainedModel:
@@ -47,7 +93,8 @@ def load_reward_model(path: str, cfg: TrainConfig) -> PreTrainedModel:
     kwargs = dict(num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    with _loading(path, "model"):
+        return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
 
 
 def as_reward_model(causal_lm: PreTrainedModel) -> PreTrainedModel:

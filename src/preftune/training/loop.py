@@ -177,7 +177,8 @@ class PreferenceTrainer:
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
         # Accelerate steps a prepared scheduler once per process per optimizer step; size it to match.
         scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup * acc.num_processes,
-                                  num_training_steps=total_steps * acc.num_processes)
+                                  num_training_steps=total_steps * acc.num_processes,
+                                  scheduler_specific_kwargs=cfg.scheduler_kwargs(acc.num_processes))
         policy, optimizer, train_dl, scheduler = acc.prepare(policy, optimizer, train_dl, scheduler)
         reference = inputs.make_reference(policy, acc)
         moving_reference = reference.module if cfg.sync_ref_model else None  # TR-DPO's reference is state too

@@ -91,7 +91,13 @@ def _fuse_mlps(cfg: TrainConfig, model: nn.Module, accelerator: Accelerator) -> 
     return count > 0
 
 
-def _as_dataset(rows) -> datasets.Dataset:
+def _as_dataset(rows, split: str | None = None, name: str = "train_dataset") -> datasets.Dataset:
+    """A ``datasets.Dataset``, a ``DatasetDict`` (its ``split``) or a list of rows, as a Dataset."""
+    if isinstance(rows, datasets.DatasetDict):
+        if split not in rows:
+            raise formats.DataError(name, None, None, f"is a DatasetDict without the split {split!r}; it has "
+                                    f"{sorted(rows)}: set dataset_split (eval_split for eval_dataset)")
+        return rows[split]
     return rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
 
 
@@ -151,6 +157,11 @@ def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokeni
                    name: str) -> datasets.Dataset:
     normalised, report = formats.normalise(rows, source, skip_invalid=cfg.skip_invalid_rows)
     reports[f"{name}/rows"] = str(report)
+    if report.rows_out == 0:  # only under skip_invalid_rows: otherwise the first bad row has raised
+        first = "; ".join(report.first_problem.values())
+        raise formats.DataError(source, None, None, f"kept 0 of {report.rows_in} rows: every row is invalid "
+                                f"({', '.join(f'{n} {r}' for r, n in report.skipped.items())}); first of each: "
+                                f"{first}; fix the rows (skip_invalid_rows=false names the first bad row)")
     normalised = _rows_for(kind, normalised, source, cfg.methods, reports, name)
     tokenized, tok_report = tokenize.tokenize_rows(
         normalised, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
@@ -176,8 +187,10 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
 
     kind = run_data(cfg.methods)
     reports: dict[str, str] = {}
+    if isinstance(train_dataset, datasets.DatasetDict) and eval_dataset is None and cfg.eval_dataset is None:
+        eval_dataset = train_dataset.get(cfg.eval_split)  # its eval split, as the Hub's train/test layout suggests
     if train_dataset is not None:
-        train_rows, train_source = _as_dataset(train_dataset), "train_dataset"
+        train_rows, train_source = _as_dataset(train_dataset, cfg.dataset_split), "train_dataset"
     elif cfg.dataset is not None:
         train_rows, train_source = formats.load_rows(cfg.dataset, cfg.dataset_split), cfg.dataset
     else:
@@ -186,7 +199,7 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
         train = _prepare_split(cfg, train_rows, train_source, tokenizer, kind, reports, "train")
         evaluation = None
         if eval_dataset is not None or cfg.eval_dataset is not None:
-            eval_rows = (_as_dataset(eval_dataset) if eval_dataset is not None
+            eval_rows = (_as_dataset(eval_dataset, cfg.eval_split, "eval_dataset") if eval_dataset is not None
                          else formats.load_rows(cfg.eval_dataset, cfg.eval_split))
             evaluation = _prepare_split(cfg, eval_rows, str(cfg.eval_dataset or "eval_dataset"), tokenizer,
                                         kind, reports, "eval")
