@@ -91,6 +91,12 @@ def test_conversation_prompts_give_conversational_pairs(no_pad_world, tmp_path, 
         assert row["prompt"] in conversations
         assert [m["role"] for m in row["chosen"]] == ["assistant"] == [m["role"] for m in row["rejected"]]
         assert row["score_chosen"] == len(row["chosen"][0]["content"])
+    # eval reads the same conversations; a model against itself: KL 0, win rate ½, and the judge is named.
+    table = eval_command(str(root / "sft"), str(root / "sft"), str(prompts), judge="judge_fn:chars",
+                         max_new_tokens=6, num_samples=2, out=str(tmp_path / "e.json"))
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved["judge"] == "judge_fn:chars" and "judge_fn:chars" in table
+    assert saved["policy"]["kl"] == pytest.approx(0.0, abs=1e-5) and saved["policy"]["win_rate"] == 0.5
 
 
 def test_the_judge_must_be_named(no_pad_world, capsys):

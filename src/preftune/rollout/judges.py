@@ -241,7 +241,7 @@ class RewardModelJudge:
         config = unwrap_causal_lm(model).config
         if getattr(config, "num_labels", 1) != 1:
             raise ModelError(f"judge {name}: a reward model has one output label, this one has {config.num_labels}")
-        self.model, self.tokenizer, self.batch_size, self.name = model.eval(), tokenizer, batch_size, name
+        self.model, self.tokenizer, self.batch_size, self.name = model, tokenizer, batch_size, name
         self.last_token_head = hasattr(unwrap_causal_lm(model), "score")
         if self.last_token_head and tokenizer.eos_token_id is None:
             raise ModelError(f"judge {name}: its tokenizer has no eos_token, but the score is read at the EOS "
@@ -272,23 +272,31 @@ class RewardModelJudge:
             model = model.to(device)
         return cls(model, tokenizer, batch_size=batch_size, name=f"reward_model:{path}")
 
-    def _sequences(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[list[int]]:
+    def _encode(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> tuple[list, list]:
         if check_prompts(prompts, self.name) and not getattr(self.tokenizer, "chat_template", None):
             prompts = [prompt_text(p) for p in prompts]
-        prompt_ids, completion_ids = encode_completions(self.tokenizer, prompts, completions, self.name)
-        return [p + c for p, c in zip(prompt_ids, completion_ids)]
+        return encode_completions(self.tokenizer, prompts, completions, self.name)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
         check_aligned(prompts, completions)
-        if not self.last_token_head:
-            return self._score_pairs(prompts, completions)
-        sequences = self._sequences(prompts, completions)
-        out = torch.zeros(len(sequences))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if not self.last_token_head:
+                return self._score_pairs(prompts, completions)
+            return self._score_last_token(prompts, completions)
+        finally:
+            self.model.train(was_training)
+
+    def _score_last_token(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        prompt_ids, completion_ids = self._encode(prompts, completions)
+        out = torch.zeros(len(prompt_ids))
         device = _device(self.model)
-        for idx in length_sorted_batches([len(s) for s in sequences], self.batch_size):
-            # One row per sequence, right-padded: the pads come after the last token and are never read.
-            batch = pad_sequences([sequences[i] for i in idx], [[] for _ in idx], pad_id=0)
+        lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+        for idx in length_sorted_batches(lengths, self.batch_size):
+            # One row per sequence, right-padded: the pads come after the EOS and are never read.
+            batch = pad_sequences([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], pad_id=0)
             scores = sequence_rewards(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                       batch["seq_last_index"].to(device), batch["seq_tokens"].to(device),
                                       batch["position_ids"].to(device))["logps"]

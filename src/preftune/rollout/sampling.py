@@ -35,7 +35,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from preftune.errors import ConfigError
 from preftune.modeling.logprobs import unwrap_causal_lm
-from preftune.rollout.encoding import Prompt, check_prompts, encode_prompts
+from preftune.rollout.encoding import Prompt, encode_prompts
 from preftune.rollout.record import Rollout
 
 # Logits processors a checkpoint's generation_config may switch on; the rollout samples from the distribution
@@ -200,8 +200,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Prompt], params: Sam
     is put in eval mode for sampling and restored after.
     """
     params = params or SamplingParams()
-    check_prompts(prompts, source)
-    prompt_ids = encode_prompts(tokenizer, prompts, source)
+    prompt_ids = encode_prompts(tokenizer, prompts, source)  # validates them too
     stops = stop_token_ids(model, tokenizer)
     stop_set = set(stops)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
