@@ -30,8 +30,10 @@ def test_frontier_points_plot_and_table(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 0
     saved = json.loads((tmp_path / "points.json").read_text())
     assert saved["points"] == points
+    assert saved["judge"] == "gold_sentiment"
     table = frontier_table(points)
-    assert table.count("\n") == 2 + len(settings.runs) - 1 and "| DPO β=0.5 |" in table
+    assert table.count("\n") == 4 + len(settings.runs) - 1 and "| DPO β=0.5 |" in table
+    assert table.splitlines()[0].startswith("Mean reward by judge `gold_sentiment`")
 
 
 def test_frontier_table_takes_the_best_reward_within_each_budget():

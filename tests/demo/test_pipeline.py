@@ -22,6 +22,7 @@ def test_dpo_raises_the_gold_reward_of_the_sft_model(demo):
     assert sft["kl"] == pytest.approx(0.0, abs=1e-4) and sft["win_rate"] == 0.5  # π_ref against itself
     assert dpo["reward"] > sft["reward"] + 0.05
     assert dpo["kl"] > 0
+    assert summary["judge"] == sft["judge"] == dpo["judge"] == "gold_sentiment"
     for name in ("demo.json", "demo.md", "pairs.jsonl", "training_curves.png", "reward_distribution.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "dpo" / "final" / "model.safetensors").exists()
@@ -33,13 +34,15 @@ def test_pairs_and_eval_commands_on_the_demo_models(demo, tmp_path, capsys):
     prompts.write_text("The acting was\nI watched this film\n")
     pairs = tmp_path / "pairs.jsonl"
     assert main(["pairs", "--model", str(out / "sft" / "final"), "--prompts", str(prompts), "--out", str(pairs),
-                 "--k", "3", "--max-new-tokens", "12"]) == 0
+                 "--judge", "gold", "--k", "3", "--max-new-tokens", "12"]) == 0
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     assert rows and all(r["score_chosen"] > r["score_rejected"] for r in rows)
     report = tmp_path / "eval.json"
     assert main(["eval", "--model", str(out / "dpo" / "final"), "--reference", str(out / "sft" / "final"),
                  "--prompts", str(prompts), "--pairs", str(pairs), "--beta", "0.5", "--max-new-tokens", "12",
-                 "--out", str(report)]) == 0
-    metrics = json.loads(report.read_text())["policy"]
+                 "--judge", "gold", "--out", str(report)]) == 0
+    saved = json.loads(report.read_text())
+    metrics = saved["policy"]
+    assert saved["judge"] == metrics["judge"] == "gold_sentiment"
     assert {"reward", "kl", "win_rate", "length", "eos_rate", "implicit_reward_accuracy"} <= set(metrics)
     assert "reward" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from preftune.demo import world
-from preftune.evaluation.judges import GoldSentimentJudge
+from preftune.rollout.judges import GoldSentimentJudge
 
 
 @pytest.fixture(scope="module")

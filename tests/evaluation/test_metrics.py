@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from preftune.evaluation.generate import Samples, generate
-from preftune.evaluation.judges import ImplicitRewardJudge
 from preftune.evaluation.metrics import evaluate_policy, format_table, implicit_reward_accuracy, sequence_kl
 from preftune.evaluation.report import plot_frontier, plot_reward_distributions, plot_training_curves
+from preftune.rollout.judges import ImplicitRewardJudge
+from preftune.rollout.record import Rollout
+from preftune.rollout.sampling import SamplingParams, generate
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def exact_kl(policy, reference, prompt_ids, completion_ids) -> float:
     return total
 
 
-def handmade_samples(tokenizer) -> Samples:
+def handmade_samples(tokenizer) -> Rollout:
     """Completions of different lengths, two ending with EOS, so padding and the EOS step are exercised."""
     eos = tokenizer.eos_token_id
     g = torch.Generator().manual_seed(0)
@@ -39,7 +40,9 @@ def handmade_samples(tokenizer) -> Samples:
     completion_ids[0].append(eos)
     completion_ids[1].append(eos)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Samples(prompts, prompt_ids, completion_ids, texts, [True, True, False])
+    logprobs = [[0.0] * len(c) for c in completion_ids]
+    return Rollout(prompts, prompt_ids, completion_ids=completion_ids, logprobs=logprobs,
+                   ended_with_eos=[True, True, False], completions=texts)
 
 
 @pytest.mark.parametrize(("batch_size", "chunk_size"), [(1, 1), (2, 3), (32, 1024)])
@@ -54,9 +57,9 @@ def test_sequence_kl_equals_exact_per_token_sum(tiny_model, tokenizer, batch_siz
 
 def test_sequence_kl_on_generated_samples_equals_exact(tiny_model, tokenizer):
     policy, reference = tiny_model(seed=0), tiny_model(seed=2)
-    samples = generate(policy, tokenizer, ["The movie was", "What"], max_new_tokens=6, num_samples=2, seed=0)
+    samples = generate(policy, tokenizer, ["The movie was", "What"], SamplingParams(max_new_tokens=6, n=2, seed=0))
     kl = sequence_kl(policy, reference, samples)
-    expected = [exact_kl(policy, reference, p, c) for p, c in zip(samples.prompt_ids, samples.completion_ids)]
+    expected = [exact_kl(policy, reference, p, c) for p, c in zip(samples.sample_prompt_ids, samples.completion_ids)]
     torch.testing.assert_close(kl, torch.tensor(expected, dtype=torch.float32), rtol=1e-4, atol=1e-4)
 
 
@@ -77,23 +80,24 @@ class LengthJudge:
 def test_policy_equal_to_reference_has_zero_kl_and_wins_half(tiny_model, tokenizer):
     policy = tiny_model(seed=0)
     prompts = ["The movie was", "What", "I did not like"]
-    result = evaluate_policy(policy, copy.deepcopy(policy), tokenizer, prompts, LengthJudge(), max_new_tokens=8,
-                             num_samples=2, seed=0, return_per_sample=True)
+    result = evaluate_policy(policy, copy.deepcopy(policy), tokenizer, prompts, LengthJudge(),
+                             SamplingParams(max_new_tokens=8, n=2, seed=0), return_per_sample=True)
     assert result["kl"] == pytest.approx(0.0, abs=1e-5)
     assert result["win_rate"] == 0.5
     assert result["reward"] == result["reference_reward"]
     assert result["n"] == 6
-    samples = result["per_sample"]["samples"]
+    samples = result["per_sample"]["rollout"]
     assert result["length"] == pytest.approx(sum(samples.lengths) / 6)
     assert result["eos_rate"] == sum(samples.ended_with_eos) / 6
-    assert result["per_sample"]["rewards"] == LengthJudge().score(samples.prompts, samples.completions)
+    assert result["per_sample"]["rewards"] == LengthJudge().score(samples.sample_prompts, samples.completions)
+    assert result["judge"] == "length" and samples.judge == "length"
 
 
 def test_evaluate_reports_the_kl_of_the_policy_samples(tiny_model, tokenizer):
     policy, reference = tiny_model(seed=0), tiny_model(seed=1)
     result = evaluate_policy(policy, reference, tokenizer, ["The movie was", "What"], LengthJudge(),
-                             max_new_tokens=5, num_samples=2, seed=1, return_per_sample=True)
-    samples = result["per_sample"]["samples"]
+                             SamplingParams(max_new_tokens=5, n=2, seed=1), return_per_sample=True)
+    samples = result["per_sample"]["rollout"]
     expected = sequence_kl(policy, reference, samples).mean()
     assert result["kl"] == pytest.approx(float(expected), rel=1e-5)
     assert result["kl"] > 0
@@ -113,6 +117,23 @@ def test_implicit_reward_accuracy_is_strict_and_oriented(tiny_model, tokenizer):
     assert implicit_reward_accuracy(policy, reference, tokenizer, wrong, beta=0.1) == 0.0
     # Equal rewards are not a win: the reference against itself scores 0, not ½.
     assert implicit_reward_accuracy(reference, reference, tokenizer, right, beta=0.1) == 0.0
+
+
+def test_evaluation_of_conversation_prompts_and_conversational_pairs(tiny_model, tokenizer):
+    policy, reference = tiny_model(seed=0), tiny_model(seed=1)
+    prompts = [[{"role": "user", "content": "The movie was"}], [{"role": "user", "content": "What\nis it?"}]]
+    result = evaluate_policy(policy, reference, tokenizer, prompts, LengthJudge(), SamplingParams(max_new_tokens=4),
+                             return_per_sample=True)
+    rollout = result["per_sample"]["rollout"]
+    assert rollout.prompt_ids[0] == tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True,
+                                                                  tokenize=True, return_dict=True)["input_ids"]
+    assert result["kl"] == pytest.approx(float(sequence_kl(policy, reference, rollout).mean()), rel=1e-5)
+    judge = ImplicitRewardJudge(policy, reference, tokenizer, beta=0.1)
+    a, b = judge.score(prompts, ["good", "yes"]), judge.score(prompts, ["bad", "no"])
+    rows = [{"prompt": p, "chosen": [{"role": "assistant", "content": x if sx > sy else y}],
+             "rejected": [{"role": "assistant", "content": y if sx > sy else x}]}
+            for p, x, y, sx, sy in zip(prompts, ["good", "yes"], ["bad", "no"], a, b)]
+    assert implicit_reward_accuracy(policy, reference, tokenizer, rows, beta=0.1) == 1.0
 
 
 def test_format_table_aligns_metrics_by_column():

@@ -18,10 +18,11 @@ from transformers import AutoModelForCausalLM
 from preftune.config import build_config
 from preftune.demo.world import review_corpus, review_prompts, world_model, world_tokenizer
 from preftune.errors import RunDirError
-from preftune.evaluation.judges import GoldSentimentJudge
 from preftune.evaluation.metrics import evaluate_policy, format_table
-from preftune.evaluation.pairs import build_pairs, save_pairs
 from preftune.evaluation.report import plot_reward_distributions, plot_training_curves
+from preftune.rollout.judges import GoldSentimentJudge
+from preftune.rollout.pairs import build_pairs, save_pairs
+from preftune.rollout.sampling import SamplingParams
 from preftune.training.loop import PreferenceTrainer
 
 log = logging.getLogger("preftune")
@@ -115,9 +116,9 @@ def build_world(settings: DemoSettings, lap=lambda name: None) -> World:
     sft = AutoModelForCausalLM.from_pretrained(sft_dir).eval()
     lap("sft")
 
-    pairs, pair_report = build_pairs(sft, tokenizer, train_prompts, GoldSentimentJudge(),
-                                     k=settings.samples_per_prompt, mode="all",
-                                     max_new_tokens=settings.max_new_tokens, seed=settings.seed)
+    sampling = SamplingParams(max_new_tokens=settings.max_new_tokens, n=settings.samples_per_prompt,
+                              seed=settings.seed)
+    pairs, pair_report = build_pairs(sft, tokenizer, train_prompts, GoldSentimentJudge(), sampling, mode="all")
     save_pairs(pairs, Path(settings.output_dir) / "pairs.jsonl")
     log.info("demo: %s", pair_report)
     pairs = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in pairs]
@@ -147,11 +148,11 @@ def run_demo(settings: DemoSettings) -> dict:
     dpo = AutoModelForCausalLM.from_pretrained(dpo_dir).eval()
     lap("dpo")
 
-    sampling = dict(max_new_tokens=settings.max_new_tokens, num_samples=settings.eval_samples, seed=settings.seed + 2,
-                    return_per_sample=True)
-    results = {"SFT (π_ref)": evaluate_policy(sft, sft, tokenizer, eval_prompts, judge, **sampling)}
-    results["DPO"] = evaluate_policy(dpo, sft, tokenizer, eval_prompts, judge,
-                                     reference_samples=results["SFT (π_ref)"]["per_sample"]["samples"], **sampling)
+    sampling = SamplingParams(max_new_tokens=settings.max_new_tokens, n=settings.eval_samples, seed=settings.seed + 2)
+    results = {"SFT (π_ref)": evaluate_policy(sft, sft, tokenizer, eval_prompts, judge, sampling,
+                                              return_per_sample=True)}
+    results["DPO"] = evaluate_policy(dpo, sft, tokenizer, eval_prompts, judge, sampling, return_per_sample=True,
+                                     reference_rollout=results["SFT (π_ref)"]["per_sample"]["rollout"])
     lap("evaluation")
 
     rewards = {name: r.pop("per_sample")["rewards"] for name, r in results.items()}
@@ -159,7 +160,7 @@ def run_demo(settings: DemoSettings) -> dict:
     plot_training_curves({"SFT": out / "sft" / "metrics.jsonl", "DPO": out / "dpo" / "metrics.jsonl"},
                          out / "training_curves.png")
     timings["total"] = round(time.perf_counter() - started, 1)
-    summary = {"settings": asdict(settings), "evaluation": results, "pairs": str(pair_report),
+    summary = {"settings": asdict(settings), "judge": judge.name, "evaluation": results, "pairs": str(pair_report),
                "seconds": timings}
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     table = format_table(results)

@@ -5,7 +5,7 @@ A miniature of the DPO paper's IMDb experiment (arXiv 2305.18290, §6.1) that ru
 * :func:`review_corpus` — seeded reviews of 1–3 sentences: positive, negative and mixed ("…, but …"),
   with intensifiers ("very", "a bit") and negations the VADER lexicon scores correctly ("not good" is
   negative, "never boring" and "not bad at all" positive). Every sentiment-bearing word comes from the
-  lexicon, so the gold reward (:class:`preftune.evaluation.judges.GoldSentimentJudge`) reads the review
+  lexicon, so the gold reward (:class:`preftune.rollout.judges.GoldSentimentJudge`) reads the review
   the way a person would; the mix is calibrated so that the corpus' mean gold reward is ≈ 0.5.
 * :func:`review_prompts` — 2–8-token prefixes of reviews, cut at word boundaries (as the paper's IMDb
   prefixes), so that prompt + completion tokenizes the way the review did during SFT.

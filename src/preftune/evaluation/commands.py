@@ -1,69 +1,147 @@
-"""What ``preftune pairs`` and ``preftune eval`` do, as functions over paths (the CLI only parses)."""
+"""What ``preftune pairs`` and ``preftune eval`` do, as functions over paths (the CLI only parses).
+
+Prompt files: ``.txt`` holds one prompt per line (blank lines are skipped); ``.jsonl`` holds one JSON object
+per line with a ``prompt`` that is a string (newlines allowed, as in Anthropic HH's ``\\n\\nHuman: …``) or a
+conversation (a list of ``{"role", "content"}`` messages, rendered with the policy's chat template). A bad
+file raises :class:`preftune.errors.DataError` naming the file and the line.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM
-
-from preftune.evaluation.judges import GoldSentimentJudge, Judge, RewardModelJudge
+from preftune.errors import ConfigError, DataError, ModelError
 from preftune.evaluation.metrics import evaluate_policy, format_table, implicit_reward_accuracy
-from preftune.evaluation.pairs import build_pairs, save_pairs
-from preftune.modeling.loading import load_tokenizer
+from preftune.rollout.encoding import Prompt, check_prompts
+from preftune.rollout.judges import load_judge
+from preftune.rollout.pairs import build_pairs, save_pairs
+from preftune.rollout.sampling import SamplingParams
+
+PROMPT_SUFFIXES = (".txt", ".jsonl")
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a ``.txt`` file (one per line) or JSON Lines rows with a ``prompt`` field."""
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """``(line number, text)`` of the non-blank lines of a UTF-8 file (1-based numbers, as editors show)."""
+    if not path.is_file():
+        raise DataError(str(path), None, None, "no such file" if not path.exists() else "not a file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not valid UTF-8 (byte {data[e.start]:#x} at offset {e.start}); "
+                        "save the file as UTF-8") from e
+    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def _json_rows(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of each JSON Lines row; a broken line or a non-object is named by its number."""
+    rows = []
+    for n, line in _lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}); each line must "
+                            "be one JSON object") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+        rows.append((n, row))
+    return rows
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from a ``.txt`` file (one per line) or JSON Lines rows with a ``prompt`` field (see the module
+    docstring); all strings or all conversations."""
     path = Path(path)
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
-        return lines
-    prompts = []
-    for i, line in enumerate(lines):
-        row = json.loads(line)
-        if not isinstance(row.get("prompt"), str):
-            found = type(row.get("prompt")).__name__
-            raise ValueError(f"{path}, row {i}, field 'prompt': expected a string, got {found}")
-        prompts.append(row["prompt"])
+    if path.suffix not in PROMPT_SUFFIXES:
+        raise DataError(str(path), None, None, f"prompts must be a .txt file (one prompt per line) or a .jsonl "
+                        f"file (one {{\"prompt\": …}} object per line), got a '{path.suffix}' file")
+    if path.suffix == ".txt":
+        prompts: list[Prompt] = [line for _, line in _lines(path)]
+        line_of = list(range(len(prompts)))
+    else:
+        rows = _json_rows(path)
+        for i, (n, row) in enumerate(rows):
+            if "prompt" not in row:
+                raise DataError(str(path), i, "prompt", f"missing (line {n}, keys {sorted(row)}); each row needs "
+                                "a 'prompt': a string or a list of {role, content} messages")
+        prompts = [row["prompt"] for _, row in rows]
+        line_of = [n for n, _ in rows]
+    if not prompts:
+        raise DataError(str(path), None, None, "the file holds no prompts")
+    try:
+        check_prompts(prompts, str(path))
+    except DataError as e:
+        if e.row is None or path.suffix == ".txt":
+            raise
+        raise DataError(str(path), e.row, e.field, f"{e.problem} (line {line_of[e.row]})") from e
     return prompts
 
 
-def make_judge(spec: str) -> Judge:
-    """``gold`` (VADER sentiment in [0, 1]) or the path of a reward model trained with ``method: reward``."""
-    if spec == "gold":
-        return GoldSentimentJudge()
-    from transformers import AutoModelForSequenceClassification
+def read_pairs(path: str | Path) -> list[dict]:
+    """Held-out preference rows (JSON Lines with ``prompt``, ``chosen``, ``rejected``, text or conversational)."""
+    path = Path(path)
+    rows = _json_rows(path)
+    for i, (n, row) in enumerate(rows):
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+        if missing:
+            raise DataError(str(path), i, missing[0], f"missing (line {n}); held-out pairs need prompt, chosen "
+                            "and rejected")
+    if not rows:
+        raise DataError(str(path), None, None, "the file holds no pairs")
+    return [row for _, row in rows]
 
-    return RewardModelJudge(AutoModelForSequenceClassification.from_pretrained(spec).eval(), load_tokenizer(spec))
+
+def _load_policy(path: str, role: str):
+    from transformers import AutoModelForCausalLM
+
+    from preftune.modeling.loading import load_tokenizer
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{role} {path}: cannot load a causal LM and its tokenizer ({type(e).__name__}: {e}); "
+                         "give a local folder with config.json, weights and tokenizer files") from e
 
 
-def _load(path: str):
-    return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def pairs_command(model: str, prompts: str, out: str, judge: str = "gold", k: int = 4, mode: str = "all",
-                  max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0) -> str:
-    """Sample ``k`` completions per prompt, score them, write pairs as JSONL; returns the report line."""
-    rows, report = build_pairs(_load(model), load_tokenizer(model), read_prompts(prompts), make_judge(judge), k=k,
-                               mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+def pairs_command(model: str, prompts: str, out: str, judge: str, k: int = 4, mode: str = "all",
+                  max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                  seed: int = 0, batch_size: int = 64) -> str:
+    """Sample ``k`` completions per prompt, score them with ``judge``, write pairs as JSONL (conversational
+    rows for conversation prompts); returns the report line, which names the judge."""
+    if k < 2:
+        raise ConfigError(f"--k must be at least 2 to form pairs (k completions per prompt), got {k}")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=k,
+                            seed=seed, batch_size=batch_size)
+    rows_in = read_prompts(prompts)
+    scorer = load_judge(judge)
+    policy, tokenizer = _load_policy(model, "model")
+    rows, report = build_pairs(policy, tokenizer, rows_in, scorer, params, mode=mode)
     save_pairs(rows, out)
     return f"{report}\nwritten {len(rows)} pairs to {out}"
 
 
-def eval_command(model: str, reference: str, prompts: str, judge: str = "gold", pairs: str | None = None,
+def eval_command(model: str, reference: str, prompts: str, judge: str, pairs: str | None = None,
                  beta: float = 0.1, max_new_tokens: int = 64, num_samples: int = 1, temperature: float = 1.0,
-                 seed: int = 0, out: str | None = None) -> str:
-    """Evaluate ``model`` against ``reference``: reward, KL, win rate, length, EOS rate (and implicit-reward
-    accuracy on held-out ``pairs``); writes JSON to ``out`` and returns a readable table."""
-    tokenizer = load_tokenizer(model)
-    policy, ref = _load(model), _load(reference)
-    sampling = dict(max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature, seed=seed)
-    results = {"policy": evaluate_policy(policy, ref, tokenizer, read_prompts(prompts), make_judge(judge),
-                                         **sampling)}
-    if pairs:
-        rows = [json.loads(line) for line in Path(pairs).read_text(encoding="utf-8").splitlines() if line.strip()]
-        results["policy"]["implicit_reward_accuracy"] = implicit_reward_accuracy(policy, ref, tokenizer, rows, beta)
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, batch_size: int = 64,
+                 out: str | None = None) -> str:
+    """Evaluate ``model`` against ``reference``: reward (by ``judge``), KL, win rate, length, EOS rate (and
+    implicit-reward accuracy on held-out ``pairs``); writes JSON to ``out`` and returns a readable table.
+    Both name the judge."""
+    if num_samples < 1:
+        raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            n=num_samples, seed=seed, batch_size=batch_size)
+    prompt_rows = read_prompts(prompts)
+    held_out = read_pairs(pairs) if pairs else None
+    scorer = load_judge(judge)
+    policy, tokenizer = _load_policy(model, "model")
+    ref, _ = _load_policy(reference, "reference")
+    results = {"policy": evaluate_policy(policy, ref, tokenizer, prompt_rows, scorer, params)}
+    if held_out is not None:
+        results["policy"]["implicit_reward_accuracy"] = implicit_reward_accuracy(policy, ref, tokenizer, held_out,
+                                                                                 beta)
     if out:
-        Path(out).write_text(json.dumps(results, indent=2))
+        Path(out).write_text(json.dumps({"judge": scorer.name, **results}, indent=2))
     return format_table(results)

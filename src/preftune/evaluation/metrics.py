@@ -16,10 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from preftune.data.batching import pad_sequences
-from preftune.evaluation.generate import Samples, generate
-from preftune.evaluation.judges import ImplicitRewardJudge, Judge, compare, length_sorted_batches
 from preftune.modeling.lm_head import head_logits
 from preftune.modeling.logprobs import flat_hidden_states, unwrap_causal_lm
+from preftune.rollout.encoding import Prompt, length_sorted_batches
+from preftune.rollout.judges import ImplicitRewardJudge, Judge, compare, judge_scores
+from preftune.rollout.record import Rollout
+from preftune.rollout.sampling import SamplingParams, generate
 
 # ------------------------------------------------------------------------------------ sequence KL
 
@@ -43,25 +45,25 @@ def _log_softmax_head(model: nn.Module, hidden: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sequence_kl(
-    policy: nn.Module, reference: nn.Module, samples: Samples, *, batch_size: int = 32, chunk_size: int = 1024
+    policy: nn.Module, reference: nn.Module, rollout: Rollout, *, batch_size: int = 32, chunk_size: int = 1024
 ) -> Tensor:
-    """Sequence-level KL(π‖π_ref) of each sample, fp32 ``[n]``: Σ_t Σ_v π_t(v) (log π_t(v) − log π_ref,t(v)).
+    """Sequence-level KL(π‖π_ref) of each sample, fp32 ``[N]``: Σ_t Σ_v π_t(v) (log π_t(v) − log π_ref,t(v)).
 
-    ``t`` runs over the completion's tokens (``samples.completion_ids``, EOS step included). The model
+    ``t`` runs over the completion's tokens (``rollout.completion_ids``, EOS step included). The model
     bodies run once per length-sorted batch; only the completion positions are projected to the
     vocabulary, ``chunk_size`` at a time, so ``[batch, seq, vocab]`` logits never exist. Sequences are
     laid out by :func:`preftune.data.batching.pad_sequences` (right padding, explicit positions).
     """
-    out = torch.zeros(len(samples))
+    out = torch.zeros(len(rollout))
     models = (policy, reference)
     was_training = [m.training for m in models]
     for m in models:
         m.eval()
     try:
-        lengths = [len(p) + len(c) for p, c in zip(samples.prompt_ids, samples.completion_ids)]
+        prompt_ids = rollout.sample_prompt_ids
+        lengths = [len(p) + len(c) for p, c in zip(prompt_ids, rollout.completion_ids)]
         for idx in length_sorted_batches(lengths, batch_size):
-            batch = pad_sequences([samples.prompt_ids[i] for i in idx],
-                                  [samples.completion_ids[i] for i in idx], pad_id=0)
+            batch = pad_sequences([prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx], pad_id=0)
             h_policy, h_reference = _completion_hidden(policy, batch), _completion_hidden(reference, batch)
             per_token = []
             for start in range(0, h_policy.shape[0], chunk_size):
@@ -88,63 +90,60 @@ def evaluate_policy(
     policy: nn.Module,
     reference: nn.Module,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     judge: Judge,
+    params: SamplingParams,
     *,
-    max_new_tokens: int,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-    batch_size: int = 64,
-    reference_samples: Samples | None = None,
+    reference_rollout: Rollout | None = None,
     return_per_sample: bool = False,
 ) -> dict:
-    """Sample the policy on held-out ``prompts`` and measure it against the reference.
+    """Sample the policy on held-out ``prompts`` (strings or conversations) and measure it against the reference.
 
-    Returns (all floats except ``n``): ``reward`` and ``reward_std`` (judge scores of the policy's
-    samples), ``kl`` and ``kl_std`` (:func:`sequence_kl`, nats), ``win_rate`` (the judge prefers the
-    policy's sample over the reference's sample of the same prompt and index; ties ½),
+    Returns ``judge`` (the judge's name) and (all floats except ``n``): ``reward`` and ``reward_std`` (judge
+    scores of the policy's samples), ``kl`` and ``kl_std`` (:func:`sequence_kl`, nats), ``win_rate`` (the
+    judge prefers the policy's sample over the reference's sample of the same prompt and index; ties ½),
     ``reference_reward`` (mean judge score of those reference samples), ``length`` (mean completion
-    tokens, EOS included), ``eos_rate`` (fraction of samples that ended with EOS) and ``n`` (samples).
-    Reference samples are drawn with the same seed when not given (pass them to reuse across
-    checkpoints); the same seed makes a policy equal to its reference win exactly ½.
-    With ``return_per_sample`` the dict also holds ``per_sample``: ``{"rewards", "kls", "samples"}``.
+    tokens, EOS included), ``eos_rate`` (fraction of samples that ended with a stop token) and ``n`` (samples).
+    Reference samples are drawn with the same ``params`` when not given (pass them to reuse across
+    checkpoints); with a seed, a policy equal to its reference wins exactly ½.
+    With ``return_per_sample`` the dict also holds ``per_sample``: ``{"rewards", "kls", "rollout"}``.
     """
-    sampling = dict(max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
-                    top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size)
-    samples = generate(policy, tokenizer, prompts, **sampling)
-    if reference_samples is None:
-        reference_samples = generate(reference, tokenizer, prompts, **sampling)
-    if reference_samples.prompts != samples.prompts:
-        raise ValueError("reference_samples must hold the same prompts, in the same order and number of samples")
-    rewards = judge.score(samples.prompts, samples.completions)
-    reference_rewards = judge.score(reference_samples.prompts, reference_samples.completions)
-    kls = sequence_kl(policy, reference, samples)
+    rollout = generate(policy, tokenizer, prompts, params)
+    if reference_rollout is None:
+        reference_rollout = generate(reference, tokenizer, prompts, params)
+    if reference_rollout.prompts != rollout.prompts or reference_rollout.group_size != rollout.group_size:
+        raise ValueError("reference_rollout must hold the same prompts, in the same order and number of samples")
+    rewards = judge_scores(judge, rollout.sample_prompts, rollout.completions)
+    reference_rewards = judge_scores(judge, reference_rollout.sample_prompts, reference_rollout.completions)
+    rollout.scores, rollout.judge = rewards, judge.name
+    kls = sequence_kl(policy, reference, rollout)
     reward, reward_std = _mean_std(rewards)
     kl, kl_std = _mean_std(kls.tolist())
     metrics = {
+        "judge": judge.name,
         "reward": reward,
         "reward_std": reward_std,
         "kl": kl,
         "kl_std": kl_std,
         "win_rate": compare(rewards, reference_rewards),
         "reference_reward": statistics.fmean(reference_rewards),
-        "length": statistics.fmean(samples.lengths),
-        "eos_rate": sum(samples.ended_with_eos) / len(samples),
-        "n": len(samples),
+        "length": statistics.fmean(rollout.lengths),
+        "eos_rate": sum(rollout.ended_with_eos) / len(rollout),
+        "n": len(rollout),
     }
     if return_per_sample:
-        metrics["per_sample"] = {"rewards": rewards, "kls": kls.tolist(), "samples": samples}
+        metrics["per_sample"] = {"rewards": rewards, "kls": kls.tolist(), "rollout": rollout}
     return metrics
 
 
 def implicit_reward_accuracy(
-    policy: nn.Module, reference: nn.Module, tokenizer, pairs: Sequence[Mapping[str, str]], beta: float,
+    policy: nn.Module, reference: nn.Module, tokenizer, pairs: Sequence[Mapping], beta: float,
     *, batch_size: int = 32,
 ) -> float:
     """Fraction of held-out ``{prompt, chosen, rejected}`` rows with r̂(chosen) > r̂(rejected), strictly.
+
+    Text rows hold strings; conversational rows a prompt of messages and completions that are one assistant
+    message each (as :func:`preftune.rollout.pairs.pair_row` writes them).
 
     r̂ = β·log π/π_ref is DPO's implicit reward; a tie counts as wrong (RewardBench's rule), so a policy
     equal to its reference scores 0, not ½.
@@ -153,9 +152,20 @@ def implicit_reward_accuracy(
         raise ValueError("no pairs to evaluate")
     judge = ImplicitRewardJudge(policy, reference, tokenizer, beta, batch_size=batch_size)
     prompts = [row["prompt"] for row in pairs]
-    scores = judge.score(prompts * 2, [row["chosen"] for row in pairs] + [row["rejected"] for row in pairs])
+    completions = [_completion_text(row[name]) for name in ("chosen", "rejected") for row in pairs]
+    scores = judge.score(prompts * 2, completions)
     chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
     return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+
+
+def _completion_text(completion) -> str:
+    """A completion as text: a string, or the content of a conversational row's single assistant message."""
+    if isinstance(completion, str):
+        return completion
+    if (isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], Mapping)
+            and completion[0].get("role") == "assistant" and isinstance(completion[0].get("content"), str)):
+        return completion[0]["content"]
+    raise ValueError("a completion must be a string or one assistant message [{'role': 'assistant', 'content': …}]")
 
 
 # ------------------------------------------------------------------------------------ table

@@ -22,10 +22,10 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from preftune.demo.pipeline import DemoSettings, World, build_world, train_stage
-from preftune.evaluation.generate import generate
-from preftune.evaluation.judges import GoldSentimentJudge
 from preftune.evaluation.metrics import evaluate_policy
 from preftune.evaluation.report import plot_frontier
+from preftune.rollout.judges import GoldSentimentJudge
+from preftune.rollout.sampling import SamplingParams, generate
 
 log = logging.getLogger("preftune")
 
@@ -70,12 +70,12 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
     world = build_world(settings.world)
     judge = GoldSentimentJudge()
     prompts = world.eval_prompts[: settings.eval_prompts]
-    sampling = dict(max_new_tokens=settings.world.max_new_tokens, num_samples=1, seed=settings.world.seed + 2)
-    reference_samples = generate(world.sft, world.tokenizer, prompts, **sampling)
+    sampling = SamplingParams(max_new_tokens=settings.world.max_new_tokens, n=1, seed=settings.world.seed + 2)
+    reference_rollout = generate(world.sft, world.tokenizer, prompts, sampling)
 
     def evaluate(model) -> dict:
-        return evaluate_policy(model.eval(), world.sft, world.tokenizer, prompts, judge,
-                               reference_samples=reference_samples, **sampling)
+        return evaluate_policy(model.eval(), world.sft, world.tokenizer, prompts, judge, sampling,
+                               reference_rollout=reference_rollout)
 
     start = evaluate(world.sft)
     points: list[Point] = []
@@ -102,22 +102,25 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
 
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "points.json").write_text(json.dumps({"settings": _settings_dict(settings), "points": points,
+    (out / "points.json").write_text(json.dumps({"settings": _settings_dict(settings), "judge": judge.name,
+                                                  "points": points,
                                                   "sft_reward": start["reward"],
                                                   "seconds": round(time.perf_counter() - started, 1)}, indent=2))
     plot_frontier(points, out / "frontier.png", title="Reward–KL frontier on the demo world (gold VADER reward)")
-    (out / "frontier.md").write_text(frontier_table(points) + "\n")
+    (out / "frontier.md").write_text(frontier_table(points, judge.name) + "\n")
     return points
 
 
 KL_BUDGETS = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0)
 
 
-def frontier_table(points: list[Point]) -> str:
-    """Markdown: for each method, the best mean gold reward reached within each KL budget (nats)."""
+def frontier_table(points: list[Point], judge: str = GoldSentimentJudge.name) -> str:
+    """Markdown: for each method, the best mean reward by ``judge`` reached within each KL budget (nats); the
+    first line names the judge."""
     methods = list(dict.fromkeys(p["method"] for p in points))
     head = "| method | " + " | ".join(f"KL ≤ {b:g}" for b in KL_BUDGETS) + " | max KL reached |"
-    lines = [head, "|---|" + "---:|" * (len(KL_BUDGETS) + 1)]
+    lines = [f"Mean reward by judge `{judge}` (best within each KL(π‖π_ref) budget, nats):", "", head,
+             "|---|" + "---:|" * (len(KL_BUDGETS) + 1)]
     for method in methods:
         mine = [p for p in points if p["method"] == method]
         cells = []

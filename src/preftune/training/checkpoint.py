@@ -177,6 +177,11 @@ def export_final(accelerator: Accelerator, policy, tokenizer, output_dir: str | 
     targets = [(final, False)] + ([(final.with_name("final-merged"), True)] if merged else [])
     state_dict = accelerator.get_state_dict(policy)
     inner = accelerator.unwrap_model(policy).model
+    config = getattr(inner, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        # A tokenizer without a pad token got one for training (EOS): the saved config must name it too, as the
+        # saved tokenizer does, or a sequence classifier loaded from final/ refuses batches of more than one.
+        config.pad_token_id = tokenizer.pad_token_id
     for target, merge in targets:
         tmp = target.with_name(target.name + ".tmp")
         if accelerator.is_main_process:

@@ -1,0 +1,390 @@
+"""Judges: anything that scores completions of prompts, higher is better, behind one interface.
+
+* :class:`Judge` — ``score(prompts, completions) -> list[float]``; prompts as given to sampling (strings or
+  conversations), completions as decoded text. Judges read text, so a judge with its own tokenizer
+  re-encodes the policy's decoded completion with that tokenizer (and its chat template).
+* :class:`CallableJudge` — any user function ``(prompts, completions) -> scores``, also loadable from a
+  ``module:function`` (or ``path/to/file.py:function``) spec.
+* :class:`GoldSentimentJudge` — the demo world's ground truth: VADER sentiment of prompt + completion,
+  mapped to (0, 1) like a sentiment classifier's p(positive) (the DPO paper's IMDb reward, arXiv 2305.18290 §6.1).
+* :class:`RewardModelJudge` — a Bradley–Terry reward model scored by
+  :func:`preftune.modeling.reward.sequence_rewards`, the scorer reward-model training uses: the score head
+  reads the last token of prompt + completion, the EOS the completion ends with, so a judged text gets
+  the number training gave it.
+* :class:`ImplicitRewardJudge` — a DPO policy's implicit reward β·log π(y|x)/π_ref(y|x) (arXiv 2305.18290 §5);
+  only differences between completions of the same prompt are meaningful.
+* :class:`PairwiseJudge` — ``prefer(prompts, a, b) -> P(a ≻ b)``; :class:`ScalarPairwiseJudge` makes one of
+  any scalar judge, σ(s_a − s_b) (Bradley–Terry); :func:`win_rate` reads either kind.
+* :func:`load_judge` — ``gold``, a reward-model folder, or ``module:function``.
+
+Text is turned into ids the way training does (:mod:`preftune.rollout.encoding`): the prompt with BOS or
+through the chat template, the completion after it, ending with one EOS.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from preftune.data.batching import pad_sequences
+from preftune.errors import ConfigError, ModelError
+from preftune.modeling.logprobs import completion_logps, model_inputs, unwrap_causal_lm
+from preftune.modeling.reward import sequence_rewards
+from preftune.rollout.encoding import (
+    Prompt,
+    check_aligned,
+    check_prompts,
+    encode_completions,
+    length_sorted_batches,
+    prompt_text,
+)
+from preftune.rollout.record import Rollout
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Scores ``completions[i]`` as a reply to ``prompts[i]``; higher is better."""
+
+    name: str
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]: ...
+
+
+def judge_scores(judge: Judge, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+    """``judge.score`` checked: one finite number per completion, else :class:`ModelError` naming the judge."""
+    check_aligned(prompts, completions)
+    scores = judge.score(prompts, completions)
+    try:
+        scores = [float(s) for s in scores]
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"judge {judge.name!r} must return numbers, got {type(scores).__name__}: {e}") from e
+    if len(scores) != len(completions):
+        raise ModelError(f"judge {judge.name!r} returned {len(scores)} scores for {len(completions)} completions")
+    bad = next((i for i, s in enumerate(scores) if not math.isfinite(s)), None)
+    if bad is not None:
+        raise ModelError(f"judge {judge.name!r} returned {scores[bad]} for completion {bad} "
+                         f"({completions[bad][:60]!r}); scores must be finite")
+    return scores
+
+
+def score_rollout(judge: Judge, rollout: Rollout) -> Rollout:
+    """Fill ``rollout.scores`` (one per sample) and ``rollout.judge`` with ``judge``'s verdict; returns it."""
+    rollout.scores = judge_scores(judge, rollout.sample_prompts, rollout.completions)
+    rollout.judge = judge.name
+    return rollout
+
+
+# ------------------------------------------------------------------------------------ a user's function
+
+
+class CallableJudge:
+    """A user's function ``fn(prompts, completions) -> scores`` as a judge (prompts as given, completions text)."""
+
+    def __init__(self, fn: Callable[[list, list], Sequence[float]], name: str | None = None):
+        if not callable(fn):
+            raise ConfigError(f"a judge function must be callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__qualname__", None) or repr(fn)
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        return list(self.fn(list(prompts), list(completions)))
+
+
+def load_callable(spec: str) -> Callable:
+    """The function named by ``module.sub:function`` (imported with the current directory on the path) or
+    ``path/to/file.py:function``; :class:`ConfigError` names the spec when it cannot be found."""
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"judge {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ConfigError(f"judge {spec!r}: no such file {path}")
+            loader = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            cwd = str(Path.cwd())
+            added = cwd not in sys.path
+            if added:  # a judge module beside the user's config, as `python -m` would find it
+                sys.path.insert(0, cwd)
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                if added:
+                    sys.path.remove(cwd)
+    except ConfigError:
+        raise
+    except ImportError as e:
+        raise ConfigError(f"judge {spec!r}: cannot import module {module_name!r} ({e})") from e
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ConfigError(f"judge {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    return fn
+
+
+# ------------------------------------------------------------------------------------ gold reward
+
+
+class GoldSentimentJudge:
+    """p(positive) of ``prompt + completion`` from the VADER lexicon: ``σ(scale · compound)``.
+
+    VADER's ``compound`` ∈ [−1, 1] is a squashed sum of word valences (negation flips and damps a word,
+    "but" up-weights the clause after it). The logistic makes it read like a sentiment classifier's
+    positive-class probability, as the siebert classifier in the DPO paper: 0.5 for neutral text, ≈0.85
+    for one mild positive word ("The plot was good.", compound 0.44), 0.97 for "This movie was great, I
+    loved it." (0.84), and at the ends σ(±4) = 0.018 / 0.982 — saturating like a classifier, yet strictly
+    monotone in ``compound``, so two positive completions are still ordered.
+
+    This is the demo world's judge (movie-review sentiment); on any other task it measures sentiment, not
+    quality. A conversation prompt is read as its messages' text.
+    """
+
+    name = "gold_sentiment"
+
+    def __init__(self, scale: float = 4.0):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        if scale <= 0:
+            raise ValueError(f"scale must be positive so that the reward is increasing, got {scale}")
+        self.scale = scale
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def compound(self, texts: Sequence[str]) -> list[float]:
+        """VADER's compound sentiment of each text, in [−1, 1]."""
+        return [self._analyzer.polarity_scores(text)["compound"] for text in texts]
+
+    def reward(self, compound: float) -> float:
+        """The monotone map compound ∈ [−1, 1] → p(positive) = σ(scale · compound)."""
+        return 1.0 / (1.0 + math.exp(-self.scale * compound))
+
+    def score_texts(self, texts: Sequence[str]) -> list[float]:
+        """Gold reward of whole texts (e.g. the reviews of the corpus)."""
+        return [self.reward(c) for c in self.compound(texts)]
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        check_aligned(prompts, completions)
+        # The prompt counts: as in the paper, the classifier reads the whole review x + y.
+        return self.score_texts([prompt_text(p) + c for p, c in zip(prompts, completions)])
+
+
+# ------------------------------------------------------------------------------------ model judges
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def sequence_logps(
+    model: nn.Module, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+    *, batch_size: int = 32,
+) -> Tensor:
+    """Summed completion log-probs ``log π(y|x)``, fp32 ``[n]``, in length-sorted batches (eval mode)."""
+    out = torch.zeros(len(prompt_ids))
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in length_sorted_batches(lengths, batch_size):
+            # Pads sit after every sequence, so they are never attended to; id 0 is simply a valid index.
+            batch = pad_sequences([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], pad_id=0)
+            batch = {k: v.to(_device(model)) for k, v in model_inputs(batch).items()}
+            out[idx] = completion_logps(model, **batch)["logps"].float().cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+class ImplicitRewardJudge:
+    """DPO's implicit reward r̂(x, y) = β · (log π(y|x) − log π_ref(y|x)), summed over completion tokens
+    (EOS included), both models sharing the policy's tokenizer."""
+
+    name = "implicit_reward"
+
+    def __init__(self, policy: nn.Module, reference: nn.Module, tokenizer, beta: float, batch_size: int = 32):
+        self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
+        self.beta, self.batch_size = beta, batch_size
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        prompt_ids, completion_ids = encode_completions(self.tokenizer, prompts, completions)
+        policy = sequence_logps(self.policy, prompt_ids, completion_ids, batch_size=self.batch_size)
+        reference = sequence_logps(self.reference, prompt_ids, completion_ids, batch_size=self.batch_size)
+        return (self.beta * (policy - reference)).tolist()
+
+
+class RewardModelJudge:
+    """A scalar reward model (``AutoModelForSequenceClassification``, one label) with its own tokenizer.
+
+    Each prompt + completion is encoded with the judge's tokenizer as training encodes a row (text: BOS
+    prompt, completion, EOS; a conversation: the judge's chat template with the completion as the assistant
+    turn — a judge tokenizer without a chat template reads the conversation's text instead), then scored by
+    :func:`preftune.modeling.reward.sequence_rewards`: the ``score`` head on the hidden state of the last
+    token, the completion's EOS, exactly where training reads it. (Hugging Face's own pooling skips trailing
+    pad tokens, so with pad = EOS it would read the token before the EOS and give another number.)
+
+    A sequence classifier without a ``score`` head on a decoder (an encoder such as DeBERTa, which
+    preftune does not train) is scored by its own forward on the text pair ``(prompt, completion)``, the
+    input such models are trained on.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, batch_size: int = 32, name: str = "reward_model"):
+        config = unwrap_causal_lm(model).config
+        if getattr(config, "num_labels", 1) != 1:
+            raise ModelError(f"judge {name}: a reward model has one output label, this one has {config.num_labels}")
+        self.model, self.tokenizer, self.batch_size, self.name = model, tokenizer, batch_size, name
+        self.last_token_head = hasattr(unwrap_causal_lm(model), "score")
+        if self.last_token_head and tokenizer.eos_token_id is None:
+            raise ModelError(f"judge {name}: its tokenizer has no eos_token, but the score is read at the EOS "
+                             "that ends each completion")
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, batch_size: int = 32, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> RewardModelJudge:
+        """Load a reward model and its tokenizer from ``path``. A checkpoint without trained weights for
+        every parameter (e.g. a causal LM whose config claims one label: transformers would initialise a
+        random ``score`` head, so scores — and pairs — would differ between identical runs) is refused."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, output_loading_info=True, **({"dtype": dtype} if dtype is not None else {}))
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"judge {path}: cannot load a sequence-classification model and tokenizer from it "
+                             f"({type(e).__name__}: {e})") from e
+        untrained = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+        if untrained:
+            raise ModelError(
+                f"judge {path}: the checkpoint has no weights for {', '.join(untrained)}, so transformers would "
+                "initialise them at random and every run would score differently (is it a causal LM rather than "
+                "a reward model?). Give a reward model trained with `method: reward` (its final/ folder)")
+        if device is not None:
+            model = model.to(device)
+        return cls(model, tokenizer, batch_size=batch_size, name=f"reward_model:{path}")
+
+    def _encode(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> tuple[list, list]:
+        if check_prompts(prompts, self.name) and not getattr(self.tokenizer, "chat_template", None):
+            prompts = [prompt_text(p) for p in prompts]
+        return encode_completions(self.tokenizer, prompts, completions, self.name)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        check_aligned(prompts, completions)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if not self.last_token_head:
+                return self._score_pairs(prompts, completions)
+            return self._score_last_token(prompts, completions)
+        finally:
+            self.model.train(was_training)
+
+    def _score_last_token(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        prompt_ids, completion_ids = self._encode(prompts, completions)
+        out = torch.zeros(len(prompt_ids))
+        device = _device(self.model)
+        lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+        for idx in length_sorted_batches(lengths, self.batch_size):
+            # One row per sequence, right-padded: the pads come after the EOS and are never read.
+            batch = pad_sequences([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], pad_id=0)
+            scores = sequence_rewards(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                      batch["seq_last_index"].to(device), batch["seq_tokens"].to(device),
+                                      batch["position_ids"].to(device))["logps"]
+            out[idx] = scores.float().cpu()
+        return out.tolist()
+
+    def _score_pairs(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        texts = [prompt_text(p) for p in prompts]
+        out = torch.zeros(len(texts))
+        device = _device(self.model)
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start : start + self.batch_size],
+                                 list(completions[start : start + self.batch_size]),
+                                 padding=True, truncation=True, return_tensors="pt").to(device)
+            out[start : start + len(enc["input_ids"])] = self.model(**enc).logits[:, 0].float().cpu()
+        return out.tolist()
+
+
+# ------------------------------------------------------------------------------------ pairwise judges
+
+
+@runtime_checkable
+class PairwiseJudge(Protocol):
+    """``prefer(prompts, a, b)[i]`` = P(``a[i]`` ≻ ``b[i]`` | ``prompts[i]``) ∈ [0, 1]; ½ is a tie."""
+
+    name: str
+
+    def prefer(self, prompts: Sequence[Prompt], completions_a: Sequence[str],
+               completions_b: Sequence[str]) -> list[float]: ...
+
+
+class ScalarPairwiseJudge:
+    """A scalar judge as a pairwise one, by Bradley–Terry: P(a ≻ b) = σ(s_a − s_b)."""
+
+    def __init__(self, judge: Judge):
+        self.judge, self.name = judge, judge.name
+
+    def prefer(self, prompts: Sequence[Prompt], completions_a: Sequence[str],
+               completions_b: Sequence[str]) -> list[float]:
+        check_aligned(prompts, completions_a)
+        check_aligned(prompts, completions_b)
+        scores = judge_scores(self.judge, list(prompts) * 2, list(completions_a) + list(completions_b))
+        n = len(prompts)
+        return [1.0 / (1.0 + math.exp(b - a)) for a, b in zip(scores[:n], scores[n:])]
+
+
+def compare(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
+    """Fraction of items where a beats b, a tie counting ½: mean of 1[a > b] + ½·1[a = b]."""
+    if len(scores_a) != len(scores_b) or not scores_a:
+        raise ValueError(f"need two equally long, non-empty score lists, got {len(scores_a)} and {len(scores_b)}")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)) / len(scores_a)
+
+
+def win_rate(judge: Judge | PairwiseJudge, prompts: Sequence[Prompt], completions_a: Sequence[str],
+             completions_b: Sequence[str]) -> float:
+    """How often ``completions_a[i]`` beats ``completions_b[i]`` for ``prompts[i]``, a tie counting ½.
+
+    A scalar judge compares scores (:func:`compare`); a pairwise judge's P(a ≻ b) counts as a win above
+    ½, a tie at ½ — the same verdicts as the scalar judge through :class:`ScalarPairwiseJudge`.
+    """
+    check_aligned(prompts, completions_a)
+    check_aligned(prompts, completions_b)
+    if isinstance(judge, PairwiseJudge):
+        preferences = judge.prefer(prompts, completions_a, completions_b)
+        return compare(list(preferences), [0.5] * len(preferences))
+    scores = judge_scores(judge, list(prompts) * 2, list(completions_a) + list(completions_b))
+    return compare(scores[: len(prompts)], scores[len(prompts) :])
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load_judge(spec: str, *, batch_size: int = 32, device: str | torch.device | None = None) -> Judge:
+    """A judge from its spec: ``gold`` (the demo world's VADER sentiment judge), the folder of a reward model
+    (e.g. ``runs/rm/final``), or ``module:function`` / ``file.py:function`` (a user's scoring function)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"judge: expected 'gold', a reward-model folder or 'module:function', got {spec!r}")
+    if spec == "gold":
+        return GoldSentimentJudge()
+    if Path(spec).is_dir():
+        return RewardModelJudge.from_pretrained(spec, batch_size=batch_size, device=device)
+    if ":" in spec:
+        return CallableJudge(load_callable(spec), name=spec)
+    if Path(spec).exists():
+        raise ModelError(f"judge {spec}: a reward model is a folder (config.json, weights, tokenizer), not a file")
+    try:
+        return RewardModelJudge.from_pretrained(spec, batch_size=batch_size, device=device)
+    except ModelError as e:
+        raise ModelError(f"judge {spec!r} is neither 'gold', an existing reward-model folder, nor "
+                         f"'module:function' ({e})") from e
+

@@ -1,0 +1,253 @@
+"""Facts about sampling: prompts are encoded as training encodes them, generation stops at every EOS id,
+the recorded log-probs are those of the distribution sampled from, greedy is the argmax path, a seed
+reproduces the samples without touching the global RNG, and bad parameters are refused by name."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from torch import nn
+
+from preftune.data.tokenize import tokenize_rows
+from preftune.errors import ConfigError, DataError
+from preftune.rollout.record import Rollout
+from preftune.rollout.sampling import SamplingParams, generate, stop_token_ids
+
+PROMPTS = ["The movie was", "I did not like the plot; it was slow", "What"]
+CONVERSATIONS = [[{"role": "user", "content": "The movie was"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital?"}]]
+
+
+def with_logit_bias(model, token_id: int, bias: float):
+    """The same model with ``bias`` added to one token's logit, so that it is sampled early and often."""
+    old = model.lm_head
+    head = nn.Linear(old.in_features, old.out_features, bias=True)
+    head.weight.data.copy_(old.weight.data)
+    head.bias.data.zero_()
+    head.bias.data[token_id] = bias
+    model.lm_head = head
+    return model
+
+
+def naive_greedy(model, prompt_ids, steps, eos_id):
+    """Argmax decoding one prompt at a time, recomputing the whole sequence at every step (no cache)."""
+    ids = list(prompt_ids)
+    out = []
+    for _ in range(steps):
+        nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(nxt)
+        out.append(nxt)
+        if nxt == eos_id:
+            break
+    return out
+
+
+@torch.no_grad()
+def naive_logprobs(model, prompt_ids, completion_ids, temperature=1.0, top_k=0):
+    """log softmax of (logits / T, top-k filtered) at each completion token, each prefix run alone."""
+    out = []
+    for t, token in enumerate(completion_ids):
+        logits = model(input_ids=torch.tensor([prompt_ids + completion_ids[:t]])).logits[0, -1].double()
+        logits = logits / temperature
+        if top_k:
+            kth = logits.topk(top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        out.append(float(logits.log_softmax(-1)[token]))
+    return out
+
+
+def test_greedy_with_cache_and_left_padding_equals_naive_argmax(tiny_model, tokenizer):
+    model = tiny_model()
+    rollout = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=10, temperature=0))
+    for prompt_ids, completion in zip(rollout.prompt_ids, rollout.completion_ids):
+        assert completion == naive_greedy(model, prompt_ids, 10, tokenizer.eos_token_id)
+
+
+def test_prompt_ids_are_the_training_encoding_for_text_and_conversations(tiny_model, tokenizer, tmp_path):
+    model = tiny_model()
+    for prompts in (PROMPTS, CONVERSATIONS):
+        rows = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(
+            prompts, (" good", " bad", " so"), (" ok", " fine", " it"))] if isinstance(prompts[0], str) else [
+            {"prompt": p, "chosen": [{"role": "assistant", "content": "yes"}],
+             "rejected": [{"role": "assistant", "content": "no"}]} for p in prompts])
+        trained, _ = tokenize_rows(rows, tokenizer, max_length=None, max_prompt_length=None, cache_dir=tmp_path)
+        rollout = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=3, temperature=0))
+        assert rollout.prompt_ids == trained["prompt_ids"]
+        assert rollout.prompts == prompts
+    assert rollout.prompt_ids[0] == tokenizer.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True,
+                                                                  tokenize=True, return_dict=True)["input_ids"]
+    assert rollout.prompt_ids[0][-1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
+
+
+@pytest.mark.parametrize(("temperature", "top_k"), [(1.0, 0), (0.7, 0), (0.7, 5), (0, 0)])
+def test_logprobs_are_those_of_the_distribution_sampled_from(tiny_model, tokenizer, temperature, top_k):
+    model = tiny_model().double()
+    n = 1 if temperature == 0 else 2
+    rollout = generate(model, tokenizer, PROMPTS[:2], SamplingParams(max_new_tokens=6, temperature=temperature,
+                                                                     top_k=top_k, n=n, seed=1))
+    rollout.check()
+    for k, (completion, logprobs) in enumerate(zip(rollout.completion_ids, rollout.logprobs)):
+        expected = naive_logprobs(model, rollout.prompt_ids[rollout.prompt_index(k)], completion,
+                                  temperature=temperature or 1.0, top_k=top_k)
+        assert logprobs == pytest.approx(expected, abs=1e-6)
+
+
+def test_logprobs_match_generates_own_scores_under_top_p(tiny_model, tokenizer):
+    model = tiny_model()
+    params = SamplingParams(max_new_tokens=5, temperature=0.8, top_p=0.9, n=2, seed=4)
+    rollout = generate(model, tokenizer, ["The movie was"], params)
+    # Hugging Face's own warpers and its output_scores (every step's processed logits) on the same batch and seed.
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        out = model.generate(input_ids=torch.tensor([rollout.prompt_ids[0]]), max_new_tokens=5, do_sample=True,
+                             temperature=0.8, top_p=0.9, top_k=None, num_return_sequences=2, output_scores=True,
+                             return_dict_in_generate=True, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    generated = out.sequences[:, len(rollout.prompt_ids[0]):]
+    scores = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, generated[..., None]).squeeze(-1)
+    for k, completion in enumerate(rollout.completion_ids):
+        assert completion == generated[k, : len(completion)].tolist()
+        torch.testing.assert_close(torch.tensor(rollout.logprobs[k]), scores[k, : len(completion)])
+
+
+def test_the_checkpoints_generation_config_cannot_change_the_distribution(tiny_model, tokenizer):
+    model = tiny_model()
+    model.generation_config.repetition_penalty = 3.0
+    model.generation_config.top_k = 1
+    model.generation_config.min_new_tokens = 4
+    rollout = generate(model, tokenizer, PROMPTS[:1], SamplingParams(max_new_tokens=6, n=2, seed=0))
+    for completion, logprobs in zip(rollout.completion_ids, rollout.logprobs):
+        assert logprobs == pytest.approx(naive_logprobs(model, rollout.prompt_ids[0], completion), abs=1e-5)
+
+
+def test_top_k_1_sampling_is_greedy(tiny_model, tokenizer):
+    model = tiny_model()
+    greedy = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=8, temperature=0))
+    top1 = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=8, top_k=1, seed=3))
+    assert top1.completion_ids == greedy.completion_ids
+
+
+def test_seeded_sampling_is_deterministic_and_leaves_global_rng_alone(tiny_model, tokenizer):
+    model = tiny_model()
+    state = torch.random.get_rng_state()
+    a = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=12, n=3, seed=7))
+    b = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=12, n=3, seed=7))
+    c = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=12, n=3, seed=8))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert a.completion_ids == b.completion_ids and a.logprobs == b.logprobs
+    assert a.completion_ids != c.completion_ids
+    # The samples of one prompt differ from each other (the seed is not reset per sample).
+    assert len({tuple(ids) for ids in a.completion_ids[:3]}) > 1
+
+
+def test_samples_stop_at_the_first_eos(tiny_model, tokenizer):
+    eos = tokenizer.eos_token_id
+    model = with_logit_bias(tiny_model(), eos, bias=5.0)
+    rollout = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=10, n=16, seed=0, batch_size=20))
+    assert 0 < sum(rollout.ended_with_eos) < len(rollout)  # both cases occur
+    for ids, ended, text in zip(rollout.completion_ids, rollout.ended_with_eos, rollout.completions):
+        if ended:
+            assert ids[-1] == eos and eos not in ids[:-1]
+        else:
+            assert len(ids) == 10 and eos not in ids
+        assert "<|eos|>" not in text and "<|pad|>" not in text
+    assert rollout.lengths == [len(ids) for ids in rollout.completion_ids]
+
+
+def test_generation_stops_at_every_eos_id_of_the_generation_config(tiny_model, tokenizer):
+    """Like Llama 3 (<|eot_id|> besides <|end_of_text|>) or Qwen (<|im_end|> besides <|endoftext|>)."""
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|user|>")  # a second end id, not the tokenizer's EOS
+    model = with_logit_bias(tiny_model(), end_of_turn, bias=4.0)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id, end_of_turn]
+    rollout = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=12, n=8, seed=0))
+    stopped = [ids for ids, ended in zip(rollout.completion_ids, rollout.ended_with_eos) if ended]
+    assert any(ids[-1] == end_of_turn for ids in stopped)
+    for ids, ended in zip(rollout.completion_ids, rollout.ended_with_eos):
+        inner = ids[:-1] if ended else ids
+        assert end_of_turn not in inner and tokenizer.eos_token_id not in inner
+        assert ended == (ids[-1] in (tokenizer.eos_token_id, end_of_turn))
+    # The text is what precedes the stop token.
+    k = next(k for k, ids in enumerate(rollout.completion_ids) if ids[-1] == end_of_turn)
+    assert rollout.completions[k] == tokenizer.decode(rollout.completion_ids[k][:-1], skip_special_tokens=True)
+    # The model's generation config may also name a single int.
+    model.generation_config.eos_token_id = end_of_turn
+    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id, end_of_turn]
+
+
+def test_layout_is_prompt_major_and_state_is_restored(tiny_model, tokenizer):
+    model = tiny_model().train()
+    tokenizer.padding_side = "right"
+    rollout = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=4, n=2, seed=0, batch_size=4))
+    assert rollout.sample_prompts == [p for p in PROMPTS for _ in range(2)]
+    assert len(rollout.prompt_ids) == len(PROMPTS)  # encoded once per group
+    assert [list(g) for g in rollout.groups()] == [[0, 1], [2, 3], [4, 5]]
+    assert tokenizer.padding_side == "right"
+    assert model.training
+
+
+def test_batch_size_does_not_change_greedy_output(tiny_model, tokenizer):
+    model = tiny_model()
+    one = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=6, temperature=0, batch_size=1))
+    all_ = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=6, temperature=0, batch_size=64))
+    assert one.completion_ids == all_.completion_ids
+
+
+def test_a_tokenizer_without_pad_token_works_and_is_left_alone(tiny_model, tokenizer):
+    model = tiny_model()
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    expected = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=5, temperature=0))
+    got = generate(model, no_pad, PROMPTS, SamplingParams(max_new_tokens=5, temperature=0))
+    assert got.completion_ids == expected.completion_ids
+    assert no_pad.pad_token is None
+
+
+def test_rows_and_padded_tensors_hold_the_samples(tiny_model, tokenizer):
+    rollout = generate(tiny_model(), tokenizer, PROMPTS, SamplingParams(max_new_tokens=4, seed=0))
+    rows = rollout.to_rows()
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert [r["tokens"] for r in rows] == rollout.lengths
+    for row, ids in zip(rows, rollout.completion_ids):
+        assert row["completion"] == tokenizer.decode(ids, skip_special_tokens=True)
+    padded = rollout.padded(pad_id=0)
+    assert padded["completion_mask"].sum(1).tolist() == rollout.lengths
+    for k, ids in enumerate(rollout.completion_ids):
+        assert padded["completion_ids"][k, : len(ids)].tolist() == ids
+        assert padded["logprobs"][k, : len(ids)].tolist() == pytest.approx(rollout.logprobs[k])
+        assert (padded["logprobs"][k, len(ids):] == 0).all()
+
+
+def test_rollout_grouped_view_is_prompt_major():
+    rollout = Rollout(prompts=["a", "b"], prompt_ids=[[1], [1]], group_size=3)
+    assert rollout.grouped([0, 1, 2, 3, 4, 5]).tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert [rollout.prompt_index(k) for k in range(6)] == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_new_tokens", 0), ("n", 0), ("batch_size", -1), ("temperature", -0.5), ("temperature", float("nan")),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("seed", 1.5), ("n", 2.0),
+])
+def test_bad_sampling_params_are_refused_by_name(field, value):
+    with pytest.raises(ConfigError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_greedy_with_several_samples_is_refused():
+    with pytest.raises(ConfigError, match="temperature=0"):
+        SamplingParams(temperature=0, n=2)
+
+
+def test_prompts_of_two_kinds_or_malformed_messages_are_refused(tiny_model, tokenizer):
+    model = tiny_model()
+    with pytest.raises(DataError, match="row 1.*prompt 0 is a string"):
+        generate(model, tokenizer, ["text", CONVERSATIONS[0]], SamplingParams(max_new_tokens=2))
+    with pytest.raises(DataError, match="message 0: 'content' must be a string"):
+        generate(model, tokenizer, [[{"role": "user", "content": 3}]], SamplingParams(max_new_tokens=2))
+    no_template = copy.deepcopy(tokenizer)
+    no_template.chat_template = None
+    with pytest.raises(DataError, match="no chat_template"):
+        generate(model, no_template, CONVERSATIONS, SamplingParams(max_new_tokens=2))
