@@ -145,11 +145,10 @@ def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokeni
     normalised = _rows_for(kind, normalised, source, cfg.methods, reports, name)
     tokenized, tok_report = tokenize.tokenize_rows(
         normalised, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-        cache_dir=cache_root(cfg) / "tokenized", source=source,
+        cache_dir=cache_root(cfg) / "tokenized", source=source, kl_completions=kind == "unpaired",
     )
     reports[f"{name}/tokens"] = str(tok_report)
-    keep = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label")
-            if c in tokenized.column_names]
+    keep = [c for c in tokenized.column_names if c.endswith(("_ids", "_mask")) or c == "label"]
     return tokenized.select_columns(keep)
 
 
