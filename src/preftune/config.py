@@ -192,13 +192,6 @@ class TrainConfig:
         if self.sync_ref_model and self.use_peft and self.ref_model_name_or_path is None:
             raise _invalid(("sync_ref_model", "use_peft"),
                            "sync_ref_model needs a reference model; under LoRA set ref_model_name_or_path")
-        unpaired = any(get_method(m).data == "unpaired" for m in self.methods)
-        if unpaired and self.per_device_train_batch_size < 2:
-            raise _invalid("per_device_train_batch_size", "KTO estimates its KL term from mismatched pairs: "
-                           "per_device_train_batch_size >= 2")
-        if unpaired and self.max_tokens_per_batch is not None:
-            raise _invalid("max_tokens_per_batch", "KTO estimates its KL term from mismatched pairs and needs >= 2 "
-                           "examples per batch, which a token budget cannot guarantee: unset max_tokens_per_batch")
         self.lora_target_modules = _target_modules(self.lora_target_modules)
         self.report_to = _trackers(self.report_to)
         self._check_scheduler()

@@ -32,6 +32,10 @@ def assistant(text):
     return {"role": "assistant", "content": text}
 
 
+def system(text):
+    return {"role": "system", "content": text}
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
@@ -75,6 +79,22 @@ CASES = {
         [{"prompt": [user("Q1?")], "completion": [assistant("yes")], "label": "false"}],
         [{"prompt": [user("Q1?")], "completion": [assistant("yes")], "label": False}],
         "unpaired", True,
+    ),
+    "messages, opening with a system turn, multi-turn": (
+        [{"messages": [system("S"), user("Q1?"), assistant("yes"), user("sure?"), assistant("yes!")]}],
+        [{"prompt": [system("S"), user("Q1?")], "completion": [assistant("yes"), user("sure?"), assistant("yes!")],
+          "label": True}],
+        "messages", True,
+    ),
+    "text holding conversations": (
+        [{"text": [user("Q1?"), assistant("yes")]}],
+        [{"prompt": [user("Q1?")], "completion": [assistant("yes")], "label": True}],
+        "text", True,
+    ),
+    "completion opening with a user turn": (  # the turns before the first assistant turn join the prompt
+        [{"prompt": [system("S")], "completion": [user("Q1?"), assistant("yes")]}],
+        [{"prompt": [system("S"), user("Q1?")], "completion": [assistant("yes")], "label": True}],
+        "completion", True,
     ),
 }
 
@@ -165,6 +185,9 @@ BAD_ROWS = {
     "completion from the user": (GOOD_CONV, {**GOOD_CONV, "rejected": [user("no")]}, "rejected", "assistant"),
     "label not bool-like": (GOOD_UNPAIRED, {**GOOD_UNPAIRED, "label": "maybe"}, "label", "'maybe'"),
     "label out of range": (GOOD_UNPAIRED, {**GOOD_UNPAIRED, "label": 2}, "label", "got 2"),
+    "conversation without an assistant turn": ({"messages": [user("Q?"), assistant("A")]},
+                                               {"messages": [system("S"), user("Q?")]}, "messages",
+                                               "no assistant turn (roles ['system', 'user'])"),
 }
 
 

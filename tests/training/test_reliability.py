@@ -277,11 +277,16 @@ def test_a_row_longer_than_the_models_positions_is_named(tmp_path, tok):
             max_length=None, max_prompt_length=None)
 
 
-def test_a_run_of_zero_steps_is_an_error(tmp_path, tok):
-    unpaired = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in ROWS[:3]]
-    with pytest.raises(TrainingError, match="do not fill one batch"):
-        run(tmp_path, tok, rows=unpaired, method="kto", per_device_train_batch_size=8)
+def test_a_run_with_no_row_left_is_an_error(tmp_path, tok):
+    with pytest.raises(DataError, match="no row is left to train on: tokenized 0 of 24 rows.*prompt leaves no room"):
+        run(tmp_path, tok, max_length=3, max_prompt_length=None)
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_kto_trains_every_row_even_fewer_than_one_batch(tmp_path, tok):
+    unpaired = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in ROWS[:3]]
+    result = run(tmp_path, tok, rows=unpaired, method="kto", per_device_train_batch_size=8, max_steps=1)
+    assert records(result.output_dir)[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # KTO at π = π_ref
 
 
 def test_a_full_disk_leaves_no_partial_checkpoint_behind(tmp_path, tok, monkeypatch):

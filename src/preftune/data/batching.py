@@ -1,8 +1,10 @@
 """Collators: tokenized rows → the tensors of one forward of the policy.
 
 A *unit* is one prompt followed by one or more *branches* (completions). Paired rows give a unit with
-two branches, chosen and rejected; unpaired rows (KTO) give the completion and a mismatched completion
-(prompt i with the completion of row i+1, for KTO's KL estimate). Two switches shape the batch:
+two branches, chosen and rejected; unpaired rows (KTO) give the completion and the row's mismatched
+completion ``kl_completion_ids`` (prompt i with the completion of another row, for KTO's KL estimate),
+fixed once when the data was tokenized (:func:`preftune.data.tokenize.mismatched_partners`) so that every
+batch order, and the precomputed reference, pairs the same (x_i, y_j). Two switches shape the batch:
 
 * ``prefix_sharing`` — the prompt is encoded once and every branch follows it in the same row; a branch
   attends to the prompt and to itself only, and its positions restart where the prompt ends (so RoPE
@@ -14,9 +16,11 @@ two branches, chosen and rejected; unpaired rows (KTO) give the completion and a
 Scoring is explicit, so every layout is read the same way: ``score_index [M]`` points into the flattened
 ``[R·L]`` positions whose hidden state predicts ``score_target [M]``, a token of sequence
 ``score_seq [M]``; sequences are numbered ``0..S-1`` with the first branch of unit i at i and the second
-at B + i (chosen / rejected, or completion / mismatched). ``seq_tokens [S]`` counts each sequence's
-completion tokens and ``seq_last_index [S]`` is the flat position of its last token (where a reward model
-reads its score). Scores are grouped by sequence, in token order.
+at B + i (chosen / rejected, or completion / mismatched). A branch with a mask (``chosen_mask``,
+``completion_mask``, … : one bool per completion token, from conversations) is scored only where the mask
+is True — its assistant turns; the other tokens are in the sequence, read as context. ``seq_tokens [S]``
+counts each sequence's scored tokens and ``seq_last_index [S]`` is the flat position of its last token
+(where a reward model reads its score). Scores are grouped by sequence, in token order.
 
 The attention mask is ``[R, L]`` (plain right padding) or a boolean ``[R, 1, L, L]`` (True = may attend)
 for shared or packed layouts, with ``position_ids [R, L]``.
@@ -35,26 +39,39 @@ SOURCE_ROW = "source_row"  # as preftune.data.formats names it
 
 
 @dataclass
+class Branch:
+    completion: Sequence[int]
+    seq: int  # the sequence id it is scored as
+    mask: Sequence[bool] | None = None  # score only where True (assistant turns); None: every token
+
+
+@dataclass
 class Unit:
     prompt: Sequence[int]
-    branches: list[tuple[Sequence[int], int]]  # (completion ids, sequence id)
+    branches: list[Branch]
 
     def __len__(self) -> int:
-        return len(self.prompt) + sum(len(c) for c, _ in self.branches)
+        return len(self.prompt) + sum(len(b.completion) for b in self.branches)
+
+
+def _branch(row: dict, name: str, seq: int) -> Branch:
+    return Branch(row[f"{name}_ids"], seq, row.get(f"{name}_mask"))
 
 
 def units_from_rows(rows: Sequence[dict], prefix_sharing: bool, sft: bool = False) -> tuple[list[Unit], int]:
     """Units for paired (``chosen_ids``/``rejected_ids``), unpaired (``completion_ids``, with KTO's mismatched
-    branch) or SFT rows (``completion_ids``, one branch); also S, the number of scored sequences."""
+    branch ``kl_completion_ids``) or SFT rows (``completion_ids``, one branch); also S, the number of scored
+    sequences."""
     b = len(rows)
     if sft:
-        return [Unit(r["prompt_ids"], [(r["completion_ids"], i)]) for i, r in enumerate(rows)], b
+        return [Unit(r["prompt_ids"], [_branch(r, "completion", i)]) for i, r in enumerate(rows)], b
     if "chosen_ids" in rows[0]:
-        branches = [[(r["chosen_ids"], i), (r["rejected_ids"], b + i)] for i, r in enumerate(rows)]
+        branches = [[_branch(r, "chosen", i), _branch(r, "rejected", b + i)] for i, r in enumerate(rows)]
     else:
-        completions = [r["completion_ids"] for r in rows]
-        mismatched = completions[1:] + completions[:1]  # KTO: prompt i with completion i+1 (label irrelevant)
-        branches = [[(completions[i], i), (mismatched[i], b + i)] for i in range(b)]
+        if "kl_completion_ids" not in rows[0]:
+            raise ValueError("unpaired rows need their fixed mismatched completion 'kl_completion_ids' for KTO's "
+                             "KL estimate: tokenize them with tokenize_rows(..., kl_completions=True)")
+        branches = [[_branch(r, "completion", i), _branch(r, "kl_completion", b + i)] for i, r in enumerate(rows)]
     if prefix_sharing:
         units = [Unit(r["prompt_ids"], br) for r, br in zip(rows, branches)]
     else:  # chosen rows first, then rejected rows: the order a reader of the padded batch expects
@@ -103,15 +120,16 @@ def build_batch(units: list[Unit], num_seqs: int, pad_token_id: int, packed: boo
             position_ids[r, offset : offset + p] = torch.arange(p)
             unit_id[r, offset : offset + p] = unit_counter
             start = offset + p
-            for k, (completion, seq) in enumerate(unit.branches, start=1):
-                n = len(completion)
+            for k, branch in enumerate(unit.branches, start=1):
+                completion, seq, n = branch.completion, branch.seq, len(branch.completion)
                 input_ids[r, start : start + n] = torch.as_tensor(completion, dtype=torch.long)
                 position_ids[r, start : start + n] = torch.arange(p, p + n)
                 unit_id[r, start : start + n] = unit_counter
                 branch_id[r, start : start + n] = k
                 # The last prompt token predicts the first completion token; each completion token the next.
                 predictors = [offset + p - 1] + list(range(start, start + n - 1))
-                seq_scores[seq] = ([r * width + j for j in predictors], list(completion))
+                scored = range(n) if branch.mask is None else _masked_positions(branch.mask, n)
+                seq_scores[seq] = ([r * width + predictors[j] for j in scored], [completion[j] for j in scored])
                 last_token[seq] = r * width + start + n - 1
                 start += n
             offset = start
@@ -150,6 +168,12 @@ def build_batch(units: list[Unit], num_seqs: int, pad_token_id: int, packed: boo
     }
 
 
+def _masked_positions(mask: Sequence[bool], n: int) -> list[int]:
+    if len(mask) != n:
+        raise ValueError(f"a completion mask has {len(mask)} entries for {n} completion tokens")
+    return [j for j, keep in enumerate(mask) if keep]
+
+
 def _reference_columns(rows: Sequence[dict]) -> dict[str, Tensor]:
     return {
         name: torch.tensor([row[name] for row in rows], dtype=torch.float32) for name in REF_COLUMNS if name in rows[0]
@@ -184,7 +208,7 @@ def pad_sequences(
     prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
 ) -> dict[str, Tensor]:
     """One right-padded row per ``prompt + completion`` (sequence i = row i), in the collators' format."""
-    units = [Unit(p, [(c, i)]) for i, (p, c) in enumerate(zip(prompts, completions))]
+    units = [Unit(p, [Branch(c, i)]) for i, (p, c) in enumerate(zip(prompts, completions))]
     return build_batch(units, len(units), pad_id, packed=False)
 
 
@@ -211,7 +235,8 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
 
 def example_lengths(rows) -> list[int]:
     """Tokens of each tokenized row with the prompt counted once (what the batch layouts pay for)."""
-    columns = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids") if c in rows.column_names]
+    columns = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "kl_completion_ids")
+               if c in rows.column_names]
     table = rows.select_columns(columns).with_format("arrow")[:]
     total = None
     for c in columns:

@@ -7,12 +7,20 @@ Accepted input formats (TRL's names), each as plain text or as conversations (li
 * ``implicit``: ``chosen``, ``rejected`` holding whole texts/conversations; the prompt is their shared start
 * ``unpaired``: ``prompt``, ``completion``, ``label`` (bool-like: bool, 0/1, "true"/"false")
 * ``completion`` (SFT): ``prompt``, ``completion`` — read as unpaired rows labelled desirable
+* ``messages`` (SFT on conversations, TRL's conversational language modelling): ``messages``, one list of
+  messages that may open with system or user turns and hold several assistant turns — the prompt is every
+  message before the first assistant turn, the completion the rest (labelled desirable); a ``text``
+  column holding conversations is read the same way
 * ``text`` (SFT on whole texts): ``text`` — an empty prompt and the text as the completion
 
 Canonical rows (what :func:`normalise` returns):
 
 * paired data: ``prompt``, ``chosen``, ``rejected``; unpaired data: ``prompt``, ``completion``,
   ``label`` (bool); completions never repeat the prompt, an implicit prompt has been extracted;
+* a conversational completion starts with an assistant turn and may go on with other turns (multi-turn);
+  only its assistant turns are trained (see :mod:`preftune.data.tokenize`). In unpaired and SFT rows,
+  leading non-assistant turns of a completion move to the end of the prompt; a paired completion must
+  start with an assistant turn (chosen and rejected would otherwise not answer the same prompt);
 * ``source_row`` (int): the row's 0-based index in the source, so that an error found later (say, by
   tokenization) names the row the user can open, even after invalid rows were skipped or pairs split.
 
@@ -46,15 +54,18 @@ from datasets import Dataset, DatasetDict, Features, Value
 from preftune.errors import DataError
 
 # Bump when normalisation output changes: it is part of the fingerprint that `datasets` caches under.
-NORMALISE_VERSION = "preftune-normalise-1"
+NORMALISE_VERSION = "preftune-normalise-2"
 
 COLUMN_SETS: dict[str, tuple[str, ...]] = {
     "standard": ("prompt", "chosen", "rejected"),
     "implicit": ("chosen", "rejected"),
     "unpaired": ("prompt", "completion", "label"),
     "completion": ("prompt", "completion"),
+    "messages": ("messages",),
     "text": ("text",),
 }
+# Formats of one sequence per row (language modelling): SFT rows with no separate prompt column.
+LM_KINDS = ("messages", "text")
 PAIRED_COLUMNS = ("prompt", "chosen", "rejected")
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
 SOURCE_ROW = "source_row"
@@ -74,6 +85,7 @@ MISSING = "missing field"
 WRONG_TYPE = "wrong type"
 MALFORMED_MESSAGE = "malformed message"
 NOT_ASSISTANT = "completion not starting with an assistant turn"
+NO_ASSISTANT = "no assistant turn"
 EMPTY_COMPLETION = "empty completion"
 IDENTICAL = "identical chosen/rejected"
 BAD_LABEL = "invalid label"
@@ -340,6 +352,8 @@ def detect_format(ds: Dataset, source: str) -> DatasetFormat:
         kind = "unpaired"
     elif set(COLUMN_SETS["completion"]) <= columns:
         kind = "completion"
+    elif "messages" in columns:
+        kind = "messages"
     elif "text" in columns:
         kind = "text"
     else:
@@ -348,7 +362,11 @@ def detect_format(ds: Dataset, source: str) -> DatasetFormat:
                         f"{accepted} (each as text or as lists of {{role, content}} messages)")
     if len(ds) == 0:
         raise DataError(source, None, None, "has no rows")
-    return DatasetFormat(kind, _detect_conversational(ds, kind, source))
+    conversational = _detect_conversational(ds, kind, source)
+    if kind == "messages" and not conversational:
+        raise DataError(source, None, "messages", "holds text; a messages column holds conversations (lists "
+                        "of {role, content} messages). For plain text, name the column 'text'")
+    return DatasetFormat(kind, conversational)
 
 
 def _detect_conversational(ds: Dataset, kind: str, source: str) -> bool:
@@ -473,11 +491,11 @@ def _check_text_completion(name: str, text: str) -> None:
 
 
 def _check_message_completion(name: str, messages: list[dict[str, str]]) -> None:
-    if not messages or not "".join(m["content"] for m in messages).strip():
-        raise _RowProblem(name, EMPTY_COMPLETION, "the completion has no messages or only empty content")
-    if messages[0]["role"] != "assistant":
+    if messages and messages[0]["role"] != "assistant":
         raise _RowProblem(name, NOT_ASSISTANT, "the completion must start with an assistant message, "
                           f"got role {messages[0]['role']!r}")
+    if not "".join(m["content"] for m in messages if m["role"] == "assistant").strip():
+        raise _RowProblem(name, EMPTY_COMPLETION, "the completion has no assistant message with content")
 
 
 def _label(row: Mapping[str, Any]) -> bool:
@@ -548,14 +566,31 @@ def _normalise_row(row: Mapping[str, Any], fmt: DatasetFormat) -> dict[str, Any]
     if fmt.paired:
         return _normalise_paired_row(row, fmt)
     read, check = _readers(fmt)
-    if fmt.kind == "text":
-        prompt, completion, label = "", read(row, "text"), True
-        check("text", completion)
-        return {"prompt": prompt, "completion": completion, "label": label}
+    if fmt.kind in LM_KINDS:
+        if fmt.conversational:  # the prompt is what comes before the first assistant turn
+            prompt, completion = _split_at_first_assistant([], read(row, fmt.kind), fmt.kind)
+        else:
+            prompt, completion = "", read(row, fmt.kind)
+        check(fmt.kind, completion)
+        return {"prompt": prompt, "completion": completion, "label": True}
     prompt, completion = read(row, "prompt"), read(row, "completion")
     label = _label(row) if fmt.kind == "unpaired" else True  # SFT rows are all desirable
+    if fmt.conversational:
+        prompt, completion = _split_at_first_assistant(prompt, completion, "completion")
     check("completion", completion)
     return {"prompt": prompt, "completion": completion, "label": label}
+
+
+def _split_at_first_assistant(prompt: list[dict[str, str]], completion: list[dict[str, str]],
+                              name: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Move the completion's turns before its first assistant turn to the end of the prompt: they are context
+    the model reads, not text it writes (a conversation opening with system or user turns)."""
+    first = next((i for i, m in enumerate(completion) if m["role"] == "assistant"), None)
+    if first is None:
+        roles = [m["role"] for m in completion]
+        raise _RowProblem(name, NO_ASSISTANT, f"no assistant turn (roles {roles}), so there is nothing to "
+                          "train on; SFT trains on the assistant turns of a conversation")
+    return prompt + completion[:first], completion[first:]
 
 
 def _normalise_paired_row(row: Mapping[str, Any], fmt: DatasetFormat) -> dict[str, Any]:

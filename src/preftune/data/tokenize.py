@@ -3,20 +3,31 @@
 Output columns: ``prompt_ids`` with ``chosen_ids`` and ``rejected_ids`` (paired rows) or with
 ``completion_ids`` and ``label`` (unpaired rows), all lists of ints; ``source_row`` is carried over when
 the input has it. ``prompt_ids + chosen_ids`` is exactly the sequence the model is trained on.
+Conversational rows add ``chosen_mask``/``rejected_mask`` or ``completion_mask``: one bool per completion
+token, True where the token belongs to an assistant turn — the only tokens scored (trained on).
+With ``kl_completions=True`` (KTO) unpaired rows also get ``kl_completion_ids`` (and
+``kl_completion_mask``): the fixed mismatched completion of KTO's reference point, see
+:func:`mismatched_partners`.
 
 * Text rows: the prompt is encoded with the tokenizer's default special tokens (so it starts with BOS
-  where the tokenizer adds one); each completion is encoded on its own without special tokens.
+  where the tokenizer adds one); each completion is encoded on its own without special tokens; every
+  completion token is scored.
 * Conversational rows: the prompt is rendered by the chat template with ``add_generation_prompt=True``,
   the full conversation (prompt + completion) without; the completion ids are what follows the prompt
-  ids. If the prompt ids are not a prefix of the conversation ids, the row raises :class:`DataError` —
-  slicing by length anyway would silently train on the wrong tokens.
-* Every completion ends at an EOS: appended when missing; when the template closes the turn with EOS
-  followed only by whitespace (Qwen's ``<|im_end|>\\n``), the whitespace is dropped, since generation
-  stops at EOS and would never produce it.
+  ids. Assistant turn t spans the tokens from the end of ``conversation[:t]`` rendered with
+  ``add_generation_prompt=True`` to the end of ``conversation[:t+1]`` rendered without; each of these
+  renderings must be a token prefix of the whole conversation, or the row raises :class:`DataError` naming
+  the row and the turn — slicing by length anyway would silently train on the wrong tokens. Tokens between
+  assistant turns (user, system, tool turns and the template's headers) stay in the sequence, unscored;
+  turns after the last assistant turn are left out (they cannot change a scored token's log-prob).
+* Every completion ends at an EOS: appended to the last assistant turn when missing; when the template
+  closes the turn with EOS followed only by whitespace (Qwen's ``<|im_end|>\\n``), the whitespace is dropped
+  from the last turn and left unscored in earlier ones, since generation stops at EOS and would never
+  produce it.
 * Truncation: a prompt longer than ``max_prompt_length`` keeps its end (and its leading BOS, which
   models expect at position 0); completions are then cut, keeping their start, so that prompt plus the
   longest completion fit ``max_length``; a row whose prompt leaves no room for one completion token is
-  dropped. :class:`TokenizeReport` counts all three.
+  dropped. :class:`TokenizeReport` counts all three. A KL completion is cut to fit its row's prompt.
 * Cache: results are stored under ``cache_dir`` (default ``$PREFTUNE_CACHE/tokenized``, else
   ``~/.cache/preftune/tokenized``) in a folder named by a fingerprint of the dataset, the tokenizer, the
   lengths and :data:`TOKENIZE_VERSION`. The folder is written under a temporary name and renamed when
@@ -32,7 +43,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -46,9 +57,10 @@ from preftune.data.formats import SOURCE_ROW, DataError, is_conversational, is_p
 log = logging.getLogger(__name__)
 
 # Bump whenever the ids produced for the same inputs change: it is part of the cache key.
-TOKENIZE_VERSION = "preftune-tokenize-1"
+TOKENIZE_VERSION = "preftune-tokenize-2"
 NO_ROOM = "prompt leaves no room for a completion within max_length"
 IDS_FEATURE = [Value("int32")]
+MASK_FEATURE = [Value("bool")]
 _HELPER_COLUMNS = ["_prompt_truncated", "_completion_truncated", "_drop"]
 
 
@@ -117,11 +129,13 @@ def tokenize_rows(
     cache_dir: str | Path | None = None,
     num_proc: int | None = None,
     source: str | None = None,
+    kl_completions: bool = False,
 ) -> tuple[Dataset, TokenizeReport]:
     """Tokenize canonical rows (from :func:`preftune.data.formats.normalise`); see the module docstring.
 
     ``source`` names the data in errors (rows are named by their ``source_row`` when present). A second
     call with the same dataset, tokenizer and lengths loads the ids from the cache without tokenizing.
+    ``kl_completions`` (unpaired rows only) adds KTO's fixed mismatched completions.
     """
     _check_lengths(max_length, max_prompt_length)
     if tokenizer.eos_token_id is None:
@@ -130,7 +144,10 @@ def tokenize_rows(
     if conversational and not tokenizer.chat_template:
         raise ValueError("the rows are conversations but the tokenizer has no chat_template")
 
-    key = cache_key(ds, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    if kl_completions and is_paired(ds):
+        raise ValueError("kl_completions is for unpaired rows (prompt, completion, label); these rows are paired")
+    key = cache_key(ds, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                    kl_completions=kl_completions)
     directory = resolve_cache_dir(cache_dir) / key
     cached = _load_cached(directory)
     if cached is not None:
@@ -144,7 +161,8 @@ def tokenize_rows(
         max_prompt_length=max_prompt_length,
         source=source or "dataset",
     )
-    return _tokenize_into_cache(ds, encode, directory, key, max_length, max_prompt_length, num_proc)
+    return _tokenize_into_cache(ds, encode, directory, key, max_length, max_prompt_length, num_proc,
+                                kl_completions)
 
 
 def truncate_ids(
@@ -199,14 +217,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(ds: Dataset, tokenizer, *, max_length: int | None, max_prompt_length: int | None) -> str:
-    """The cache folder name for tokenizing ``ds`` with ``tokenizer`` at these lengths."""
+def cache_key(ds: Dataset, tokenizer, *, max_length: int | None, max_prompt_length: int | None,
+              kl_completions: bool = False) -> str:
+    """The cache folder name (and the fingerprint of the result) for tokenizing ``ds`` with ``tokenizer``."""
     parts = {
         "version": TOKENIZE_VERSION,
         "dataset": ds._fingerprint,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": max_length,
         "max_prompt_length": max_prompt_length,
+        "kl_completions": kl_completions,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -229,15 +249,20 @@ def _keep_end(ids: list[int], n: int, bos_token_id: int | None) -> list[int]:
     return ids[len(ids) - n:]
 
 
+def _whitespace_after_eos(ids: list[int], eos_id: int, tokenizer) -> int:
+    """How many tokens follow the last EOS of ``ids`` when they are whitespace only (else 0)."""
+    if not ids or ids[-1] == eos_id or eos_id not in ids:
+        return 0
+    last = len(ids) - 1 - ids[::-1].index(eos_id)
+    return 0 if tokenizer.decode(ids[last + 1:], skip_special_tokens=False).strip() else len(ids) - last - 1
+
+
 def _ending_with_eos(ids: list[int], eos_id: int, tokenizer) -> list[int]:
     """``ids`` ending at an EOS: append one, or cut whitespace-only tokens after the last one."""
     if ids and ids[-1] == eos_id:
         return ids
-    if eos_id in ids:
-        last = len(ids) - 1 - ids[::-1].index(eos_id)
-        if not tokenizer.decode(ids[last + 1:], skip_special_tokens=False).strip():
-            return ids[: last + 1]
-    return ids + [eos_id]
+    after = _whitespace_after_eos(ids, eos_id, tokenizer)
+    return ids[: len(ids) - after] if after else ids + [eos_id]
 
 
 def _encode_texts(batch: dict[str, list], tokenizer, fields: Sequence[str]) -> tuple[list, dict[str, list]]:
@@ -254,17 +279,20 @@ def _encode_texts(batch: dict[str, list], tokenizer, fields: Sequence[str]) -> t
 
 def _encode_conversations(
     batch: dict[str, list], rows: Sequence[int], tokenizer, fields: Sequence[str], source: str
-) -> tuple[list, dict[str, list]]:
+) -> tuple[list, dict[str, list], dict[str, list]]:
+    """Prompt ids, and per completion field its ids and assistant-token masks (see the module docstring)."""
     prompts = _render(tokenizer, batch["prompt"], rows, "prompt", source, add_generation_prompt=True)
-    completions = {}
+    completions, masks = {}, {}
     for name in fields:
         conversations = [p + c for p, c in zip(batch["prompt"], batch[name])]
         full = _render(tokenizer, conversations, rows, name, source, add_generation_prompt=False)
-        completions[name] = [
-            _completion_after_prompt(p, ids, tokenizer, row, name, source)
-            for p, ids, row in zip(prompts, full, rows)
+        located = [
+            _assistant_tokens(conversation, len(p), prompt_ids, full_ids, tokenizer, row, name, source)
+            for conversation, p, prompt_ids, full_ids, row in zip(conversations, batch["prompt"], prompts, full, rows)
         ]
-    return prompts, completions
+        completions[name] = [ids for ids, _ in located]
+        masks[name] = [mask for _, mask in located]
+    return prompts, completions, masks
 
 
 def _render(tokenizer, conversations: list, rows: Sequence[int], field: str, source: str,
@@ -285,18 +313,44 @@ def _render(tokenizer, conversations: list, rows: Sequence[int], field: str, sou
     return ids
 
 
-def _completion_after_prompt(prompt_ids: list[int], full_ids: list[int], tokenizer, row: int, field: str,
-                             source: str) -> list[int]:
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        raise DataError(source, row, field, _prefix_mismatch(prompt_ids, full_ids, tokenizer, field))
-    return _ending_with_eos(full_ids[len(prompt_ids):], tokenizer.eos_token_id, tokenizer)
+def _assistant_tokens(conversation: list[dict], first_turn: int, prompt_ids: list[int], full_ids: list[int],
+                      tokenizer, row: int, field: str, source: str) -> tuple[list[int], list[bool]]:
+    """The completion's ids — what follows the prompt, through the last assistant turn — and its mask, True on
+    the tokens of assistant turns. ``conversation`` is prompt + completion; its turn ``first_turn`` opens the
+    completion. Each turn is located by rendering the conversation up to it (see the module docstring)."""
+    spans = []  # [start, stop) of each assistant turn in full_ids
+    for turn in range(first_turn, len(conversation)):
+        if conversation[turn]["role"] != "assistant":
+            continue
+        before = prompt_ids if turn == first_turn else _render(
+            tokenizer, [conversation[:turn]], [row], field, source, add_generation_prompt=True)[0]
+        through = full_ids if turn == len(conversation) - 1 else _render(
+            tokenizer, [conversation[: turn + 1]], [row], field, source, add_generation_prompt=False)[0]
+        for part, label in ((before, f"conversation[:{turn}] + generation prompt"),
+                            (through, f"conversation[:{turn + 1}]")):
+            if full_ids[: len(part)] != part:
+                raise DataError(source, row, field, _prefix_mismatch(part, full_ids, tokenizer, field, turn, label))
+        spans.append((len(before), len(through)))
+    if not spans:
+        raise DataError(source, row, field, "the completion has no assistant turn, so nothing would be trained")
+
+    eos_id, offset = tokenizer.eos_token_id, len(prompt_ids)
+    ids = full_ids[offset : spans[-1][0]]
+    mask = [False] * len(ids)
+    for start, stop in spans[:-1]:
+        # Whitespace after an earlier turn's EOS stays in the sequence but is never generated: not scored.
+        scored = (stop - start) - _whitespace_after_eos(full_ids[start:stop], eos_id, tokenizer)
+        mask[start - offset : start - offset + scored] = [True] * scored
+    last = _ending_with_eos(full_ids[slice(*spans[-1])], eos_id, tokenizer)
+    return ids + last, mask + [True] * len(last)
 
 
-def _prefix_mismatch(prompt_ids: list[int], full_ids: list[int], tokenizer, field: str) -> str:
-    first = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b),
-                 min(len(prompt_ids), len(full_ids)))
+def _prefix_mismatch(part_ids: list[int], full_ids: list[int], tokenizer, field: str, turn: int,
+                     label: str) -> str:
+    first = next((i for i, (a, b) in enumerate(zip(part_ids, full_ids)) if a != b),
+                 min(len(part_ids), len(full_ids)))
     # Long sequences are shown around the first difference; short ones whole.
-    start = 0 if max(len(prompt_ids), len(full_ids)) <= 64 else max(0, first - 16)
+    start = 0 if max(len(part_ids), len(full_ids)) <= 64 else max(0, first - 16)
     stop = start + 64 if start else None
 
     def show(ids: list[int]) -> str:
@@ -305,12 +359,14 @@ def _prefix_mismatch(prompt_ids: list[int], full_ids: list[int], tokenizer, fiel
         tail = " …" if stop is not None and stop < len(ids) else ""
         return f"{head}{window}{tail}  text: {tokenizer.decode(window, skip_special_tokens=False)!r}"
 
-    return (f"the chat template renders the prompt differently when the '{field}' turn follows, so the "
-            f"prompt's tokens are not a prefix of the whole conversation's tokens (first difference at "
-            f"token {first}); the completion cannot be located.\n"
-            f"  prompt (add_generation_prompt=True): {show(prompt_ids)}\n"
-            f"  prompt + {field}:                     {show(full_ids)}\n"
-            "Fix the chat template so that the generation prompt is rendered identically in both cases.")
+    return (f"assistant turn {turn} (counting the messages of prompt + {field} from 0) cannot be located: the "
+            f"chat template renders the conversation up to it differently from the start of the whole "
+            f"conversation, so those tokens are not a prefix of the whole conversation's tokens (first "
+            f"difference at token {first}).\n"
+            f"  {label}: {show(part_ids)}\n"
+            f"  whole conversation (prompt + {field}): {show(full_ids)}\n"
+            "Fix the chat template so that earlier turns and the generation prompt render the same whatever "
+            "follows them.")
 
 
 def _tokenize_batch(
@@ -326,10 +382,11 @@ def _tokenize_batch(
 ) -> dict[str, list]:
     rows = batch[SOURCE_ROW] if SOURCE_ROW in batch else indices
     if conversational:
-        prompts, completions = _encode_conversations(batch, rows, tokenizer, completion_fields, source)
+        prompts, completions, masks = _encode_conversations(batch, rows, tokenizer, completion_fields, source)
     else:
-        prompts, completions = _encode_texts(batch, tokenizer, completion_fields)
+        (prompts, completions), masks = _encode_texts(batch, tokenizer, completion_fields), {}
     out: dict[str, list] = {"prompt_ids": [], **{f"{name}_ids": [] for name in completion_fields}}
+    out.update({f"{name}_mask": [] for name in masks})
     out.update({name: [] for name in _HELPER_COLUMNS})
     for i, prompt in enumerate(prompts):
         fitted = truncate_ids(prompt, [completions[name][i] for name in completion_fields],
@@ -338,6 +395,8 @@ def _tokenize_batch(
         out["prompt_ids"].append(fitted.prompt_ids)
         for name, ids in zip(completion_fields, fitted.completion_ids):
             out[f"{name}_ids"].append(ids)
+            if name in masks:
+                out[f"{name}_mask"].append(masks[name][i][: len(ids)])
         out["_prompt_truncated"].append(fitted.prompt_truncated)
         out["_completion_truncated"].append(fitted.completion_truncated)
         out["_drop"].append(fitted.drop_reason)
@@ -350,6 +409,8 @@ def _tokenize_batch(
 def _output_features(ds: Dataset) -> Features:
     names = ("chosen", "rejected") if is_paired(ds) else ("completion",)
     features: dict[str, Any] = {"prompt_ids": IDS_FEATURE, **{f"{n}_ids": IDS_FEATURE for n in names}}
+    if is_conversational(ds):
+        features.update({f"{n}_mask": MASK_FEATURE for n in names})
     if "label" in ds.column_names:
         features["label"] = Value("bool")
     if SOURCE_ROW in ds.column_names:
@@ -359,12 +420,78 @@ def _output_features(ds: Dataset) -> Features:
     return Features(features)
 
 
+# ------------------------------------------------------------------------------------ KTO's mismatched pairs
+
+
+def mismatched_partners(prompts: Sequence[Hashable]) -> list[int]:
+    """For each row i, the row j whose completion KTO pairs with prompt i to estimate its reference point.
+
+    KTO's z₀ (Ethayarajh et al. 2024, arXiv 2402.01306, §4) is the KL between policy and reference,
+    estimated on mismatched pairs (x_i, y_j). The pair is fixed here, once, so that the precomputed
+    reference and the live one score the same (x_i, y_j) whatever the batch order. Rule, deterministic and
+    cyclic over rows in order: j = i + s, with s the longest run of consecutive rows sharing a prompt — a
+    shift, so every completion is used once (pairs split for KTO, chosen then rejected under one prompt,
+    give s = 2: chosen with the next chosen, rejected with the next rejected); if row i + s still has
+    prompt i (the prompt recurs), j is the first row after it with another prompt. When all rows share one
+    prompt, j = i + 1 (another completion of that prompt); a single row is its own partner.
+    ``prompts`` holds one hashable key per row (equal keys ⇔ equal prompts).
+    """
+    n = len(prompts)
+    if len(set(prompts)) <= 1:
+        return [(i + 1) % n for i in range(n)]
+    # change[k] (k < n): the first position k' > k, read cyclically, whose prompt differs from row k's run;
+    # it exists within n steps because not all prompts are equal.
+    doubled = list(prompts) * 2
+    change = [2 * n] * (2 * n)
+    for k in range(2 * n - 2, -1, -1):
+        change[k] = k + 1 if doubled[k + 1] != doubled[k] else change[k + 1]
+    shift = max(change[i] - i for i in range(n))  # the longest run (< n)
+    partners = []
+    for i in range(n):
+        j = i + shift
+        if doubled[j] == prompts[i]:
+            j = change[j % n] + (j - j % n)
+        partners.append(j % n)
+    return partners
+
+
+def _prompt_keys(tokenized: Dataset) -> list[int]:
+    keys: list[int] = []
+    for table in tokenized.select_columns(["prompt_ids"]).with_format("arrow").iter(batch_size=4096):
+        # Python hashes tuples of ints deterministically (PYTHONHASHSEED salts only str and bytes).
+        keys.extend(hash(tuple(ids)) for ids in table.column("prompt_ids").to_pylist())
+    return keys
+
+
+def _with_kl_completions(tokenized: Dataset, max_length: int | None, cache_file: Path,
+                         fingerprint: str) -> Dataset:
+    """Add ``kl_completion_ids`` (and ``kl_completion_mask``): the completion of row
+    :func:`mismatched_partners` [i], cut so that it fits after prompt i within ``max_length``."""
+    partners = mismatched_partners(_prompt_keys(tokenized))
+    names = [n for n in ("completion_ids", "completion_mask") if n in tokenized.column_names]
+    completions = tokenized.select_columns(names).with_format("arrow")
+
+    def add(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        taken = completions[[partners[i] for i in indices]]
+        return {
+            f"kl_{name}": [ids if max_length is None else ids[: max_length - len(prompt)]
+                           for ids, prompt in zip(taken.column(name).to_pylist(), batch["prompt_ids"])]
+            for name in names
+        }
+
+    features = tokenized.features.copy()
+    features.update({f"kl_{name}": tokenized.features[name] for name in names})
+    return tokenized.map(add, batched=True, with_indices=True, features=features,
+                         cache_file_name=str(cache_file), new_fingerprint=fingerprint,
+                         desc="Fixing KTO's mismatched completions")
+
+
 # ------------------------------------------------------------------------------------ caching
 
 
 def _tokenize_into_cache(
     ds: Dataset, encode, directory: Path, key: str, max_length: int | None, max_prompt_length: int | None,
-    num_proc: int | None,
+    num_proc: int | None, kl_completions: bool,
 ) -> tuple[Dataset, TokenizeReport]:
     """Tokenize into a temporary folder beside ``directory`` and rename it into place when complete."""
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -389,6 +516,8 @@ def _tokenize_into_cache(
                                          cache_file_name=str(tmp / "kept.arrow"),
                                          new_fingerprint=f"{key}-kept")
         tokenized = tokenized.remove_columns(_HELPER_COLUMNS)
+        if kl_completions:  # after dropping rows: a partner is always a kept row
+            tokenized = _with_kl_completions(tokenized, max_length, tmp / "kl.arrow", f"{key}-kl")
         tokenized.save_to_disk(str(tmp / "dataset"))
         (tmp / "report.json").write_text(report.to_json())
         del tokenized

@@ -54,9 +54,11 @@ class PairLogps:
 class UnpairedLogps:
     """Per-sequence log-probs for B unpaired examples (KTO), shape ``[B]``.
 
-    ``kl`` / ``ref_kl`` hold log-probs of *mismatched* completions (prompt i with completion i+1),
-    used only to estimate the KL reference point. Only their mean is used, so the caller may pass them
-    gathered over processes (any length).
+    ``kl`` / ``ref_kl`` hold log-probs of *mismatched* pairs (x_i, y_j): prompt i with the completion of
+    another row j, fixed per row when the data is prepared (``kl_completion_ids``), so that ``kl[i]`` and
+    ``ref_kl[i]`` score the same pair whether the reference is live or precomputed. They serve only to
+    estimate the KL reference point; only their mean is used, so the caller may pass them gathered over
+    processes (any length).
     """
 
     logps: Tensor

@@ -111,7 +111,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 def build_train_loader(cfg: TrainConfig, dataset, collate: Callable[[list[dict]], dict[str, Tensor]],
-                       drop_last: bool) -> tuple[DataLoader, TokenBudgetBatchSampler | None]:
+                       ) -> tuple[DataLoader, TokenBudgetBatchSampler | None]:
     """Training batches of ``per_device_train_batch_size`` examples (shuffled or grouped by length), or of as many
     examples as fit in ``max_tokens_per_batch`` tokens; the token-budget sampler is returned too (or None).
 
@@ -123,7 +123,7 @@ def build_train_loader(cfg: TrainConfig, dataset, collate: Callable[[list[dict]]
     sampler = (LengthGroupedSampler(example_lengths(dataset), cfg.per_device_train_batch_size, cfg.seed)
                if cfg.group_by_length else None)
     return DataLoader(dataset, batch_size=cfg.per_device_train_batch_size, shuffle=sampler is None, sampler=sampler,
-                      collate_fn=collate, drop_last=drop_last), None
+                      collate_fn=collate), None
 
 
 class PreferenceTrainer:
@@ -168,11 +168,7 @@ class PreferenceTrainer:
 
         policy = (RewardModel if spec.model == "reward" else LogProbModel)(inputs.model, cfg.logprob_chunk_size)
         optimizer = build_optimizer(cfg, policy)
-        train_dl, budget = build_train_loader(cfg, inputs.train, collate, drop_last=spec.kind == "unpaired")
-        if len(train_dl) == 0:
-            raise TrainingError(f"{len(inputs.train)} training rows do not fill one batch of "
-                                f"{cfg.per_device_train_batch_size}: nothing would be trained; use more rows or a "
-                                "smaller per_device_train_batch_size")
+        train_dl, budget = build_train_loader(cfg, inputs.train, collate)
         total_steps, num_epochs = self._schedule_length(len(train_dl))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
         # Accelerate steps a prepared scheduler once per process per optimizer step; size it to match.

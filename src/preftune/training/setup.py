@@ -165,11 +165,14 @@ def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokeni
     normalised = _rows_for(kind, normalised, source, cfg.methods, reports, name)
     tokenized, tok_report = tokenize.tokenize_rows(
         normalised, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-        cache_dir=cache_root(cfg) / "tokenized", source=source,
+        cache_dir=cache_root(cfg) / "tokenized", source=source, kl_completions=kind == "unpaired",
     )
     reports[f"{name}/tokens"] = str(tok_report)
-    keep = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label", formats.SOURCE_ROW)
-            if c in tokenized.column_names]
+    if len(tokenized) == 0:
+        raise formats.DataError(source, None, None, f"no row is left to train on: {tok_report}; raise max_length "
+                                "or set max_prompt_length so that long prompts are cut instead of dropped")
+    keep = [c for c in tokenized.column_names
+            if c.endswith(("_ids", "_mask")) or c in ("label", formats.SOURCE_ROW)]
     return tokenized.select_columns(keep)
 
 
@@ -279,7 +282,7 @@ def row_positions(data: datasets.Dataset) -> np.ndarray:
     table = data.with_format("arrow")[:]
     prompt = table.column("prompt_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
     completions = [table.column(c).combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
-                   for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in data.column_names]
+                   for c in data.column_names if c.endswith("_ids") and c != "prompt_ids"]
     return prompt + np.max(np.stack(completions), axis=0)
 
 
