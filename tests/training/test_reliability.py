@@ -228,6 +228,26 @@ def test_a_damaged_reference_cache_is_rebuilt(tmp_path, tok, damage, caplog):
     np.testing.assert_array_equal(np.load(path), values if damage != "nan" else np.load(path))
 
 
+def test_a_tokenized_cache_with_swapped_ids_is_rebuilt(tmp_path, tok, caplog):
+    import datasets
+
+    from preftune.data import formats, tokenize
+
+    rows, _ = formats.normalise(datasets.Dataset.from_list(ROWS), "rows")
+    first, _ = tokenize.tokenize_rows(rows, tok, max_length=64, max_prompt_length=32, cache_dir=tmp_path)
+    original = first.to_dict()
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    swapped = first.rename_columns({"chosen_ids": "rejected_ids", "rejected_ids": "chosen_ids"})
+    swapped.save_to_disk(str(tmp_path / "swapped"))
+    del first, swapped
+    shutil.rmtree(folder / "dataset")
+    shutil.move(str(tmp_path / "swapped"), str(folder / "dataset"))
+    with caplog.at_level("WARNING"):
+        second, report = tokenize.tokenize_rows(rows, tok, max_length=64, max_prompt_length=32, cache_dir=tmp_path)
+    assert "ids are not those written" in caplog.text and not report.from_cache
+    assert second.to_dict() == original
+
+
 # ------------------------------------------------------------------------------------------------ non-finite values
 
 

@@ -57,10 +57,11 @@ from preftune.data.formats import SOURCE_ROW, DataError, is_conversational, is_p
 log = logging.getLogger(__name__)
 
 # Bump whenever the ids produced for the same inputs change: it is part of the cache key.
-TOKENIZE_VERSION = "preftune-tokenize-2"
+TOKENIZE_VERSION = "preftune-tokenize-3"
 NO_ROOM = "prompt leaves no room for a completion within max_length"
 IDS_FEATURE = [Value("int32")]
 MASK_FEATURE = [Value("bool")]
+CHECKSUM_FILE = "checksum.json"  # row count and table_checksum of the cached ids, checked on every load
 _HELPER_COLUMNS = ["_prompt_truncated", "_completion_truncated", "_drop"]
 
 
@@ -520,6 +521,7 @@ def _tokenize_into_cache(
             tokenized = _with_kl_completions(tokenized, max_length, tmp / "kl.arrow", f"{key}-kl")
         tokenized.save_to_disk(str(tmp / "dataset"))
         (tmp / "report.json").write_text(report.to_json())
+        (tmp / CHECKSUM_FILE).write_text(json.dumps({"rows": len(tokenized), "checksum": table_checksum(tokenized)}))
         del tokenized
         for intermediate in tmp.glob("*.arrow"):
             intermediate.unlink(missing_ok=True)
@@ -562,15 +564,41 @@ def _count(tokenized: Dataset, rows_in: int, max_length: int | None,
 
 
 def _load_cached(directory: Path, from_cache: bool = True) -> tuple[Dataset, TokenizeReport] | None:
-    """The cached ids and report in ``directory``, or None when absent or unreadable (then removed)."""
+    """The cached ids and report in ``directory``, or None when absent or not to be trusted — unreadable, or
+    their row count or checksum differ from what was recorded when they were written (then removed, saying so)."""
     if not directory.is_dir():
         return None
     try:
         tokenized = datasets.load_from_disk(str(directory / "dataset"))
         report = TokenizeReport.from_json((directory / "report.json").read_text())
+        recorded = json.loads((directory / CHECKSUM_FILE).read_text())
     except Exception as e:  # a damaged cache is rebuilt rather than trusted
-        log.warning("ignoring unreadable tokenized cache %s (%s: %s)", directory, type(e).__name__, e)
+        log.warning("ignoring unreadable tokenized cache %s (%s: %s); tokenizing again", directory,
+                    type(e).__name__, e)
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    if recorded.get("rows") != len(tokenized) or recorded.get("checksum") != table_checksum(tokenized):
+        log.warning("ignoring tokenized cache %s: its ids are not those written (row count or checksum differ); "
+                    "tokenizing again", directory)
         shutil.rmtree(directory, ignore_errors=True)
         return None
     report.from_cache, report.cache_path = from_cache, str(directory)
     return tokenized, report
+
+
+def table_checksum(ds: Dataset) -> str:
+    """A hash of every value of every column (names sorted), independent of how Arrow chunks or slices them."""
+    import pyarrow as pa
+
+    digest = hashlib.blake2b(digest_size=16)
+    table = ds.with_format("arrow")[:]
+    for name in sorted(table.column_names):
+        digest.update(name.encode())
+        column = table.column(name).combine_chunks()
+        if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            offsets = column.offsets.to_numpy()
+            digest.update((offsets - offsets[0]).tobytes())
+            digest.update(column.flatten().to_numpy(zero_copy_only=False).tobytes())
+        else:
+            digest.update(json.dumps(column.to_pylist(), default=str).encode())
+    return digest.hexdigest()
