@@ -266,7 +266,7 @@ def _ending_with_eos(ids: list[int], eos_id: int, tokenizer) -> list[int]:
     return ids[: len(ids) - after] if after else ids + [eos_id]
 
 
-def _encode_texts(batch: dict[str, list], tokenizer, fields: Sequence[str]) -> tuple[list, dict[str, list]]:
+def encode_texts(batch: dict[str, list], tokenizer, fields: Sequence[str]) -> tuple[list, dict[str, list]]:
     prompts = tokenizer(batch["prompt"], return_attention_mask=False)["input_ids"]
     eos_id = tokenizer.eos_token_id  # a property lookup per row is measurably slow
     completions = {}
@@ -278,15 +278,15 @@ def _encode_texts(batch: dict[str, list], tokenizer, fields: Sequence[str]) -> t
     return [list(p) or [start] for p in prompts], completions
 
 
-def _encode_conversations(
+def encode_conversations(
     batch: dict[str, list], rows: Sequence[int], tokenizer, fields: Sequence[str], source: str
 ) -> tuple[list, dict[str, list], dict[str, list]]:
     """Prompt ids, and per completion field its ids and assistant-token masks (see the module docstring)."""
-    prompts = _render(tokenizer, batch["prompt"], rows, "prompt", source, add_generation_prompt=True)
+    prompts = render_conversations(tokenizer, batch["prompt"], rows, "prompt", source, add_generation_prompt=True)
     completions, masks = {}, {}
     for name in fields:
         conversations = [p + c for p, c in zip(batch["prompt"], batch[name])]
-        full = _render(tokenizer, conversations, rows, name, source, add_generation_prompt=False)
+        full = render_conversations(tokenizer, conversations, rows, name, source, add_generation_prompt=False)
         located = [
             _assistant_tokens(conversation, len(p), prompt_ids, full_ids, tokenizer, row, name, source)
             for conversation, p, prompt_ids, full_ids, row in zip(conversations, batch["prompt"], prompts, full, rows)
@@ -296,7 +296,7 @@ def _encode_conversations(
     return prompts, completions, masks
 
 
-def _render(tokenizer, conversations: list, rows: Sequence[int], field: str, source: str,
+def render_conversations(tokenizer, conversations: list, rows: Sequence[int], field: str, source: str,
             add_generation_prompt: bool) -> list[list[int]]:
     """Token ids of each conversation through the chat template; a failing row is named."""
     kwargs = dict(add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True)
@@ -323,9 +323,9 @@ def _assistant_tokens(conversation: list[dict], first_turn: int, prompt_ids: lis
     for turn in range(first_turn, len(conversation)):
         if conversation[turn]["role"] != "assistant":
             continue
-        before = prompt_ids if turn == first_turn else _render(
+        before = prompt_ids if turn == first_turn else render_conversations(
             tokenizer, [conversation[:turn]], [row], field, source, add_generation_prompt=True)[0]
-        through = full_ids if turn == len(conversation) - 1 else _render(
+        through = full_ids if turn == len(conversation) - 1 else render_conversations(
             tokenizer, [conversation[: turn + 1]], [row], field, source, add_generation_prompt=False)[0]
         for part, label in ((before, f"conversation[:{turn}] + generation prompt"),
                             (through, f"conversation[:{turn + 1}]")):
@@ -383,9 +383,9 @@ def _tokenize_batch(
 ) -> dict[str, list]:
     rows = batch[SOURCE_ROW] if SOURCE_ROW in batch else indices
     if conversational:
-        prompts, completions, masks = _encode_conversations(batch, rows, tokenizer, completion_fields, source)
+        prompts, completions, masks = encode_conversations(batch, rows, tokenizer, completion_fields, source)
     else:
-        (prompts, completions), masks = _encode_texts(batch, tokenizer, completion_fields), {}
+        (prompts, completions), masks = encode_texts(batch, tokenizer, completion_fields), {}
     out: dict[str, list] = {"prompt_ids": [], **{f"{name}_ids": [] for name in completion_fields}}
     out.update({f"{name}_mask": [] for name in masks})
     out.update({name: [] for name in _HELPER_COLUMNS})

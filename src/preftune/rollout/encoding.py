@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from preftune.data.tokenize import _encode_conversations, _encode_texts, _render
+from preftune.data.tokenize import encode_conversations, encode_texts, render_conversations
 from preftune.errors import DataError
 
 Message = dict[str, str]
@@ -75,9 +75,9 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt], source: str = "prompts"
     """Token ids of each prompt, as training encodes a row's prompt (see the module docstring)."""
     if check_prompts(prompts, source):
         _require_template(tokenizer, source)
-        return _render(tokenizer, [list(p) for p in prompts], range(len(prompts)), "prompt", source,
+        return render_conversations(tokenizer, [list(p) for p in prompts], range(len(prompts)), "prompt", source,
                        add_generation_prompt=True)
-    ids, _ = _encode_texts({"prompt": list(prompts)}, tokenizer, ())
+    ids, _ = encode_texts({"prompt": list(prompts)}, tokenizer, ())
     return ids
 
 
@@ -94,9 +94,9 @@ def encode_completions(
         _require_template(tokenizer, source)
         batch = {"prompt": [list(p) for p in prompts],
                  "completion": [[{"role": "assistant", "content": c}] for c in completions]}
-        prompt_ids, encoded = _encode_conversations(batch, range(len(prompts)), tokenizer, ("completion",), source)
+        prompt_ids, encoded, _ = encode_conversations(batch, range(len(prompts)), tokenizer, ("completion",), source)
     else:
-        prompt_ids, encoded = _encode_texts({"prompt": list(prompts), "completion": list(completions)}, tokenizer,
+        prompt_ids, encoded = encode_texts({"prompt": list(prompts), "completion": list(completions)}, tokenizer,
                                             ("completion",))
     return prompt_ids, encoded["completion"]
 
