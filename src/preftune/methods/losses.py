@@ -26,7 +26,11 @@ from torch import Tensor
 
 @dataclass
 class PairLogps:
-    """Per-sequence log-probs for B preference pairs. All tensors are fp32, shape ``[B]``."""
+    """Per-sequence log-probs for B preference pairs. All tensors are fp32, shape ``[B]``.
+
+    ``extras`` carries per-example targets a loss needs besides log-probs, by column name, each ``[B]``
+    (SPPO's ``chosen_win_prob`` / ``rejected_win_prob``); a loss reads them with :meth:`extra`.
+    """
 
     chosen: Tensor
     rejected: Tensor
@@ -34,6 +38,15 @@ class PairLogps:
     rejected_tokens: Tensor
     ref_chosen: Tensor | None = None
     ref_rejected: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def extra(self, name: str) -> Tensor:
+        """The per-example column ``name`` ``[B]``; a clear error when the batch does not carry it."""
+        if name not in self.extras:
+            have = ", ".join(sorted(self.extras)) or "none"
+            raise ValueError(f"this loss needs the per-example column '{name}' (batch extras: {have}); "
+                             f"give every row a '{name}' value")
+        return self.extras[name]
 
     def ratios(self) -> tuple[Tensor, Tensor]:
         """Log-ratios ``(ρ_w, ρ_l)``; a reference-free pair uses a uniform reference (ρ = s)."""
@@ -212,6 +225,21 @@ def sppo_hard(lp: PairLogps, beta: float) -> LossOutput:
     """
     rho_w, rho_l = lp.ratios()
     losses = (rho_w - 1 / (2 * beta)) ** 2 + (rho_l + 1 / (2 * beta)) ** 2
+    return LossOutput(losses, *_rewards(beta, rho_w, rho_l))
+
+
+def sppo(lp: PairLogps, beta: float) -> LossOutput:
+    """SPPO with soft targets (Wu et al. 2024, arXiv 2405.00675, Alg. 1; their ``sppo`` loss), η = 1/β.
+
+    ℓ = ½·[(ρ_w − η(P̂_w − ½))² + (ρ_l − η(P̂_l − ½))²], P̂ = ``lp.extra("chosen_win_prob")`` /
+    ``"rejected_win_prob"`` the estimated P(y ≻ π_t) (``preftune.methods.rl.sppo_win_probs``); the reference is
+    the previous iterate π_t. At π = π_t: ℓ = ½η²[(P̂_w − ½)² + (P̂_l − ½)²]; with P̂ = (1, 0) it is half of
+    :func:`sppo_hard`. Shapes: ``[B]``.
+    """
+    rho_w, rho_l = lp.ratios()
+    eta = 1 / beta
+    p_w, p_l = lp.extra("chosen_win_prob"), lp.extra("rejected_win_prob")
+    losses = 0.5 * ((rho_w - eta * (p_w - 0.5)) ** 2 + (rho_l - eta * (p_l - 0.5)) ** 2)
     return LossOutput(losses, *_rewards(beta, rho_w, rho_l))
 
 
@@ -420,6 +448,7 @@ __all__ = [
     "nca_pair",
     "bco_pair",
     "sppo_hard",
+    "sppo",
     "apo_zero",
     "apo_down",
     "slic",
