@@ -27,12 +27,15 @@ from transformers import get_scheduler
 
 from preftune.config import TrainConfig
 from preftune.data.batching import LengthGroupedSampler, TokenBudgetBatchSampler, example_lengths
-from preftune.errors import TrainingError
+from preftune.errors import ConfigError, TrainingError
 from preftune.methods.registry import METHODS, get_method
 from preftune.modeling.logprobs import LogProbModel
 from preftune.modeling.reward import RewardModel
+from preftune.rollout.judges import CallableJudge, load_judge
 from preftune.training import checkpoint
 from preftune.training.objective import LossSpec, NonFiniteLoss, batch_loss
+from preftune.training.online import OnlineBatches
+from preftune.training.online import summary as online_summary
 from preftune.training.rundir import open_run_folder
 from preftune.training.setup import RunInputs, prepare_inputs, uses_embedded_model
 from preftune.training.tracking import MetricsLog, MetricWindow
@@ -135,7 +138,7 @@ class PreferenceTrainer:
     """
 
     def __init__(self, config: TrainConfig, model=None, ref_model=None, tokenizer=None,
-                 train_dataset=None, eval_dataset=None, callbacks: list[StepCallback] = ()):
+                 train_dataset=None, eval_dataset=None, callbacks: list[StepCallback] = (), judge=None):
         # A copy: resolved choices (precision, layout, reference) are written into it, not into the caller's object.
         self.cfg = copy.deepcopy(config).validate()
         embedded = uses_embedded_model(self.cfg, model)
@@ -143,6 +146,11 @@ class PreferenceTrainer:
         self.given = dict(model=model, ref_model=ref_model, tokenizer=tokenizer,
                           train_dataset=train_dataset, eval_dataset=eval_dataset)
         self.callbacks = list(callbacks)
+        self.judge = judge  # online methods: a Judge or a function (prompts, completions) -> scores; else cfg.judge
+        if self.cfg.is_online and judge is None and not self.cfg.judge:
+            raise ConfigError("online methods (online_dpo, rloo, grpo, online=true) score their samples with a judge: "
+                              "set judge to a reward-model folder, 'module:function' or 'gold' (the demo world), "
+                              "or pass judge= to the trainer")
 
     # ------------------------------------------------------------------------------------------------
     def train(self) -> RunResult:
@@ -168,7 +176,12 @@ class PreferenceTrainer:
 
         policy = (RewardModel if spec.model == "reward" else LogProbModel)(inputs.model, cfg.logprob_chunk_size)
         optimizer = build_optimizer(cfg, policy)
-        train_dl, budget = build_train_loader(cfg, inputs.train, collate)
+        online = self._online_source(inputs, spec) if cfg.is_online else None
+        if online is not None:  # prompts in; each micro-batch is sampled, judged and collated in the loop
+            train_dl, budget = DataLoader(inputs.train, batch_size=cfg.per_device_train_batch_size, shuffle=True,
+                                          collate_fn=list), None
+        else:
+            train_dl, budget = build_train_loader(cfg, inputs.train, collate)
         total_steps, num_epochs = self._schedule_length(len(train_dl))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
         # Accelerate steps a prepared scheduler once per process per optimizer step; size it to match.
@@ -214,6 +227,8 @@ class PreferenceTrainer:
             skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
             batches = acc.skip_first_batches(train_dl, skip) if skip else train_dl
             for batch_index, batch in enumerate(batches, start=skip):
+                if online is not None:  # fetch batch: sample from the current policy, judge, collate
+                    batch = online.batch(batch, acc.unwrap_model(policy).model, window, online.seed(epoch, batch_index))
                 window_rows += batch["source_rows"].tolist() if "source_rows" in batch else []
                 with acc.accumulate(policy):
                     try:
@@ -255,12 +270,14 @@ class PreferenceTrainer:
                     metrics_log.write(record)
                     result.train_metrics = record
                     speed = record[f"{spec.unit}_per_second"]
-                    shown = {"loss": f"{record['loss']:.4f}", f"{spec.unit}/s": f"{speed:.1f}"}
+                    shown = {"loss": f"{record.get('loss', math.nan):.4f}", f"{spec.unit}/s": f"{speed:.1f}"}
+                    if "reward" in record:
+                        shown["reward"] = f"{record['reward']:.3f}"
                     if "rewards/accuracies" in record:
                         shown["acc"] = f"{record['rewards/accuracies']:.2f}"
                     bar.set_postfix(shown)
                 if inputs.eval is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                    result.eval_metrics = self._evaluate(policy, reference, inputs, spec, step, metrics_log)
+                    result.eval_metrics = self._evaluate(policy, reference, inputs, spec, step, metrics_log, online)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
                     checkpoint.save_checkpoint(acc, out, step, state, cfg.save_total_limit, moving_reference)
                 if step >= total_steps:
@@ -271,7 +288,7 @@ class PreferenceTrainer:
         train_seconds = time.perf_counter() - started
 
         if inputs.eval is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
-            result.eval_metrics = self._evaluate(policy, reference, inputs, spec, step, metrics_log)
+            result.eval_metrics = self._evaluate(policy, reference, inputs, spec, step, metrics_log, online)
         check_finite_weights(acc.unwrap_model(policy), step)
         if cfg.save_steps:
             checkpoint.save_checkpoint(acc, out, step, {**state, "epoch": num_epochs, "batches_in_epoch": 0},
@@ -283,7 +300,8 @@ class PreferenceTrainer:
                        "first_loss": result.first_loss, "train": result.train_metrics,
                        "eval": result.eval_metrics, "reference": reference.name, "methods": cfg.methods,
                        "parameters": inputs.parameter_counts, "data": inputs.data_reports,
-                       "layout": inputs.collator.describe(), "final_dir": str(result.final_dir)}
+                       "layout": inputs.collator.describe(), "final_dir": str(result.final_dir),
+                       **({"online": online_summary(online)} if online is not None else {})}
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.end_training()
         return result
@@ -313,7 +331,7 @@ class PreferenceTrainer:
             if record:
                 metrics_log.write({"step": step, **record})
 
-    def _eval_batches(self, dataset, collate) -> Iterator[tuple[dict[str, Tensor], bool]]:
+    def _eval_rows(self, dataset) -> Iterator[tuple[list[dict], bool]]:
         """Every evaluation row exactly once over all processes: process p takes rows p, p+P, p+2P, …, and every
         process runs the same number of batches (model forwards may synchronise processes); a process out of rows
         runs a stand-in batch flagged ``False``, whose metrics are not counted. So the metrics equal one process's
@@ -323,19 +341,34 @@ class PreferenceTrainer:
         rounds = math.ceil(math.ceil(len(dataset) / acc.num_processes) / size)
         for start in range(0, rounds * size, size):
             rows = mine[start : start + size]
-            batch = collate([dataset[i] for i in (rows or [0])])
-            yield {k: v.to(acc.device) for k, v in batch.items()}, bool(rows)
+            yield [dataset[i] for i in (rows or [0])], bool(rows)
 
     @torch.no_grad()
-    def _evaluate(self, policy, reference, inputs: RunInputs, spec, step, metrics_log) -> dict[str, float]:
+    def _evaluate(self, policy, reference, inputs: RunInputs, spec, step, metrics_log,
+                  online: OnlineBatches | None = None) -> dict[str, float]:
+        """The held-out loss and metrics; for online methods, one judged sample of each held-out prompt."""
+        acc = self.accelerator
         policy.eval()
         window, ignored = MetricWindow(), MetricWindow()
-        for batch, counted in self._eval_batches(inputs.eval, inputs.collator):
-            batch_loss(policy, reference, batch, spec, window if counted else ignored)
+        for index, (rows, counted) in enumerate(self._eval_rows(inputs.eval)):
+            if online is not None:
+                online.evaluate(rows, acc.unwrap_model(policy).model, window if counted else ignored,
+                                seed=online.seed(-1 - step, index))
+            else:
+                batch = {k: v.to(acc.device) for k, v in inputs.collator(rows).items()}
+                batch_loss(policy, reference, batch, spec, window if counted else ignored)
         policy.train()
-        record = {"step": step, **{f"eval_{k}": v for k, v in window.values(self.accelerator).items()}}
+        record = {"step": step, **{f"eval_{k}": v for k, v in window.values(acc).items()}}
         metrics_log.write(record)
         return record
+
+    def _online_source(self, inputs: RunInputs, spec: LossSpec) -> OnlineBatches:
+        judge = self.judge
+        if judge is None:
+            judge = load_judge(self.cfg.judge, device=self.accelerator.device)
+        elif not hasattr(judge, "score"):  # a plain function of (prompts, completions)
+            judge = CallableJudge(judge)
+        return OnlineBatches(self.cfg, spec.kind, inputs.tokenizer, inputs.collator, judge, self.accelerator)
 
     def _log_start(self, inputs: RunInputs, reference, total_steps: int, num_epochs: int,
                    budget: TokenBudgetBatchSampler | None) -> None:
