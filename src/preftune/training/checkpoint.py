@@ -173,8 +173,15 @@ def resolve_resume(resume: str | bool | None, output_dir: str | Path) -> Path | 
 
 def export_final(accelerator: Accelerator, policy, tokenizer, output_dir: str | Path, merged: bool) -> Path:
     """Write ``final/`` (HF model or PEFT adapter, plus tokenizer) atomically; ``final-merged/`` on request."""
-    final = Path(output_dir) / "final"
-    targets = [(final, False)] + ([(final.with_name("final-merged"), True)] if merged else [])
+    final = save_pretrained(accelerator, policy, tokenizer, Path(output_dir) / "final")
+    if merged:
+        save_pretrained(accelerator, policy, tokenizer, final.with_name("final-merged"), merge=True)
+    return final
+
+
+def save_pretrained(accelerator: Accelerator, policy, tokenizer, target: Path, merge: bool = False) -> Path:
+    """The prepared policy in Hugging Face format (a PEFT adapter under LoRA; merged into the base with ``merge``)
+    with its tokenizer, written to ``target.tmp`` and renamed when complete; every process must call this."""
     state_dict = accelerator.get_state_dict(policy)
     inner = accelerator.unwrap_model(policy).model
     config = getattr(inner, "config", None)
@@ -182,25 +189,24 @@ def export_final(accelerator: Accelerator, policy, tokenizer, output_dir: str | 
         # A tokenizer without a pad token got one for training (EOS): the saved config must name it too, as the
         # saved tokenizer does, or a sequence classifier loaded from final/ refuses batches of more than one.
         config.pad_token_id = tokenizer.pad_token_id
-    for target, merge in targets:
-        tmp = target.with_name(target.name + ".tmp")
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                if merge:
-                    import copy
+    tmp = target.with_name(target.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if merge:
+                import copy
 
-                    copy.deepcopy(inner).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
-                else:
-                    # The wrapper's state dict prefixes every key with "model."; HF expects them bare.
-                    weights = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
-                    inner.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        accelerator.wait_for_everyone()
-    return final
+                copy.deepcopy(inner).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+            else:
+                # The wrapper's state dict prefixes every key with "model."; HF expects them bare.
+                weights = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
+                inner.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    accelerator.wait_for_everyone()
+    return target
