@@ -18,6 +18,11 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 URL_LINE = re.compile(r"annotating at (http://127\.0\.0\.1:(\d+))/#token=(\S+)")
 
 
+def python_path() -> str:
+    """This checkout's ``src`` first, then whatever PYTHONPATH held."""
+    return os.pathsep.join(p for p in [SRC, *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -94,7 +99,7 @@ def start_server(db: Path, *args: str, env: dict | None = None) -> Server:
     process = subprocess.Popen(
         [sys.executable, "-m", "preftune.cli", "annotate", "serve", "--db", str(db), "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=os.environ | {"PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])} | (env or {}))
+        env=os.environ | {"PYTHONPATH": python_path()} | (env or {}))
     output = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

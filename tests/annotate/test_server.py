@@ -5,15 +5,18 @@ no vote lost to concurrent annotators or to a killed server."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from annotate_helpers import text_pairs, write_jsonl
+from annotate_helpers import python_path, text_pairs, write_jsonl
 
 from preftune.annotate.server import MAX_BODY, MAX_NAME, MAX_NOTE, check_bind
 from preftune.cli import main
@@ -187,3 +190,20 @@ def test_a_killed_server_keeps_every_acknowledged_vote(serve, tmp_path):
     # And the server starts again on the same database, carrying on where it stopped.
     again = serve(db=db)
     assert again.client.next("x")["progress"]["done"] == 30
+
+
+def test_the_cli_loads_no_web_stack_and_the_server_no_torch(tmp_path):
+    """`preftune --help` imports neither the web stack nor torch; the annotation app, built, imports no torch."""
+    pairs = write_jsonl(tmp_path / "p.jsonl", text_pairs(2))
+    code = ("import sys, preftune.cli as c; c._parser(); "
+            "heavy = ('torch', 'transformers', 'datasets', 'starlette', 'uvicorn'); "
+            "print(sorted(m for m in heavy if m in sys.modules)); "
+            "from preftune.annotate.commands import load_command; from preftune.annotate.server import create_app; "
+            "from preftune.annotate.store import AnnotationStore; "
+            f"load_command({str(tmp_path / 'a.sqlite')!r}, [{str(pairs)!r}]); "
+            f"create_app(AnnotationStore({str(tmp_path / 'a.sqlite')!r}), token='t' * 16); import uvicorn; "
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"PYTHONPATH": python_path()})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "['starlette', 'uvicorn']"]

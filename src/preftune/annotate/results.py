@@ -23,7 +23,7 @@ import json
 import os
 import statistics
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
@@ -282,15 +282,3 @@ def format_report(report: dict) -> str:
             ]
     return "\n".join(lines)
 
-
-@dataclass
-class LoadSummary:
-    """What a load command did, file by file."""
-
-    reports: list = field(default_factory=list)
-
-    def __str__(self) -> str:
-        return "\n".join(str(r) for r in self.reports)
-
-    def to_dict(self) -> dict:
-        return {"files": [asdict(r) for r in self.reports]}

@@ -196,10 +196,8 @@
       state.annotator = $("annotator").value.trim().slice(0, 64);
       localStorage.setItem(NAME_KEY, state.annotator);
       $("annotator").blur();
+      say("");
       loadNext();
-    });
-    $("annotator").addEventListener("keydown", (event) => {
-      if (event.key === "Enter") $("annotator").dispatchEvent(new Event("change"));
     });
     $("login").addEventListener("submit", (event) => {
       event.preventDefault();
