@@ -83,7 +83,7 @@ def test_requests_and_fields_are_limited(serve, tmp_path):
     assert post({**base, "annotator": "x\u202e"})[1]["error"] == ("field 'annotator' must not hold control or format "
                                                                   "characters")
     assert post({**base, "choice": "<b>"})[0] == 400
-    assert post({**base, "item": "1"})[1]["error"] == "field 'item' must be a int"
+    assert post({**base, "item": "1"})[1]["error"] == "field 'item' must be an integer"
     assert post({**base, "admin": True})[1]["error"].startswith("unknown fields ['admin']")
     assert post(b"{not json")[0] == 400
     assert votes_in(server.db) == []

@@ -179,7 +179,7 @@ def _field(payload: dict, name: str, kind: type, *, required: bool = True):
         return None
     value = payload[name]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise Refused(400, f"field '{name}' must be a {kind.__name__}")
+        raise Refused(400, f"field '{name}' must be {'an integer' if kind is int else 'a string'}")
     return value
 
 
