@@ -11,7 +11,7 @@
     eval: "Blind evaluation: which response is better? (A and B are in random order; their sources are hidden.)",
   };
   const $ = (id) => document.getElementById(id);
-  const state = { token: null, task: null, annotator: "", item: null, busy: false, tasks: {} };
+  const state = { token: null, task: null, annotator: "", item: null, busy: false, tasks: {}, shown: 0 };
 
   function takeToken() {
     const fragment = new URLSearchParams(location.hash.slice(1));
@@ -86,6 +86,7 @@
   async function loadNext() {
     if (!state.token || !state.task) return;
     if (!state.annotator) {
+      state.shown++;  // a request still on its way is for a name no longer there
       $("work").hidden = true;
       $("done").hidden = true;
       say("Enter your name (top right) to start.", true);
@@ -93,8 +94,10 @@
       return;
     }
     setBusy(true);
+    const request = ++state.shown;  // only the latest request may draw (a name or task changed meanwhile)
     try {
       const data = await api("/api/next", { task: state.task, annotator: state.annotator });
+      if (request !== state.shown) return;
       showProgress(data.progress);
       state.item = data.item;
       if (data.item === null) {
@@ -112,9 +115,9 @@
       render($("right"), data.item.right);
       $("note").value = "";
     } catch (e) {
-      say(e.message);
+      if (request === state.shown) say(e.message);
     } finally {
-      setBusy(false);
+      if (request === state.shown) setBusy(false);
     }
   }
 
