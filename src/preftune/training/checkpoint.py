@@ -27,6 +27,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from preftune.errors import ResumeError
+from preftune.modeling.loading import is_peft_model
+from preftune.training.card import write_card
 
 log = logging.getLogger("preftune")
 
@@ -39,6 +41,7 @@ OPERATIONAL_KEYS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "eval_steps", "save_steps",
     "save_total_limit", "report_to", "run_name", "disable_tqdm", "cache_dir", "per_device_eval_batch_size",
     "precompute_ref_log_probs", "logprob_chunk_size", "eval_dataset", "eval_split",
+    "push_to_hub", "hub_model_id", "hub_private_repo", "hub_token",
 })
 
 
@@ -171,17 +174,23 @@ def resolve_resume(resume: str | bool | None, output_dir: str | Path) -> Path | 
     return path
 
 
-def export_final(accelerator: Accelerator, policy, tokenizer, output_dir: str | Path, merged: bool) -> Path:
-    """Write ``final/`` (HF model or PEFT adapter, plus tokenizer) atomically; ``final-merged/`` on request."""
+def export_final(accelerator: Accelerator, policy, tokenizer, output_dir: str | Path, merged: bool,
+                 config: dict[str, Any] | None = None, summary: dict[str, Any] | None = None) -> Path:
+    """Write ``final/`` (HF model or PEFT adapter, plus tokenizer) atomically; ``final-merged/`` on request.
+
+    Given the run's resolved ``config`` (``training.loop.effective_config``) and its ``summary`` (what goes to
+    ``summary.json``), each folder also gets its model card, ``README.md`` (:mod:`preftune.training.card`), written
+    before the folder is renamed into place: a published ``final/`` always has its card."""
     final = Path(output_dir) / "final"
     targets = [(final, False)] + ([(final.with_name("final-merged"), True)] if merged else [])
     state_dict = accelerator.get_state_dict(policy)
     inner = accelerator.unwrap_model(policy).model
-    config = getattr(inner, "config", None)
-    if config is not None and getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+    model_config = getattr(inner, "config", None)
+    if (model_config is not None and getattr(model_config, "pad_token_id", None) is None
+            and tokenizer.pad_token_id is not None):
         # A tokenizer without a pad token got one for training (EOS): the saved config must name it too, as the
         # saved tokenizer does, or a sequence classifier loaded from final/ refuses batches of more than one.
-        config.pad_token_id = tokenizer.pad_token_id
+        model_config.pad_token_id = tokenizer.pad_token_id
     for target, merge in targets:
         tmp = target.with_name(target.name + ".tmp")
         if accelerator.is_main_process:
@@ -196,6 +205,8 @@ def export_final(accelerator: Accelerator, policy, tokenizer, output_dir: str | 
                     weights = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
                     inner.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
+                if config is not None and summary is not None:  # replaces PEFT's template card under LoRA
+                    write_card(tmp, config, summary, adapter=is_peft_model(inner), merged=merge)
             except OSError:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
