@@ -27,7 +27,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from preftune.errors import ResumeError
-from preftune.modeling.loading import is_peft_model
+from preftune.modeling.loading import is_peft_model, is_quantized
 from preftune.training.card import write_card
 
 log = logging.getLogger("preftune")
@@ -141,7 +141,7 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, reference: nn.Mo
                           f"{str(err).splitlines()[0] if str(err) else ''}); the resume would not continue the same "
                           "run. Resume from another checkpoint") from None
     try:
-        accelerator.load_state(str(path))
+        accelerator.load_state(str(path), strict=_strict_model_load(accelerator, path))
     except Exception as err:
         raise ResumeError(f"{path}: the training state does not load ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); resume from another checkpoint") from None
@@ -156,6 +156,36 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, reference: nn.Mo
             raise ResumeError(f"{file}: the moving reference's weights do not match the model "
                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     return state
+
+
+# What bitsandbytes adds to a quantized layer's state dict beside its packed weight (4-bit: the blocks' scales and
+# codebook, nested ones under double quantization; 8-bit: the rows' scales and the weight layout).
+_QUANT_STATE = re.compile(r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..+)$|"
+                          r"\.(SCB|weight_format)$")
+
+
+def _strict_model_load(accelerator: Accelerator, path: Path) -> bool:
+    """Whether the model state must load key for key: yes, except for a quantized base (QLoRA), whose saved state
+    holds bitsandbytes' quantization state, which ``load_state_dict`` does not take back. The base is frozen and
+    loads from model_name_or_path as before; the checkpoint must still hold every parameter of the model, and
+    nothing but quantization state beside them — else ResumeError."""
+    models = [accelerator.unwrap_model(m) for m in accelerator._models]
+    if not any(is_quantized(getattr(m, "model", m)) for m in models):
+        return True
+    file = path / "model.safetensors"
+    if not file.exists():
+        return True
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as saved:
+        saved_keys = set(saved.keys())
+    expected = set(models[0].state_dict())
+    missing = sorted(expected - saved_keys)
+    extra = sorted(k for k in saved_keys - expected if not _QUANT_STATE.search(k))
+    if missing or extra:
+        raise ResumeError(f"{file}: the model state does not match this model (missing {missing[:3]}, unexpected "
+                          f"{extra[:3]}); resume from another checkpoint")
+    return False
 
 
 def resolve_resume(resume: str | bool | None, output_dir: str | Path) -> Path | None:

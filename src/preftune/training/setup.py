@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from preftune.config import TrainConfig
+from preftune.config import TrainConfig, is_template_text
 from preftune.data import formats, tokenize
 from preftune.data.batching import PreferenceCollator
 from preftune.errors import ConfigError, DataError, ModelError
@@ -117,10 +117,28 @@ def _load_tokenizer(cfg: TrainConfig, tokenizer, builtin_rows):
             tokenizer = default_tokenizer(builtin_rows)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.chat_template is not None:  # before tokenization: the cache key and final/ see the template used
+        tokenizer.chat_template = read_chat_template(cfg.chat_template)
     return tokenizer
 
 
+def read_chat_template(value: str) -> str:
+    """``chat_template`` as the Jinja text: the value itself when it is a template, else the file it names."""
+    if is_template_text(value):
+        return value
+    path = Path(value).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"chat_template: {value} could not be read ({err}); give a UTF-8 Jinja file or the "
+                          "template itself") from None
+
+
 def _load_model(cfg: TrainConfig, model, tokenizer, reward: bool):
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and (model is not None or not cfg.model_name_or_path):
+        raise ConfigError(f"load_in_{4 if cfg.load_in_4bit else 8}bit quantizes the model as it loads from "
+                          "model_name_or_path; a model passed in memory, or the embedded one, is not quantized: give "
+                          "model_name_or_path (a folder written by save_pretrained, or a Hub id)")
     if uses_embedded_model(cfg, model):
         from preftune.modeling.tiny import default_model
 
