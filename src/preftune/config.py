@@ -90,10 +90,12 @@ _EVAL = ("preftune evaluates when there is evaluation data (eval_dataset, or eva
 _NOT_NEEDED = "remove it"
 TRL_KEYS: dict[str, TrlKey] = {
     # --- what the loop does anyway: accepted with the value that says so -------------------------------------
-    "eval_strategy": TrlKey(f"{_EVAL}; 'steps' and 'no' are accepted, for 'epoch' set eval_steps", _is("steps", "no")),
-    "evaluation_strategy": TrlKey(f"{_EVAL}; 'steps' and 'no' are accepted", _is("steps", "no")),
-    "save_strategy": TrlKey("preftune checkpoints every save_steps steps (null: at the end only); 'steps' and 'no' "
-                            "are accepted", _is("steps", "no")),
+    "eval_strategy": TrlKey(f"{_EVAL}; 'steps' (every eval_steps, by default logging_steps) and 'no' are accepted; "
+                            "for 'epoch' set eval_steps to the steps of an epoch", _is("steps", "no")),
+    "evaluation_strategy": TrlKey(f"{_EVAL}; 'steps' (every eval_steps, by default logging_steps) and 'no' are "
+                                  "accepted; for 'epoch' set eval_steps to the steps of an epoch", _is("steps", "no")),
+    "save_strategy": TrlKey("preftune checkpoints every save_steps steps (null: none); 'steps' (by default every "
+                            "500 steps) and 'no' are accepted; for 'epoch' set save_steps", _is("steps", "no")),
     "logging_strategy": TrlKey("preftune logs every logging_steps steps and the last one; 'steps' is accepted",
                                _is("steps")),
     "do_train": TrlKey("`preftune train` trains; true is accepted", _is(True)),
@@ -739,12 +741,14 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
     """Validate a mapping of keys to values into a :class:`TrainConfig` (unknown keys suggest the closest)."""
     kwargs: dict[str, Any] = {}
     given: dict[str, str] = {}
+    strategies: dict[str, Any] = {}
     for key, value in values.items():
         name = ALIASES.get(key, key)
         if name not in FIELDS and key in TRL_KEYS:
             trl = TRL_KEYS[key]
             if trl.accepts is not None and trl.accepts(value):
-                continue  # says what preftune does anyway
+                strategies[key] = value  # says what preftune does anyway (strategies imply some defaults)
+                continue
             what = f"with value {value!r} has no preftune equivalent" if trl.accepts else "has no preftune equivalent"
             raise _invalid(key, f"config key '{key}' (TRL / transformers) {what}: {trl.advice}")
         if key == "loss_type":
@@ -759,7 +763,28 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
                            f"name for '{name}': give one")
         given[name] = key
         kwargs[name] = _coerce(name, value)
+    _apply_strategies(strategies, kwargs, given)
     return TrainConfig(**kwargs).validate()
+
+
+def _apply_strategies(strategies: dict[str, Any], kwargs: dict[str, Any], given: dict[str, str]) -> None:
+    """What transformers' strategy keys imply when their numbers are not given: ``eval_strategy: steps`` evaluates
+    every ``logging_steps`` steps, on ``dataset_test_split`` of the training dataset (TRL's scripts); ``save_strategy:
+    steps`` saves every 500 steps; ``save_strategy: no`` saves no checkpoint."""
+    evaluation = strategies.get("eval_strategy", strategies.get("evaluation_strategy"))
+    if evaluation == "steps":
+        kwargs.setdefault("eval_steps", kwargs.get("logging_steps", FIELDS["logging_steps"].default))
+        if given.get("eval_split") == "dataset_test_split" and kwargs.get("eval_dataset") is None:
+            kwargs["eval_dataset"] = kwargs.get("dataset")
+    if evaluation == "no" and (kwargs.get("eval_dataset") or kwargs.get("eval_split_size")):
+        key = given.get("eval_dataset") or given.get("eval_split_size")
+        raise _invalid(key, f"eval_strategy: no, but {key} is given: preftune evaluates whenever there is evaluation "
+                       "data; remove one of them")
+    saving = strategies.get("save_strategy")
+    if saving == "steps":
+        kwargs.setdefault("save_steps", 500)
+    if saving == "no" and kwargs.get("save_steps") is not None:
+        raise _invalid(given["save_steps"], "save_strategy: no, but save_steps is given; remove one of them")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:

@@ -184,6 +184,7 @@ def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokeni
     tokenized, tok_report = tokenize.tokenize_rows(
         normalised, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         cache_dir=cache_root(cfg) / "tokenized", source=source, kl_completions=kind == "unpaired",
+        max_completion_length=cfg.max_completion_length,
     )
     reports[f"{name}/tokens"] = str(tok_report)
     if len(tokenized) == 0:
