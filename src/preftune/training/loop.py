@@ -32,6 +32,7 @@ from preftune.methods.registry import METHODS, get_method
 from preftune.modeling.logprobs import LogProbModel
 from preftune.modeling.reward import RewardModel
 from preftune.training import checkpoint
+from preftune.training.fsdp import fsdp_on_cpu
 from preftune.training.objective import LossSpec, NonFiniteLoss, batch_loss
 from preftune.training.rundir import open_run_folder
 from preftune.training.setup import RunInputs, prepare_inputs, uses_embedded_model
@@ -112,7 +113,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # tests) may use another precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(
+    return fsdp_on_cpu(Accelerator(
         # On a CPU-only machine, `torchrun --nproc_per_node N` gives N data-parallel processes (gloo).
         cpu=_no_accelerator_device(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -121,7 +122,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=cfg.output_dir,
                                             logging_dir=str(Path(cfg.output_dir) / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    ))
 
 
 def build_train_loader(cfg: TrainConfig, dataset, collate: Callable[[list[dict]], dict[str, Tensor]],

@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -199,6 +199,7 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
                    train_dataset=None, eval_dataset=None) -> RunInputs:
     """Tokenizer → data (read, validated, tokenized: a bad file fails before any model loads) → model → layout →
     reference (precomputed and cached when it stays fixed). The resolved choices are written back into ``cfg``."""
+    check_fsdp(cfg, accelerator)
     builtin_rows = None
     if train_dataset is None and cfg.dataset is None:
         from preftune.data.builtin import builtin_preferences
@@ -262,6 +263,20 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
     return RunInputs(tokenizer=tokenizer, model=model, train=train, eval=evaluation, collator=collator,
                      make_reference=strategy.build, parameter_counts=loading.count_parameters(model),
                      data_reports=reports, data_fingerprints=data_fingerprints, reference_label=strategy.label)
+
+
+def check_fsdp(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """What does not work on FSDP-sharded weights is refused before anything loads."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if cfg.save_merged_model:
+        raise ConfigError("save_merged_model under FSDP: the adapters would be merged into sharded weights; train "
+                          "with save_merged_model: false and merge the adapter in final/ afterwards (peft: "
+                          "AutoPeftModelForCausalLM.from_pretrained(final).merge_and_unload().save_pretrained(...))")
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        raise ConfigError("load_in_4bit / load_in_8bit under FSDP: bitsandbytes' packed uint8 weights cannot be "
+                          "sharded with the model's other parameters here; train QLoRA on one GPU per process with "
+                          "DDP (examples/accelerate/ddp.yaml), or without quantization under FSDP")
 
 
 def _vocabulary_size(model: nn.Module) -> int:
