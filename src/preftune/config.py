@@ -227,7 +227,7 @@ class TrainConfig:
     max_length: int | None = 1024
     max_prompt_length: int | None = 512
     # The longest completion in tokens: training completions are cut to it (keeping their start, counted in the
-    # log); online generation stops there. None: completions are bounded by max_length only.
+    # log); online generation stops there. None: completions are bounded by max_length only (online: 256 tokens).
     max_completion_length: int | None = None
     chat_template: str | None = None  # a Jinja file, or the template itself; replaces the tokenizer's own
     # --- method ------------------------------------------------------------------------------------
@@ -246,6 +246,20 @@ class TrainConfig:
     undesirable_weight: float | None = None
     ld_alpha: float | None = None  # LD-DPO: weight of tokens past the shorter completion
     use_weighting: bool = False  # WPO
+    epsilon: float | None = None  # GRPO/RLOO: clip range of the policy ratio
+    epsilon_high: float | None = None  # GRPO: upper clip range (DAPO's clip-higher); 0 or unset: epsilon
+    scale_rewards: Literal["group", "batch", "none"] | None = None  # GRPO: advantage scaling (none: Dr. GRPO)
+    grpo_loss_type: Literal["grpo", "dr_grpo", "dapo"] | None = None  # GRPO: how token losses are averaged
+    # --- online: completions sampled from the current policy and judged during training -------------------
+    # Online DPO (`method: online_dpo`, or any paired method with `online: true`), RLOO and GRPO read prompts
+    # (a prompt-only dataset, or the prompts of a preference dataset) and need a judge.
+    online: bool = False  # paired methods: train on pairs sampled from the current policy (Online DPO)
+    judge: str | None = None  # a reward-model folder, 'module:function' / 'file.py:function', or 'gold' (demo world)
+    num_generations: int | None = None  # completions per prompt (None: the method's default; Online DPO: 2)
+    temperature: float = 1.0  # sampling temperature of online generation
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    missing_eos_penalty: float | None = None  # subtracted from the score of a completion that never ended
     # --- reference ---------------------------------------------------------------------------------
     precompute_ref_log_probs: bool | None = None  # None: precompute whenever the reference is fixed
     sync_ref_model: bool = False  # TR-DPO
@@ -354,6 +368,7 @@ class TrainConfig:
         self._check_optimizer()
         self._check_chat_template()
         self._check_hub()
+        self._check_online()
         self.lora_target_modules = _target_modules(self.lora_target_modules)
         self.report_to = _trackers(self.report_to)
         self._check_scheduler()
@@ -421,6 +436,28 @@ class TrainConfig:
         if self.hub_model_id is not None and not _HUB_ID.match(self.hub_model_id):
             raise _invalid("hub_model_id", f"hub_model_id: {self.hub_model_id!r} is not a Hub repository id; give "
                            "'name' or 'org/name' (letters, digits, '-', '_', '.')")
+    @property
+    def generation_budget(self) -> int:
+        """The longest completion an online method samples: ``max_completion_length``, 256 tokens when unset."""
+        return self.max_completion_length or 256
+
+    @property
+    def is_online(self) -> bool:
+        """Whether training samples its data from the current policy (Online DPO, RLOO, GRPO)."""
+        return self.online or any(get_method(m).online for m in self.methods)
+
+    def _check_online(self) -> None:
+        if self.online and run_data(self.methods) != "paired":
+            raise _invalid(("online", "method"), f"online=true samples pairs for paired methods; {self.methods} "
+                           "are not paired (RLOO and GRPO are online by themselves)")
+        if not self.is_online:
+            return
+        if self.precompute_ref_log_probs:
+            raise _invalid("precompute_ref_log_probs", "online methods score completions sampled during training; "
+                           "their reference log-probs cannot be computed beforehand")
+        if run_data(self.methods) == "paired" and self.num_generations not in (None, 2):
+            raise _invalid("num_generations", "Online DPO compares two completions of each prompt: "
+                           "num_generations must be 2 (or unset)")
 
     def _check_loss_weights(self) -> None:
         weights = self.loss_weights
@@ -439,6 +476,8 @@ class TrainConfig:
     def _check_ranges(self) -> None:
         for key, low, high, hint in _RANGES:
             value = getattr(self, key)
+            if key == "beta" and all(get_method(m).reference_weight == "beta" for m in self.methods):
+                low, hint = _NON_NEGATIVE, "; β weighs the KL to the reference (0: no reference is loaded)"
             if value is not None and not _in_range(value, low, high):
                 raise _invalid(key, f"{key} must be {_describe_range(low, high)}, got {value!r}{hint}")
 
@@ -549,10 +588,17 @@ _RANGES: list[tuple[str, tuple | None, tuple | None, str]] = [
         "simpo_gamma", "cpo_alpha", "rpo_alpha", "dpop_lambda", "slic_lambda", "center_rewards_coefficient",
         "unlikelihood_alpha", "desirable_weight", "undesirable_weight")),
     ("ld_alpha", _NON_NEGATIVE, (1, True), ""),
+    ("epsilon", _POSITIVE, (1, False), "; the clip range of the policy ratio (0.2 is usual)"),
+    ("epsilon_high", _NON_NEGATIVE, None, "; 0 or unset: the same as epsilon"),
+    ("num_generations", (2, True), None, "; the methods compare completions of one prompt"),
+    ("max_completion_length", _AT_LEAST_1, None, "; give a number of tokens, or null"),
+    ("temperature", _POSITIVE, None, "; online methods sample (greedy decoding would give equal completions)"),
+    ("top_p", _POSITIVE, (1, True), ""),
+    ("top_k", _NON_NEGATIVE, None, "; 0 turns it off"),
+    ("missing_eos_penalty", _NON_NEGATIVE, None, ""),
     ("learning_rate", _POSITIVE, None, "; typical values are 1e-7–1e-5 (full fine-tuning), 1e-5–1e-4 (LoRA)"),
     ("max_length", _AT_LEAST_1, None, "; give a number of tokens, or null for no limit"),
     ("max_prompt_length", _AT_LEAST_1, None, "; give a number of tokens, or null for no limit"),
-    ("max_completion_length", _AT_LEAST_1, None, "; give a number of tokens, or null for no limit"),
     ("max_tokens_per_batch", _AT_LEAST_1, None, "; or null for batches of per_device_train_batch_size"),
     *((key, _AT_LEAST_1, None, "") for key in (
         "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

@@ -162,7 +162,7 @@ def tokenize_rows(
         _tokenize_batch,
         tokenizer=tokenizer,
         conversational=conversational,
-        completion_fields=("chosen", "rejected") if is_paired(ds) else ("completion",),
+        completion_fields=completion_fields(ds),
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         max_completion_length=max_completion_length,
@@ -414,15 +414,24 @@ def _tokenize_batch(
         out["_prompt_truncated"].append(fitted.prompt_truncated)
         out["_completion_truncated"].append(fitted.completion_truncated)
         out["_drop"].append(fitted.drop_reason)
-    for carried in ("label", SOURCE_ROW):
+    for carried in ("label", SOURCE_ROW) + (() if completion_fields else ("prompt",)):
         if carried in batch:
             out[carried] = batch[carried]
     return out
 
 
+def completion_fields(ds: Dataset) -> tuple[str, ...]:
+    """The completion columns of canonical rows: chosen and rejected, the completion, or none (prompt-only)."""
+    if is_paired(ds):
+        return ("chosen", "rejected")
+    return ("completion",) if "completion" in ds.column_names else ()
+
+
 def _output_features(ds: Dataset) -> Features:
-    names = ("chosen", "rejected") if is_paired(ds) else ("completion",)
+    names = completion_fields(ds)
     features: dict[str, Any] = {"prompt_ids": IDS_FEATURE, **{f"{n}_ids": IDS_FEATURE for n in names}}
+    if not names:  # prompt-only rows keep their prompt: online methods' judges read it
+        features["prompt"] = ds.features["prompt"]
     if is_conversational(ds):
         features.update({f"{n}_mask": MASK_FEATURE for n in names})
     if "label" in ds.column_names:

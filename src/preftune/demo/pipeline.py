@@ -62,7 +62,7 @@ def train_stage(settings: DemoSettings, name: str, callbacks=(), **config) -> Pa
                   max_length=128, max_prompt_length=32, lr_scheduler_type="cosine", warmup_ratio=0.05,
                   cache_dir=str(Path(settings.output_dir) / "cache"),
                   bf16=False)  # the demo's small model is faster in fp32 (autocast's casts cost more than they save)
-    objects = {k: config.pop(k) for k in ("model", "tokenizer", "train_dataset")}
+    objects = {k: config.pop(k) for k in ("model", "tokenizer", "train_dataset", "judge") if k in config}
     return PreferenceTrainer(build_config(common | config), callbacks=callbacks, **objects).train().final_dir
 
 
@@ -76,6 +76,7 @@ class World:
     pairs: list[dict]
     eval_prompts: list[str]
     pair_report: object
+    train_prompts: list[str]  # the prompts the pairs were sampled for (online methods sample their own)
 
 
 DEMO_MARKER = ".preftune-demo"
@@ -123,7 +124,7 @@ def build_world(settings: DemoSettings, lap=lambda name: None) -> World:
     log.info("demo: %s", pair_report)
     pairs = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in pairs]
     lap("pairs")
-    return World(tokenizer, sft_dir, sft, pairs, eval_prompts, pair_report)
+    return World(tokenizer, sft_dir, sft, pairs, eval_prompts, pair_report, train_prompts)
 
 
 def run_demo(settings: DemoSettings) -> dict:

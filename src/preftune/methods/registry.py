@@ -48,17 +48,23 @@ class Method:
     (without them a reference-based loss silently uses a uniform reference). ``uses_average_logps``:
     the loss compares length-normalised log-probs (it divides by the token counts itself — always
     pass summed log-probs). ``uses_chosen_nll``: the loss contains an NLL term on the chosen completion.
-    ``defaults`` holds a value for every hyper-parameter the loss takes.
+    ``defaults`` holds a value for every hyper-parameter the loss takes. ``data="groups"``: completions of one
+    prompt sampled together (:class:`~losses.GroupLogps`, RLOO and GRPO), always ``online``.
     """
 
     name: str
     loss: Callable[..., losses.LossOutput] | str  # a function, or the name of one in preftune.methods.losses
-    data: Literal["paired", "unpaired", "sft"] = "paired"
+    data: Literal["paired", "unpaired", "sft", "groups"] = "paired"
     needs_reference: bool = True
+    # Online: the data is sampled from the current policy and judged during training (prompts in, no pairs).
+    online: bool = False
+    num_generations: int | None = None  # completions per prompt an online method samples by default
+    # The hyper-parameter that weighs the reference term; at 0 no reference is loaded (GRPO's β).
+    reference_weight: str | None = None
     uses_average_logps: bool = False
     uses_chosen_nll: bool = False
     model: Literal["causal_lm", "reward"] = "causal_lm"  # reward: a sequence-classification head scores y
-    defaults: Mapping[str, float] = field(default_factory=dict)
+    defaults: Mapping[str, float | str] = field(default_factory=dict)
     summary: str = ""
     papers: tuple[str, ...] = ()  # arXiv ids of the papers that define it (each in PAPERS)
 
@@ -118,6 +124,11 @@ PAPERS: dict[str, Paper] = {p.arxiv: p for p in (
     Paper("1908.04319", "Neural Text Generation with Unlikelihood Training", "Welleck, Sean"),
     Paper("2203.02155", "Training language models to follow instructions with human feedback", "Ouyang, Long"),
     Paper("2402.01306", "KTO: Model Alignment as Prospect Theoretic Optimization", "Ethayarajh, Kawin"),
+    Paper("2402.04792", "Direct Language Model Alignment from Online AI Feedback", "Guo, Shangmin"),
+    Paper("2402.14740", "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in "
+          "LLMs", "Ahmadian, Arash"),
+    Paper("2402.03300", "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+          "Shao, Zhihong"),
     # Training options (cited when a run uses them).
     Paper("2409.06411", "Length Desensitization in Directed Preference Optimization", "Liu, Wei"),
     Paper("2406.11827", "WPO: Enhancing RLHF with Weighted Preference Optimization", "Zhou, Wenxuan"),
@@ -231,6 +242,23 @@ register(Method("kto", "kto", data="unpaired",
                 papers=("2402.01306",)))
 
 
+# Online: completions sampled from the current policy during training and labelled by a judge.
+register(Method("online_dpo", "dpo", online=True, num_generations=2, defaults={"beta": 0.1, "label_smoothing": 0.0},
+                summary="Online DPO: 2 samples per prompt from the current policy, the judge's preference, a DPO "
+                        "step (Guo et al. 2024, 2402.04792); any paired method with online=true",
+                papers=("2402.04792",)))
+register(Method("rloo", "rloo", data="groups", online=True, num_generations=2, reference_weight="beta",
+                defaults={"beta": 0.05, "epsilon": 0.2},
+                summary="RLOO: k samples, leave-one-out baseline, KL in the reward (Ahmadian et al. 2024, 2402.14740)",
+                papers=("2402.14740",)))
+register(Method("grpo", "grpo", data="groups", online=True, num_generations=8, reference_weight="beta",
+                defaults={"beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.0, "scale_rewards": "group",
+                          "grpo_loss_type": "dapo"},
+                summary="GRPO: group-normalised advantages, clipped ratio, β·k3 KL in the loss (β=0: no reference) "
+                        "(Shao et al. 2024, 2402.03300)",
+                papers=("2402.03300",)))
+
+
 def get_method(name: str) -> Method:
     """The registered method ``name``; an unknown name is a ConfigError suggesting the closest ones."""
     try:
@@ -242,13 +270,15 @@ def get_method(name: str) -> Method:
                           "(`preftune methods` describes them)") from None
 
 
-def run_data(names: list[str]) -> Literal["paired", "unpaired", "sft"]:
+def run_data(names: list[str]) -> Literal["paired", "unpaired", "sft", "groups"]:
     """The rows a combination of methods trains on: ``sft`` alone reads SFT rows (or the chosen side of
-    pairs); with paired methods it is a term on the chosen completions; it cannot join unpaired ones."""
+    pairs); with paired methods it is a term on the chosen completions; it cannot join unpaired ones or
+    groups; group methods (RLOO, GRPO) train alone."""
     kinds = {get_method(name).data for name in names}
     others = kinds - {"sft"}
-    if len(others) > 1 or ("sft" in kinds and others == {"unpaired"}):
-        raise ConfigError(f"cannot combine paired and unpaired methods: {names}")
+    if len(others) > 1 or ("sft" in kinds and others & {"unpaired", "groups"}):
+        raise ConfigError(f"cannot combine methods that train on different data ({', '.join(sorted(kinds))}): "
+                          f"{names}")
     return others.pop() if others else "sft"
 
 
@@ -273,6 +303,7 @@ def compute_loss(
 
     out = losses.combine(terms)
     out.terms = {method.name: term.losses for method, (term, _) in zip(methods, terms)}
+    out.metrics = {name: value for term, _ in terms for name, value in term.metrics.items()}
     return out
 
 
@@ -283,7 +314,7 @@ def describe() -> str:
         "|---|---|---|---|---|",
     ]
     for m in METHODS.values():
-        defaults = ", ".join(f"{k}={v:g}" for k, v in m.defaults.items())
+        defaults = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.defaults.items())
         reference = "yes" if m.needs_reference else "no"
         rows.append(f"| `{m.name}` | {m.data} | {reference} | {defaults} | {m.summary} |")
     return "\n".join(rows)

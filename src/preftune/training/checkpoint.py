@@ -211,8 +211,19 @@ def export_final(accelerator: Accelerator, policy, tokenizer, output_dir: str | 
     Given the run's resolved ``config`` (``training.loop.effective_config``) and its ``summary`` (what goes to
     ``summary.json``), each folder also gets its model card, ``README.md`` (:mod:`preftune.training.card`), written
     before the folder is renamed into place: a published ``final/`` always has its card."""
-    final = Path(output_dir) / "final"
-    targets = [(final, False)] + ([(final.with_name("final-merged"), True)] if merged else [])
+    card = (config, summary) if config is not None and summary is not None else None
+    final = save_pretrained(accelerator, policy, tokenizer, Path(output_dir) / "final", card=card)
+    if merged:
+        save_pretrained(accelerator, policy, tokenizer, final.with_name("final-merged"), merge=True, card=card)
+    return final
+
+
+def save_pretrained(accelerator: Accelerator, policy, tokenizer, target: Path, merge: bool = False,
+                    card: tuple[dict[str, Any], dict[str, Any]] | None = None) -> Path:
+    """The prepared policy in Hugging Face format (a PEFT adapter under LoRA; merged into the base with ``merge``)
+    with its tokenizer, written to ``target.tmp`` and renamed when complete; every process must call this.
+    ``card``: the run's resolved config and summary, rendered as the folder's model card (README.md; under LoRA it
+    replaces PEFT's empty template)."""
     state_dict = accelerator.get_state_dict(policy)
     inner = accelerator.unwrap_model(policy).model
     model_config = getattr(inner, "config", None)
@@ -221,27 +232,26 @@ def export_final(accelerator: Accelerator, policy, tokenizer, output_dir: str | 
         # A tokenizer without a pad token got one for training (EOS): the saved config must name it too, as the
         # saved tokenizer does, or a sequence classifier loaded from final/ refuses batches of more than one.
         model_config.pad_token_id = tokenizer.pad_token_id
-    for target, merge in targets:
-        tmp = target.with_name(target.name + ".tmp")
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                if merge:
-                    import copy
+    tmp = target.with_name(target.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if merge:
+                import copy
 
-                    copy.deepcopy(inner).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
-                else:
-                    # The wrapper's state dict prefixes every key with "model."; HF expects them bare.
-                    weights = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
-                    inner.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-                if config is not None and summary is not None:  # replaces PEFT's template card under LoRA
-                    write_card(tmp, config, summary, adapter=is_peft_model(inner), merged=merge)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        accelerator.wait_for_everyone()
-    return final
+                copy.deepcopy(inner).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+            else:
+                # The wrapper's state dict prefixes every key with "model."; HF expects them bare.
+                weights = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
+                inner.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if card is not None:
+                write_card(tmp, *card, adapter=is_peft_model(inner), merged=merge)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    accelerator.wait_for_everyone()
+    return target

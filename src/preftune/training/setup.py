@@ -152,11 +152,18 @@ def _load_model(cfg: TrainConfig, model, tokenizer, reward: bool):
     return model
 
 
-def _rows_for(kind: str, normalised: datasets.Dataset, source: str, methods: list[str], reports, name: str):
-    """Canonical rows in the shape the methods train on: pairs split for KTO, chosen sides for SFT."""
+def _rows_for(kind: str, normalised: datasets.Dataset, source: str, cfg: TrainConfig, reports, name: str):
+    """Canonical rows in the shape the methods train on: prompts for online methods (they sample their own
+    completions), pairs split for KTO, chosen sides for SFT."""
+    if cfg.is_online:
+        return formats.to_prompts(normalised)
+    if formats.is_prompt_only(normalised):
+        raise formats.DataError(source, None, None, f"holds prompts only; {cfg.methods} train on completions. "
+                                "To sample them from the policy during training, use method=online_dpo (or "
+                                "online=true), rloo or grpo with a judge")
     paired = formats.is_paired(normalised)
     if kind == "paired" and not paired:
-        raise formats.DataError(f"{source}: method {methods} needs paired rows (prompt, chosen, rejected); "
+        raise formats.DataError(f"{source}: method {cfg.methods} needs paired rows (prompt, chosen, rejected); "
                                 "this dataset is unpaired (prompt, completion[, label])")
     if kind == "unpaired" and paired:
         return formats.paired_to_unpaired(normalised)
@@ -180,7 +187,7 @@ def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokeni
         raise formats.DataError(source, None, None, f"kept 0 of {report.rows_in} rows: every row is invalid "
                                 f"({', '.join(f'{n} {r}' for r, n in report.skipped.items())}); first of each: "
                                 f"{first}; fix the rows (skip_invalid_rows=false names the first bad row)")
-    normalised = _rows_for(kind, normalised, source, cfg.methods, reports, name)
+    normalised = _rows_for(kind, normalised, source, cfg, reports, name)
     tokenized, tok_report = tokenize.tokenize_rows(
         normalised, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         cache_dir=cache_root(cfg) / "tokenized", source=source, kl_completions=kind == "unpaired",
@@ -191,7 +198,7 @@ def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokeni
         raise formats.DataError(source, None, None, f"no row is left to train on: {tok_report}; raise max_length "
                                 "or set max_prompt_length so that long prompts are cut instead of dropped")
     keep = [c for c in tokenized.column_names
-            if c.endswith(("_ids", "_mask")) or c in ("label", formats.SOURCE_ROW)]
+            if c.endswith(("_ids", "_mask")) or c in ("label", formats.SOURCE_ROW) or (cfg.is_online and c == "prompt")]
     return tokenized.select_columns(keep)
 
 
@@ -232,7 +239,8 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
     data_fingerprints = {"train": train._fingerprint} | ({"eval": evaluation._fingerprint} if evaluation else {})
 
     model = _load_model(cfg, model, tokenizer, reward)
-    check_model_fits(model, tokenizer, [(train_source, train)] + ([("eval", evaluation)] if evaluation else []))
+    check_model_fits(model, tokenizer, [(train_source, train)] + ([("eval", evaluation)] if evaluation else []),
+                     budget=cfg.generation_budget if cfg.is_online else 0)
     flex = attention_implementation(unwrap_causal_lm(model)) == "flex_attention"
     if flex and accelerator.device.type == "cpu":  # fail now, not at the first backward
         raise ConfigError("attn_implementation=flex_attention trains on GPUs only: torch has no FlexAttention "
@@ -291,7 +299,8 @@ def check_same_vocabulary(policy: nn.Module, ref: nn.Module) -> None:
                          "reference trained with the policy's tokenizer")
 
 
-def check_model_fits(model: nn.Module, tokenizer, splits: list[tuple[str, datasets.Dataset]]) -> None:
+def check_model_fits(model: nn.Module, tokenizer, splits: list[tuple[str, datasets.Dataset]],
+                     budget: int = 0) -> None:
     """Fail before step 0, not with an index error inside the model: every token id must have an embedding, and
     every row must fit the model's positions (the prompt plus its longest completion; branches restart there)."""
     vocabulary = _vocabulary_size(model)
@@ -303,21 +312,23 @@ def check_model_fits(model: nn.Module, tokenizer, splits: list[tuple[str, datase
     if not positions:
         return
     for source, data in splits:
-        lengths = row_positions(data)
+        lengths = row_positions(data, budget)
         longest = int(np.argmax(lengths)) if len(lengths) else 0
         if len(lengths) and lengths[longest] > positions:
             row = data[longest].get(formats.SOURCE_ROW, longest)
             raise DataError(source, row, None, f"needs {lengths[longest]} positions (prompt plus its longest "
-                            f"completion) but the model has {positions}; set max_length <= {positions}")
+                            f"completion) but the model has {positions}; set max_length <= {positions}"
+                            + (" or a smaller max_completion_length" if budget else ""))
 
 
-def row_positions(data: datasets.Dataset) -> np.ndarray:
-    """Positions each row needs: its prompt plus its longest completion (every layout restarts positions there)."""
+def row_positions(data: datasets.Dataset, budget: int = 0) -> np.ndarray:
+    """Positions each row needs: its prompt plus its longest completion (every layout restarts positions there),
+    or plus ``budget`` for prompt-only rows (the completions an online method will sample)."""
     table = data.with_format("arrow")[:]
     prompt = table.column("prompt_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
     completions = [table.column(c).combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
                    for c in data.column_names if c.endswith("_ids") and c != "prompt_ids"]
-    return prompt + np.max(np.stack(completions), axis=0)
+    return prompt + (np.max(np.stack(completions), axis=0) if completions else budget)
 
 
 @dataclass
@@ -361,16 +372,28 @@ class _ReadOnlyReference:
         return out
 
 
+def needs_reference(method, cfg: TrainConfig) -> bool:
+    """Whether ``method`` reads reference log-probs in this run: not when the hyper-parameter that weighs its
+    reference term is 0 (GRPO at β = 0 loads no reference, as in TRL)."""
+    if not method.needs_reference:
+        return False
+    name = method.reference_weight
+    if name is None:
+        return True
+    value = getattr(cfg, name)
+    return (method.defaults[name] if value is None else value) != 0
+
+
 def choose_reference(cfg: TrainConfig, model: nn.Module, ref_model: nn.Module | None) -> ReferencePlan:
     """Explicit checkpoint > adapters off (LoRA) > frozen copy; precomputed whenever it stays fixed."""
     chunk = cfg.logprob_chunk_size
-    if not any(get_method(m).needs_reference for m in cfg.methods):
+    if not any(needs_reference(get_method(m), cfg) for m in cfg.methods):
         return ReferencePlan("none", None, chunk, "none")
     if ref_model is None and cfg.ref_model_name_or_path:
         ref_model = loading.load_causal_lm(cfg.ref_model_name_or_path, cfg)
     precompute = cfg.precompute_ref_log_probs
-    if precompute is None:
-        precompute = not cfg.sync_ref_model
+    if precompute is None:  # online methods score completions that do not exist before training
+        precompute = not cfg.sync_ref_model and not cfg.is_online
     if ref_model is not None:
         if cfg.disable_dropout:
             loading.disable_dropout(ref_model)
