@@ -4,11 +4,12 @@ fine-tuning and for LoRA adapters. Counted exactly, tensor by tensor, on the obj
 (``modeling.loading.load_causal_lm``, ``training.loop.build_optimizer``): weights are parameters + buffers +
 bitsandbytes' quantization state; optimizer states are every tensor in ``optimizer.state`` after one step.
 
-``--measure-step`` also runs one DPO step per configuration in a fresh process on workload (a) and reports its
-peak resident memory (CPU: the process's peak RSS; CUDA: torch.cuda.max_memory_allocated).
+``--measure-step`` also trains 3 DPO steps per configuration in a fresh process on workload (a) and reports the
+peak memory of steps 2–3, when the optimizer states exist and loading is over (CPU: the peak RSS after freed heap is
+returned to the system at the end of step 1; CUDA: torch.cuda.max_memory_allocated from the end of step 1).
 
     python benchmarks/bench_memory.py                 # counts (≈1 min on 2 cores; needs bitsandbytes)
-    python benchmarks/bench_memory.py --measure-step  # and one measured DPO step per configuration (≈5 min)
+    python benchmarks/bench_memory.py --measure-step  # and measured DPO steps per configuration (≈10 min)
 """
 
 from __future__ import annotations
@@ -133,28 +134,48 @@ STEP_CONFIGS = {
 }
 
 _STEP = r"""
-import json, resource, sys, torch
+import ctypes, json, sys, torch
 from preftune import train
-config = json.loads(sys.argv[1])
-train(config)
-peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-print("PEAK", peak)
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+settled = {}
+
+def after_step(step, model):
+    # From the end of step 1 (optimizer states allocated, loading and the reference pass over), track the peak.
+    if step != 1:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        settled["bytes"] = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so RSS counts live memory
+    settled["bytes"] = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+
+train(json.loads(sys.argv[1]), callbacks=[after_step])
+peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else status("VmHWM:")
+print("PEAK", peak, settled["bytes"])
 """
 
 
 def measure_steps(work: Path) -> dict[str, Any]:
-    """One DPO step (4 pairs of workload a, precomputed reference, fp32 weights) per configuration, each in a
-    fresh process; its peak memory."""
+    """3 DPO steps (4 pairs each, workload a, precomputed reference, fp32 weights) per configuration, each in a
+    fresh process: the memory held after step 1 and the peak over steps 2–3."""
     assets = dpo_assets.ensure_model(work)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(assets.model_dir)
-    data, _ = dpo_assets.ensure_dataset(assets, tokenizer, dpo_assets.WORKLOADS["a"], 4)
+    data, _ = dpo_assets.ensure_dataset(assets, tokenizer, dpo_assets.WORKLOADS["a"], 12)
     results = {}
     for label, values in STEP_CONFIGS.items():
         with tempfile.TemporaryDirectory() as out:
-            config = {"model_name_or_path": str(assets.model_dir), "dataset": str(data), "max_steps": 1,
+            config = {"model_name_or_path": str(assets.model_dir), "dataset": str(data), "max_steps": 3,
                       "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "bf16": False,
                       "learning_rate": 1e-6, "output_dir": f"{out}/run", "cache_dir": f"{out}/cache",
                       "disable_tqdm": True, "save_steps": None, **values}
@@ -163,8 +184,10 @@ def measure_steps(work: Path) -> dict[str, Any]:
             if done.returncode != 0:
                 results[label] = {"error": done.stderr[-2000:]}
                 continue
-            peak = int(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK")))
-            results[label] = {"peak_bytes": peak, "seconds": round(time.perf_counter() - started, 1)}
+            peak, settled = (int(x) for x in next(line.split()[1:] for line in done.stdout.splitlines()
+                                                    if line.startswith("PEAK")))
+            results[label] = {"peak_bytes": peak, "after_step_1_bytes": settled,
+                              "seconds": round(time.perf_counter() - started, 1)}
     return results
 
 
@@ -185,10 +208,12 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | {s['trainable_parameters'] / 1e6:.2f}M | {s['bytes'] / MiB:.1f} MiB | "
                      f"{s['bytes_per_parameter']:.2f} |")
     if report.get("steps"):
-        lines += ["", "## One DPO step (workload a, 4 pairs, fp32 weights), peak memory", "",
-                  "| configuration | peak | time |", "|---|---:|---:|"]
+        lines += ["", "## DPO steps 2–3 (workload a, 4 pairs a step, fp32 weights)", "",
+                  "| configuration | held after step 1 | peak over steps 2–3 | time (3 steps, with loading) |",
+                  "|---|---:|---:|---:|"]
         for label, r in report["steps"].items():
-            cell = f"{r['peak_bytes'] / GiB:.2f} GiB | {r['seconds']} s" if "peak_bytes" in r else "failed | —"
+            cell = (f"{r['after_step_1_bytes'] / GiB:.2f} GiB | {r['peak_bytes'] / GiB:.2f} GiB | {r['seconds']} s"
+                    if "peak_bytes" in r else "failed | — | —")
             lines.append(f"| {label} | {cell} |")
     return "\n".join(lines) + "\n"
 
