@@ -31,6 +31,7 @@ EXIT_CODES = {
     "resume": errors.ResumeError.exit_code,
     "model": errors.ModelError.exit_code,
     "training": errors.TrainingError.exit_code,
+    "hub": errors.HubError.exit_code,
     "disk full": EXIT_DISK_FULL,
     "not writable": EXIT_NOT_WRITABLE,
     "file not found": EXIT_NOT_FOUND,
