@@ -118,7 +118,8 @@ def _annotate_parser(sub) -> list[argparse.ArgumentParser]:
                               "a web page where named annotators compare two responses in random order → preference "
                               "JSONL for preftune train, agreement, and the human win rate beside the judge's")
     actions = annotate.add_subparsers(dest="action", required=True)
-    db_help = "annotation database: a SQLite file (created if absent) or sqlite:///path"
+    db_help = ("annotation database: a SQLite file (created if absent), sqlite:///path, or a shared PostgreSQL "
+               "database postgresql://user@host:port/dbname (the annotate-postgres extra)")
     files = []
     for name, help_text in (("load", "load pairs and/or evaluation samples into the database"),
                             ("serve", "serve the annotation page (loads --pairs/--samples first)")):

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +22,17 @@ URL_LINE = re.compile(r"annotating at (http://127\.0\.0\.1:(\d+))/#token=(\S+)")
 def python_path() -> str:
     """This checkout's ``src`` first, then whatever PYTHONPATH held."""
     return os.pathsep.join(p for p in [SRC, *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p)
+
+
+def query(db: str | Path, sql: str) -> list[tuple]:
+    """``sql``'s rows as a fresh connection of the database's own driver reads them (not through the store)."""
+    if str(db).startswith(("postgresql://", "postgres://")):
+        import psycopg
+
+        with psycopg.connect(str(db)) as conn:
+            return conn.execute(sql).fetchall()
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql).fetchall()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -85,7 +97,7 @@ class Client:
 class Server:
     process: subprocess.Popen
     client: Client
-    db: Path
+    db: Path | str
     output: list[str]
 
     def stop(self, sig: int = signal.SIGINT) -> int:
@@ -94,7 +106,7 @@ class Server:
         return self.process.wait(timeout=20)
 
 
-def start_server(db: Path, *args: str, env: dict | None = None) -> Server:
+def start_server(db: Path | str, *args: str, env: dict | None = None) -> Server:
     """``preftune annotate serve --db db --port 0 *args``; waits for the URL line."""
     process = subprocess.Popen(
         [sys.executable, "-m", "preftune.cli", "annotate", "serve", "--db", str(db), "--port", "0", *args],

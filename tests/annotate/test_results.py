@@ -16,8 +16,8 @@ from preftune.errors import DataError
 
 
 @pytest.fixture
-def store(tmp_path):
-    with AnnotationStore(tmp_path / "a.sqlite") as s:
+def store(database):
+    with AnnotationStore(database) as s:
         yield s
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from annotate_helpers import python_path, text_pairs, write_jsonl
+from annotate_helpers import python_path, query, text_pairs, write_jsonl
 
 from preftune.annotate.server import MAX_BODY, MAX_NAME, MAX_NOTE, check_bind
 from preftune.cli import main
@@ -26,10 +25,9 @@ STATIC = Path(__file__).resolve().parents[2] / "src" / "preftune" / "annotate" /
 TOKEN = "a-team-token-of-enough-length"
 
 
-def votes_in(db: Path) -> list[tuple]:
-    """The votes as a fresh connection reads them from disk."""
-    with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT item_id, annotator, choice FROM votes ORDER BY id").fetchall()
+def votes_in(db: Path | str) -> list[tuple]:
+    """The votes as a fresh connection reads them from the database."""
+    return query(db, "SELECT item_id, annotator, choice FROM votes ORDER BY id")
 
 
 def test_writes_need_the_token_and_the_same_origin(serve, tmp_path):
@@ -88,8 +86,7 @@ def test_requests_and_fields_are_limited(serve, tmp_path):
     assert post(b"{not json")[0] == 400
     assert votes_in(server.db) == []
     assert post({**base, "note": "  fine  "})[0] == 200
-    with sqlite3.connect(server.db) as conn:
-        assert conn.execute("SELECT note FROM votes").fetchall() == [("fine",)]
+    assert query(server.db, "SELECT note FROM votes") == [("fine",)]
 
 
 def test_text_is_never_markup(serve, tmp_path):
@@ -142,10 +139,10 @@ def test_only_loopback_without_a_token(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
-def test_concurrent_annotators_lose_no_vote(serve, tmp_path):
+def test_concurrent_annotators_lose_no_vote(serve, tmp_path, database):
     threads, items = 20, 25
     server = serve("--pairs", str(write_jsonl(tmp_path / "p.jsonl", text_pairs(items))),
-                   "--votes-per-item", str(threads))
+                   "--votes-per-item", str(threads), db=database)
     client = server.client
     acknowledged: Counter = Counter()
     failures: list[str] = []
@@ -176,8 +173,8 @@ def test_concurrent_annotators_lose_no_vote(serve, tmp_path):
     print(f"{len(rows)} votes from {threads} concurrent annotators in {elapsed:.1f} s")
 
 
-def test_a_killed_server_keeps_every_acknowledged_vote(serve, tmp_path):
-    db = tmp_path / "killed.sqlite"
+def test_a_killed_server_keeps_every_acknowledged_vote(serve, tmp_path, database):
+    db = database
     server = serve("--pairs", str(write_jsonl(tmp_path / "p.jsonl", text_pairs(40))), db=db)
     sent = []
     for _ in range(30):

@@ -1,22 +1,26 @@
-"""The annotation database: random sides recorded and decoded, items spread over annotators, votes that stand,
-each comparison loaded once, bad files named by line and field, WAL mode."""
+"""The annotation database, SQLite and PostgreSQL alike: random sides recorded and decoded, items spread over
+annotators, votes that stand, each comparison loaded once, one writer at a time across connections, every
+subcommand on either; bad files named by line and field; SQLite in WAL mode."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
+import time
 
 import pytest
-from annotate_helpers import text_pairs, write_jsonl
+from annotate_helpers import query, text_pairs, write_jsonl
 
 from preftune.annotate.items import read_items
-from preftune.annotate.store import AnnotationStore, Refused
+from preftune.annotate.store import AnnotationStore, Refused, shown_url
+from preftune.cli import main
 from preftune.errors import ConfigError, DataError
 
 
 @pytest.fixture
-def store(tmp_path):
-    with AnnotationStore(tmp_path / "a.sqlite") as s:
+def store(database):
+    with AnnotationStore(database) as s:
         yield s
 
 
@@ -124,8 +128,8 @@ def test_the_database_is_sqlite_in_wal_mode(tmp_path):
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 1
-    with pytest.raises(ConfigError, match="only SQLite databases are supported"):
-        AnnotationStore("postgresql://team@db/annotations")
+    with pytest.raises(ConfigError, match="mysql://…: not a supported database"):
+        AnnotationStore("mysql://team@db/annotations")
     (tmp_path / "not.sqlite").write_text("hello, I am text " * 100)
     with pytest.raises(DataError, match="not a usable SQLite database"):
         AnnotationStore(tmp_path / "not.sqlite")
@@ -141,3 +145,63 @@ def test_items_keep_conversations_as_loaded(store, tmp_path):
     item = store.next_item("pairs", "x")
     assert item["prompt"] == row["prompt"] and {json.dumps(item["left"]), json.dumps(item["right"])} == {
         json.dumps(row["chosen"]), json.dumps(row["rejected"])}
+
+
+def test_postgresql_holds_the_same_tables_and_says_what_is_wrong(postgres, tmp_path):
+    url = postgres.create_database()
+    with AnnotationStore(url.replace("postgresql://", "postgres://")) as store:
+        load(store, tmp_path, text_pairs(2))
+        store.vote(store.next_item("pairs", "x")["id"], "x", "tie")
+    assert query(url, "SELECT COUNT(*) FROM items") == [(2,)]
+    assert query(url, "SELECT left_side IN ('a', 'b'), choice, label FROM votes") == [(True, "tie", "tie")]
+    created = query(url, "SELECT created_at FROM votes")[0][0]
+    assert abs(created - time.time()) < 60  # seconds since 1970 in a double, not a 32-bit REAL (±2 minutes)
+    assert query(postgres.url(), "SELECT to_regclass('public.items')") == [(None,)]  # all in the URL's schema
+    with pytest.raises(DataError, match="annotations_.*: holds no annotations"):
+        AnnotationStore(postgres.create_database(), create=False)
+    with pytest.raises(ConfigError, match="cannot use this PostgreSQL database"):
+        AnnotationStore(postgres.url("no_such_database"))
+    assert shown_url("postgresql://team:s3cret@db:5432/ann") == "postgresql://team:***@db:5432/ann"
+    with pytest.raises(ConfigError) as refused:
+        AnnotationStore(f"postgresql://{postgres.user}:s3cret@127.0.0.1:{postgres.port}/no_such_database")
+    assert "s3cret" not in str(refused.value) and ":***@" in str(refused.value)
+
+
+def test_one_writer_at_a_time_across_connections(database, tmp_path):
+    """Two stores on one database (as two servers, or a server and ``export``): a write waits for the other's
+    transaction to commit, so next_item's and vote's read-then-write never interleave."""
+    with AnnotationStore(database) as first, AnnotationStore(database) as second:
+        load(first, tmp_path, text_pairs(2))
+        item = second.next_item("pairs", "y")["id"]
+        finished = threading.Event()
+
+        def vote() -> None:
+            second.vote(item, "y", "left")
+            finished.set()
+
+        with first._transaction():  # another connection's write transaction, held open
+            waiter = threading.Thread(target=vote)
+            waiter.start()
+            assert not finished.wait(0.5)  # the vote waits for it…
+        assert finished.wait(30)  # …and goes through once it has committed
+        waiter.join()
+        assert [v["annotator"] for v in first.votes("pairs")] == ["y"]
+
+
+def test_every_subcommand_takes_the_database_url(database, tmp_path, capsys):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", text_pairs(3))
+    assert main(["annotate", "load", "--db", database, "--pairs", str(pairs)]) == 0
+    with AnnotationStore(database, create=False) as store:
+        for name in ("x", "y"):
+            while (item := store.next_item("pairs", name, votes_per_item=2)) is not None:
+                store.vote(item["id"], name, "left" if item["left"] == store.items("pairs")[item["id"] - 1]["a"]
+                           else "right")
+    out = tmp_path / "prefs.jsonl"
+    assert main(["annotate", "export", "--db", database, "--out", str(out)]) == 0
+    assert [json.loads(line)["chosen"] for line in out.read_text().splitlines()] == [r["chosen"] for r in
+                                                                                      text_pairs(3)]
+    assert main(["annotate", "report", "--db", database, "--out", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["database"] == database and report["pairs"]["votes"] == 6
+    printed = capsys.readouterr().out
+    assert f"{database}: 3 pairs items, 0 evaluation items" in printed

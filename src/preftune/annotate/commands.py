@@ -30,7 +30,7 @@ def load_command(db: str, pairs: Sequence[str] = (), samples: Sequence[str] = ()
     with AnnotationStore(db) as store:
         lines = load_files(store, pairs, samples)
         counts = store.count_items()
-    return "\n".join([*lines, f"{db}: {counts['pairs']} pairs items, {counts['eval']} evaluation items"])
+    return "\n".join([*lines, f"{store.name}: {counts['pairs']} pairs items, {counts['eval']} evaluation items"])
 
 
 def serve_command(db: str, pairs: Sequence[str] = (), samples: Sequence[str] = (), host: str = "127.0.0.1",
@@ -42,8 +42,8 @@ def serve_command(db: str, pairs: Sequence[str] = (), samples: Sequence[str] = (
         for line in load_files(store, pairs, samples):
             print(line, flush=True)
         counts = store.count_items()
-        print(f"{db}: {counts['pairs']} pairs items, {counts['eval']} evaluation items; {votes_per_item} vote(s) "
-              "wanted per item", flush=True)
+        print(f"{store.name}: {counts['pairs']} pairs items, {counts['eval']} evaluation items; {votes_per_item} "
+              "vote(s) wanted per item", flush=True)
         serve(store, host=host, port=port, token=token or os.environ.get(TOKEN_ENV) or None,
               votes_per_item=votes_per_item, announce=lambda line: print(line, flush=True))
 

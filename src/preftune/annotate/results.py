@@ -103,7 +103,7 @@ def preference_rows(store: AnnotationStore, task: str = "pairs", source: str | N
     kinds = {isinstance(i["prompt"], list) for i in items}
     if len(kinds) > 1:
         sources = sorted({i["source"] for i in items})
-        raise DataError(str(store.path), None, None, f"the {task} items mix text and conversation prompts (from "
+        raise DataError(store.name, None, None, f"the {task} items mix text and conversation prompts (from "
                         f"{', '.join(sources)}); a training file holds one kind, so export each with --source FILE")
     labels = _labels_by_item(store.votes(task))
     report, rows = ExportReport(task=task, items=len(items)), []
@@ -129,7 +129,7 @@ def export_preferences(store: AnnotationStore, out: str | Path, task: str = "pai
     """Write :func:`preference_rows` as JSON Lines to ``out`` (atomically: a complete file or none)."""
     rows, report = preference_rows(store, task, source)
     if not rows:
-        raise DataError(str(store.path), None, None, f"no {task} item is decided a or b yet ({report}); nothing to "
+        raise DataError(store.name, None, None, f"no {task} item is decided a or b yet ({report}); nothing to "
                         "export")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -232,7 +232,7 @@ def _win_rates(items: list[dict], labels: dict[int, list[str]]) -> dict:
 def annotation_report(store: AnnotationStore) -> dict:
     """Everything :func:`format_report` prints, as JSON-ready data, for each task with items."""
     counts = store.count_items()
-    return {"database": str(store.path), **{task: _task_report(store, task) for task, n in counts.items() if n}}
+    return {"database": store.name, **{task: _task_report(store, task) for task, n in counts.items() if n}}
 
 
 def _num(value, digits: int = 3) -> str:

@@ -1,4 +1,4 @@
-"""Where annotations live: one SQLite database (WAL mode) through Python's ``sqlite3``.
+"""Where annotations live: a SQLite file (WAL mode, the default) or a shared PostgreSQL database.
 
 Tables: ``items`` (what is compared, :class:`preftune.annotate.items.Item`), ``assignments`` (which item was
 shown to which annotator, and which side — ``a`` or ``b`` — was on the left: drawn at random when the item is
@@ -6,15 +6,22 @@ first shown, kept for that annotator, so the order is recorded and position bias
 ``votes`` (one per item and annotator: the ``choice`` as clicked — left, right, tie, both_bad — and the
 ``label`` it means — a, b, tie, both_bad —, an optional note, and the seconds between showing and voting).
 
-Durability: every write is one transaction (``BEGIN IMMEDIATE`` … ``COMMIT``) that has committed before the
-method returns, so the server acknowledges only votes that are on disk; ``synchronous=FULL`` makes the commit
-survive a power cut too, not only a killed process. One connection serves all the server's threads behind a
-lock (a vote costs one short transaction; annotators are people), and ``busy_timeout`` lets another process —
-``preftune annotate export`` while the server runs — wait its turn; WAL lets readers read while it writes.
+Durability: every write is one transaction that has committed before the method returns, so the server
+acknowledges only votes that are on disk. One connection serves all the server's threads behind a lock (a vote
+costs one short transaction; annotators are people), and write transactions are serialised across processes too
+— ``preftune annotate export`` while the server runs, or several servers on one shared database — so the
+read-then-write of :meth:`AnnotationStore.next_item` and :meth:`AnnotationStore.vote` never races. The two
+backends differ only in a :class:`_Dialect` (connecting, placeholders, id columns, how a write transaction
+starts); every query and rule is written once:
 
-The database is a file path or a ``sqlite:///path`` URL. Only SQLite is implemented: the store is this one
-class with a narrow interface (load items, next item, vote, progress, read items and votes), which a shared
-server database (PostgreSQL) could implement later.
+* **SQLite** (a file path or ``sqlite:///path``): ``BEGIN IMMEDIATE`` takes the write lock, ``busy_timeout``
+  lets another process wait its turn, WAL lets readers read while it writes, ``synchronous=FULL`` makes the
+  commit survive a power cut too, not only a killed process.
+* **PostgreSQL** (``postgresql://user@host:port/dbname`` or ``postgres://…``, through psycopg 3, the
+  ``annotate-postgres`` extra): a write transaction first takes a transaction-level advisory lock
+  (``pg_advisory_xact_lock``), the same one-writer-at-a-time rule as SQLite's; ``synchronous_commit=on`` for
+  the session, so a commit has reached the server's write-ahead log before it returns. The tables live in the
+  connection's schema (``public`` unless the URL's ``options=-csearch_path=…`` says otherwise).
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from preftune.annotate.items import TASKS, Item
 from preftune.errors import ConfigError, DataError
@@ -41,33 +49,33 @@ OPEN_SECONDS = 30 * 60  # an item shown to someone this recently, and not yet vo
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
-    id INTEGER PRIMARY KEY,
+    id {id},
     task TEXT NOT NULL CHECK (task IN ('pairs', 'eval')),
     key TEXT NOT NULL UNIQUE,
     prompt TEXT NOT NULL,              -- JSON: a string or a list of messages
     a TEXT NOT NULL,                   -- JSON: the file's chosen (pairs), the policy's completion (eval)
     b TEXT NOT NULL,                   -- JSON: the file's rejected (pairs), the reference's completion (eval)
-    a_score REAL, b_score REAL, judge TEXT,
+    a_score {real}, b_score {real}, judge TEXT,
     source TEXT NOT NULL, line INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at {real} NOT NULL
 );
 CREATE TABLE IF NOT EXISTS assignments (
     item_id INTEGER NOT NULL REFERENCES items(id),
     annotator TEXT NOT NULL,
     left_side TEXT NOT NULL CHECK (left_side IN ('a', 'b')),
-    served_at REAL NOT NULL,
+    served_at {real} NOT NULL,
     PRIMARY KEY (item_id, annotator)
 );
 CREATE TABLE IF NOT EXISTS votes (
-    id INTEGER PRIMARY KEY,
+    id {id},
     item_id INTEGER NOT NULL REFERENCES items(id),
     annotator TEXT NOT NULL,
     left_side TEXT NOT NULL CHECK (left_side IN ('a', 'b')),
     choice TEXT NOT NULL CHECK (choice IN ('left', 'right', 'tie', 'both_bad')),
     label TEXT NOT NULL CHECK (label IN ('a', 'b', 'tie', 'both_bad')),
     note TEXT NOT NULL DEFAULT '',
-    seconds REAL,
-    created_at REAL NOT NULL,
+    seconds {real},
+    created_at {real} NOT NULL,
     UNIQUE (item_id, annotator)
 );
 CREATE INDEX IF NOT EXISTS items_task ON items (task, id);
@@ -99,59 +107,177 @@ class LoadReport:
                    if self.already else ""))
 
 
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+POSTGRES_LOCK = 0x7072_6566_7475_6E65  # the advisory lock of write transactions: "preftune" in ASCII
+
+
 def database_path(db: str | Path) -> Path:
-    """The SQLite file of ``db``: a path or ``sqlite:///path``; any other URL is a :class:`ConfigError`."""
+    """The SQLite file of ``db``: a path or ``sqlite:///path``; a URL of another database than PostgreSQL is a
+    :class:`ConfigError`."""
     text = str(db)
     if text.startswith("sqlite:///"):
         return Path(text.removeprefix("sqlite:///"))
     if "://" in text:
         scheme = text.split("://", 1)[0]
-        raise ConfigError(f"--db {scheme}://…: only SQLite databases are supported (a file path or "
-                          "sqlite:///path); one server with a SQLite file serves many annotators at once")
+        raise ConfigError(f"--db {scheme}://…: not a supported database; give a SQLite file (a path or "
+                          "sqlite:///path) or a PostgreSQL URL (postgresql://user@host:port/dbname)")
     return Path(text)
+
+
+def is_postgres(db: str | Path) -> bool:
+    """Whether ``db`` is a PostgreSQL URL (``postgresql://…`` or ``postgres://…``)."""
+    scheme, sep, _ = str(db).partition("://")
+    return bool(sep) and scheme.lower() in POSTGRES_SCHEMES
+
+
+def shown_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: safe to print and to write into reports."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-class AnnotationStore:
-    """The annotation database (see the module docstring). Safe to share between threads."""
+class _Dialect:
+    """What SQLite and PostgreSQL do differently; the queries are written once, with ``?`` placeholders."""
 
-    def __init__(self, db: str | Path, *, create: bool = True):
+    name: str  # the database as shown in messages and reports (a path, or a URL without its password)
+    id_column: str  # an integer primary key the database numbers 1, 2, … in insertion order
+    real_column: str  # a 64-bit float (PostgreSQL's REAL has 24 bits: seconds since 1970 would lose minutes)
+    begin: Sequence[str]  # the statements that open a write transaction and make it the only one
+    errors: tuple[type[BaseException], ...]  # the driver's errors
+
+    def connect(self, create: bool) -> Any:
+        raise NotImplementedError
+
+    def sql(self, query: str) -> str:
+        return query
+
+    def has_tables(self, conn: _Connection) -> bool:
+        raise NotImplementedError
+
+
+class _SQLite(_Dialect):
+    id_column = "INTEGER PRIMARY KEY"
+    real_column = "REAL"
+    begin = ("BEGIN IMMEDIATE",)  # takes the write lock now, not at the first write: no upgrade deadlock
+    errors = (sqlite3.DatabaseError,)
+
+    def __init__(self, db: str | Path):
         self.path = database_path(db)
+        self.name = str(self.path)
+
+    def connect(self, create: bool) -> sqlite3.Connection:
         if not create and not self.path.is_file():
-            raise DataError(str(self.path), None, None, "no such annotation database; give the --db that "
+            raise DataError(self.name, None, None, "no such annotation database; give the --db that "
                             "`preftune annotate serve` used")
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         try:
-            self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.execute("PRAGMA busy_timeout=30000")
-            version = self._init_schema()
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
         except sqlite3.DatabaseError as e:
-            raise DataError(str(self.path), None, None, f"not a usable SQLite database ({e})") from e
+            conn.close()
+            raise DataError(self.name, None, None, f"not a usable SQLite database ({e})") from e
         if mode.lower() != "wal":
-            raise ConfigError(f"{self.path}: SQLite cannot use WAL mode there (journal mode {mode}); put the "
+            conn.close()
+            raise ConfigError(f"{self.name}: SQLite cannot use WAL mode there (journal mode {mode}); put the "
                               "database on a local disk")
-        if version != SCHEMA_VERSION:
-            raise DataError(str(self.path), None, None, f"annotation schema version {version}, this preftune "
-                            f"reads version {SCHEMA_VERSION}")
+        return conn
+
+    def has_tables(self, conn: _Connection) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is not None
+
+
+class _Postgres(_Dialect):
+    id_column = "INTEGER GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"
+    real_column = "DOUBLE PRECISION"
+    begin = ("BEGIN", f"SELECT pg_advisory_xact_lock({POSTGRES_LOCK})")  # released by COMMIT or ROLLBACK
+
+    def __init__(self, url: str):
+        self.url, self.name = url, shown_url(url)
+        try:
+            import psycopg
+        except ImportError as e:
+            raise ConfigError(f"--db {self.name}: PostgreSQL needs psycopg 3: pip install "
+                              "'preftune[annotate-postgres]' (or 'psycopg[binary]')") from e
+        self._psycopg = psycopg
+        self.errors = (psycopg.Error,)
+
+    def connect(self, create: bool) -> Any:
+        try:
+            # autocommit: the driver opens no transaction of its own; ours are the explicit BEGIN … COMMIT.
+            conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=15)
+            conn.execute("SET synchronous_commit = on")  # a commit returns once it is in the write-ahead log
+            conn.execute("SET lock_timeout = '30s'")  # as SQLite's busy_timeout: wait for another writer, not forever
+        except self._psycopg.Error as e:
+            raise ConfigError(f"--db {self.name}: cannot use this PostgreSQL database ({str(e).strip()})") from e
+        return conn
+
+    def sql(self, query: str) -> str:
+        return query.replace("?", "%s")  # psycopg's placeholder; no query here holds a literal ? or %
+
+    def has_tables(self, conn: _Connection) -> bool:
+        return conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]
+
+
+class _Connection:
+    """The driver's connection, speaking the dialect: ``execute(query, params)`` with ``?`` placeholders."""
+
+    def __init__(self, dialect: _Dialect, raw: Any):
+        self.dialect, self.raw = dialect, raw
+
+    def execute(self, query: str, params: Sequence[Any] = ()) -> Any:
+        return self.raw.execute(self.dialect.sql(query), tuple(params))
+
+
+class AnnotationStore:
+    """The annotation database (see the module docstring). Safe to share between threads.
+
+    ``db`` is a SQLite file (a path or ``sqlite:///path``) or a PostgreSQL URL (``postgresql://`` or
+    ``postgres://``); :attr:`name` shows it (without a password). ``create=False`` (export, report) refuses a
+    database that holds no annotation tables."""
+
+    def __init__(self, db: str | Path, *, create: bool = True):
+        self._db: _Dialect = _Postgres(str(db)) if is_postgres(db) else _SQLite(db)
+        self.name = self._db.name
+        self._lock = threading.Lock()
+        self._conn = _Connection(self._db, self._db.connect(create))
+        try:
+            if not create and not self._db.has_tables(self._conn):
+                raise DataError(self.name, None, None, "holds no annotations; give the --db that "
+                                "`preftune annotate serve` used")
+            version = self._init_schema()
+            if version != SCHEMA_VERSION:
+                raise DataError(self.name, None, None, f"annotation schema version {version}, this preftune "
+                                f"reads version {SCHEMA_VERSION}")
+        except self._db.errors as e:
+            self._conn.raw.close()
+            raise DataError(self.name, None, None, f"not a usable annotation database ({e})") from e
+        except BaseException:
+            self._conn.raw.close()
+            raise
 
     def _init_schema(self) -> str:
+        schema = SCHEMA.format(id=self._db.id_column, real=self._db.real_column)
         with self._transaction() as conn:
-            for statement in filter(str.strip, SCHEMA.split(";")):
+            for statement in filter(str.strip, schema.split(";")):
                 conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?) ON CONFLICT DO NOTHING",
+                         (SCHEMA_VERSION,))
             return conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self._conn.raw.close()
 
     def __enter__(self) -> AnnotationStore:
         return self
@@ -160,11 +286,14 @@ class AnnotationStore:
         self.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, committed (on disk) when the block ends, rolled back if it raises."""
+    def _transaction(self) -> Iterator[_Connection]:
+        """One write transaction, the only one in the database while it runs, committed (on disk) when the
+        block ends, rolled back if it raises."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute(self._db.begin[0])
             try:
+                for statement in self._db.begin[1:]:  # PostgreSQL's lock, inside the transaction it lasts for
+                    self._conn.execute(statement)
                 yield self._conn
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -172,7 +301,7 @@ class AnnotationStore:
             self._conn.execute("COMMIT")
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self) -> Iterator[_Connection]:
         with self._lock:
             yield self._conn
 
@@ -187,8 +316,8 @@ class AnnotationStore:
             for item in items:
                 report.read += 1
                 cursor = conn.execute(
-                    "INSERT OR IGNORE INTO items (task, key, prompt, a, b, a_score, b_score, judge, source, line, "
-                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO items (task, key, prompt, a, b, a_score, b_score, judge, source, line, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     (item.task, item.key, json.dumps(item.prompt, ensure_ascii=False),
                      json.dumps(item.a, ensure_ascii=False), json.dumps(item.b, ensure_ascii=False),
                      item.a_score, item.b_score, item.judge, item.source, item.line, now))
@@ -234,12 +363,12 @@ class AnnotationStore:
             return self._show(conn, item_id, annotator, time.time() if now is None else now)
 
     @staticmethod
-    def _show(conn: sqlite3.Connection, item_id: int, annotator: str, now: float) -> dict:
+    def _show(conn: _Connection, item_id: int, annotator: str, now: float) -> dict:
         found = conn.execute("SELECT prompt, a, b FROM items WHERE id = ?", (item_id,)).fetchone()
         if found is None:
             raise Refused(404, f"no item {item_id}")
-        conn.execute("INSERT OR IGNORE INTO assignments (item_id, annotator, left_side, served_at) VALUES (?, ?, ?, ?)",
-                     (item_id, annotator, "a" if secrets.randbelow(2) == 0 else "b", now))
+        conn.execute("INSERT INTO assignments (item_id, annotator, left_side, served_at) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT DO NOTHING", (item_id, annotator, "a" if secrets.randbelow(2) == 0 else "b", now))
         left_side = conn.execute("SELECT left_side FROM assignments WHERE item_id = ? AND annotator = ?",
                                  (item_id, annotator)).fetchone()[0]
         prompt, a, b = found
@@ -290,11 +419,12 @@ class AnnotationStore:
                 "s.annotator = ? AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.item_id = s.item_id AND "
                 "v.annotator = s.annotator)", (task, annotator)).fetchone()[0]
             items, complete, votes, annotators = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(n >= ?), 0), COALESCE(SUM(n), 0), "
+                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN n >= ? THEN 1 ELSE 0 END), 0), COALESCE(SUM(n), 0), "
                 "(SELECT COUNT(DISTINCT v.annotator) FROM votes v JOIN items j ON j.id = v.item_id WHERE j.task = ?) "
                 "FROM (SELECT (SELECT COUNT(*) FROM votes v WHERE v.item_id = i.id) AS n FROM items i "
-                "WHERE i.task = ?)", (votes_per_item, task, task)).fetchone()
-        return {"done": done, "left": fresh + pending, "items": items, "complete": complete, "votes": votes,
+                "WHERE i.task = ?) AS counted", (votes_per_item, task, task)).fetchone()
+        # int(): PostgreSQL's SUM of counts is a NUMERIC, which the driver reads as a Decimal.
+        return {"done": done, "left": fresh + pending, "items": items, "complete": int(complete), "votes": int(votes),
                 "annotators": annotators, "votes_per_item": votes_per_item}
 
     # ------------------------------------------------------------------------------------ reading back
