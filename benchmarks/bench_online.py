@@ -36,7 +36,7 @@ Measured per run, after ``--warmup`` optimizer steps:
   on top of the loaded model); on CUDA also ``torch.cuda.max_memory_allocated`` over the training, reset before it.
 
 Per configuration the report gives the median over repeats of each run's median step, and the preftune/TRL ratios.
-Results: ``--results-dir/<UTC timestamp>-online.json`` (everything) and ``.md`` (the tables).
+Results: ``--results-dir/online-<UTC timestamp>.json`` (everything) and ``.md`` (the tables).
 """
 
 from __future__ import annotations
@@ -503,9 +503,9 @@ def main(argv=None) -> int:
             "python": platform.python_version()} | {k: v for k, v in vars(args).items() if k != "worker"}
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stamp}-online.json").write_text(json.dumps({"meta": meta, "summary": table, "runs": runs}, indent=1))
+    (out / f"online-{stamp}.json").write_text(json.dumps({"meta": meta, "summary": table, "runs": runs}, indent=1))
     text = report(meta, table)
-    (out / f"{stamp}-online.md").write_text(text)
+    (out / f"online-{stamp}.md").write_text(text)
     print(text)
     return 0
 
