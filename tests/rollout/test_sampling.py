@@ -5,6 +5,7 @@ reproduces the samples without touching the global RNG, and bad parameters are r
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from preftune.data.tokenize import tokenize_rows
 from preftune.errors import ConfigError, DataError
+from preftune.rollout import sampling
 from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate, stop_token_ids
 
@@ -251,3 +253,41 @@ def test_prompts_of_two_kinds_or_malformed_messages_are_refused(tiny_model, toke
     no_template.chat_template = None
     with pytest.raises(DataError, match="no chat_template"):
         generate(model, no_template, CONVERSATIONS, SamplingParams(max_new_tokens=2))
+
+
+# ------------------------------------------------------------------------------------ the decoding loop
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 0.9), (0, 0, 1.0)])
+def test_the_decoding_loop_samples_what_hf_generate_samples_for_the_same_seed(tiny_model, tokenizer, arch,
+                                                                              temperature, top_k, top_p):
+    """The loop (prefill once per prompt, repeated cache) against transformers' generate with
+    num_return_sequences on the same left-padded batches and seed: the same tokens, the same ends, the same
+    log-probs. With plain sampling the EOS bias makes rows stop at different steps, so finished rows ride along
+    padded (the sharper filtered distribution ends every row on EOS early: the equality is what it checks)."""
+    model = with_logit_bias(tiny_model(arch), tokenizer.eos_token_id, bias=3.0)
+    n = 1 if temperature == 0 else 3
+    params = SamplingParams(max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p, n=n, seed=5,
+                            batch_size=2 * n)  # two prompts per call: the batches are left-padded
+    loop = generate(model, tokenizer, PROMPTS, params)
+    with mock.patch.object(sampling, "_lean_decoding", return_value=False):
+        reference = generate(model, tokenizer, PROMPTS, params)
+    assert sampling._lean_decoding(model)
+    assert loop.completion_ids == reference.completion_ids
+    assert loop.ended_with_eos == reference.ended_with_eos
+    if temperature == 1.0:  # some rows ended, some ran to the budget: finished rows rode along padded
+        assert 0 < sum(loop.ended_with_eos) < len(loop)
+    for a, b in zip(loop.logprobs, reference.logprobs):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_each_prompt_is_prefilled_once_for_its_group(tiny_model, tokenizer):
+    model = tiny_model()
+    calls = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape)))
+    rollout = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=5, n=4, seed=0))
+    width = max(map(len, rollout.prompt_ids))
+    assert calls[0] == (len(PROMPTS), width)  # the prefill: 3 prompts, not 12 copies
+    assert all(shape == (4 * len(PROMPTS), 1) for shape in calls[1:])  # then one token per sample and step
+    assert len(calls) == max(rollout.lengths)

@@ -1,36 +1,47 @@
 """Batched sampling from any causal LM policy: one :class:`SamplingParams`, one :func:`generate`.
 
 Prompts are encoded as training encodes them (:mod:`preftune.rollout.encoding`: text with BOS, conversations
-through the chat template with the generation prompt), **once per prompt**: each prompt's ids are left-padded
-into a batch and Hugging Face's ``generate`` expands them to the ``n`` samples of the group
-(``num_return_sequences``), so sample ``j`` of prompt ``i`` is row ``i·n + j``. (The prefill forward still runs
-on the ``n`` copies: ``generate`` repeats the ids before the first forward; the tokenization and the padded
-prompt batch are made once.)
+through the chat template with the generation prompt), **once per prompt**, and each prompt is *prefilled* once
+for its group: the left-padded batch of unique prompts goes through the model once, and its KV cache (and
+last-position logits) are repeated ``n`` times (``repeat_interleave``) before decoding, so sample ``j`` of prompt
+``i`` is row ``i·n + j``. (Hugging Face's ``generate`` with ``num_return_sequences`` repeats the prompt ids
+before the first forward instead, running the prefill on ``n`` copies: with a 128-token prompt, 64-token
+completions and ``n = 8``, that prefill is 2× the FLOPs of the whole decode.)
+
+Decoding is a plain loop over ``model(next_token, cache)`` (:func:`_decode`) that samples exactly as
+``generate`` does — the same logits processors, the same ``softmax`` → ``torch.multinomial`` draw on the same
+``[rows, V]`` tensor at each step, finished rows fed the pad id, the loop ending when every row has stopped —
+so for the same seed it gives **the same samples as** ``model.generate(..., num_return_sequences=n)``
+(tests/rollout/test_sampling.py checks token equality against it), without ``generate``'s per-step
+bookkeeping. Models whose cache is not a standard ``DynamicCache`` (and encoder–decoders) go through
+``generate`` itself.
 
 Generation stops at **every** end-of-sequence id: the tokenizer's EOS and each id of the model's
 ``generation_config.eos_token_id`` (an int or a list: Llama 3 ends turns with ``<|eot_id|>``, Qwen with
 ``<|im_end|>``). A completion is cut after the first of them and ``ended_with_eos`` records that it ended
 with any; one that never did ran to ``max_new_tokens``.
 
-The sampled distribution is exactly the one named by the parameters: every other logits processor a
-checkpoint's ``generation_config`` may switch on (repetition penalty, ``min_new_tokens``, ``top_k=50``, …)
-is turned off, and temperature, top-k and top-p are applied by processors this module installs, in that
-order, followed by a recorder of the per-token log-probs (see :class:`preftune.rollout.record.Rollout`).
+The sampled distribution is exactly the one named by the parameters: nothing a checkpoint's
+``generation_config`` may switch on (repetition penalty, ``min_new_tokens``, ``top_k=50``, …) is applied, and
+temperature, top-k and top-p are applied in that order (Hugging Face's warpers), followed by the record of the
+per-token log-probs (see :class:`preftune.rollout.record.Rollout`).
 With a seed the samples are reproducible for a given ``batch_size`` and the global torch RNG is untouched.
-Left padding with an attention mask: ``generate`` derives position ids from the mask, so padding does not
-shift positions, and the KV cache is used.
+Left padding with an attention mask: position ids are derived from the mask (as ``generate`` derives them), so
+padding does not shift positions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from preftune.errors import ConfigError
@@ -146,8 +157,8 @@ class SampledLogProbs(LogitsProcessor):
         return torch.stack(steps, dim=1) if steps else generated.new_zeros(generated.shape, dtype=torch.float32)
 
 
-def _processors(params: SamplingParams, recorder: SampledLogProbs) -> LogitsProcessorList:
-    """Temperature, then top-k, then top-p (Hugging Face's order for its own warpers), then the recorder."""
+def _warpers(params: SamplingParams) -> list[LogitsProcessor]:
+    """Temperature, then top-k, then top-p (Hugging Face's order for its own warpers); none when greedy."""
     processors: list[LogitsProcessor] = []
     if not params.greedy:
         if params.temperature != 1.0:
@@ -156,7 +167,12 @@ def _processors(params: SamplingParams, recorder: SampledLogProbs) -> LogitsProc
             processors.append(TopKLogitsWarper(top_k=params.top_k))
         if params.top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p=params.top_p))
-    return LogitsProcessorList([*processors, recorder])
+    return processors
+
+
+def _processors(params: SamplingParams, recorder: SampledLogProbs) -> LogitsProcessorList:
+    """The warpers, then the recorder (for ``generate``)."""
+    return LogitsProcessorList([*_warpers(params), recorder])
 
 
 @contextlib.contextmanager
@@ -191,6 +207,95 @@ def _cut_at_stop(generated: list[int], stop_ids: set[int]) -> int:
     return len(generated)
 
 
+@functools.cache
+def _forward_keywords(cls: type) -> tuple[str, bool] | None:
+    """How ``cls.forward`` takes a KV cache (``cache`` in transformers ≥ 5.x, ``past_key_values`` before) and
+    whether it accepts ``logits_to_keep``; None when it takes neither cache keyword."""
+    names = set(inspect.signature(cls.forward).parameters)
+    cache = next((k for k in ("cache", "past_key_values") if k in names), None)
+    return None if cache is None else (cache, "logits_to_keep" in names)
+
+
+def _lean_decoding(lm: nn.Module) -> bool:
+    """Whether :func:`_decode` can drive the model: a decoder-only LM with a standard ``DynamicCache``."""
+    config = getattr(lm, "config", None)
+    supports_dynamic = getattr(lm, "_supports_default_dynamic_cache", None)
+    return (config is not None and not getattr(config, "is_encoder_decoder", False)
+            and (supports_dynamic is None or supports_dynamic())
+            and _forward_keywords(type(lm)) is not None)
+
+
+def _decode(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams, stops: Tensor,
+            pad_id: int) -> tuple[Tensor, Tensor]:
+    """Sample ``params.n`` continuations of each left-padded prompt row: prefill once per prompt, repeat the cache.
+
+    ``input_ids``, ``attention_mask`` ``[P, W]`` → ``generated [P·n, T]`` (pad id after a row's stop token) and the
+    sampler's log-probs ``[P·n, T]`` (fp32), ``T ≤ max_new_tokens`` (the loop ends once every row has stopped).
+
+    Per step, as ``GenerationMixin._sample`` does it: ``s = warpers(float(z_t))``; sampled
+    ``y_t ~ multinomial(softmax(s))`` over all rows at once (greedy: ``argmax s``); a finished row gets the pad
+    id; recorded ``log softmax(s)[y_t]``. The same ops on the same tensors consume the RNG the same way, so a
+    seed gives ``generate``'s samples.
+    """
+    cache_key, logits_to_keep = _forward_keywords(type(lm))
+    n = params.n
+    warpers = _warpers(params)
+    # Positions from the mask, as generate derives them (left padding does not shift a prompt's positions).
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    cache = DynamicCache(config=lm.config)
+    extra = {"logits_to_keep": 1} if logits_to_keep else {}
+    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+             **{cache_key: cache}, **extra)
+    logits = out.logits[:, -1].float()  # [P, V]
+    del out
+    if n > 1:  # the group's n rows share the prompt's prefill
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+        attention_mask = attention_mask.repeat_interleave(n, dim=0)
+        positions = positions.repeat_interleave(n, dim=0)
+    rows = logits.shape[0]
+    position = positions[:, -1:]
+    unfinished = torch.ones(rows, dtype=torch.bool, device=logits.device)
+    pad = torch.tensor(pad_id, dtype=torch.long, device=logits.device)
+    ones = attention_mask.new_ones((rows, 1))
+    tokens: list[Tensor] = []
+    logprobs: list[Tensor] = []
+    for step in range(params.max_new_tokens):
+        scores = logits
+        for warp in warpers:
+            scores = warp(None, scores)
+        if params.greedy:
+            token = scores.argmax(-1)
+        else:
+            token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+        logprobs.append(scores.log_softmax(-1).gather(1, token[:, None]).squeeze(1))
+        token = torch.where(unfinished, token, pad)
+        tokens.append(token)
+        unfinished &= ~torch.isin(token, stops)
+        if step + 1 == params.max_new_tokens or not bool(unfinished.any()):
+            break
+        attention_mask = torch.cat([attention_mask, ones], dim=-1)
+        position = position + 1
+        out = lm(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position, use_cache=True,
+                 **{cache_key: cache})
+        logits = out.logits[:, -1].float()
+        del out
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+
+def _hf_decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams,
+               stops: list[int], pad_id: int) -> tuple[Tensor, Tensor]:
+    """:func:`_decode`'s contract through Hugging Face's ``generate`` (models :func:`_lean_decoding` refuses)."""
+    recorder = SampledLogProbs()
+    sequences = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
+        num_return_sequences=params.n, eos_token_id=stops, pad_token_id=pad_id, use_cache=True,
+        logits_processor=_processors(params, recorder), **NEUTRAL_PROCESSORS, do_sample=not params.greedy,
+    )
+    generated = sequences[:, input_ids.shape[1] :]
+    return generated, recorder.token_logprobs(generated)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[Prompt], params: SamplingParams | None = None,
              *, source: str = "prompts", prompt_ids: Sequence[Sequence[int]] | None = None) -> Rollout:
@@ -210,9 +315,11 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Prompt], params: Sam
     stops = stop_token_ids(model, tokenizer)
     stop_set = set(stops)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    device = next(unwrap_causal_lm(model).parameters()).device
+    lm = unwrap_causal_lm(model)
+    device = next(lm.parameters()).device
     per_call = max(1, params.batch_size // params.n)
-    sampling = dict(NEUTRAL_PROCESSORS, do_sample=not params.greedy)
+    lean = _lean_decoding(lm)
+    stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
     out = Rollout(prompts=list(prompts), prompt_ids=prompt_ids, group_size=params.n)
 
     was_training = model.training
@@ -221,14 +328,11 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Prompt], params: Sam
         with _seeded(params.seed, device):
             for start in range(0, len(prompt_ids), per_call):
                 input_ids, attention_mask = _left_padded(prompt_ids[start : start + per_call], pad_id, device)
-                recorder = SampledLogProbs()
-                sequences = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
-                    num_return_sequences=params.n, eos_token_id=stops, pad_token_id=pad_id, use_cache=True,
-                    logits_processor=_processors(params, recorder), **sampling,
-                )
-                generated = sequences[:, input_ids.shape[1] :]
-                logprobs = recorder.token_logprobs(generated).cpu().tolist()
+                if lean:
+                    generated, logprobs = _decode(lm, input_ids, attention_mask, params, stop_tensor, pad_id)
+                else:
+                    generated, logprobs = _hf_decode(model, input_ids, attention_mask, params, stops, pad_id)
+                logprobs = logprobs.cpu().tolist()
                 for row, ids in enumerate(generated.cpu().tolist()):
                     length = _cut_at_stop(ids, stop_set)
                     out.completion_ids.append(ids[:length])

@@ -1,0 +1,514 @@
+"""Online training benchmark: preftune's GRPO and Online DPO against TRL 1.16's ``GRPOTrainer`` and experimental
+``OnlineDPOTrainer`` on the same model, prompts, reward function, group size, completion length and batch.
+
+Usage (from the repository root, with the ``bench`` extra installed: ``trl==1.16.0``)::
+
+    .venv/bin/python benchmarks/bench_online.py                    # 3 repeats × {grpo, online_dpo} × {preftune, trl}
+    .venv/bin/python benchmarks/bench_online.py --repeats 1 --steps 2   # smoke test
+
+Each run is a fresh process (so its peak memory is its own), the two tools alternate within a repeat and swap their
+order from one repeat to the next (machine drift hits both). Inputs are built locally and deterministically into
+``--work-dir``: a byte-level BPE tokenizer trained on generated pseudo-word prose, a randomly initialised
+Llama-style model (``MODEL_CONFIG``) saved with its tokenizer, and prompt-only rows. Nothing is downloaded.
+
+Both tools: fp32 (no autocast) unless ``--bf16``, no gradient checkpointing, AdamW lr 1e-6, grad-norm clip 1.0,
+seed 42, dropout off, SDPA attention, sampling at temperature 1 with top-k and top-p off, the same Python reward
+function (:func:`reward`: a deterministic function of the completion text).
+
+* GRPO: ``prompts_per_step`` prompts × ``group_size`` completions per optimizer step, one pass per generation
+  (TRL: ``num_iterations=1``, ``steps_per_generation=1``), β = 0 (no reference model), ε = 0.2, group-scaled
+  advantages, the ``dapo`` token averaging (both tools' defaults).
+* Online DPO: ``prompts_per_step`` prompts × 2 completions, the sigmoid DPO loss with β = 0.1 against the initial
+  model as a fixed reference.
+
+Measured per run, after ``--warmup`` optimizer steps:
+
+* **step time** — the interval between the ends of consecutive optimizer steps (sampling, judging, the training
+  forward/backward and the optimizer step inside), read by a step-end callback in each tool;
+  completions/s = completions per step / median step time;
+* **generation time** — the time inside the sampler in that interval: preftune's own accounting
+  (``OnlineBatches.seconds['generation']``, around :func:`preftune.rollout.sampling.generate`), for TRL a timer
+  around the policy's ``generate``; "training" = step − generation (judging, the loss, backward, optimizer);
+* **generated tokens** per step (each completion up to and including its first EOS), to check that the two tools
+  did the same amount of sampling;
+* **peak memory** — on CPU the peak RSS of the run's process (``ru_maxrss`` from ``os.wait4``: imports, loading,
+  training) and the *training rise*: ``VmHWM`` after training − ``VmRSS`` just before it (the memory training adds
+  on top of the loaded model); on CUDA also ``torch.cuda.max_memory_allocated`` over the training, reset before it.
+
+Per configuration the report gives the median over repeats of each run's median step, and the preftune/TRL ratios.
+Results: ``--results-dir/online-<UTC timestamp>.json`` (everything) and ``.md`` (the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+# Llama-style, small enough that 12 runs fit in minutes on 2 CPU cores.
+MODEL_CONFIG: dict[str, int | float | bool] = dict(
+    hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=1024, tie_word_embeddings=False, attention_dropout=0.0,
+)
+VOCAB_SIZE = 8_000
+TOOLS = ("preftune", "trl")
+METHODS = ("grpo", "online_dpo")
+
+
+def reward(prompts, completions, **kwargs) -> list[float]:
+    """The judge of both tools: distinct-word ratio of the completion plus a small length term (deterministic)."""
+    scores = []
+    for text in completions:
+        words = text.split()
+        scores.append(len(set(words)) / (1 + len(words)) + 0.01 * min(len(words), 50))
+    return scores
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def build_assets(work: Path, args) -> dict:
+    """Tokenizer + model folder and prompt rows (deterministic); checks that both tools encode the same prompt ids."""
+    import random
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sys.path.insert(0, str(HERE))
+    from dpo_assets import _Lexicon
+
+    from preftune.modeling.tiny import build_tokenizer
+    from preftune.rollout.encoding import encode_prompts
+
+    model_dir = work / f"model-h{MODEL_CONFIG['hidden_size']}-l{MODEL_CONFIG['num_hidden_layers']}-v{VOCAB_SIZE}"
+    lexicon = _Lexicon(0, size=20_000)
+    if not (model_dir / "config.json").exists():
+        rng = random.Random(1)
+        tokenizer = build_tokenizer([lexicon.sentences(rng, 60) for _ in range(4_000)], vocab_size=VOCAB_SIZE)
+        config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                      **MODEL_CONFIG)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(model_dir, safe_serialization=True)
+        tokenizer.save_pretrained(model_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(2)
+    n_prompts = (args.warmup + args.steps) * args.prompts_per_step
+    prompts = []
+    for _ in range(n_prompts):  # about prompt_tokens tokens each (BOS included), cut on a word boundary
+        words = lexicon.sentences(rng, args.prompt_tokens).split()
+        while len(tokenizer(" ".join(words))["input_ids"]) > args.prompt_tokens:
+            words.pop()
+        prompts.append(" ".join(words))
+    # Same prompt ids on both sides: preftune's encoder, TRL GRPO's tokenizer(text), and TRL Online DPO's
+    # tokenizer(text, add_special_tokens=False) on the BOS-prefixed text it is given.
+    ours = encode_prompts(tokenizer, prompts, "benchmark prompts")
+    grpo = tokenizer(prompts)["input_ids"]
+    odpo = tokenizer([tokenizer.bos_token + p for p in prompts], add_special_tokens=False)["input_ids"]
+    if not (ours == grpo == odpo):
+        raise RuntimeError("preftune and TRL would encode the benchmark prompts differently")
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    return {"model_dir": str(model_dir), "prompts": prompts, "parameters": params,
+            "prompt_tokens_mean": statistics.mean(map(len, ours)), "vocab_size": len(tokenizer)}
+
+
+# --------------------------------------------------------------------------------------------- one run (child)
+
+
+def _proc_status(key: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (0 where /proc is absent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    return {int(i) for i in [tokenizer.eos_token_id, *configured] if i is not None}
+
+
+def _generated_tokens(rows, stops: set[int]) -> int:
+    """Tokens of each row up to and including its first stop id."""
+    total = 0
+    for ids in rows.tolist():
+        total += next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
+    return total
+
+
+def run_worker(spec: dict) -> dict:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    cuda = torch.cuda.is_available()
+    steps_total = spec["warmup"] + spec["steps"]
+    ends: list[float] = []
+    gen_at_end: list[float] = []
+    tok_at_end: list[int] = []
+    out_dir = tempfile.mkdtemp(prefix=f"bench-online-{spec['tool']}-")
+    G = spec["group_size"] if spec["method"] == "grpo" else 2
+    P = spec["prompts_per_step"]
+    common = dict(learning_rate=1e-6, max_grad_norm=1.0, seed=42, weight_decay=0.0)
+
+    if spec["tool"] == "preftune":
+        from preftune.config import TrainConfig
+        from preftune.training.loop import PreferenceTrainer
+
+        method = dict(method="grpo", num_generations=G, beta=0.0, epsilon=0.2, scale_rewards="group",
+                      grpo_loss_type="dapo") if spec["method"] == "grpo" else dict(method="online_dpo", beta=0.1)
+        cfg = TrainConfig(model_name_or_path=spec["model_dir"], per_device_train_batch_size=P, max_steps=steps_total,
+                          max_completion_length=spec["completion_tokens"], temperature=1.0, top_p=1.0, top_k=0,
+                          bf16=spec["bf16"], logging_steps=1, output_dir=out_dir, overwrite_output_dir=True,
+                          report_to=["none"], disable_tqdm=True, attn_implementation="sdpa", **common, **method)
+        holder: dict = {}
+
+        class StepClock:
+            def on_step_end(self, step, model):
+                ends.append(time.perf_counter())
+                online = holder["trainer"].session.online
+                gen_at_end.append(online.seconds["generation"])
+                tok_at_end.append(online.generated_tokens)
+
+        trainer = PreferenceTrainer(cfg, train_dataset=[{"prompt": p} for p in spec["prompts"]],
+                                    callbacks=[StepClock()], judge=reward)
+        holder["trainer"] = trainer
+        trainer._prepare()  # load model, reference and data before the clock starts, as TRL does in __init__
+        train = trainer.train
+    else:
+        from transformers import TrainerCallback
+
+        class StepClock(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                ends.append(time.perf_counter())
+                gen_at_end.append(sampler["seconds"])
+                tok_at_end.append(sampler["tokens"])
+
+        sampler = {"seconds": 0.0, "tokens": 0}
+        hf = dict(output_dir=out_dir, per_device_train_batch_size=P * G if spec["method"] == "grpo" else P,
+                  max_steps=steps_total, bf16=spec["bf16"], use_cpu=not cuda, logging_steps=1, save_strategy="no",
+                  report_to="none", disable_tqdm=True, gradient_checkpointing=False, lr_scheduler_type="linear",
+                  warmup_steps=0, **common)
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32,
+                                                     attn_implementation="sdpa")
+        if spec["method"] == "grpo":
+            from trl import GRPOConfig, GRPOTrainer
+
+            args = GRPOConfig(num_generations=G, max_completion_length=spec["completion_tokens"], temperature=1.0,
+                              top_p=1.0, top_k=0, beta=0.0, epsilon=0.2, scale_rewards="group", loss_type="dapo",
+                              num_iterations=1, steps_per_generation=1, disable_dropout=True, **hf)
+            data = Dataset.from_list([{"prompt": p} for p in spec["prompts"]])
+            trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
+                                  processing_class=tokenizer, callbacks=[StepClock()])
+        else:
+            from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+            args = OnlineDPOConfig(max_new_tokens=spec["completion_tokens"], temperature=1.0, top_p=1.0, top_k=0,
+                                   beta=[0.1], loss_type="sigmoid", disable_dropout=True, **hf)
+            # TRL's Online DPO tokenizes without special tokens: the BOS is written into the text (same ids).
+            data = Dataset.from_list([{"prompt": tokenizer.bos_token + p} for p in spec["prompts"]])
+            trainer = OnlineDPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
+                                       processing_class=tokenizer, reward_processing_classes=tokenizer,
+                                       callbacks=[StepClock()])
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        stops = _stop_ids(policy, tokenizer)
+        original = policy.generate
+
+        def timed_generate(*a, **kw):
+            started = time.perf_counter()
+            out = original(*a, **kw)
+            if cuda:
+                torch.cuda.synchronize()
+            sampler["seconds"] += time.perf_counter() - started
+            sampler["tokens"] += _generated_tokens(out[:, kw["input_ids"].shape[1]:], stops)
+            return out
+
+        policy.generate = timed_generate
+        train = trainer.train
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = _proc_status("VmRSS")
+    started = time.perf_counter()
+    train()
+    wall = time.perf_counter() - started
+    w = spec["warmup"]
+    if len(ends) != steps_total:
+        raise RuntimeError(f"{spec['tool']} {spec['method']}: {len(ends)} step ends, expected {steps_total}")
+    step_s = [b - a for a, b in zip(ends[w - 1:], ends[w:])] if w else [ends[0] - started] + [
+        b - a for a, b in zip(ends, ends[1:])]
+    gen = [0.0, *gen_at_end]
+    toks = [0, *tok_at_end]
+    first = w  # timed step k (0-based over all steps) spans ends[k-1] → ends[k]
+    gen_s = [gen[k + 1] - gen[k] for k in range(first, steps_total)]
+    gen_tokens = [toks[k + 1] - toks[k] for k in range(first, steps_total)]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {
+        "step_s": step_s, "generation_s": gen_s, "generated_tokens": gen_tokens, "completions_per_step": P * G,
+        "train_wall_s": wall, "rss_before_train": rss_before, "vmhwm_after_train": _proc_status("VmHWM"),
+        "cuda_max_allocated": torch.cuda.max_memory_allocated() if cuda else None,
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch_threads": torch.get_num_threads(),
+    }
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _other_load(seconds: float = 1.0) -> float:
+    """Cores busy machine-wide over ``seconds`` (this process is idle meanwhile), from /proc/stat."""
+    def busy():
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)
+    try:
+        b0, t0 = busy()
+        time.sleep(seconds)
+        b1, t1 = busy()
+        return (b1 - b0) / max(t1 - t0, 1) * os.cpu_count()
+    except OSError:
+        return float("nan")
+
+
+def launch(spec: dict, work: Path, timeout: float) -> dict:
+    """One run in a child process; its ru_maxrss comes from wait4."""
+    spec_file = work / f"spec-{spec['tool']}-{spec['method']}-{spec['repeat']}.json"
+    spec_file.write_text(json.dumps(spec))
+    result_file = spec_file.with_suffix(".result.json")
+    result_file.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if spec.get("threads"):
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
+    log = open(spec_file.with_suffix(".log"), "w")
+    load_before = _other_load()
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", str(spec_file), str(result_file)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() - started > timeout:
+            proc.kill()
+            pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.2)
+    log.close()
+    if not result_file.exists():
+        tail = spec_file.with_suffix(".log").read_text()[-3000:]
+        raise RuntimeError(f"run {spec['tool']} {spec['method']} failed (status {status}):\n{tail}")
+    result = json.loads(result_file.read_text())
+    result |= {"ru_maxrss": usage.ru_maxrss * 1024, "process_wall_s": time.perf_counter() - started,
+               "machine_load_before": load_before}
+    return result
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per (method, tool): medians over repeats of each run's medians."""
+    table: dict = {}
+    for method in METHODS:
+        for tool in TOOLS:
+            mine = [r for r in runs if r["method"] == method and r["tool"] == tool]
+            if not mine:
+                continue
+            step = _median([statistics.median(r["step_s"]) for r in mine])
+            gen = _median([statistics.median(r["generation_s"]) for r in mine])
+            n = mine[0]["completions_per_step"]
+            table.setdefault(method, {})[tool] = {
+                "runs": len(mine), "median_step_s": step, "completions_per_s": n / step,
+                "generation_s": gen, "training_s": step - gen,
+                "generated_tokens_per_step": _median([statistics.mean(r["generated_tokens"]) for r in mine]),
+                "peak_rss": _median([r["ru_maxrss"] for r in mine]),
+                "train_rss_rise": _median([r["vmhwm_after_train"] - r["rss_before_train"] for r in mine]),
+                "cuda_max_allocated": _median([r["cuda_max_allocated"] for r in mine]),
+                "step_spread": [min(statistics.median(r["step_s"]) for r in mine),
+                                max(statistics.median(r["step_s"]) for r in mine)],
+            }
+        both = table.get(method, {})
+        if len(both) == 2:
+            p, t = both["preftune"], both["trl"]
+            both["ratios"] = {
+                "completions_per_s": p["completions_per_s"] / t["completions_per_s"],
+                "generation_s": p["generation_s"] / t["generation_s"],
+                "training_s": p["training_s"] / t["training_s"],
+                "peak_rss": p["peak_rss"] / t["peak_rss"],
+                "train_rss_rise": p["train_rss_rise"] / t["train_rss_rise"] if t["train_rss_rise"] > 0 else None,
+                "cuda_max_allocated": (p["cuda_max_allocated"] / t["cuda_max_allocated"]
+                                       if p["cuda_max_allocated"] and t["cuda_max_allocated"] else None),
+            }
+    return table
+
+
+def _gib(x) -> str:
+    return "–" if x is None else f"{x / 2**30:.2f}"
+
+
+def _mib(x) -> str:
+    return "–" if x is None else f"{x / 2**20:.0f}"
+
+
+def report(meta: dict, table: dict) -> str:
+    lines = [f"# Online training benchmark: preftune vs TRL ({meta['stamp']})", ""]
+    lines.append(f"Machine: {meta['cpu']} ({meta['cores']} cores), device {meta['device']}; torch threads "
+                 f"{meta['torch_threads']}. {meta['versions']}; preftune tree {meta['commit']}.")
+    if meta.get("note"):
+        lines += ["", f"**{meta['note']}**"]
+    lines += ["", f"Command: `{meta['command']}`", "",
+              f"Model: Llama-style, {meta['parameters'] / 1e6:.1f}M parameters, vocab {meta['vocab_size']}, "
+              + ", ".join(f"{k}={v}" for k, v in MODEL_CONFIG.items())
+              + f". Prompts ≈{meta['prompt_tokens_mean']:.1f} tokens (BOS included), completions up to "
+              f"{meta['completion_tokens']} tokens, {meta['prompts_per_step']} prompts per optimizer step; "
+              f"GRPO G={meta['group_size']}, Online DPO 2 completions per prompt. "
+              f"{'bf16 autocast' if meta['bf16'] else 'fp32'}, AdamW lr 1e-6, {meta['warmup']} warm-up + "
+              f"{meta['steps']} timed steps per run, {meta['repeats']} repeats, tools alternating.", "",
+              "Medians over repeats of each run's median step. completions/s = completions per step / median step; "
+              "generation = time inside the sampler, training = step − generation; peak RSS = ru_maxrss of the run's "
+              "process (whole run); RSS rise = VmHWM after training − VmRSS before it."
+              + (" CUDA: max_memory_allocated over training." if meta["device"] != "cpu" else ""), ""]
+    head = ("| method | tool | completions/s | median step (s) | generation (s) | training (s) | "
+            "generated tok/step | peak RSS (GiB) | RSS rise (MiB) | CUDA peak (GiB) | step range over runs (s) |")
+    lines += [head, "|" + "---|" * 2 + "---:|" * 9]
+    for method, both in table.items():
+        for tool in TOOLS:
+            if tool not in both:
+                continue
+            r = both[tool]
+            lines.append(f"| {method} | {tool} | {r['completions_per_s']:.2f} | {r['median_step_s']:.2f} | "
+                         f"{r['generation_s']:.2f} | {r['training_s']:.2f} | {r['generated_tokens_per_step']:.0f} | "
+                         f"{_gib(r['peak_rss'])} | {_mib(r['train_rss_rise'])} | {_gib(r['cuda_max_allocated'])} | "
+                         f"{r['step_spread'][0]:.2f}–{r['step_spread'][1]:.2f} |")
+    lines.append("")
+    for method, both in table.items():
+        if "ratios" not in both:
+            continue
+        q = both["ratios"]
+        memory = (f"CUDA peak ×{q['cuda_max_allocated']:.2f}" if q["cuda_max_allocated"] is not None else
+                  f"peak RSS ×{q['peak_rss']:.2f}, training RSS rise "
+                  + ("–" if q["train_rss_rise"] is None else f"×{q['train_rss_rise']:.2f}"))
+        lines.append(f"**{method}, preftune / TRL:** completions/s ×{q['completions_per_s']:.2f} "
+                     f"(target ≥ 2: {'PASS' if q['completions_per_s'] >= 2 else 'FAIL'}); {memory} "
+                     f"(target ≤ 0.6 of the peak: "
+                     f"{'PASS' if (q['cuda_max_allocated'] or q['peak_rss']) <= 0.6 else 'FAIL'}); "
+                     f"generation time ×{q['generation_s']:.2f}, training time ×{q['training_s']:.2f}.")
+        lines.append("")
+    lines += ["Same work, checked: identical prompt ids on both sides (built once, compared before any run); the "
+              "generated tokens per step are measured above (random-init policy: completions rarely end before the "
+              "length budget). Differences in how the work is done, not in what is computed: preftune encodes each "
+              "prompt once for its group in the training forward and in generation; TRL repeats the prompt per "
+              "completion in both. TRL's Online DPO runs the reference forward on every step as preftune does "
+              "(the samples are new each step, nothing can be precomputed).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--prompts-per-step", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=4, help="GRPO completions per prompt")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--completion-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: torch's; 1 is far steadier on a shared machine)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default: fp32)")
+    parser.add_argument("--note", default="", help="a line printed above the tables (e.g. machine sharing)")
+    parser.add_argument("--work-dir", default=str(HERE / ".work" / "online"))
+    parser.add_argument("--results-dir", default=str(HERE / "results"))
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        spec = json.loads(Path(args.worker[0]).read_text())
+        result = run_worker(spec)
+        Path(args.worker[1]).write_text(json.dumps(result))
+        return 0
+
+    import importlib.metadata as md
+
+    import torch
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    assets = build_assets(work, args)
+    methods = [m for m in args.methods.split(",") if m]
+    base = dict(model_dir=assets["model_dir"], prompts=assets["prompts"], warmup=args.warmup, steps=args.steps,
+                prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                completion_tokens=args.completion_tokens, bf16=args.bf16, threads=args.threads)
+    runs = []
+    for repeat in range(args.repeats):
+        order = TOOLS if repeat % 2 == 0 else TOOLS[::-1]
+        for method in methods:
+            for tool in order:
+                spec = base | {"tool": tool, "method": method, "repeat": repeat}
+                result = launch(spec, work, args.timeout)
+                runs.append({"tool": tool, "method": method, "repeat": repeat} | result)
+                print(f"[{repeat}] {method:10s} {tool:8s} step {statistics.median(result['step_s']):.2f}s "
+                      f"gen {statistics.median(result['generation_s']):.2f}s "
+                      f"tokens/step {statistics.mean(result['generated_tokens']):.0f} "
+                      f"peak RSS {_gib(result['ru_maxrss'])} GiB (load before {result['machine_load_before']:.2f})",
+                      flush=True)
+    table = summarise(runs)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True)
+    versions = ", ".join(f"{name} {md.version(name)}" for name in ("torch", "transformers", "accelerate", "trl"))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    threads = runs[0]["torch_threads"] if runs else torch.get_num_threads()
+    meta = {"stamp": stamp, "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": threads,
+            "device": runs[0]["device"] if runs else "cpu", "versions": versions,
+            "commit": commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else ""),
+            "command": "python benchmarks/bench_online.py " + " ".join(sys.argv[1:]),
+            "parameters": assets["parameters"], "vocab_size": assets["vocab_size"],
+            "prompt_tokens_mean": assets["prompt_tokens_mean"], "note": args.note,
+            "python": platform.python_version()} | {k: v for k, v in vars(args).items() if k != "worker"}
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"online-{stamp}.json").write_text(json.dumps({"meta": meta, "summary": table, "runs": runs}, indent=1))
+    text = report(meta, table)
+    (out / f"online-{stamp}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
