@@ -7,6 +7,7 @@ the reference strategy, checkpoints and tracking are calls to small helpers.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from preftune.methods.registry import METHODS, get_method
 from preftune.modeling.logprobs import LogProbModel
 from preftune.modeling.reward import RewardModel
 from preftune.rollout.judges import CallableJudge, load_judge
-from preftune.training import checkpoint
+from preftune.training import checkpoint, memory
 from preftune.training.objective import LossSpec, NonFiniteLoss, batch_loss
 from preftune.training.online import OnlineBatches
 from preftune.training.online import summary as online_summary
@@ -129,6 +130,14 @@ def build_train_loader(cfg: TrainConfig, dataset, collate: Callable[[list[dict]]
                       collate_fn=collate), None
 
 
+def own_loop(config: TrainConfig) -> type | None:
+    """The trainer of a method trained by a loop of its own (the registry's ``loop``, e.g. ``ppo`` →
+    :class:`preftune.training.ppo.Trainer`, a :class:`PreferenceTrainer` made of the same pieces), or None."""
+    methods = config.methods
+    loop = get_method(methods[0]).loop if methods else None
+    return None if loop is None else importlib.import_module(f"preftune.training.{loop}").Trainer
+
+
 class PreferenceTrainer:
     """Train a causal LM with any registered method.
 
@@ -136,6 +145,11 @@ class PreferenceTrainer:
     ``train_dataset`` / ``eval_dataset`` (a ``datasets.Dataset`` or a list of rows in any accepted
     format), or let the config name them, or leave both empty for the embedded default.
     """
+
+    def __new__(cls, config: TrainConfig, *args, **kwargs):
+        # A method with a loop of its own (PPO) is trained by its trainer, a subclass: the same arguments.
+        own = own_loop(config) if cls is PreferenceTrainer else None
+        return super().__new__(own or cls)
 
     def __init__(self, config: TrainConfig, model=None, ref_model=None, tokenizer=None,
                  train_dataset=None, eval_dataset=None, callbacks: list[StepCallback] = (), judge=None):
@@ -191,25 +205,17 @@ class PreferenceTrainer:
         policy, optimizer, train_dl, scheduler = acc.prepare(policy, optimizer, train_dl, scheduler)
         reference = inputs.make_reference(policy, acc)
         moving_reference = reference.module if cfg.sync_ref_model else None  # TR-DPO's reference is state too
+        held = lambda: memory.one_loop(acc.unwrap_model(policy).model, optimizer, reference,  # noqa: E731
+                                       (inputs.train, inputs.eval))
+        if acc.is_main_process:
+            log.info("memory: %s", memory.describe(held()))
 
         state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
         if resume is not None:
             state = checkpoint.load_checkpoint(acc, resume, moving_reference)
             log.info("resumed from %s at step %d", resume, state["global_step"])
 
-        metrics_log = MetricsLog(out / "metrics.jsonl", acc)
-        if resume is not None:
-            dropped = metrics_log.resume_at(state["global_step"])
-            if dropped:
-                log.info("metrics.jsonl: dropped %d records logged after step %d by the interrupted run",
-                         dropped, state["global_step"])
-        if acc.is_main_process:
-            run_name = cfg.run_name or out.name
-            # purge_step: TensorBoard hides the interrupted run's events after the checkpoint's step.
-            purge = {"purge_step": state["global_step"] + 1} if resume is not None else {}
-            acc.init_trackers("preftune", config=_tracker_config(cfg),
-                              init_kwargs={"wandb": {"name": run_name}, "mlflow": {"run_name": run_name},
-                                           "tensorboard": purge})
+        metrics_log = open_metrics(cfg, acc, out, state["global_step"], resumed=resume is not None)
         self._log_start(inputs, reference, total_steps, num_epochs, budget)
 
         window = MetricWindow()
@@ -300,7 +306,7 @@ class PreferenceTrainer:
                        "first_loss": result.first_loss, "train": result.train_metrics,
                        "eval": result.eval_metrics, "reference": reference.name, "methods": cfg.methods,
                        "parameters": inputs.parameter_counts, "data": inputs.data_reports,
-                       "layout": inputs.collator.describe(), "final_dir": str(result.final_dir),
+                       "layout": inputs.collator.describe(), "final_dir": str(result.final_dir), "memory": held(),
                        **({"online": online_summary(online)} if online is not None else {})}
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.end_training()
@@ -422,6 +428,24 @@ def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
     for key, value in cfg.to_dict().items():
         flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+def open_metrics(cfg: TrainConfig, acc: Accelerator, out: Path, step: int, resumed: bool) -> MetricsLog:
+    """``metrics.jsonl`` (a resumed run drops the records its interrupted run logged after ``step``) and the
+    trackers."""
+    metrics_log = MetricsLog(out / "metrics.jsonl", acc)
+    if resumed:
+        dropped = metrics_log.resume_at(step)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d records logged after step %d by the interrupted run", dropped, step)
+    if acc.is_main_process:
+        run_name = cfg.run_name or out.name
+        # purge_step: TensorBoard hides the interrupted run's events after the checkpoint's step.
+        purge = {"purge_step": step + 1} if resumed else {}
+        acc.init_trackers("preftune", config=_tracker_config(cfg),
+                          init_kwargs={"wandb": {"name": run_name}, "mlflow": {"run_name": run_name},
+                                       "tensorboard": purge})
+    return metrics_log
 
 
 def train(config: TrainConfig | dict | str | Path, **objects) -> RunResult:
