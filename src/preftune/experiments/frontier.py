@@ -49,17 +49,17 @@ RUNS: dict[str, dict] = {
 }
 
 # PPO, the RLHF pipeline DPO replaces (its own loop, through the same entry point), on the same training prompts.
-# Per update 64 prompts, one completion each, 2 passes: over a run as many sequence forward-backward passes as a DPO
-# run of as many steps (64 pairs each). Scores normalised by their running mean and deviation, as the DPO paper's
-# own PPO; the adaptive KL controller toward each target KL(π‖π_ref) per completion (the paper sweeps 3, 6, 9, 12
-# nats), its horizon 10 updates' samples (≤ ±2% of the coefficient per update, as the paper's 1024 samples per step
-# against TRL's horizon of 10,000). "PPO" optimises the Bradley–Terry reward model trained on the same pairs
+# Per update 32 prompts, one completion each, 2 passes (a run of N updates makes half the sequence forward-backward
+# passes of a DPO run of N steps of 64 pairs). Scores normalised by their running mean and deviation, as the DPO
+# paper's own PPO; the adaptive KL controller toward each target KL(π‖π_ref) per completion (the paper sweeps 3, 6,
+# 9, 12 nats), its horizon 10 updates' samples (≤ ±2% of the coefficient per update, as the paper's 1024 samples per
+# step against TRL's horizon of 10,000). "PPO" optimises the Bradley–Terry reward model trained on the same pairs
 # (LEARNED_REWARD: trained once, before the first run that needs it); "PPO-GT" the gold reward itself.
 LEARNED_REWARD = "learned"
 REWARD_MODEL = "reward model (for PPO)"
 PPO_TARGET_KLS = (3.0, 6.0, 9.0)
-_PPO = {"method": "ppo", "num_ppo_epochs": 2, "kl_coef": 0.1, "kl_horizon": 640, "missing_eos_penalty": 0.5,
-        "use_score_scaling": True, "use_score_norm": True}
+_PPO = {"method": "ppo", "per_device_train_batch_size": 32, "num_ppo_epochs": 2, "kl_coef": 0.1, "kl_horizon": 320,
+        "missing_eos_penalty": 0.5, "use_score_scaling": True, "use_score_norm": True}
 RUNS |= {f"PPO target KL={kl:g}": _PPO | {"target_kl": kl, "judge": LEARNED_REWARD} for kl in PPO_TARGET_KLS}
 RUNS |= {f"PPO-GT target KL={kl:g}": _PPO | {"target_kl": kl} for kl in PPO_TARGET_KLS}
 

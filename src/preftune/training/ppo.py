@@ -463,9 +463,8 @@ class Trainer(PreferenceTrainer):
                 for k, seqs in enumerate(micro_batches):
                     last = k == len(micro_batches) - 1
                     with contextlib.nullcontext() if last else acc.no_sync(model):
-                        loss = self._micro_batch_loss(model, experience, collator, seqs, window, where,
-                                                      share=len(micro_batches) / step_tokens)
-                        acc.backward(loss)
+                        loss, share = self._micro_batch_loss(model, experience, collator, seqs, window, where)
+                        acc.backward(loss * (share * len(micro_batches) / step_tokens))
                     first = loss.item() if first is None else first
                 grad_norm = torch.as_tensor(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm),
                                             dtype=torch.float32).reshape(1)
@@ -477,10 +476,9 @@ class Trainer(PreferenceTrainer):
         return first
 
     def _micro_batch_loss(self, model: nn.Module, experience: Experience, collator: PreferenceCollator,
-                          seqs: Tensor, window: MetricWindow, where: tuple[int, int, list[int]],
-                          share: float) -> Tensor:
-        """Clipped policy loss + vf_coef × clipped value loss (− entropy bonus) of sequences ``seqs``, as token
-        means, times ``share`` × their token count (see :meth:`_optimise`)."""
+                          seqs: Tensor, window: MetricWindow, where: tuple[int, int, list[int]]) -> tuple[Tensor, int]:
+        """Clipped policy loss + vf_coef × clipped value loss (− entropy bonus) of sequences ``seqs``, means over
+        their tokens; and their token count (the micro-batch's weight in its step, see :meth:`_optimise`)."""
         ppo, device = self.settings, self.accelerator.device
         batch = collator.groups([experience.prompt_ids[i] for i in seqs],
                                 [experience.completion_ids[i] for i in seqs], 1)
@@ -506,7 +504,7 @@ class Trainer(PreferenceTrainer):
         window.add("policy/clipfrac_avg", policy_metrics["clip_ratio/region"].reshape(1))
         window.add("val/clipfrac_avg", value_metrics["clipfrac"].reshape(1))
         window.add("val/ratio", policy_metrics["ratio"].reshape(1))
-        return loss * (share * tokens.numel())
+        return loss, tokens.numel()
 
     def _record(self, window: MetricWindow, sampled: Rollout, experience: Experience, sequence_kl: Tensor,
                 kl_coef: float, seconds: dict[str, float]) -> None:
