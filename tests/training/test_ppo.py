@@ -145,6 +145,12 @@ def test_the_adaptive_controller_moves_the_logged_coefficient_by_the_logged_kl(y
         assert coefs[k + 1] == pytest.approx(rl.adaptive_kl_coef(coefs[k], kls[k], 0.001, 4, 8), rel=1e-5)
     assert coefs[1] < coefs[0]  # KL 0 at the first update: below the target, the coefficient falls
     assert any(b > a for a, b in zip(coefs[1:], coefs[2:]))  # once π has moved, k3 > 0.001: it rises
+    # the logged KL is the one in the reward: the non-score reward is −(the coefficient used)·(the logged KL)
+    for r in records:
+        assert r["objective/non_score_reward"] == pytest.approx(-r["objective/kl_coef"] * r["objective/kl"], rel=1e-5)
+        assert r["objective/rlhf_reward"] == pytest.approx(r["objective/scores"] + r["objective/non_score_reward"],
+                                                           rel=1e-5, abs=1e-7)
+    assert any(r["objective/kl"] > 0 for r in records)
 
 
 def test_a_resumed_ppo_run_equals_the_uninterrupted_one(yaml_run):
@@ -183,6 +189,33 @@ def test_memory_ppo_holds_four_models_and_dpo_with_a_precomputed_reference_one(y
     assert held["models_held"] == 1 and held["roles"]["reference"]["kind"] == "cache"
     assert held["roles"]["reference"]["other"] == len(ROWS) * 2 * 8  # two float64 log-probs per pair
     assert held["roles"]["policy"]["weights"] == 4 * n
+
+
+def test_a_value_head_on_the_policys_trunk_and_a_users_function_as_the_reward(tok, tmp_path):
+    """value_model: shared — a zero-initialised head on the policy's last hidden states, trained with it (one body
+    fewer than the default critic); the reward a plain function of the text, less the missing-EOS penalty."""
+
+    def always_one(prompts, completions):
+        return [1.0] * len(completions)
+
+    result = train(dict(method="ppo", value_model="shared", missing_eos_penalty=0.5, max_steps=2, logging_steps=1,
+                        per_device_train_batch_size=4, max_completion_length=6, learning_rate=1e-2, bf16=False,
+                        disable_tqdm=True, output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache")),
+                   model=build_tiny_model(tok, seed=0), tokenizer=tok,
+                   train_dataset=[{"prompt": r["prompt"]} for r in ROWS], judge=always_one)
+    summary = json.loads((result.output_dir / "summary.json").read_text())
+    assert summary["ppo"]["value_model"] == "a value head on the policy's trunk"
+    assert summary["ppo"]["reward"].endswith("(on decoded text)")
+    held = summary["memory"]
+    hidden = build_tiny_model(tok, seed=0).config.hidden_size
+    assert held["models_held"] == 2 and held["roles"]["reward"]["kind"] == "function"
+    assert held["roles"]["value"]["kind"] == "head" and held["roles"]["value"]["weights"] == 4 * (hidden + 1)
+    records = _records(result.output_dir)
+    for r in records:  # 1 for an ended completion, 1 − 0.5 for one cut at the length limit
+        assert r["reward"] == pytest.approx(1 - 0.5 * (1 - r["completions/eos_rate"]), rel=1e-6)
+        assert r["objective/scores"] == pytest.approx(r["reward"], rel=1e-6)  # no scaling asked for
+    assert records[0]["val/value_mean"] == 0.0  # the head starts at zero (Ziegler et al.'s init_scale=0)
+    assert records[1]["val/value_mean"] != 0.0  # and it was trained by the first update
 
 
 def test_ppo_config_is_checked():

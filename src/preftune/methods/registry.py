@@ -195,7 +195,8 @@ register(Method("ppo", None, data="experience", online=True, num_generations=1, 
                           "use_score_scaling": False, "use_score_norm": False, "score_clip": None,
                           "value_model": None},
                 summary="PPO (RLHF): value model, GAE, clipped ratio and value, −kl_coef·KL per token in the reward, "
-                        "fixed or adaptive KL (target_kl) (Ziegler et al. 2019, 1909.08593; Schulman et al. 2017)"))
+                        "fixed or adaptive KL (target_kl) (Ziegler et al. 2019, 1909.08593; Schulman et al. 2017, "
+                        "1707.06347)"))
 
 
 def get_method(name: str) -> Method:
