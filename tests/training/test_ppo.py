@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preftune import train
+from preftune import PreferenceTrainer, train
 from preftune.cli import main
 from preftune.config import build_config, load_config
 from preftune.data.batching import PreferenceCollator
@@ -25,6 +25,7 @@ from preftune.modeling.reward import sequence_rewards
 from preftune.modeling.tiny import build_tiny_model, default_tokenizer
 from preftune.modeling.value import PolicyAndValue, critic_from_policy
 from preftune.rollout.judges import RewardModelJudge
+from preftune.training import ppo
 from preftune.training.ppo import make_experience
 
 ROWS = builtin_preferences(32, seed=7)
@@ -216,6 +217,44 @@ def test_a_value_head_on_the_policys_trunk_and_a_users_function_as_the_reward(to
         assert r["objective/scores"] == pytest.approx(r["reward"], rel=1e-6)  # no scaling asked for
     assert records[0]["val/value_mean"] == 0.0  # the head starts at zero (Ziegler et al.'s init_scale=0)
     assert records[1]["val/value_mean"] != 0.0  # and it was trained by the first update
+
+
+def test_the_trainer_api_on_ppo_evaluate_save_model_model_and_callbacks(tok, tmp_path):
+    """PreferenceTrainer(method: ppo) is PPO's trainer with the one loop's API: evaluate() judges one sample of each
+    held-out prompt, save_model() writes the policy alone, ``model`` is the policy, callbacks hear every record."""
+    heard = {"log": [], "evaluate": [], "end": None}
+
+    class Recorder:
+        def on_log(self, record):
+            heard["log"].append(record)
+
+        def on_evaluate(self, record):
+            heard["evaluate"].append(record)
+
+        def on_train_end(self, result):
+            heard["end"] = result
+
+    policy = build_tiny_model(tok, seed=0)
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    prompts = [{"prompt": r["prompt"]} for r in ROWS]
+    trainer = PreferenceTrainer(
+        build_config(dict(method="ppo", value_model="shared", max_steps=1, logging_steps=1, eval_steps=1,
+                          per_device_train_batch_size=4, max_completion_length=6, bf16=False, disable_tqdm=True,
+                          output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))),
+        model=policy, tokenizer=tok, train_dataset=prompts[:24], eval_dataset=prompts[24:],
+        judge=lambda p, c: [1.0] * len(c), callbacks=[Recorder()])
+    assert isinstance(trainer, ppo.Trainer)
+    before = trainer.evaluate()
+    assert before["eval_reward"] == 1.0 and before["eval_runtime"] > 0  # the judge's score of every sample
+    assert type(trainer.model) is type(policy)  # the policy, not the policy-and-critic module
+    saved = load_file(trainer.save_model(tmp_path / "saved") / "model.safetensors")
+    assert set(saved) <= set(start) and not any(k.startswith(("critic", "value_head")) for k in saved)
+    for key, value in saved.items():
+        torch.testing.assert_close(value, start[key], rtol=0, atol=0, msg=key)
+    result = trainer.train()
+    assert [r["step"] for r in heard["log"] if "objective/kl" in r] == [1]
+    assert heard["evaluate"] and heard["evaluate"][-1]["eval_reward"] == 1.0
+    assert heard["end"] is result
 
 
 def test_ppo_config_is_checked():

@@ -79,7 +79,7 @@ class PolicyAndValue(nn.Module):
         head = lm.get_output_embeddings()
         hidden = flat_hidden_states(lm, input_ids, attention_mask, position_ids, head.weight.dtype)[score_index]
         softcap = getattr(lm.config, "final_logit_softcapping", None)
-        token_logps, _ = head_token_logps(hidden, head.weight, head.bias, score_target, softcap, self.chunk_size)
+        token_logps = head_token_logps(hidden, head.weight, head.bias, score_target, softcap, self.chunk_size)["logps"]
         if self.shared:
             with torch.autocast(device_type=hidden.device.type, enabled=False):
                 values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()

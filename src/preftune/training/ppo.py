@@ -61,6 +61,7 @@ from preftune.training import checkpoint, memory
 from preftune.training.loop import (
     PreferenceTrainer,
     RunResult,
+    Session,
     build_optimizer,
     check_finite_weights,
     effective_config,
@@ -220,6 +221,18 @@ def make_critic(settings: PPOSettings, cfg: TrainConfig, policy: nn.Module, judg
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class PPOSession(Session):
+    """The one loop's :class:`~preftune.training.loop.Session` for PPO: ``policy`` is the prepared
+    :class:`~preftune.modeling.value.PolicyAndValue`, ``train_dl`` the loader of whole rollouts of prompts,
+    ``total_steps`` counts updates; and what the critic is, whether the reward reads the sampled ids, and the
+    prompts per rollout and process."""
+
+    critic_label: str = ""
+    on_ids: bool = False
+    rollout_size: int = 0
+
+
 class Trainer(PreferenceTrainer):
     """PPO; see the module docstring. Made by ``PreferenceTrainer(config, ...)`` for ``method: ppo``, with the same
     arguments; ``judge`` is the reward: a :class:`~preftune.rollout.judges.Judge` (e.g. a ``RewardModelJudge``), a
@@ -236,21 +249,19 @@ class Trainer(PreferenceTrainer):
         self.seconds = {"generation": 0.0, "scoring": 0.0, "experience": 0.0, "optimisation": 0.0}
 
     # ------------------------------------------------------------------------------------------------
-    def _train(self, out: Path, resume: Path | None) -> RunResult:
+    def _prepare(self) -> PPOSession:
+        """Data, policy and critic (one module, one optimizer), reference, reward, prompt loader, schedule: once,
+        on first use (``train``, ``evaluate``, ``save_model`` and ``model`` share it, as in the one loop)."""
+        if self.session is not None:
+            return self.session
         cfg, acc, ppo = self.cfg, self.accelerator, self.settings
         set_seed(cfg.seed)
-        saved = checkpoint.read_state(resume) if resume is not None else None
         inputs: RunInputs = prepare_inputs(cfg, acc, **self.given)
-        fingerprint = checkpoint.run_fingerprint(effective_config(cfg), inputs.data_fingerprints)
-        if saved is not None:
-            checkpoint.check_same_run(resume, saved, fingerprint)
-        elif acc.is_main_process:
-            cfg.save(out / "config.yaml")
-
+        spec = LossSpec.from_config(cfg)
         # The four roles: policy and critic (trained, one module, one optimizer), reference, reward (the judge).
-        online = self._online_source(inputs, LossSpec.from_config(cfg))
-        judge, on_ids = online.judge, reward_on_ids(online.judge, inputs.tokenizer)
-        critic, head, critic_label = make_critic(ppo, cfg, inputs.model, judge, inputs.tokenizer)
+        online = self._online_source(inputs, spec)
+        on_ids = reward_on_ids(online.judge, inputs.tokenizer)
+        critic, head, critic_label = make_critic(ppo, cfg, inputs.model, online.judge, inputs.tokenizer)
         if critic is not None and cfg.disable_dropout:
             loading.disable_dropout(critic)
         model = PolicyAndValue(inputs.model, critic, head, cfg.logprob_chunk_size)
@@ -263,9 +274,26 @@ class Trainer(PreferenceTrainer):
                             "gradient_accumulation_steps × num_mini_batches); give more prompts or lower those")
         # Whole rollouts only: every optimizer step then has its gradient_accumulation_steps full micro-batches.
         prompts = DataLoader(inputs.train, batch_size=rollout_size, shuffle=True, drop_last=True, collate_fn=list)
-        model, optimizer, prompts, scheduler = self._prepare(model, optimizer, prompts)
+        model, optimizer, prompts, scheduler = self._prepare_parts(model, optimizer, prompts)
         total_updates, num_epochs = self._total_updates(len(prompts))
-        reference = inputs.make_reference(model, acc)
+        self.session = PPOSession(inputs, spec, model, optimizer, scheduler, prompts, None,
+                                  inputs.make_reference(model, acc), online, total_updates, num_epochs,
+                                  critic_label=critic_label, on_ids=on_ids, rollout_size=rollout_size)
+        return self.session
+
+    def _train(self, out: Path, resume: Path | None) -> RunResult:
+        cfg, acc, ppo = self.cfg, self.accelerator, self.settings
+        saved = checkpoint.read_state(resume) if resume is not None else None
+        session = self._prepare()
+        inputs, online, reference = session.inputs, session.online, session.reference
+        model, optimizer, scheduler, prompts = session.policy, session.optimizer, session.scheduler, session.train_dl
+        total_updates, num_epochs, rollout_size = session.total_steps, session.num_epochs, session.rollout_size
+        judge, on_ids, critic_label = online.judge, session.on_ids, session.critic_label
+        fingerprint = checkpoint.run_fingerprint(effective_config(cfg), inputs.data_fingerprints)
+        if saved is not None:
+            checkpoint.check_same_run(resume, saved, fingerprint)
+        elif acc.is_main_process:  # a resumed run keeps the config.yaml it started with
+            cfg.save(out / "config.yaml")
 
         controller = rl.KLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
         moments = rl.RunningMoments() if ppo.use_score_scaling else None
@@ -276,7 +304,8 @@ class Trainer(PreferenceTrainer):
             if moments is not None:
                 moments = rl.RunningMoments(**state["score_moments"])
             log.info("resumed from %s at update %d", resume, state["global_step"])
-        metrics_log = open_metrics(cfg, acc, out, state["global_step"], resumed=resume is not None)
+        metrics_log = open_metrics(cfg, acc, out, state["global_step"], resumed=resume is not None,
+                                   callbacks=self.callbacks)
 
         held = lambda: self._memory(model, optimizer, reference, judge, critic_label)  # noqa: E731
         if acc.is_main_process:
@@ -342,7 +371,7 @@ class Trainer(PreferenceTrainer):
                     bar.set_postfix({"score": f"{record['objective/scores']:.3f}",
                                      "kl": f"{record['objective/kl']:.2f}"})
                 if inputs.eval is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                    result.eval_metrics = self._evaluate(model, reference, inputs, None, step, metrics_log, online)
+                    result.eval_metrics = self._evaluate(session, step, metrics_log)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < total_updates:
                     checkpoint.save_checkpoint(acc, out, step, state, cfg.save_total_limit)
                 if step >= total_updates:
@@ -353,7 +382,7 @@ class Trainer(PreferenceTrainer):
         train_seconds = time.perf_counter() - started
 
         if inputs.eval is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
-            result.eval_metrics = self._evaluate(model, reference, inputs, None, step, metrics_log, online)
+            result.eval_metrics = self._evaluate(session, step, metrics_log)
         check_finite_weights(acc.unwrap_model(model), step)
         if cfg.save_steps:
             checkpoint.save_checkpoint(acc, out, step, {**state, "epoch": num_epochs, "batches_in_epoch": 0},
@@ -373,10 +402,11 @@ class Trainer(PreferenceTrainer):
                                "value_model": critic_label}}
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.end_training()
+        self._train_end(result)
         return result
 
     # ------------------------------------------------------------------------------------------------
-    def _prepare(self, model: nn.Module, optimizer, prompts: DataLoader):
+    def _prepare_parts(self, model: nn.Module, optimizer, prompts: DataLoader):
         """Accelerate's wrappers, and a learning-rate schedule in updates (it steps once per update, as TRL's), sized
         by the prepared prompt loader (this process's share of the rollouts)."""
         cfg, acc = self.cfg, self.accelerator
