@@ -36,7 +36,9 @@ from preftune.methods.registry import METHODS, get_method, run_data
 ALIASES = {"loss_type": "method", "model": "model_name_or_path", "ref_model": "ref_model_name_or_path",
            "packing": "padding_free", "torch_dtype": "dtype", "dataset_name": "dataset",
            "dataset_train_split": "dataset_split", "dataset_test_split": "eval_split",
-           "chat_template_path": "chat_template", "max_seq_length": "max_length"}
+           "chat_template_path": "chat_template", "max_seq_length": "max_length",
+           # PPO: TRL v0.11's ppo_epochs, TRL's reward_model_path (a reward-model folder is one kind of judge)
+           "ppo_epochs": "num_ppo_epochs", "reward_model_path": "judge", "value_model_path": "value_model"}
 
 # TRL's loss_type values that name a preftune method differently (the others are the same names).
 TRL_LOSS_TYPES = {"sigmoid": "dpo"}
@@ -254,12 +256,36 @@ class TrainConfig:
     # Online DPO (`method: online_dpo`, or any paired method with `online: true`), RLOO and GRPO read prompts
     # (a prompt-only dataset, or the prompts of a preference dataset) and need a judge.
     online: bool = False  # paired methods: train on pairs sampled from the current policy (Online DPO)
-    judge: str | None = None  # a reward-model folder, 'module:function' / 'file.py:function', or 'gold' (demo world)
+    # a reward-model folder (reward_model_path is another name), 'module:function' / 'file.py:function', or 'gold'
+    judge: str | None = None
     num_generations: int | None = None  # completions per prompt (None: the method's default; Online DPO: 2)
     temperature: float = 1.0  # sampling temperature of online generation
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     missing_eos_penalty: float | None = None  # subtracted from the score of a completion that never ended
+    # --- PPO (`method: ppo`, trained by its own loop; None: the registry's default, see `preftune methods`) -----------
+    # One update: per_device_train_batch_size × gradient_accumulation_steps × num_mini_batches prompts per process,
+    # one completion each, then num_ppo_epochs passes over them in num_mini_batches optimizer steps.
+    num_ppo_epochs: int | None = None  # passes over each rollout (TRL's name; ppo_epochs is accepted too)
+    num_mini_batches: int | None = None  # optimizer steps per pass
+    cliprange: float | None = None  # clip range ε of the policy ratio
+    cliprange_value: float | None = None  # clip range of the value around its value at rollout time
+    vf_coef: float | None = None  # weight of the value loss
+    gamma: float | None = None  # discount γ
+    lam: float | None = None  # GAE λ
+    kl_coef: float | None = None  # c in the per-token reward −c·KL_t (the adaptive controller's starting value)
+    target_kl: float | None = None  # adapt kl_coef toward this KL(π‖π_ref) per sequence, nats; None: kl_coef fixed
+    kl_horizon: int | None = None  # the adaptive controller's horizon, in samples
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None  # per-token KL estimator of the reward (and of objective/kl)
+    whiten_rewards: bool | None = None  # scale the per-token rewards to unit variance (mean kept) before GAE
+    entropy_coef: float | None = None  # entropy bonus (exact per-token entropy over the vocabulary); 0: off
+    use_score_scaling: bool | None = None  # divide scores by their running standard deviation
+    use_score_norm: bool | None = None  # with use_score_scaling: also subtract their running mean
+    score_clip: float | None = None  # clip (scaled) scores to [−score_clip, score_clip]
+    # The critic: None → a copy of the reward model when the judge is one on the policy's tokenizer, else a copy of
+    # the policy's body with a new score head ('policy'); 'shared' → a value head on the policy's own trunk; or the
+    # folder of a sequence-classification (or causal LM) checkpoint. value_model_path is accepted too.
+    value_model: str | None = None
     # --- reference ---------------------------------------------------------------------------------
     precompute_ref_log_probs: bool | None = None  # None: precompute whenever the reference is fixed
     sync_ref_model: bool = False  # TR-DPO
@@ -369,6 +395,7 @@ class TrainConfig:
         self._check_chat_template()
         self._check_hub()
         self._check_online()
+        self._check_ppo()
         self.lora_target_modules = _target_modules(self.lora_target_modules)
         self.report_to = _trackers(self.report_to)
         self._check_scheduler()
@@ -458,6 +485,19 @@ class TrainConfig:
         if run_data(self.methods) == "paired" and self.num_generations not in (None, 2):
             raise _invalid("num_generations", "Online DPO compares two completions of each prompt: "
                            "num_generations must be 2 (or unset)")
+
+    def _check_ppo(self) -> None:
+        if not any(get_method(m).loop for m in self.methods):
+            return
+        if self.num_generations is not None:
+            raise _invalid("num_generations", "PPO samples one completion per prompt and learns a value for it: leave "
+                           "num_generations unset (RLOO and GRPO compare several completions of a prompt)")
+        if self.use_score_norm and not self.use_score_scaling:
+            raise _invalid(("use_score_norm", "use_score_scaling"), "use_score_norm subtracts the running mean of "
+                           "the scores as part of use_score_scaling: set use_score_scaling=true too")
+        if self.sync_ref_model:
+            raise _invalid(("sync_ref_model", "method"), "PPO's KL penalty is to a fixed reference; sync_ref_model "
+                           "(TR-DPO) is for the one loop's methods")
 
     def _check_loss_weights(self) -> None:
         weights = self.loss_weights
@@ -596,6 +636,15 @@ _RANGES: list[tuple[str, tuple | None, tuple | None, str]] = [
     ("top_p", _POSITIVE, (1, True), ""),
     ("top_k", _NON_NEGATIVE, None, "; 0 turns it off"),
     ("missing_eos_penalty", _NON_NEGATIVE, None, ""),
+    *((key, _AT_LEAST_1, None, "") for key in ("num_ppo_epochs", "num_mini_batches")),
+    ("kl_horizon", _AT_LEAST_1, None, "; in samples: the coefficient moves by at most ±20%·samples/horizon per update"),
+    ("cliprange", _POSITIVE, (1, False), "; the clip range of the policy ratio (0.2 is usual)"),
+    ("cliprange_value", _POSITIVE, None, "; the clip range of the value (0.2 in TRL, 0.5 in OpenRLHF)"),
+    ("gamma", _NON_NEGATIVE, (1, True), ""),
+    ("lam", _NON_NEGATIVE, (1, True), ""),
+    ("target_kl", _POSITIVE, None, "; nats of KL(π‖π_ref) per completion, or null for a fixed kl_coef"),
+    ("score_clip", _POSITIVE, None, "; or null to leave scores unclipped"),
+    *((key, _NON_NEGATIVE, None, "") for key in ("vf_coef", "kl_coef", "entropy_coef")),
     ("learning_rate", _POSITIVE, None, "; typical values are 1e-7–1e-5 (full fine-tuning), 1e-5–1e-4 (LoRA)"),
     ("max_length", _AT_LEAST_1, None, "; give a number of tokens, or null for no limit"),
     ("max_prompt_length", _AT_LEAST_1, None, "; give a number of tokens, or null for no limit"),

@@ -127,7 +127,8 @@ def _unlikelihood(s_w, s_l, r_w, r_l, n_w, n_l, unlikelihood_alpha):
 
 
 HAND = {
-    "dpo": _dpo, "cdpo": _dpo, "robust": _robust, "ipo": _ipo, "hinge": _hinge, "dpop": _dpop, "rpo": _rpo,
+    "dpo": _dpo, "cdpo": _dpo, "online_dpo": _dpo, "robust": _robust, "ipo": _ipo, "hinge": _hinge, "dpop": _dpop,
+    "rpo": _rpo,
     "nca_pair": _nca_pair, "bco_pair": _bco_pair, "sppo_hard": _sppo_hard, "apo_zero": _apo_zero,
     "apo_down": _apo_down, "slic": _slic, "simpo": _simpo, "orpo": _orpo, "cpo": _cpo, "sft": _sft,
     "reward": _reward, "unlikelihood": _unlikelihood,
@@ -407,7 +408,7 @@ def test_ld_token_weights_on_a_hand_example():
 def test_registry_entry_has_a_default_for_every_hparam(name):
     method = METHODS[name]
     assert set(method.hparams) == set(method.defaults)
-    assert "beta" in method.hparams or name in ("reward", "unlikelihood")  # no KL temperature in these
+    assert "beta" in method.hparams or name in ("reward", "unlikelihood", "ppo")  # no β (PPO: kl_coef)
 
 
 def test_register_rejects_missing_defaults():

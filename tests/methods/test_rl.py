@@ -366,6 +366,29 @@ def test_adaptive_kl_controller_update_rule():
     assert [fixed.update(kl, 128) for kl in (0.0, 100.0)] == [0.05, 0.05]
 
 
+
+def test_running_moments_merged_batch_by_batch_equal_one_pass():
+    """Scores 1, 2, 3 then 4, 5: mean 3, biased variance 2, unbiased standard deviation √2.5 — as over all five."""
+    moments = rl.RunningMoments()
+    moments.update(f64([1.0, 2.0, 3.0]))
+    moments.update(f64([4.0, 5.0]))
+    moments.update(f64([]))  # an empty batch changes nothing
+    assert (moments.mean, moments.var, moments.count) == (pytest.approx(3.0), pytest.approx(2.0), 5)
+    assert moments.std == pytest.approx(math.sqrt(2.5), rel=1e-12)
+    assert rl.RunningMoments(mean=1.0, var=0.0, count=1).std == 0.0
+
+
+def test_score_scaling_normalisation_and_clipping():
+    moments = rl.RunningMoments()
+    moments.update(f64([1.0, 2.0, 3.0, 4.0, 5.0]))  # mean 3, σ = √2.5
+    sigma = math.sqrt(2.5)
+    scores = f64([4.0, 5.0])
+    close(rl.scale_scores(scores, moments), [4 / sigma, 5 / sigma], tol=1e-7)  # use_score_scaling
+    close(rl.scale_scores(scores, moments, shift_mean=True), [1 / sigma, 2 / sigma], tol=1e-7)  # + use_score_norm
+    close(rl.scale_scores(scores, moments, shift_mean=True, clip=1.0), [1 / sigma, 1.0], tol=1e-7)  # 1.26 → 1
+    close(rl.scale_scores(f64([-4.0, 0.5]), None, clip=2.0), [-2.0, 0.5])  # clipping alone
+    close(rl.scale_scores(scores, None), [4.0, 5.0])  # neither: unchanged
+
 # ---- RSO ------------------------------------------------------------------------------------------------
 
 RSO_REWARDS = [0.3, 0.9, 0.1, 0.7, 0.5]

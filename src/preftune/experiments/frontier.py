@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from preftune.demo.pipeline import DemoSettings, World, build_world, train_stage
 from preftune.evaluation.metrics import evaluate_policy
 from preftune.evaluation.report import plot_frontier
 from preftune.methods.registry import get_method
-from preftune.rollout.judges import GoldSentimentJudge
+from preftune.rollout.judges import GoldSentimentJudge, RewardModelJudge
 from preftune.rollout.sampling import SamplingParams, generate
 
 log = logging.getLogger("preftune")
@@ -46,6 +47,21 @@ RUNS: dict[str, dict] = {
     "RLOO k=4": {"method": "rloo", "num_generations": 4, "per_device_train_batch_size": 16},
     "GRPO G=4 β=0.04": {"method": "grpo", "num_generations": 4, "beta": 0.04, "per_device_train_batch_size": 16},
 }
+
+# PPO, the RLHF pipeline DPO replaces (its own loop, through the same entry point), on the same training prompts.
+# Per update 32 prompts, one completion each, 2 passes (a run of N updates makes half the sequence forward-backward
+# passes of a DPO run of N steps of 64 pairs). Scores normalised by their running mean and deviation, as the DPO
+# paper's own PPO; the adaptive KL controller toward each target KL(π‖π_ref) per completion (the paper sweeps 3, 6,
+# 9, 12 nats), its horizon 10 updates' samples (≤ ±2% of the coefficient per update, as the paper's 1024 samples per
+# step against TRL's horizon of 10,000). "PPO" optimises the Bradley–Terry reward model trained on the same pairs
+# (LEARNED_REWARD: trained once, before the first run that needs it); "PPO-GT" the gold reward itself.
+LEARNED_REWARD = "learned"
+REWARD_MODEL = "reward model (for PPO)"
+PPO_TARGET_KLS = (3.0, 6.0, 9.0)
+_PPO = {"method": "ppo", "per_device_train_batch_size": 32, "num_ppo_epochs": 2, "kl_coef": 0.1, "kl_horizon": 320,
+        "missing_eos_penalty": 0.5, "use_score_scaling": True, "use_score_norm": True}
+RUNS |= {f"PPO target KL={kl:g}": _PPO | {"target_kl": kl, "judge": LEARNED_REWARD} for kl in PPO_TARGET_KLS}
+RUNS |= {f"PPO-GT target KL={kl:g}": _PPO | {"target_kl": kl} for kl in PPO_TARGET_KLS}
 
 Point = dict  # {"method", "kl", "reward", "step"}
 Runner = Callable[[World, "FrontierSettings", Callable[[object], dict]], list[Point]]
@@ -92,31 +108,37 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
     start = evaluate(world.sft)
     points: list[Point] = []
     costs: dict[str, dict] = {}
+    learned = None
+    if any(RUNS.get(label, {}).get("judge") == LEARNED_REWARD for label in settings.runs):
+        began, cpu = time.perf_counter(), time.process_time()
+        with PeakMemory() as memory:
+            learned, summary = train_reward_model(world, settings)
+        costs[REWARD_MODEL] = _cost(summary, time.perf_counter() - began, time.process_time() - cpu, memory) | {
+            "eval_accuracy": summary["eval"].get("eval_rewards/accuracies")}
     for label in settings.runs:
         run_points = [{"method": label, "step": 0, "kl": 0.0, "reward": start["reward"]}]
-        evaluating = {"seconds": 0.0}
+        evaluating = {"seconds": 0.0, "cpu": 0.0}
 
         def checkpoint(step: int, model, label=label, run_points=run_points, evaluating=evaluating) -> dict | None:
             if step % settings.eval_every:
                 return None
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             metrics = evaluate(model)
             evaluating["seconds"] += time.perf_counter() - began
+            evaluating["cpu"] += time.process_time() - cpu
             run_points.append({"method": label, "step": step, "kl": metrics["kl"], "reward": metrics["reward"],
                                "length": metrics["length"]})
             return {"gold_reward": metrics["reward"], "kl_to_ref": metrics["kl"], "length": metrics["length"]}
 
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         with PeakMemory() as memory:
             if label in RUNNERS:
                 run_points += RUNNERS[label](world, settings, evaluate)
                 summary = {}
             else:
-                summary = _train_run(world, settings, label, checkpoint)
-        costs[label] = {"wall_s": round(time.perf_counter() - began - evaluating["seconds"], 1),
-                        "peak_rss_gib": round(memory.peak_gib, 3),
-                        "generated_tokens": summary.get("online", {}).get("generated_tokens", 0),
-                        "generation_s": summary.get("online", {}).get("generation_s", 0.0)}
+                summary = _train_run(world, settings, label, checkpoint, learned)
+        costs[label] = _cost(summary, time.perf_counter() - began - evaluating["seconds"],
+                             time.process_time() - cpu - evaluating["cpu"], memory)
         log.info("frontier: %s → %s (%s)", label, [(round(p["kl"], 2), round(p["reward"], 3)) for p in run_points],
                  costs[label])
         points += run_points
@@ -132,9 +154,33 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
     return points
 
 
-def _train_run(world: World, settings: FrontierSettings, label: str, checkpoint) -> dict:
-    """One run of :data:`RUNS` through the one loop; returns its summary.json."""
+def _cost(summary: dict, seconds: float, cpu_seconds: float, memory: PeakMemory) -> dict:
+    """A run's cost: wall time, the process's CPU time (all its threads; unlike wall time, not inflated by other
+    processes on the machine), peak RSS, generation, and the models it held with their weights, gradients and
+    optimizer state (summary.json's memory report)."""
+    held = summary.get("memory", {})
+    return {"wall_s": round(seconds, 1), "cpu_s": round(cpu_seconds, 1), "peak_rss_gib": round(memory.peak_gib, 3),
+            "generated_tokens": summary.get("online", {}).get("generated_tokens", 0),
+            "generation_s": summary.get("online", {}).get("generation_s", 0.0),
+            "models_held": held.get("models_held"), "model_state_bytes": held.get("total", {}).get("all")}
+
+
+def train_reward_model(world: World, settings: FrontierSettings) -> tuple[Path, dict]:
+    """The Bradley–Terry reward model PPO optimises: the SFT model with a score head, trained through the one loop
+    on the frontier's pairs (5% held out for its accuracy); returns its ``final/`` folder and summary.json."""
+    final = train_stage(settings.world, "runs/reward_model", method="reward", eval_split_size=0.05,
+                        max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+                        learning_rate=settings.learning_rate, tokenizer=world.tokenizer, train_dataset=world.pairs,
+                        model=AutoModelForCausalLM.from_pretrained(world.sft_dir))
+    return final, json.loads((final.parent / "summary.json").read_text())
+
+
+def _train_run(world: World, settings: FrontierSettings, label: str, checkpoint, learned: Path | None = None) -> dict:
+    """One run of :data:`RUNS` through the one loop (PPO through its own, from the same entry point); returns its
+    summary.json. ``learned``: the reward model of runs whose judge is :data:`LEARNED_REWARD`."""
     config = dict(RUNS[label])
+    if config.get("judge") == LEARNED_REWARD:
+        config["judge"] = RewardModelJudge.from_pretrained(str(learned))
     online = get_method(config["method"]).online
     data = [{"prompt": p} for p in world.train_prompts] if online else world.pairs
     defaults = dict(max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
@@ -177,12 +223,17 @@ class PeakMemory:
 
 
 def cost_table(costs: dict[str, dict]) -> str:
-    """Markdown: what each run cost — wall time without evaluations, peak memory above the start, generation."""
-    lines = ["| method | wall time (s) | of which generating (s) | peak RSS above start (GiB) | generated tokens |",
-             "|---|---:|---:|---:|---:|"]
+    """Markdown: what each run cost — wall and CPU time without evaluations, peak memory above the start, generation,
+    and the models held with the bytes of their weights, gradients and optimizer state."""
+    lines = ["| method | wall time (s) | CPU time (s) | of which generating (s) | peak RSS above start (GiB) | "
+             "generated tokens | models held | weights + gradients + optimizer state (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, cost in costs.items():
-        lines.append(f"| {label} | {cost['wall_s']:.1f} | {cost['generation_s']:.1f} | {cost['peak_rss_gib']:.3f} | "
-                     f"{cost['generated_tokens']:,} |")
+        state = cost.get("model_state_bytes")
+        lines.append(f"| {label} | {cost['wall_s']:.1f} | {cost.get('cpu_s', math.nan):.1f} | "
+                     f"{cost['generation_s']:.1f} | {cost['peak_rss_gib']:.3f} | "
+                     f"{cost['generated_tokens']:,} | {cost.get('models_held', '–')} | "
+                     f"{'–' if state is None else f'{state / 2**20:.1f}'} |")
     return "\n".join(lines)
 
 

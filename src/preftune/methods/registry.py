@@ -50,11 +50,15 @@ class Method:
     pass summed log-probs). ``uses_chosen_nll``: the loss contains an NLL term on the chosen completion.
     ``defaults`` holds a value for every hyper-parameter the loss takes. ``data="groups"``: completions of one
     prompt sampled together (:class:`~losses.GroupLogps`, RLOO and GRPO), always ``online``.
+    ``loop``: a method trained by a loop of its own (``"ppo"`` → ``preftune.training.ppo``), from prompts into an
+    experience record (``data="experience"``); it has no loss of log-probs (``loss=None``) and its
+    hyper-parameters are the keys of ``defaults``.
     """
 
     name: str
-    loss: Callable[..., losses.LossOutput] | str  # a function, or the name of one in preftune.methods.losses
-    data: Literal["paired", "unpaired", "sft", "groups"] = "paired"
+    # a function, the name of one in preftune.methods.losses, or None for a method with its own loop
+    loss: Callable[..., losses.LossOutput] | str | None
+    data: Literal["paired", "unpaired", "sft", "groups", "experience"] = "paired"
     needs_reference: bool = True
     # Online: the data is sampled from the current policy and judged during training (prompts in, no pairs).
     online: bool = False
@@ -64,9 +68,10 @@ class Method:
     uses_average_logps: bool = False
     uses_chosen_nll: bool = False
     model: Literal["causal_lm", "reward"] = "causal_lm"  # reward: a sequence-classification head scores y
-    defaults: Mapping[str, float | str] = field(default_factory=dict)
+    defaults: Mapping[str, float | str | bool | None] = field(default_factory=dict)
     summary: str = ""
     papers: tuple[str, ...] = ()  # arXiv ids of the papers that define it (each in PAPERS)
+    loop: str | None = None  # None: the one loop (preftune.training.loop); else the module of its own loop
 
     def __post_init__(self):
         if isinstance(self.loss, str):
@@ -74,7 +79,10 @@ class Method:
 
     @property
     def hparams(self) -> tuple[str, ...]:
-        """Names of the hyper-parameters the loss takes (its keyword arguments after the log-probs)."""
+        """Names of the hyper-parameters the loss takes (its keyword arguments after the log-probs); for a method with
+        its own loop, the keys of its defaults."""
+        if self.loss is None:
+            return tuple(self.defaults)
         function = self.loss.function if isinstance(self.loss, LossByName) else self.loss
         return tuple(list(inspect.signature(function).parameters)[1:])
 
@@ -129,6 +137,13 @@ PAPERS: dict[str, Paper] = {p.arxiv: p for p in (
           "LLMs", "Ahmadian, Arash"),
     Paper("2402.03300", "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
           "Shao, Zhihong"),
+    # PPO for RLHF: the algorithm, its advantage estimator, the KL-penalised reward, the implementation details.
+    Paper("1909.08593", "Fine-Tuning Language Models from Human Preferences", "Ziegler, Daniel M."),
+    Paper("1707.06347", "Proximal Policy Optimization Algorithms", "Schulman, John"),
+    Paper("1506.02438", "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
+          "Schulman, John"),
+    Paper("2403.17031", "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR Summarization",
+          "Huang, Shengyi"),
     # Training options (cited when a run uses them).
     Paper("2409.06411", "Length Desensitization in Directed Preference Optimization", "Liu, Wei"),
     Paper("2406.11827", "WPO: Enhancing RLHF with Weighted Preference Optimization", "Zhou, Wenxuan"),
@@ -145,7 +160,11 @@ def register(method: Method) -> Method:
     """Add ``method`` to the registry; its defaults must cover exactly the loss's hyper-parameters.
 
     A loss given as a function is checked now; a built-in loss given by name is checked by the test
-    suite (tests/methods/test_losses.py), so that registering it does not import torch."""
+    suite (tests/methods/test_losses.py), so that registering it does not import torch. A method without a loss
+    trains in a loop of its own, named by ``loop``."""
+    if (method.loss is None) != (method.loop is not None):
+        raise ValueError(f"Method '{method.name}': a method without a loss trains in its own loop and names it "
+                         f"(loss={method.loss!r}, loop={method.loop!r})")
     if not isinstance(method.loss, LossByName):
         check_defaults(method)
     unknown = [p for p in method.papers if p not in PAPERS]
@@ -258,6 +277,20 @@ register(Method("grpo", "grpo", data="groups", online=True, num_generations=8, r
                         "(Shao et al. 2024, 2402.03300)",
                 papers=("2402.03300",)))
 
+# The RLHF baseline DPO replaces: PPO with a value model and a KL penalty in the reward, in its own loop
+# (preftune.training.ppo). Defaults: TRL's PPOTrainer (num_ppo_epochs 4, cliprange 0.2, vf_coef 0.1, γ 1, λ 0.95,
+# kl_coef 0.05, k1), the adaptive controller's horizon of Ziegler et al. 2019 (arXiv 1909.08593, §2.2).
+register(Method("ppo", None, data="experience", online=True, num_generations=1, loop="ppo",
+                defaults={"num_ppo_epochs": 4, "num_mini_batches": 1, "cliprange": 0.2, "cliprange_value": 0.2,
+                          "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95, "kl_coef": 0.05, "target_kl": None,
+                          "kl_horizon": 10000, "kl_estimator": "k1", "whiten_rewards": False, "entropy_coef": 0.0,
+                          "use_score_scaling": False, "use_score_norm": False, "score_clip": None,
+                          "value_model": None},
+                summary="PPO (RLHF): value model, GAE, clipped ratio and value, −kl_coef·KL per token in the reward, "
+                        "fixed or adaptive KL (target_kl) (Ziegler et al. 2019, 1909.08593; Schulman et al. 2017, "
+                        "1707.06347)",
+                papers=("1909.08593", "1707.06347", "1506.02438", "2203.02155", "2403.17031")))
+
 
 def get_method(name: str) -> Method:
     """The registered method ``name``; an unknown name is a ConfigError suggesting the closest ones."""
@@ -272,11 +305,11 @@ def get_method(name: str) -> Method:
 
 def run_data(names: list[str]) -> Literal["paired", "unpaired", "sft", "groups"]:
     """The rows a combination of methods trains on: ``sft`` alone reads SFT rows (or the chosen side of
-    pairs); with paired methods it is a term on the chosen completions; it cannot join unpaired ones or
-    groups; group methods (RLOO, GRPO) train alone."""
+    pairs); with paired methods it is a term on the chosen completions; it cannot join unpaired ones,
+    groups or experience; group methods (RLOO, GRPO) and PPO train alone."""
     kinds = {get_method(name).data for name in names}
     others = kinds - {"sft"}
-    if len(others) > 1 or ("sft" in kinds and others & {"unpaired", "groups"}):
+    if len(others) > 1 or ("sft" in kinds and others & {"unpaired", "groups", "experience"}):
         raise ConfigError(f"cannot combine methods that train on different data ({', '.join(sorted(kinds))}): "
                           f"{names}")
     return others.pop() if others else "sft"

@@ -395,6 +395,45 @@ class KLController:
         return self.coef
 
 
+@dataclass
+class RunningMoments:
+    """Mean and variance of every score seen so far, merged batch by batch (Chan et al.'s parallel update, as
+    TRL's ``RunningMoments``): with n seen, a batch of m with mean μ_b and (biased) variance σ²_b, δ = μ_b − μ,
+    μ ← μ + δ·m/(n+m), σ² ← (n·σ² + m·σ²_b + δ²·n·m/(n+m)) / (n+m). The fields are the whole state to checkpoint."""
+
+    mean: float = 0.0
+    var: float = 0.0
+    count: int = 0
+
+    def update(self, values: Tensor) -> None:
+        x = values.detach().double().flatten()
+        m = x.numel()
+        if m == 0:
+            return
+        batch_mean, batch_var = x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + m
+        delta = batch_mean - self.mean
+        self.var = (self.count * self.var + m * batch_var + delta**2 * self.count * m / total) / total
+        self.mean += delta * m / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        """Unbiased standard deviation of everything seen (0 with fewer than two values)."""
+        return math.sqrt(self.var * self.count / (self.count - 1)) if self.count > 1 else 0.0
+
+
+def scale_scores(scores: Tensor, moments: RunningMoments | None, shift_mean: bool = False,
+                 clip: float | None = None, eps: float = 1e-8) -> Tensor:
+    """Score scaling, normalisation and clipping of old TRL's PPO (``use_score_scaling``, ``use_score_norm``,
+    ``score_clip``): with ``moments`` (already updated with this batch) s/(σ + eps), or (s − μ)/(σ + eps) with
+    ``shift_mean``; then clip to [−clip, clip]. Neither: the scores unchanged. Shapes: ``[S]`` → ``[S]``."""
+    out = scores.detach().float()
+    if moments is not None:
+        out = ((out - moments.mean) if shift_mean else out) / (moments.std + eps)
+    return out if clip is None else out.clamp(-clip, clip)
+
+
 # --------------------------------------------------------------------------------------------------
 # Rejection sampling (RSO) and self-play win probabilities (SPPO)
 # --------------------------------------------------------------------------------------------------
@@ -472,6 +511,8 @@ __all__ = [
     "explained_variance",
     "adaptive_kl_coef",
     "KLController",
+    "RunningMoments",
+    "scale_scores",
     "rso_accept",
     "rso_sample",
     "sppo_win_probs",

@@ -241,8 +241,10 @@ def save_pretrained(accelerator: Accelerator, policy, tokenizer, target: Path, m
 
                 copy.deepcopy(inner).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
             else:
-                # The wrapper's state dict prefixes every key with "model."; HF expects them bare.
-                weights = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
+                # The wrapper's state dict prefixes the model's keys with "model."; HF expects them bare. Other
+                # keys belong to modules trained beside it (PPO's critic) and are not the model's.
+                weights = ({k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+                           if state_dict else None)
                 inner.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if card is not None:

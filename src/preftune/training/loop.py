@@ -7,6 +7,7 @@ the reference strategy, checkpoints and tracking are calls to small helpers.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from preftune.methods.registry import METHODS, get_method
 from preftune.modeling.logprobs import LogProbModel
 from preftune.modeling.reward import RewardModel
 from preftune.rollout.judges import CallableJudge, load_judge
-from preftune.training import checkpoint
+from preftune.training import checkpoint, memory
 from preftune.training.fsdp import fsdp_on_cpu
 from preftune.training.objective import LossSpec, NonFiniteLoss, batch_loss
 from preftune.training.online import OnlineBatches
@@ -67,8 +68,6 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     (2 + 8/256 ≈ 2.03 bytes; tensors under 4096 values keep fp32 states), dequantized for each update; the paged
     variants let the GPU driver move the states to CPU memory under memory pressure (plain states on a CPU);
     torchao's 8- and 4-bit AdamW keep 8- or 4-bit codes with per-block scales."""
-    import importlib
-
     params = [p for p in model.parameters() if p.requires_grad]
     spec = OPTIMIZERS[cfg.optim]
     if spec.name == "RMSprop":
@@ -144,6 +143,14 @@ def build_train_loader(cfg: TrainConfig, dataset, collate: Callable[[list[dict]]
                       collate_fn=collate), None
 
 
+def own_loop(config: TrainConfig) -> type | None:
+    """The trainer of a method trained by a loop of its own (the registry's ``loop``, e.g. ``ppo`` →
+    :class:`preftune.training.ppo.Trainer`, a :class:`PreferenceTrainer` made of the same pieces), or None."""
+    methods = config.methods
+    loop = get_method(methods[0]).loop if methods else None
+    return None if loop is None else importlib.import_module(f"preftune.training.{loop}").Trainer
+
+
 @dataclass
 class Session:
     """Everything a trainer prepared once, which ``train``, ``evaluate`` and ``save_model`` share."""
@@ -174,6 +181,11 @@ class PreferenceTrainer:
     ``train()`` runs the loop; ``evaluate()`` gives the held-out metrics now (before, during or after training);
     ``save_model(path)`` writes the policy in Hugging Face format with its tokenizer; ``model`` is the policy.
     """
+
+    def __new__(cls, config: TrainConfig, *args, **kwargs):
+        # A method with a loop of its own (PPO) is trained by its trainer, a subclass: the same arguments.
+        own = own_loop(config) if cls is PreferenceTrainer else None
+        return super().__new__(own or cls)
 
     def __init__(self, config: TrainConfig, model=None, ref_model=None, tokenizer=None,
                  train_dataset=None, eval_dataset=None, callbacks: list = (), judge=None):
@@ -262,26 +274,18 @@ class PreferenceTrainer:
         elif acc.is_main_process:  # a resumed run keeps the config.yaml it started with
             cfg.save(out / "config.yaml")
         moving_reference = reference.module if cfg.sync_ref_model else None  # TR-DPO's reference is state too
+        held = lambda: memory.one_loop(acc.unwrap_model(policy).model, optimizer, reference,  # noqa: E731
+                                       (inputs.train, inputs.eval))
+        if acc.is_main_process:
+            log.info("memory: %s", memory.describe(held()))
 
         state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
         if resume is not None:
             state = checkpoint.load_checkpoint(acc, resume, moving_reference)
             log.info("resumed from %s at step %d", resume, state["global_step"])
 
-        metrics_log = MetricsLog(out / "metrics.jsonl", acc, listeners=[c for c in self.callbacks
-                                                                         if hasattr(c, "on_log")])
-        if resume is not None:
-            dropped = metrics_log.resume_at(state["global_step"])
-            if dropped:
-                log.info("metrics.jsonl: dropped %d records logged after step %d by the interrupted run",
-                         dropped, state["global_step"])
-        if acc.is_main_process:
-            run_name = cfg.run_name or out.name
-            # purge_step: TensorBoard hides the interrupted run's events after the checkpoint's step.
-            purge = {"purge_step": state["global_step"] + 1} if resume is not None else {}
-            acc.init_trackers("preftune", config=_tracker_config(cfg),
-                              init_kwargs={"wandb": {"name": run_name}, "mlflow": {"run_name": run_name},
-                                           "tensorboard": purge})
+        metrics_log = open_metrics(cfg, acc, out, state["global_step"], resumed=resume is not None,
+                                   callbacks=self.callbacks)
         self._log_start(inputs, reference, total_steps, num_epochs, budget)
 
         window = MetricWindow()
@@ -372,14 +376,18 @@ class PreferenceTrainer:
                        "first_loss": result.first_loss, "train": result.train_metrics,
                        "eval": result.eval_metrics, "reference": reference.name, "methods": cfg.methods,
                        "parameters": inputs.parameter_counts, "data": inputs.data_reports,
-                       "layout": inputs.collator.describe(), "final_dir": str(result.final_dir),
+                       "layout": inputs.collator.describe(), "final_dir": str(result.final_dir), "memory": held(),
                        **({"online": online_summary(online)} if online is not None else {})}
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.end_training()
+        self._train_end(result)
+        return result
+
+    def _train_end(self, result: RunResult) -> None:
+        """The callbacks' ``on_train_end``, once the run is written."""
         for callback in self.callbacks:
             if hasattr(callback, "on_train_end"):
                 callback.on_train_end(result)
-        return result
 
     # ------------------------------------------------------------------------------------------------
     def _stopped(self, step: int, epoch: int, rows: list[int], what: str) -> TrainingError:
@@ -508,6 +516,25 @@ def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
     for key, value in cfg.to_dict().items():
         flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+def open_metrics(cfg: TrainConfig, acc: Accelerator, out: Path, step: int, resumed: bool,
+                 callbacks: list = ()) -> MetricsLog:
+    """``metrics.jsonl`` (a resumed run drops the records its interrupted run logged after ``step``; callbacks with
+    ``on_log`` hear every record) and the trackers."""
+    metrics_log = MetricsLog(out / "metrics.jsonl", acc, listeners=[c for c in callbacks if hasattr(c, "on_log")])
+    if resumed:
+        dropped = metrics_log.resume_at(step)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d records logged after step %d by the interrupted run", dropped, step)
+    if acc.is_main_process:
+        run_name = cfg.run_name or out.name
+        # purge_step: TensorBoard hides the interrupted run's events after the checkpoint's step.
+        purge = {"purge_step": step + 1} if resumed else {}
+        acc.init_trackers("preftune", config=_tracker_config(cfg),
+                          init_kwargs={"wandb": {"name": run_name}, "mlflow": {"run_name": run_name},
+                                       "tensorboard": purge})
+    return metrics_log
 
 
 def train(config: TrainConfig | dict | str | Path, **objects) -> RunResult:

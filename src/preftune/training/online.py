@@ -71,18 +71,28 @@ class OnlineBatches:
 
     def rollout(self, rows: Sequence[dict], model: nn.Module, params: SamplingParams) -> Rollout:
         """Sample and judge; the judged scores, minus the missing-EOS penalty, are the rollout's ``scores``."""
+        return self.judge_rollout(self.sample(rows, model, params))
+
+    def sample(self, rows: Sequence[dict], model: nn.Module, params: SamplingParams) -> Rollout:
+        """Completions of the rows' prompts (their ``prompt_ids`` as the data layer encoded them), not yet judged."""
         started = time.perf_counter()
         with self.accelerator.autocast():
             out = generate(model, self.tokenizer, [r["prompt"] for r in rows], params,
                            prompt_ids=[r["prompt_ids"] for r in rows], source="the training prompts")
-        judged = time.perf_counter()
-        self.seconds["generation"] += judged - started
+        self.seconds["generation"] += time.perf_counter() - started
         self.generated_tokens += sum(out.lengths)
-        scores = torch.tensor(judge_scores(self.judge, out.sample_prompts, out.completions), dtype=torch.float32)
+        return out
+
+    def judge_rollout(self, out: Rollout, scores: Tensor | None = None) -> Rollout:
+        """The judge's scores of ``out`` — or ``scores [N]`` computed otherwise (a reward model on the sampled ids) —
+        minus the missing-EOS penalty, into ``out.scores``."""
+        started = time.perf_counter()
+        if scores is None:
+            scores = torch.tensor(judge_scores(self.judge, out.sample_prompts, out.completions), dtype=torch.float32)
         if self.cfg.missing_eos_penalty:
             scores = rl.missing_eos_penalty(scores, torch.tensor(out.ended_with_eos), self.cfg.missing_eos_penalty)
-        out.scores, out.judge = scores.tolist(), self.judge.name
-        self.seconds["judging"] += time.perf_counter() - judged
+        out.scores, out.judge = scores.float().cpu().tolist(), self.judge.name
+        self.seconds["judging"] += time.perf_counter() - started
         return out
 
     def batch(self, rows: Sequence[dict], model: nn.Module, window: MetricWindow, seed: int) -> dict[str, Tensor]:
