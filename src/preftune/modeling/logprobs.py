@@ -95,7 +95,9 @@ def completion_logps(
     ``score_target``, ``score_seq`` ``[M]`` (flat predictor position, target token, sequence of each scored
     token); ``seq_tokens [S]``; ``token_weights`` optional ``[M]`` (LD-DPO); ``position_ids [R, L]``.
     Returns fp32 ``[S]`` tensors: ``logps`` = Σ_t w_t·log p(y_t | x, y_<t), ``tokens`` = |y|, and with
-    ``with_wpo`` ``wpo`` = mean_t [log p(y_t) − log Σ_v p_v²] (no grad; WPO's log-weight).
+    ``with_wpo`` ``wpo`` = mean_t [log p(y_t) − log Σ_v p_v²] (no grad; WPO's log-weight); and the per-token
+    ``token_logps [M]`` = log p(y_t | x, y_<t), unweighted, in the order of ``score_seq`` (grouped by sequence,
+    token order), for scores other than the sum (e.g. −‖log p‖₂ per sequence: ``index_add`` over ``score_seq``).
     """
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
@@ -107,7 +109,7 @@ def completion_logps(
     n = seq_tokens.shape[0]
     weighted = token_logps * token_weights.to(token_logps.dtype) if token_weights is not None else token_logps
     logps = token_logps.new_zeros(n).index_add(0, score_seq, weighted)
-    out = {"logps": logps, "tokens": seq_tokens.to(logps.dtype)}
+    out = {"logps": logps, "tokens": seq_tokens.to(logps.dtype), "token_logps": token_logps}
     if with_wpo:
         wpo = token_logps.new_zeros(n).index_add(0, score_seq, (token_logps - log_sq_norm).detach())
         out["wpo"] = wpo / out["tokens"].clamp(min=1)
