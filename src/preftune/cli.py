@@ -121,9 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="a run's health report: HTML page with plots and a markdown summary")
     report.add_argument("run_dir", help="a run folder (metrics.jsonl, config.yaml)")
     report.add_argument("--out", help="folder for report.html and report.md (default: the run folder)")
-    exp = sub.add_parser("experiment", help="reproducible experiments: frontier (the DPO paper's reward–KL plot)")
-    exp.add_argument("name", choices=["frontier"])
-    exp.add_argument("--output-dir", default="experiments/frontier")
+    exp = sub.add_parser("experiment", help="reproducible experiments: frontier (the DPO paper's reward–KL plot), "
+                         "scorer (the DPO policy's implicit reward against a reward model, on held-out pairs)")
+    exp.add_argument("name", choices=["frontier", "scorer"])
+    exp.add_argument("--output-dir", help="default: experiments/NAME")
     exp.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("config", help="list every config key with its default")
@@ -214,10 +215,18 @@ def _run(args: argparse.Namespace) -> int:
         run_demo(settings)
         return 0
     if args.command == "experiment":
+        output_dir = args.output_dir or f"experiments/{args.name}"
+        if args.name == "scorer":
+            from preftune.demo.pipeline import DemoSettings
+            from preftune.experiments.scorer import ScorerSettings, run_scorer_experiment, scorer_table
+
+            settings = ScorerSettings.quick(output_dir) if args.quick else ScorerSettings(
+                world=DemoSettings(output_dir=f"{output_dir}/work"), output_dir=output_dir)
+            print(scorer_table(run_scorer_experiment(settings)))
+            return 0
         from preftune.experiments.frontier import FrontierSettings, frontier_table, run_frontier
 
-        settings = FrontierSettings.quick(args.output_dir) if args.quick else FrontierSettings(
-            output_dir=args.output_dir)
+        settings = FrontierSettings.quick(output_dir) if args.quick else FrontierSettings(output_dir=output_dir)
         print(frontier_table(run_frontier(settings)))
         return 0
     if args.command == "score":

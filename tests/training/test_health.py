@@ -144,9 +144,12 @@ def test_gold_reward_falling_after_its_peak_warns_of_over_optimisation():
     assert result.values["alpha"] == pytest.approx(0.3, abs=1e-9) and result.values["beta"] == pytest.approx(0.25)
     assert "fitted peak at √KL 1.22" in result.evidence and "stop earlier at step 80" in result.suggestion
     assert "training reward margin kept rising" in result.evidence
-    # Levelling off is not a hump: a fall within the tolerance (2% of reward, 10% of the gain) is noise.
+    # Levelling off is not a hump: a fall within the tolerance (2% of reward, 10% of the gain) is noise, and so is
+    # one low evaluation after the peak.
     flat = healthy(gold_reward=lambda t: 0.9 - (0.01 if t == 1 else 0.0))
     assert verdicts(flat)["over_optimisation"].status == OK
+    one_dip = healthy(gold_reward=lambda t: 0.5 + 0.4 * t - (0.2 if t == 1 else 0.0))
+    assert verdicts(one_dip)["over_optimisation"].status == OK
 
 
 def test_gao_fits_recover_both_forms():

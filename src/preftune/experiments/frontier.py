@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from preftune.demo.pipeline import DemoSettings, World, build_world, train_stage
+from preftune.demo.pipeline import DemoSettings, World, build_world, sample_record, train_stage
 from preftune.evaluation.metrics import evaluate_policy
 from preftune.evaluation.report import plot_frontier
 from preftune.rollout.judges import GoldSentimentJudge
@@ -87,7 +87,7 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
                 return None
             metrics = evaluate(model)
             run_points.append({"method": label, "step": step, "kl": metrics["kl"], "reward": metrics["reward"]})
-            return {"gold_reward": metrics["reward"], "kl_to_ref": metrics["kl"]}
+            return sample_record(metrics, reference_rollout)  # what `preftune report` reads
 
         if label in RUNNERS:
             run_points += RUNNERS[label](world, settings, evaluate)

@@ -59,7 +59,8 @@ class Thresholds:
     length_growth: float = 0.15  # sampled length at least this fraction above the reference's
     margin_length_corr: float = 0.5  # (without sampled lengths) correlation of margin and length difference
     hump_drop: float = 0.02  # gold reward below its peak by at least this much …
-    hump_fraction: float = 0.1  # … and this fraction of the gain the peak had made
+    hump_fraction: float = 0.1  # … and this fraction of the gain the peak had made …
+    hump_evaluations: int = 2  # … at each of the last this many evaluations (one low sample is noise)
     eos_drop: float = 0.2  # EOS rate at least this much below the reference's
     length_collapse: float = 0.5  # sampled length at most this fraction of the reference's
     grad_spike_factor: float = 5.0  # gradient norm this many times the median of the earlier ones …
@@ -373,7 +374,10 @@ def check_over_optimisation(series: Series, ctx: RunContext, th: Thresholds) -> 
         where = f"fitted peak at √KL {rl.peak_d:.2f}" if rl.peak_d is not None else "no fitted peak"
         fitted = f"; fit R = R₀ + d(α − β·ln d): α = {rl.alpha:.3f}, β = {rl.beta:.3f}, {where}"
     tolerance = max(th.hump_drop, th.hump_fraction * (peak_r - start))
-    if peak_step == last_step or last_r > peak_r - tolerance:
+    after_peak = [r for s, _, r in points if s > peak_step]
+    fell = len(after_peak) >= th.hump_evaluations and all(r <= peak_r - tolerance
+                                                          for r in after_peak[-th.hump_evaluations:])
+    if not fell:
         evidence = (f"gold reward {start:.3f} → {last_r:.3f} at step {last_step} (√KL {last_d:.2f}); best "
                     f"{peak_r:.3f} at step {peak_step}{fitted}")
         return CheckResult(name, title, OK, evidence, values=values)
