@@ -57,7 +57,8 @@ def run_dir(tmp_path):
     run = tmp_path / "dpo"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in crafted_records()))
-    build_config({"method": "dpo", "beta": 0.1, "learning_rate": 3e-4, "output_dir": str(run)}).save(run / "config.yaml")
+    config = build_config({"method": "dpo", "beta": 0.1, "learning_rate": 3e-4, "output_dir": str(run)})
+    config.save(run / "config.yaml")
     return run
 
 
@@ -145,7 +146,8 @@ def test_the_page_renders_in_headless_chromium_with_every_plot_drawn(run_dir, tm
     page = report.html.read_text()
     first = re.search(r'src="data:image/png;base64,[^"]*"', page).group(0)
     blanked = tmp_path / "blank.html"
-    blanked.write_text(page.replace(first, f'src="data:image/png;base64,{base64.b64encode(blank.getvalue()).decode()}"'))
+    blank_source = f'src="data:image/png;base64,{base64.b64encode(blank.getvalue()).decode()}"'
+    blanked.write_text(page.replace(first, blank_source))
     image, rects = render(blanked, tmp_path)
     colours, inked = drawn(image, rects[f"plot-{report.plots[0]}"])
     assert colours <= 3 and inked == 0.0
