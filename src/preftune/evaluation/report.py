@@ -410,7 +410,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, thresho
     last_step = max((s for points in series.values() for s, _ in points), default=0)
     title = f"Health report: {run_dir.resolve().name}"
     beta = f"β = {ctx.beta:g}" if ctx.beta else "β: not a log-ratio method"
-    meta = (f"{run_dir.resolve()} · methods {', '.join(ctx.methods) or '?'} · {beta} · learning rate "
+    meta = (f"{run_dir} · methods {', '.join(ctx.methods) or '?'} · {beta} · learning rate "
             f"{ctx.learning_rate if ctx.learning_rate is not None else '?'} · {len(records)} records up to step "
             f"{last_step}" + (f" · {summary['train_runtime_s']:.0f} s of training" if "train_runtime_s" in summary
                               else ""))
@@ -421,7 +421,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, thresho
     rows = "".join(f"<tr><td>{html.escape(r.title)}</td><td>{_badge(r.status)}</td><td>{html.escape(r.evidence)}"
                    f"</td><td>{html.escape(r.suggestion) if r.warning else ''}</td></tr>" for r in results)
     sections, plots = [], []
-    for plot_id, plot_title, checks, draw in HEALTH_PLOTS:
+    # The plots behind warnings first: what needs attention is at the top of the page.
+    ordered = sorted(HEALTH_PLOTS, key=lambda plot: not any(by_name[c].warning for c in plot[2]))
+    for plot_id, plot_title, checks, draw in ordered:
         fig = draw(series, ctx, thresholds)
         notes = "".join(f"<li>{_badge(by_name[c].status)} {html.escape(by_name[c].title)}: "
                         f"{html.escape(by_name[c].evidence)}</li>" for c in checks)

@@ -8,16 +8,12 @@ when score(chosen) > score(rejected), strictly — a tie is wrong, so a policy e
 Variants, for a response y of prompt x with scored tokens t = 1..|y| (the EOS each completion ends with included;
 assistant turns only for conversations), s = Σ_t log π(y_t | x, y_<t) and r the same under π_ref:
 
-===============  =============================  ==========================================================
-variant          score                          note
-===============  =============================  ==========================================================
-``sum``          β·(s − r)                      DPO's implicit reward; RewardBench's score (β = 1)
-``avg``          β·(s − r)/|y|                  per-token average log-ratio: less favourable to length
-``ref_free_sum`` s                              reference-free: the log-likelihood
-``ref_free_avg`` s/|y|                          RewardBench's default reference-free score
-``ref_free_norm``−‖(log π(y_t | x, y_<t))_t‖₂   RewardBench's "norm"
-``reward``       the score head's r(x, y)       a Bradley–Terry reward model (``method: reward``)
-===============  =============================  ==========================================================
+* ``sum`` — β·(s − r): DPO's implicit reward; RewardBench's score (β = 1);
+* ``avg`` — β·(s − r)/|y|: the per-token average log-ratio, less favourable to length;
+* ``ref_free_sum`` — s, the log-likelihood;
+* ``ref_free_avg`` — s/|y| (RewardBench's default reference-free score);
+* ``ref_free_norm`` — −‖(log π(y_t | x, y_<t))_t‖₂ (RewardBench's "norm");
+* ``reward`` — a Bradley–Terry reward model's score head r(x, y) (``method: reward``), read at the last token.
 
 Fast, because it reads data the way training does: rows are normalised and tokenized by :mod:`preftune.data`
 (cached on disk), laid out by :class:`preftune.data.batching.PreferenceCollator` — a pair's prompt once with both

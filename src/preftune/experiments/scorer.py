@@ -37,7 +37,7 @@ log = logging.getLogger("preftune")
 @dataclass
 class ScorerSettings:
     world: DemoSettings = field(default_factory=lambda: DemoSettings(output_dir="experiments/scorer/work"))
-    reward_learning_rate: float = 1e-4
+    reward_learning_rate: float = 3e-4  # as DPO's: the same pairs, steps, batch and learning rate
     train_pairs_scored: int = 1000  # a sample of the training pairs, for in-distribution accuracy
     batch_size: int = 64
     output_dir: str = "experiments/scorer"

@@ -183,15 +183,15 @@ def check_likelihood(series: Series, ctx: RunContext, th: Thresholds) -> CheckRe
     last_step, last = chosen[-1]
     rej = rejected[-1][1] if rejected else math.nan
     values = {"chosen": last, "rejected": rej, "threshold": -th.likelihood_drop}
-    evidence = (f"{how} of the chosen responses {_fmt(last)} nats at step {last_step}, of the rejected "
-                f"{_fmt(rej)} nats (warns at {_fmt(-th.likelihood_drop)})")
+    of_rejected = f", of the rejected {_fmt(rej)} nats" if rejected else ""
+    evidence = (f"{how} of the chosen responses {_fmt(last)} nats at step {last_step}{of_rejected} (warns at "
+                f"{_fmt(-th.likelihood_drop)})")
     if last > -th.likelihood_drop:
         return CheckResult(name, title, OK, evidence, values=values)
     tripped = _first_step(chosen, lambda v: v <= -th.likelihood_drop)
-    both = " and the rejected even more" if rej < last else ""
-    evidence = (f"{how} of the chosen responses fell to {_fmt(last)} nats by step {last_step}{both} "
-                f"(rejected {_fmt(rej)}): training lowers the likelihood of the responses it should prefer "
-                "(response suppression)")
+    both = f" and the rejected even more ({_fmt(rej)})" if rejected and rej < last else of_rejected
+    evidence = (f"{how} of the chosen responses fell to {_fmt(last)} nats by step {last_step}{both}: training "
+                "lowers the likelihood of the responses it should prefer (response suppression)")
     suggestion = ("add an NLL term on the chosen responses (method=rpo, rpo_alpha=1.0), or "
                   f"{_beta_advice(ctx)}, or train on on-policy pairs (`preftune pairs` from the current policy)")
     return CheckResult(name, title, WARNING, evidence, suggestion, tripped, values)
@@ -371,7 +371,13 @@ def check_over_optimisation(series: Series, ctx: RunContext, th: Thresholds) -> 
     if "rl" in fits:
         rl = fits["rl"]
         values.update(alpha=rl.alpha, beta=rl.beta)
-        where = f"fitted peak at √KL {rl.peak_d:.2f}" if rl.peak_d is not None else "no fitted peak"
+        largest = max(p[1] for p in points)
+        if rl.peak_d is None:
+            where = "no fitted peak"
+        elif rl.peak_d > 3 * largest:  # an extrapolation, not a located peak
+            where = f"fitted peak beyond √KL {3 * largest:.1f}, far past the evaluations"
+        else:
+            where = f"fitted peak at √KL {rl.peak_d:.2f}"
         fitted = f"; fit R = R₀ + d(α − β·ln d): α = {rl.alpha:.3f}, β = {rl.beta:.3f}, {where}"
     tolerance = max(th.hump_drop, th.hump_fraction * (peak_r - start))
     after_peak = [r for s, _, r in points if s > peak_step]
