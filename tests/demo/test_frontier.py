@@ -16,13 +16,13 @@ def test_frontier_points_plot_and_table(tmp_path):
         return [{"method": "hooked", "step": 1, **{k: evaluate(world.sft)[k] for k in ("kl", "reward")}}]
 
     register_runner("hooked", fake_runner)
-    settings.runs = ["DPO β=0.5", "Preferred-FT", "hooked"]
+    settings.runs = ["DPO β=0.5", "Preferred-FT", "Online DPO β=0.1", "hooked"]
     try:
         points = run_frontier(settings)
     finally:
         RUNNERS.pop("hooked")
     by_method = {m: [p for p in points if p["method"] == m] for m in settings.runs}
-    for method in ("DPO β=0.5", "Preferred-FT"):
+    for method in ("DPO β=0.5", "Preferred-FT", "Online DPO β=0.1"):
         steps = [p["step"] for p in by_method[method]]
         assert steps == [0, 6, 12]  # the start (π_ref) and every eval_every steps
         assert by_method[method][0]["kl"] == 0.0 and all(p["kl"] > 0 for p in by_method[method][1:])
@@ -30,6 +30,10 @@ def test_frontier_points_plot_and_table(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 0
     saved = json.loads((tmp_path / "points.json").read_text())
     assert saved["points"] == points
+    costs = saved["costs"]
+    assert costs["Online DPO β=0.1"]["generated_tokens"] > 0 and costs["DPO β=0.5"]["generated_tokens"] == 0
+    assert all(c["wall_s"] > 0 and c["peak_rss_gib"] >= 0 for c in costs.values())
+    assert "| Online DPO β=0.1 |" in (tmp_path / "frontier.md").read_text().split("wall time")[1]
     assert saved["judge"] == "gold_sentiment"
     table = frontier_table(points)
     assert table.count("\n") == 4 + len(settings.runs) - 1 and "| DPO β=0.5 |" in table

@@ -194,6 +194,12 @@ class PreferenceCollator:
         packing = "padding-free packing" if self.padding_free else "right padding"
         return f"{sharing}, {packing}"
 
+    def groups(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+               group_size: int) -> dict[str, Tensor]:
+        """One batch of sampled groups (RLOO, GRPO) in this collator's layout; see :func:`group_units`."""
+        units = group_units(prompt_ids, completion_ids, group_size, self.prefix_sharing)
+        return build_batch(units, len(completion_ids), self.pad_token_id, packed=self.padding_free)
+
     def __call__(self, rows: Sequence[dict]) -> dict[str, Tensor]:
         units, num_seqs = units_from_rows(rows, self.prefix_sharing, self.sft)
         batch = build_batch(units, num_seqs, self.pad_token_id, packed=self.padding_free)
@@ -202,6 +208,19 @@ class PreferenceCollator:
         if SOURCE_ROW in rows[0]:  # where each example came from, for reports that name rows
             batch["source_rows"] = torch.tensor([row[SOURCE_ROW] for row in rows], dtype=torch.long)
         return batch | _reference_columns(rows)
+
+
+def group_units(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], group_size: int,
+                prefix_sharing: bool) -> list[Unit]:
+    """Units of sampled groups: completion ``k`` answers prompt ``k // group_size`` and is sequence ``k``. With
+    ``prefix_sharing`` all completions of a prompt branch from one copy of it (the prompt is encoded once per
+    group); without, one unit per completion."""
+    if len(completion_ids) != len(prompt_ids) * group_size:
+        raise ValueError(f"{len(completion_ids)} completions for {len(prompt_ids)} prompts × {group_size}")
+    if prefix_sharing:
+        return [Unit(prompt, [Branch(completion_ids[i * group_size + j], i * group_size + j)
+                              for j in range(group_size)]) for i, prompt in enumerate(prompt_ids)]
+    return [Unit(prompt_ids[k // group_size], [Branch(c, k)]) for k, c in enumerate(completion_ids)]
 
 
 def pad_sequences(

@@ -63,6 +63,7 @@ COLUMN_SETS: dict[str, tuple[str, ...]] = {
     "completion": ("prompt", "completion"),
     "messages": ("messages",),
     "text": ("text",),
+    "prompt": ("prompt",),  # prompt-only (TRL's name): what online methods sample completions for
 }
 # Formats of one sequence per row (language modelling): SFT rows with no separate prompt column.
 LM_KINDS = ("messages", "text")
@@ -87,6 +88,7 @@ MALFORMED_MESSAGE = "malformed message"
 NOT_ASSISTANT = "completion not starting with an assistant turn"
 NO_ASSISTANT = "no assistant turn"
 EMPTY_COMPLETION = "empty completion"
+EMPTY_PROMPT = "empty prompt"
 IDENTICAL = "identical chosen/rejected"
 BAD_LABEL = "invalid label"
 
@@ -108,6 +110,8 @@ class DatasetFormat:
 
     @property
     def output_columns(self) -> tuple[str, ...]:
+        if self.kind == "prompt":
+            return ("prompt",)
         return PAIRED_COLUMNS if self.paired else UNPAIRED_COLUMNS
 
     def __str__(self) -> str:
@@ -356,6 +360,8 @@ def detect_format(ds: Dataset, source: str) -> DatasetFormat:
         kind = "messages"
     elif "text" in columns:
         kind = "text"
+    elif "prompt" in columns:
+        kind = "prompt"
     else:
         accepted = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in COLUMN_SETS.items())
         raise DataError(source, None, None, f"unknown columns {sorted(columns)}; accepted column sets are "
@@ -420,7 +426,7 @@ def canonical_features(fmt: DatasetFormat) -> Features:
     """Arrow types of canonical rows in format ``fmt`` (without the internal problem columns)."""
     text = MESSAGE_FEATURE if fmt.conversational else Value("string")
     columns: dict[str, Any] = {name: text for name in fmt.output_columns}
-    if not fmt.paired:
+    if not fmt.paired and fmt.kind != "prompt":
         columns["label"] = Value("bool")
     columns[SOURCE_ROW] = Value("int64")
     return Features(columns)
@@ -566,6 +572,11 @@ def _normalise_row(row: Mapping[str, Any], fmt: DatasetFormat) -> dict[str, Any]
     if fmt.paired:
         return _normalise_paired_row(row, fmt)
     read, check = _readers(fmt)
+    if fmt.kind == "prompt":
+        prompt = read(row, "prompt")
+        if not prompt:
+            raise _RowProblem("prompt", EMPTY_PROMPT, "the prompt is empty; online methods need something to answer")
+        return {"prompt": prompt}
     if fmt.kind in LM_KINDS:
         if fmt.conversational:  # the prompt is what comes before the first assistant turn
             prompt, completion = _split_at_first_assistant([], read(row, fmt.kind), fmt.kind)
@@ -707,6 +718,16 @@ def _split_pairs(batch: dict[str, list]) -> dict[str, list]:
     if SOURCE_ROW in batch:
         out[SOURCE_ROW] = interleave(batch[SOURCE_ROW], batch[SOURCE_ROW])
     return out
+
+
+def is_prompt_only(ds: Dataset) -> bool:
+    """Whether canonical rows hold prompts only (no completions)."""
+    return ds.column_names == ["prompt", SOURCE_ROW] or ds.column_names == ["prompt"]
+
+
+def to_prompts(ds: Dataset) -> Dataset:
+    """The prompts of canonical rows of any format (online methods sample their own completions)."""
+    return ds.select_columns([c for c in ("prompt", SOURCE_ROW) if c in ds.column_names])
 
 
 def paired_to_sft(ds: Dataset) -> Dataset:

@@ -72,7 +72,8 @@ def train_stage(settings: DemoSettings, name: str, callbacks=(), **config) -> Pa
                   max_length=128, max_prompt_length=32, lr_scheduler_type="cosine", warmup_ratio=0.05,
                   cache_dir=str(Path(settings.output_dir) / "cache"),
                   bf16=False)  # the demo's small model is faster in fp32 (autocast's casts cost more than they save)
-    objects = {k: config.pop(k) for k in ("model", "tokenizer", "train_dataset", "eval_dataset") if k in config}
+    objects = {k: config.pop(k) for k in ("model", "tokenizer", "train_dataset", "eval_dataset", "judge")
+               if k in config}
     return PreferenceTrainer(build_config(common | config), callbacks=callbacks, **objects).train().final_dir
 
 
@@ -86,6 +87,7 @@ class World:
     pairs: list[dict]
     eval_prompts: list[str]
     pair_report: object
+    train_prompts: list[str]  # the prompts the pairs were sampled for (online methods sample their own)
     heldout: Rollout  # π_ref's samples of the held-out prompts, scored by the gold reward
     heldout_pairs: list[dict]  # their pairs, as the training pairs (with score_chosen, score_rejected)
 
@@ -141,7 +143,8 @@ def build_world(settings: DemoSettings, lap=lambda name: None) -> World:
     heldout = score_rollout(GoldSentimentJudge(), generate(sft, tokenizer, eval_prompts, heldout_sampling))
     heldout_pairs, _ = pairs_from_rollout(heldout, "all")
     lap("pairs")
-    return World(tokenizer, sft_dir, sft, pairs, eval_prompts, pair_report, heldout, heldout_pairs)
+    return World(tokenizer, sft_dir, sft, pairs, eval_prompts, pair_report, train_prompts, heldout,
+                 heldout_pairs)
 
 
 def sample_record(metrics: dict, reference_rollout: Rollout) -> dict[str, float]:

@@ -1,12 +1,15 @@
 """The DPO paper's reward–KL frontier (Rafailov et al. 2023, Fig. 2 left) in miniature, on the demo world.
 
-Every run starts from the same SFT model π_ref and the same on-policy pairs (labelled by the gold VADER
-reward). Every ``eval_every`` optimizer steps the policy samples the held-out prompts; each checkpoint
-gives one point (sequence-level KL(π‖π_ref) on its own samples, mean gold reward). The frontier of a
-method is the upper envelope of its points.
+Every run starts from the same SFT model π_ref. Offline methods train on the same on-policy pairs (sampled
+from π_ref, labelled by the gold VADER reward); online methods (Online DPO, RLOO, GRPO) sample their own
+completions of the same training prompts from the current policy and ask the same gold judge. Every
+``eval_every`` optimizer steps the policy samples the held-out prompts; each checkpoint gives one point
+(sequence-level KL(π‖π_ref) on its own samples, mean gold reward). The frontier of a method is the upper
+envelope of its points. Each run's cost is measured too: wall time (evaluations excluded), the process's peak
+resident memory above what it held before the run, and the tokens the run generated.
 
-Methods are data: :data:`RUNS` maps a label to a config (any registered method). Methods that are not a
-config of the one loop (PPO, online DPO, …) join the same plot through :func:`register_runner`: a function
+Methods are data: :data:`RUNS` maps a label to a config of the one loop (any registered method, offline or
+online). Methods that train outside it (PPO) join the same plot through :func:`register_runner`: a function
 ``(world, settings, evaluate) -> list[point]``.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +28,7 @@ from transformers import AutoModelForCausalLM
 from preftune.demo.pipeline import DemoSettings, World, build_world, sample_record, train_stage
 from preftune.evaluation.metrics import evaluate_policy
 from preftune.evaluation.report import plot_frontier
+from preftune.methods.registry import get_method
 from preftune.rollout.judges import GoldSentimentJudge
 from preftune.rollout.sampling import SamplingParams, generate
 
@@ -34,6 +39,12 @@ RUNS: dict[str, dict] = {
     **{f"DPO β={beta:g}": {"method": "dpo", "beta": beta} for beta in (0.05, 0.1, 0.5, 1.0, 5.0)},
     "Preferred-FT": {"method": "sft"},  # SFT on the chosen completions
     **{f"Unlikelihood α={a:g}": {"method": "unlikelihood", "unlikelihood_alpha": a} for a in (0.1, 1.0)},
+    # Online: per step 16 training prompts, completions sampled from the current policy and judged by the gold
+    # reward (the offline runs see 64 pairs per step, sampled once from π_ref).
+    **{f"Online DPO β={beta:g}": {"method": "online_dpo", "beta": beta, "per_device_train_batch_size": 16}
+       for beta in (0.1, 0.5)},
+    "RLOO k=4": {"method": "rloo", "num_generations": 4, "per_device_train_batch_size": 16},
+    "GRPO G=4 β=0.04": {"method": "grpo", "num_generations": 4, "beta": 0.04, "per_device_train_batch_size": 16},
 }
 
 Point = dict  # {"method", "kl", "reward", "step"}
@@ -61,7 +72,8 @@ class FrontierSettings:
     def quick(cls, output_dir: str) -> FrontierSettings:
         world = DemoSettings.quick(str(Path(output_dir) / "work"))
         return cls(world=world, steps=12, eval_every=6, batch_size=32, eval_prompts=world.eval_prompts,
-                   output_dir=output_dir, runs=["DPO β=0.5", "Preferred-FT", "Unlikelihood α=1"])
+                   output_dir=output_dir, runs=["DPO β=0.5", "Preferred-FT", "Unlikelihood α=1", "Online DPO β=0.1",
+                                                "GRPO G=4 β=0.04"])
 
 
 def run_frontier(settings: FrontierSettings) -> list[Point]:
@@ -79,36 +91,99 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
 
     start = evaluate(world.sft)
     points: list[Point] = []
+    costs: dict[str, dict] = {}
     for label in settings.runs:
         run_points = [{"method": label, "step": 0, "kl": 0.0, "reward": start["reward"]}]
+        evaluating = {"seconds": 0.0}
 
-        def checkpoint(step: int, model, label=label, run_points=run_points) -> dict | None:
+        def checkpoint(step: int, model, label=label, run_points=run_points, evaluating=evaluating) -> dict | None:
             if step % settings.eval_every:
                 return None
+            began = time.perf_counter()
             metrics = evaluate(model)
-            run_points.append({"method": label, "step": step, "kl": metrics["kl"], "reward": metrics["reward"]})
+            evaluating["seconds"] += time.perf_counter() - began
+            run_points.append({"method": label, "step": step, "kl": metrics["kl"], "reward": metrics["reward"],
+                               "length": metrics["length"]})
             return sample_record(metrics, reference_rollout)  # what `preftune report` reads
 
-        if label in RUNNERS:
-            run_points += RUNNERS[label](world, settings, evaluate)
-        else:
-            slug = label.replace(" ", "_").replace("=", "").replace("β", "beta").replace("α", "alpha")
-            train_stage(settings.world, f"runs/{slug}", callbacks=[checkpoint], **RUNS[label],
-                        model=AutoModelForCausalLM.from_pretrained(world.sft_dir), tokenizer=world.tokenizer,
-                        train_dataset=world.pairs, max_steps=settings.steps,
-                        per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate)
-        log.info("frontier: %s → %s", label, [(round(p["kl"], 2), round(p["reward"], 3)) for p in run_points])
+        began = time.perf_counter()
+        with PeakMemory() as memory:
+            if label in RUNNERS:
+                run_points += RUNNERS[label](world, settings, evaluate)
+                summary = {}
+            else:
+                summary = _train_run(world, settings, label, checkpoint)
+        costs[label] = {"wall_s": round(time.perf_counter() - began - evaluating["seconds"], 1),
+                        "peak_rss_gib": round(memory.peak_gib, 3),
+                        "generated_tokens": summary.get("online", {}).get("generated_tokens", 0),
+                        "generation_s": summary.get("online", {}).get("generation_s", 0.0)}
+        log.info("frontier: %s → %s (%s)", label, [(round(p["kl"], 2), round(p["reward"], 3)) for p in run_points],
+                 costs[label])
         points += run_points
 
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "points.json").write_text(json.dumps({"settings": _settings_dict(settings), "judge": judge.name,
-                                                  "points": points,
+                                                  "points": points, "costs": costs,
                                                   "sft_reward": start["reward"],
                                                   "seconds": round(time.perf_counter() - started, 1)}, indent=2))
     plot_frontier(points, out / "frontier.png", title="Reward–KL frontier on the demo world (gold VADER reward)")
-    (out / "frontier.md").write_text(frontier_table(points, judge.name) + "\n")
+    (out / "frontier.md").write_text(frontier_table(points, judge.name) + "\n\n" + cost_table(costs) + "\n")
     return points
+
+
+def _train_run(world: World, settings: FrontierSettings, label: str, checkpoint) -> dict:
+    """One run of :data:`RUNS` through the one loop; returns its summary.json."""
+    config = dict(RUNS[label])
+    online = get_method(config["method"]).online
+    data = [{"prompt": p} for p in world.train_prompts] if online else world.pairs
+    defaults = dict(max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+                    learning_rate=settings.learning_rate)
+    if online:
+        defaults |= dict(judge=GoldSentimentJudge(), max_completion_length=settings.world.max_new_tokens)
+    slug = label.replace(" ", "_").replace("=", "").replace("β", "beta").replace("α", "alpha")
+    final = train_stage(settings.world, f"runs/{slug}", callbacks=[checkpoint], **(defaults | config),
+                        model=AutoModelForCausalLM.from_pretrained(world.sft_dir), tokenizer=world.tokenizer,
+                        train_dataset=data)
+    return json.loads((final.parent / "summary.json").read_text())
+
+
+class PeakMemory:
+    """The process's peak resident memory while the block runs, above what it held when the block began
+    (sampled every 20 ms by a thread; a CPU measure — on a GPU, read torch.cuda.max_memory_allocated)."""
+
+    def __enter__(self) -> PeakMemory:
+        import psutil
+
+        self._process = psutil.Process()
+        self._start = self._peak = self._process.memory_info().rss
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.02):
+            self._peak = max(self._peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._process.memory_info().rss)
+
+    @property
+    def peak_gib(self) -> float:
+        return (self._peak - self._start) / 2**30
+
+
+def cost_table(costs: dict[str, dict]) -> str:
+    """Markdown: what each run cost — wall time without evaluations, peak memory above the start, generation."""
+    lines = ["| method | wall time (s) | of which generating (s) | peak RSS above start (GiB) | generated tokens |",
+             "|---|---:|---:|---:|---:|"]
+    for label, cost in costs.items():
+        lines.append(f"| {label} | {cost['wall_s']:.1f} | {cost['generation_s']:.1f} | {cost['peak_rss_gib']:.3f} | "
+                     f"{cost['generated_tokens']:,} |")
+    return "\n".join(lines)
 
 
 KL_BUDGETS = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from preftune.methods import rl
+
 
 @dataclass
 class PairLogps:
@@ -91,6 +93,7 @@ class LossOutput:
     chosen_rewards: Tensor
     rejected_rewards: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # batch-level diagnostics to log (0-dim, detached)
 
 
 def _count(tokens: Tensor) -> Tensor:
@@ -306,8 +309,11 @@ def orpo(lp: PairLogps, beta: float) -> LossOutput:
     avg_w, avg_l = lp.averages()
     odds_w, odds_l = avg_w.clamp(max=-1e-12), avg_l.clamp(max=-1e-12)
     log_odds = (odds_w - odds_l) - (_log1mexp(odds_w) - _log1mexp(odds_l))
-    losses = -avg_w - beta * F.logsigmoid(log_odds)
-    return LossOutput(losses, *_rewards(beta, avg_w, avg_l))
+    ratio_term = F.logsigmoid(log_odds)
+    losses = -avg_w - beta * ratio_term
+    metrics = {"nll_loss": -avg_w.detach().mean(), "log_odds_ratio": ratio_term.detach().mean(),
+               "log_odds_chosen": log_odds.detach().mean()}  # TRL's ORPO metrics
+    return LossOutput(losses, *_rewards(beta, avg_w, avg_l), metrics=metrics)
 
 
 def cpo(lp: PairLogps, beta: float, cpo_alpha: float) -> LossOutput:
@@ -391,7 +397,77 @@ def kto(lp: UnpairedLogps, beta: float, desirable_weight: float, undesirable_wei
         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - rho))),
     )
     rewards = (beta * rho).detach()
-    return LossOutput(losses, rewards[desirable], rewards[~desirable])
+    return LossOutput(losses, rewards[desirable], rewards[~desirable], metrics={"kl": z0})
+
+
+# --------------------------------------------------------------------------------------------------
+# Online groups: G completions of each prompt sampled from the current policy (RLOO, GRPO)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupLogps:
+    """S completions sampled from the current policy, in groups (the completions of one prompt).
+
+    Per token ``[M]`` (grouped by sequence, in token order, as ``completion_logps`` lays them out):
+    ``token_logps`` = log π(y_t | x, y_<t) with gradient, ``token_seq`` its sequence, ``ref_token_logps`` under
+    the reference (None: no reference). Per sequence ``[S]``: ``tokens`` = |y|, ``rewards`` the judge's
+    scores (missing-EOS penalty applied), ``group`` the prompt each completion answers.
+    ``max_completion_length`` is the generation budget (Dr. GRPO's normaliser). The sampler is the policy of
+    this step, so π_old = π (one gradient step per generation): the ratio is 1 and its gradient ∇log π.
+    """
+
+    token_logps: Tensor
+    token_seq: Tensor
+    tokens: Tensor
+    rewards: Tensor
+    group: Tensor
+    ref_token_logps: Tensor | None = None
+    max_completion_length: int | None = None
+
+
+def _per_sequence(loss: Tensor, lp: GroupLogps) -> Tensor:
+    """``[S]`` values whose mean is ``loss``, so the loop's per-example mean and logs stay one convention."""
+    return loss.expand(lp.tokens.shape[0])
+
+
+def grpo(lp: GroupLogps, beta: float, epsilon: float, epsilon_high: float, scale_rewards: str,
+         grpo_loss_type: str) -> LossOutput:
+    """GRPO (Shao et al. 2024, arXiv 2402.03300, Eq. 3): group-normalised advantages
+    A_i = (r_i − mean_group r)/(std_group r + 1e-4) (``scale_rewards``: group | batch | none — Dr. GRPO's
+    mean-centring, arXiv 2503.20783), the clipped surrogate per token with β·k3 KL to the reference in the loss,
+    aggregated by ``grpo_loss_type`` (grpo: per-sequence token mean; dr_grpo: Σ/(max_completion_length·S);
+    dapo: Σ/total tokens, arXiv 2503.14476). ``epsilon_high`` ≤ 0 means ε_high = ε. At π = π_ref with one
+    step per generation: loss −agg(A) (0 under grpo/dapo up to length effects), KL 0.
+    Rewards logged: mean score of the group's completions; ``metrics`` holds the clip fractions and the KL.
+    """
+    advantages = rl.grpo_advantages(lp.rewards, lp.group, scale=scale_rewards)
+    old = lp.token_logps.detach()
+    loss, metrics = rl.policy_loss(
+        lp.token_logps, old, advantages[lp.token_seq], lp.token_seq, lp.tokens, eps_low=epsilon,
+        eps_high=epsilon_high if epsilon_high > 0 else None, ref_logp=lp.ref_token_logps if beta else None,
+        beta=beta, loss_type=grpo_loss_type, max_completion_length=lp.max_completion_length)
+    metrics["advantage_std"] = advantages.std(unbiased=False) if advantages.numel() > 1 else advantages.sum() * 0
+    return LossOutput(_per_sequence(loss, lp), lp.rewards, lp.rewards[:0], metrics=metrics)
+
+
+def rloo(lp: GroupLogps, beta: float, epsilon: float) -> LossOutput:
+    """RLOO (Ahmadian et al. 2024, arXiv 2402.14740; TRL's RLOOTrainer): the KL enters the reward,
+    r̃_i = r_i − β·Σ_t (log π − log π_ref)(y_t) (k1 summed, detached), the baseline is the mean of the
+    other completions of the prompt, A_i = r̃_i − mean_{j≠i} r̃_j, and the loss is the sequence-level clipped
+    surrogate with ratio exp(Σ log π − Σ log π_old) = 1 here, so ∇ℓ = −mean_i A_i ∇log π(y_i).
+    Rewards logged: the KL-penalised rewards r̃; ``metrics`` the mean sequence KL used in them.
+    """
+    seq_logps = rl.seq_sum(lp.token_logps, lp.token_seq, lp.tokens)
+    if lp.ref_token_logps is None or not beta:
+        shaped, kl = lp.rewards, torch.zeros_like(lp.rewards)
+    else:
+        ref = rl.seq_sum(lp.ref_token_logps, lp.token_seq, lp.tokens)
+        shaped, kl = rl.kl_penalised_rewards(lp.rewards, seq_logps.detach(), ref, beta), (seq_logps - ref).detach()
+    advantages = rl.rloo_advantages(shaped, lp.group)
+    loss, metrics = rl.sequence_policy_loss(seq_logps, seq_logps.detach(), advantages, eps_low=epsilon)
+    metrics["kl"] = kl.mean()
+    return LossOutput(_per_sequence(loss, lp), shaped.detach(), shaped[:0].detach(), metrics=metrics)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,6 +535,9 @@ __all__ = [
     "bradley_terry",
     "unlikelihood",
     "kto",
+    "GroupLogps",
+    "grpo",
+    "rloo",
     "combine",
     "wpo_weights",
     "ld_token_weights",

@@ -6,7 +6,8 @@
 * ``precomputed``   — log-probs computed once before training, cached on disk, read from the batch;
 * ``none``          — reference-free methods (SimPO, ORPO, CPO, …).
 
-Each strategy answers ``logps(batch) → [N]`` (or ``None``) for the rows of a collated batch.
+Each strategy answers ``outputs(batch) → {"logps": [S], "token_logps": [M]}`` (or ``None``) for the rows of a
+collated batch (a precomputed reference holds summed log-probs only), and ``logps(batch) → [S]``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 class NoReference:
     name = "none"
 
+    def outputs(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> dict[str, Tensor] | None:
+        return None
+
     def logps(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> Tensor | None:
         return None
 
@@ -38,10 +42,13 @@ class PrecomputedReference:
 
     name = "precomputed"
 
-    def logps(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> Tensor:
+    def outputs(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> dict[str, Tensor]:
         if "ref_chosen_logps" in batch:
-            return torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
-        return torch.cat([batch["ref_logps"], batch["ref_kl_logps"]])
+            return {"logps": torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])}
+        return {"logps": torch.cat([batch["ref_logps"], batch["ref_kl_logps"]])}
+
+    def logps(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> Tensor:
+        return self.outputs(batch, token_weights)["logps"]
 
 
 class ModelReference:
@@ -57,9 +64,12 @@ class ModelReference:
         return self
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> Tensor:
+    def outputs(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> dict[str, Tensor]:
         with self.autocast():
-            return self.module(**model_inputs(batch), token_weights=token_weights)["logps"]
+            return self.module(**model_inputs(batch), token_weights=token_weights)
+
+    def logps(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> Tensor:
+        return self.outputs(batch, token_weights)["logps"]
 
     @torch.no_grad()
     def sync(self, policy: nn.Module, alpha: float) -> None:
@@ -78,10 +88,13 @@ class AdaptersOffReference:
         self.unwrap = unwrap
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> Tensor:
+    def outputs(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> dict[str, Tensor]:
         peft_model = self.unwrap(self.policy).model
         with peft_model.disable_adapter():
-            return self.policy(**model_inputs(batch), token_weights=token_weights)["logps"]
+            return self.policy(**model_inputs(batch), token_weights=token_weights)
+
+    def logps(self, batch: dict[str, Tensor], token_weights: Tensor | None = None) -> Tensor:
+        return self.outputs(batch, token_weights)["logps"]
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -193,14 +193,20 @@ def _cut_at_stop(generated: list[int], stop_ids: set[int]) -> int:
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[Prompt], params: SamplingParams | None = None,
-             *, source: str = "prompts") -> Rollout:
+             *, source: str = "prompts", prompt_ids: Sequence[Sequence[int]] | None = None) -> Rollout:
     """Sample ``params.n`` completions of each prompt; see the module docstring and :class:`Rollout`.
 
-    ``prompts`` are strings or conversations (all of one kind; ``source`` names them in errors). The model
-    is put in eval mode for sampling and restored after.
+    ``prompts`` are strings or conversations (all of one kind; ``source`` names them in errors). ``prompt_ids``,
+    when given, are their token ids already encoded as training encodes them (and truncated as the run's data
+    was): they are used as they are. The model is put in eval mode for sampling and restored after.
     """
     params = params or SamplingParams()
-    prompt_ids = encode_prompts(tokenizer, prompts, source)  # validates them too
+    if prompt_ids is None:
+        prompt_ids = encode_prompts(tokenizer, prompts, source)  # validates them too
+    else:
+        if len(prompt_ids) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt_ids")
+        prompt_ids = [list(ids) for ids in prompt_ids]
     stops = stop_token_ids(model, tokenizer)
     stop_set = set(stops)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]

@@ -23,10 +23,11 @@ class LossSpec:
     methods: list[str]
     weights: list[float]
     hparams: dict[str, float]
-    kind: str  # paired | unpaired | sft
+    kind: str  # paired | unpaired | sft | groups
     ld_alpha: float | None
     use_weighting: bool
     model: str = "causal_lm"  # or "reward": the batch's "logps" are then a scoring head's rewards
+    max_completion_length: int | None = None  # online generation budget (Dr. GRPO's normaliser)
 
     @property
     def paired(self) -> bool:
@@ -34,12 +35,12 @@ class LossSpec:
 
     @property
     def unit(self) -> str:
-        return "pairs" if self.kind == "paired" else "samples"
+        return {"paired": "pairs", "groups": "completions"}.get(self.kind, "samples")
 
     def examples(self, batch: dict[str, Tensor]) -> int:
-        """Pairs, unpaired examples or SFT rows in a batch (the unit of ``*_per_second``)."""
+        """Pairs, unpaired examples, SFT rows or sampled completions in a batch (the unit of ``*_per_second``)."""
         sequences = batch["seq_tokens"].shape[0]
-        return sequences if self.kind == "sft" else sequences // 2
+        return sequences if self.kind in ("sft", "groups") else sequences // 2
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> LossSpec:
@@ -51,6 +52,7 @@ class LossSpec:
             model=get_method(cfg.methods[0]).model,
             ld_alpha=cfg.ld_alpha,
             use_weighting=cfg.use_weighting,
+            max_completion_length=cfg.generation_budget if cfg.is_online else None,
         )
 
     def token_weights(self, batch: dict[str, Tensor]) -> Tensor | None:
@@ -89,10 +91,14 @@ def _correlation(x: Tensor, y: Tensor) -> Tensor | None:
 def batch_loss(
     policy: nn.Module, reference, batch: dict[str, Tensor], spec: LossSpec, window: MetricWindow
 ) -> Tensor:
-    """Mean loss of one micro-batch; per-example metrics go into ``window`` (TRL's names)."""
+    """Mean loss of one micro-batch; per-example metrics go into ``window`` (TRL's names).
+
+    A batch may weigh its examples (``example_weights [B]``: Online DPO gives tied pairs weight 0); the loss is
+    then Σ w·ℓ / max(Σ w, 1) and only examples of positive weight are logged."""
     token_weights = spec.token_weights(batch)
     out = policy(**model_inputs(batch), token_weights=token_weights, with_wpo=spec.use_weighting)
-    ref = reference.logps(batch, token_weights)
+    ref_out = reference.outputs(batch, token_weights)
+    ref = None if ref_out is None else ref_out["logps"]
     n = out["logps"].shape[0] // 2
     split = lambda t: (None, None) if t is None else (t[:n], t[n:])
     (s_a, s_b), (t_a, t_b), (r_a, r_b) = split(out["logps"]), split(out["tokens"]), split(ref)
@@ -100,6 +106,10 @@ def batch_loss(
         logps = losses.PairLogps(s_a, s_b, t_a, t_b, r_a, r_b)
     elif spec.kind == "unpaired":
         logps = losses.UnpairedLogps(s_a, t_a, batch["desirable"], r_a, s_b.detach(), r_b)
+    elif spec.kind == "groups":  # completions sampled together, in groups of one prompt (RLOO, GRPO)
+        logps = losses.GroupLogps(out["token_logps"], batch["score_seq"], out["tokens"], batch["rewards"],
+                                  batch["group"], None if ref_out is None else ref_out["token_logps"],
+                                  spec.max_completion_length)
     else:  # SFT rows: one sequence per row, every one a target
         logps = losses.UnpairedLogps(out["logps"], out["tokens"], torch.ones_like(out["tokens"], dtype=torch.bool),
                                      ref)
@@ -107,30 +117,49 @@ def batch_loss(
     per_example = result.losses
     if spec.use_weighting and spec.paired:
         per_example = per_example * losses.wpo_weights(out["wpo"][:n], out["wpo"][n:])
-    loss = per_example.mean()
+    weights = batch.get("example_weights")
+    if weights is None:
+        loss = per_example.mean()
+    else:
+        loss = (per_example * weights).sum() / weights.sum().clamp(min=1)
     if not torch.isfinite(loss):
         raise NonFiniteLoss(_non_finite_parts(out["logps"], ref, result.terms))
 
-    window.add("loss", per_example)
-    window.add("rewards/chosen", result.chosen_rewards)
-    window.add("rewards/rejected", result.rejected_rewards)
+    keep = slice(None) if weights is None else weights > 0
+    window.add("loss", per_example[keep])
+    if len(result.terms) > 1:  # a weighted combination: each method's own (unweighted) loss
+        for name, values in result.terms.items():
+            window.add(f"loss/{name}", values[keep] if values.dim() else values.reshape(1))
+    for name, value in result.metrics.items():
+        window.add(name, value.reshape(1))
+    if spec.kind == "groups":  # rewards, lengths and KL of the samples are logged by the online source
+        return loss
+    window.add("rewards/chosen", result.chosen_rewards[keep] if spec.paired else result.chosen_rewards)
+    window.add("rewards/rejected", result.rejected_rewards[keep] if spec.paired else result.rejected_rewards)
     if spec.paired:
-        window.add("rewards/margins", result.chosen_rewards - result.rejected_rewards)
-        window.add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float())
+        window.add("rewards/margins", (result.chosen_rewards - result.rejected_rewards)[keep])
+        window.add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float()[keep])
     if spec.model == "reward":  # a reward head's "logps" are its scores, already logged as rewards
         return loss
+    logits_a, logits_b = split(out["mean_logits"])
     if spec.kind == "paired":
-        window.add("logps/chosen", s_a)
-        window.add("logps/rejected", s_b)
+        window.add("logps/chosen", s_a[keep])
+        window.add("logps/rejected", s_b[keep])
+        window.add("logits/chosen", logits_a[keep])
+        window.add("logits/rejected", logits_b[keep])
         # What the verbosity check reads (preftune.training.health): lengths, and whether the margin follows them.
-        window.add("lengths/chosen", t_a)
-        window.add("lengths/rejected", t_b)
-        correlation = _correlation(result.chosen_rewards - result.rejected_rewards, t_a - t_b)
+        window.add("lengths/chosen", t_a[keep])
+        window.add("lengths/rejected", t_b[keep])
+        correlation = _correlation((result.chosen_rewards - result.rejected_rewards)[keep], (t_a - t_b)[keep])
         if correlation is not None:
             window.add("lengths/margin_corr", correlation)
     elif spec.kind == "unpaired":
-        window.add("logps/chosen", s_a[batch["desirable"]])
-        window.add("logps/rejected", s_a[~batch["desirable"]])
+        desirable = batch["desirable"]
+        window.add("logps/chosen", s_a[desirable])
+        window.add("logps/rejected", s_a[~desirable])
+        window.add("logits/chosen", logits_a[desirable])
+        window.add("logits/rejected", logits_a[~desirable])
     else:
         window.add("logps/chosen", out["logps"])
+        window.add("mean_token_accuracy", out["token_accuracy"])  # TRL's SFT metric: argmax = target
     return loss

@@ -18,12 +18,12 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from preftune.config import TrainConfig
+from preftune.config import TrainConfig, is_template_text
 from preftune.data import formats, tokenize
 from preftune.data.batching import PreferenceCollator
 from preftune.errors import ConfigError, DataError, ModelError
@@ -117,10 +117,28 @@ def _load_tokenizer(cfg: TrainConfig, tokenizer, builtin_rows):
             tokenizer = default_tokenizer(builtin_rows)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.chat_template is not None:  # before tokenization: the cache key and final/ see the template used
+        tokenizer.chat_template = read_chat_template(cfg.chat_template)
     return tokenizer
 
 
+def read_chat_template(value: str) -> str:
+    """``chat_template`` as the Jinja text: the value itself when it is a template, else the file it names."""
+    if is_template_text(value):
+        return value
+    path = Path(value).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"chat_template: {value} could not be read ({err}); give a UTF-8 Jinja file or the "
+                          "template itself") from None
+
+
 def _load_model(cfg: TrainConfig, model, tokenizer, reward: bool):
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and (model is not None or not cfg.model_name_or_path):
+        raise ConfigError(f"load_in_{4 if cfg.load_in_4bit else 8}bit quantizes the model as it loads from "
+                          "model_name_or_path; a model passed in memory, or the embedded one, is not quantized: give "
+                          "model_name_or_path (a folder written by save_pretrained, or a Hub id)")
     if uses_embedded_model(cfg, model):
         from preftune.modeling.tiny import default_model
 
@@ -134,11 +152,18 @@ def _load_model(cfg: TrainConfig, model, tokenizer, reward: bool):
     return model
 
 
-def _rows_for(kind: str, normalised: datasets.Dataset, source: str, methods: list[str], reports, name: str):
-    """Canonical rows in the shape the methods train on: pairs split for KTO, chosen sides for SFT."""
+def _rows_for(kind: str, normalised: datasets.Dataset, source: str, cfg: TrainConfig, reports, name: str):
+    """Canonical rows in the shape the methods train on: prompts for online methods (they sample their own
+    completions), pairs split for KTO, chosen sides for SFT."""
+    if cfg.is_online:
+        return formats.to_prompts(normalised)
+    if formats.is_prompt_only(normalised):
+        raise formats.DataError(source, None, None, f"holds prompts only; {cfg.methods} train on completions. "
+                                "To sample them from the policy during training, use method=online_dpo (or "
+                                "online=true), rloo or grpo with a judge")
     paired = formats.is_paired(normalised)
     if kind == "paired" and not paired:
-        raise formats.DataError(f"{source}: method {methods} needs paired rows (prompt, chosen, rejected); "
+        raise formats.DataError(f"{source}: method {cfg.methods} needs paired rows (prompt, chosen, rejected); "
                                 "this dataset is unpaired (prompt, completion[, label])")
     if kind == "unpaired" and paired:
         return formats.paired_to_unpaired(normalised)
@@ -162,17 +187,18 @@ def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokeni
         raise formats.DataError(source, None, None, f"kept 0 of {report.rows_in} rows: every row is invalid "
                                 f"({', '.join(f'{n} {r}' for r, n in report.skipped.items())}); first of each: "
                                 f"{first}; fix the rows (skip_invalid_rows=false names the first bad row)")
-    normalised = _rows_for(kind, normalised, source, cfg.methods, reports, name)
+    normalised = _rows_for(kind, normalised, source, cfg, reports, name)
     tokenized, tok_report = tokenize.tokenize_rows(
         normalised, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         cache_dir=cache_root(cfg) / "tokenized", source=source, kl_completions=kind == "unpaired",
+        max_completion_length=cfg.max_completion_length,
     )
     reports[f"{name}/tokens"] = str(tok_report)
     if len(tokenized) == 0:
         raise formats.DataError(source, None, None, f"no row is left to train on: {tok_report}; raise max_length "
                                 "or set max_prompt_length so that long prompts are cut instead of dropped")
     keep = [c for c in tokenized.column_names
-            if c.endswith(("_ids", "_mask")) or c in ("label", formats.SOURCE_ROW)]
+            if c.endswith(("_ids", "_mask")) or c in ("label", formats.SOURCE_ROW) or (cfg.is_online and c == "prompt")]
     return tokenized.select_columns(keep)
 
 
@@ -180,6 +206,7 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
                    train_dataset=None, eval_dataset=None) -> RunInputs:
     """Tokenizer → data (read, validated, tokenized: a bad file fails before any model loads) → model → layout →
     reference (precomputed and cached when it stays fixed). The resolved choices are written back into ``cfg``."""
+    check_fsdp(cfg, accelerator)
     builtin_rows = None
     if train_dataset is None and cfg.dataset is None:
         from preftune.data.builtin import builtin_preferences
@@ -212,7 +239,8 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
     data_fingerprints = {"train": train._fingerprint} | ({"eval": evaluation._fingerprint} if evaluation else {})
 
     model = _load_model(cfg, model, tokenizer, reward)
-    check_model_fits(model, tokenizer, [(train_source, train)] + ([("eval", evaluation)] if evaluation else []))
+    check_model_fits(model, tokenizer, [(train_source, train)] + ([("eval", evaluation)] if evaluation else []),
+                     budget=cfg.generation_budget if cfg.is_online else 0)
     flex = attention_implementation(unwrap_causal_lm(model)) == "flex_attention"
     if flex and accelerator.device.type == "cpu":  # fail now, not at the first backward
         raise ConfigError("attn_implementation=flex_attention trains on GPUs only: torch has no FlexAttention "
@@ -245,6 +273,20 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
                      data_reports=reports, data_fingerprints=data_fingerprints, reference_label=strategy.label)
 
 
+def check_fsdp(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """What does not work on FSDP-sharded weights is refused before anything loads."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if cfg.save_merged_model:
+        raise ConfigError("save_merged_model under FSDP: the adapters would be merged into sharded weights; train "
+                          "with save_merged_model: false and merge the adapter in final/ afterwards (peft: "
+                          "AutoPeftModelForCausalLM.from_pretrained(final).merge_and_unload().save_pretrained(...))")
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        raise ConfigError("load_in_4bit / load_in_8bit under FSDP: bitsandbytes' packed uint8 weights cannot be "
+                          "sharded with the model's other parameters here; train QLoRA on one GPU per process with "
+                          "DDP (examples/accelerate/ddp.yaml), or without quantization under FSDP")
+
+
 def _vocabulary_size(model: nn.Module) -> int:
     return unwrap_causal_lm(model).get_input_embeddings().weight.shape[0]
 
@@ -257,7 +299,8 @@ def check_same_vocabulary(policy: nn.Module, ref: nn.Module) -> None:
                          "reference trained with the policy's tokenizer")
 
 
-def check_model_fits(model: nn.Module, tokenizer, splits: list[tuple[str, datasets.Dataset]]) -> None:
+def check_model_fits(model: nn.Module, tokenizer, splits: list[tuple[str, datasets.Dataset]],
+                     budget: int = 0) -> None:
     """Fail before step 0, not with an index error inside the model: every token id must have an embedding, and
     every row must fit the model's positions (the prompt plus its longest completion; branches restart there)."""
     vocabulary = _vocabulary_size(model)
@@ -269,21 +312,23 @@ def check_model_fits(model: nn.Module, tokenizer, splits: list[tuple[str, datase
     if not positions:
         return
     for source, data in splits:
-        lengths = row_positions(data)
+        lengths = row_positions(data, budget)
         longest = int(np.argmax(lengths)) if len(lengths) else 0
         if len(lengths) and lengths[longest] > positions:
             row = data[longest].get(formats.SOURCE_ROW, longest)
             raise DataError(source, row, None, f"needs {lengths[longest]} positions (prompt plus its longest "
-                            f"completion) but the model has {positions}; set max_length <= {positions}")
+                            f"completion) but the model has {positions}; set max_length <= {positions}"
+                            + (" or a smaller max_completion_length" if budget else ""))
 
 
-def row_positions(data: datasets.Dataset) -> np.ndarray:
-    """Positions each row needs: its prompt plus its longest completion (every layout restarts positions there)."""
+def row_positions(data: datasets.Dataset, budget: int = 0) -> np.ndarray:
+    """Positions each row needs: its prompt plus its longest completion (every layout restarts positions there),
+    or plus ``budget`` for prompt-only rows (the completions an online method will sample)."""
     table = data.with_format("arrow")[:]
     prompt = table.column("prompt_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
     completions = [table.column(c).combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
                    for c in data.column_names if c.endswith("_ids") and c != "prompt_ids"]
-    return prompt + np.max(np.stack(completions), axis=0)
+    return prompt + (np.max(np.stack(completions), axis=0) if completions else budget)
 
 
 @dataclass
@@ -327,16 +372,28 @@ class _ReadOnlyReference:
         return out
 
 
+def needs_reference(method, cfg: TrainConfig) -> bool:
+    """Whether ``method`` reads reference log-probs in this run: not when the hyper-parameter that weighs its
+    reference term is 0 (GRPO at β = 0 loads no reference, as in TRL)."""
+    if not method.needs_reference:
+        return False
+    name = method.reference_weight
+    if name is None:
+        return True
+    value = getattr(cfg, name)
+    return (method.defaults[name] if value is None else value) != 0
+
+
 def choose_reference(cfg: TrainConfig, model: nn.Module, ref_model: nn.Module | None) -> ReferencePlan:
     """Explicit checkpoint > adapters off (LoRA) > frozen copy; precomputed whenever it stays fixed."""
     chunk = cfg.logprob_chunk_size
-    if not any(get_method(m).needs_reference for m in cfg.methods):
+    if not any(needs_reference(get_method(m), cfg) for m in cfg.methods):
         return ReferencePlan("none", None, chunk, "none")
     if ref_model is None and cfg.ref_model_name_or_path:
         ref_model = loading.load_causal_lm(cfg.ref_model_name_or_path, cfg)
     precompute = cfg.precompute_ref_log_probs
-    if precompute is None:
-        precompute = not cfg.sync_ref_model
+    if precompute is None:  # online methods score completions that do not exist before training
+        precompute = not cfg.sync_ref_model and not cfg.is_online
     if ref_model is not None:
         if cfg.disable_dropout:
             loading.disable_dropout(ref_model)
