@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from preftune.training.health import (
+    CHECKS,
     NO_DATA,
     OK,
     WARNING,
+    HealthCallback,
     HealthMonitor,
     RunContext,
     Thresholds,
@@ -169,6 +171,13 @@ def test_samples_that_stop_ending_warn_of_eos_collapse():
     assert collapsed.status == WARNING and "collapsed" in collapsed.evidence
 
 
+def test_online_runs_training_samples_stand_in_for_sample_evaluations():
+    results = verdicts(healthy(**FAILING_STREAMS["online samples"]))
+    # Lengths 9.2 (step 10) → 13.0 (step 200); EOS rate 1 − clipped ratio: 0.975 → 0.5.
+    assert results["verbosity"].status == WARNING and "9.2 tokens (step 10) → 13.0" in results["verbosity"].evidence
+    assert results["eos"].status == WARNING and "0.97 (step 10) → 0.50" in results["eos"].evidence
+
+
 def test_a_gradient_norm_spike_warns_at_its_step():
     result = verdicts(healthy(grad_norm=lambda t: 60.0 if t == 0.6 else 4.0))["grad_spikes"]
     assert result.status == WARNING and result.step == 120 and "15× the median 4" in result.evidence
@@ -240,3 +249,122 @@ def test_batch_metrics_carry_lengths_and_the_margin_length_correlation(tiny_mode
     expected = np.corrcoef(margins, np.array(lengths_c) - np.array(lengths_r))[0, 1]
     assert mean("lengths/margin_corr") == pytest.approx(expected, abs=1e-5)
     assert window.counts["lengths/margin_corr"] == 1  # one value per micro-batch
+
+
+FAILING_STREAMS = {
+    "likelihood": dict(**{"rewards/chosen": lambda t: BETA * -20.0 * t, "logps/chosen": lambda t: -30.0 - 20.0 * t}),
+    "dispersion": dict(**{"eval_rewards/chosen": lambda t: BETA * -15.0 * t,
+                          "eval_rewards/rejected": lambda t: BETA * -25.0 * t}),
+    "saturation": dict(**{"rewards/accuracies": lambda t: min(0.6 + t, 0.99)}),
+    "verbosity": dict(length=lambda t: 9.2 + 5.3 * t),
+    "verbosity without samples": dict(**{k: None for k in SAMPLE_KEYS}, **{"lengths/margin_corr": lambda t: 0.8 * t}),
+    "over_optimisation": dict(gold_reward=gao_hump(), kl_to_ref=lambda t: 9 * t * t),
+    "eos": dict(eos_rate=lambda t: 0.99 - 0.6 * t),
+    "eos collapse": dict(length=lambda t: 9.2 * (1 - 0.8 * t)),
+    "online samples": {**{k: None for k in SAMPLE_KEYS}, "completions/mean_length": lambda t: 9.0 + 4.0 * t,
+                       "completions/clipped_ratio": lambda t: 0.5 * t},
+    "grad_spikes": dict(grad_norm=lambda t: 60.0 if t in (0.6, 0.9) else 4.0),
+    "non_finite": dict(loss=lambda t: math.nan if t >= 0.7 else 0.5, grad_norm=lambda t: math.inf if t == 1 else 4.0),
+}
+
+
+@pytest.mark.parametrize("stream", ["healthy", *FAILING_STREAMS])
+def test_the_live_monitor_warns_where_rerunning_every_check_on_every_record_would(stream):
+    # The monitor reruns a check only when a record could trip it; that must not change what warns, or when.
+    records = healthy(**FAILING_STREAMS.get(stream, {}))
+    monitor, live = HealthMonitor(CTX, log_warnings=False), []
+    brute, seen = [], set()
+    for i, record in enumerate(records):
+        live += [(i, w.name, w.evidence) for w in monitor.update(record)]
+        for result in run_checks(records[: i + 1], CTX):
+            if result.warning and result.name not in seen:
+                seen.add(result.name)
+                brute.append((i, result.name, result.evidence))
+    assert live == brute
+    assert (stream == "healthy") == (live == [])
+
+
+def test_the_health_callback_warns_once_and_records_the_warning(caplog):
+    # The chosen log π/π_ref falls to −20 nats (training records), and the callback sees every record as the loop
+    # hands it over (on_log): one warning, logged once, in the summary with its step, evidence and suggestion.
+    records = healthy(**FAILING_STREAMS["likelihood"])
+    callback = HealthCallback(HealthMonitor(CTX))
+    with caplog.at_level(logging.WARNING, logger="preftune"):
+        for record in records:
+            callback.on_log(record)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("health: ")]
+    assert len(logged) == 1 and logged[0].startswith("health: [likelihood] warning at step 100")
+    summary = callback.summary()
+    assert [w["check"] for w in summary["warnings"]] == ["likelihood"] and summary["records"] == len(records)
+    assert summary["warnings"][0]["step"] == 100 and "rpo" in summary["warnings"][0]["suggestion"]
+    assert callback.postfix() == {"health": "⚠ likelihood"}
+    healthy_callback = HealthCallback(HealthMonitor(CTX))
+    for record in healthy():
+        healthy_callback.on_log(record)
+    assert healthy_callback.summary()["warnings"] == [] and healthy_callback.postfix() == {}
+
+
+def test_a_resumed_run_replays_its_records_without_warning_again(caplog):
+    records = healthy(**FAILING_STREAMS["likelihood"])
+    callback = HealthCallback(HealthMonitor(CTX))
+    with caplog.at_level(logging.WARNING, logger="preftune"):
+        callback.replay(records[:20])  # what metrics.jsonl kept: the warning had tripped before the checkpoint
+        for record in records[20:]:
+            callback.on_log(record)
+    assert not [r for r in caplog.records if r.getMessage().startswith("health: ")]
+    assert [w["check"] for w in callback.summary()["warnings"]] == ["likelihood"]
+    assert callback.monitor.log_warnings  # replay turned logging off only while it ran
+
+
+def test_the_live_monitor_stays_cheap_on_a_long_run():
+    import time
+
+    monitor = HealthMonitor(CTX, log_warnings=False)
+    rng = np.random.default_rng(0)
+    started = time.perf_counter()
+    for step in range(1, 5001):  # 5,000 training records, 12 metrics each
+        monitor.update({"step": step, "loss": 0.6, "rewards/chosen": -0.1, "rewards/rejected": -0.3,
+                        "rewards/margins": 0.2, "rewards/accuracies": 0.7, "logps/chosen": -30.0,
+                        "logps/rejected": -33.0, "grad_norm": 1 + rng.random(), "lengths/chosen": 10.0,
+                        "lengths/rejected": 9.0, "lengths/margin_corr": 0.1, "learning_rate": 1e-6})
+    # Rerunning every check on every record takes minutes here (quadratic); the monitor takes about a second.
+    assert time.perf_counter() - started < 20 and monitor.warned == {}
+    assert len(CHECKS) == len(monitor.results())
+
+
+def _run(tmp_path, tokenizer, tiny_model, callbacks, **overrides):
+    from preftune import PreferenceTrainer
+    from preftune.config import build_config
+    from preftune.data.builtin import builtin_preferences
+
+    config = dict(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), max_steps=4,
+                  per_device_train_batch_size=4, learning_rate=1e-4, logging_steps=1, disable_tqdm=True, seed=0,
+                  bf16=False) | overrides
+    rows = builtin_preferences(16, seed=3)
+    return PreferenceTrainer(build_config(config), model=tiny_model(seed=0).train(), tokenizer=tokenizer,
+                             train_dataset=rows, callbacks=list(callbacks)).train()
+
+
+def test_a_real_run_warns_once_live_and_records_it_in_the_summary(tmp_path, tokenizer, tiny_model, caplog):
+    import json
+
+    # A step callback logs samples that grow 11 → 14 tokens against the reference's 10 (as `preftune demo`'s does):
+    # verbosity trips at step 2 (+20% ≥ 15%), and is reported once however long it goes on.
+    def samples(step, model):
+        return {"length": 10.0 + step, "ref_length": 10.0}
+
+    with caplog.at_level(logging.WARNING, logger="preftune"):
+        result = _run(tmp_path, tokenizer, tiny_model, [samples])
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("health: ")]
+    health = json.loads((result.output_dir / "summary.json").read_text())["health"]
+    warned = [(w["check"], w["step"]) for w in health["warnings"]]
+    # (4 pairs a step on 16 rows: the training accuracy may saturate too, as it does; each check once.)
+    assert ("verbosity", 2) in warned and len({c for c, _ in warned}) == len(warned) == len(logged)
+    assert sum(m.startswith("health: [verbosity] warning at step 2") for m in logged) == 1
+    records = (result.output_dir / "metrics.jsonl").read_text().splitlines()
+    assert health["records"] == len(records) == 8  # 4 training records and 4 sample records, each seen once
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="preftune"):
+        off = _run(tmp_path / "off", tokenizer, tiny_model, [samples], health_checks=False)
+    assert "health" not in json.loads((off.output_dir / "summary.json").read_text())
+    assert not [r for r in caplog.records if r.getMessage().startswith("health: ")]

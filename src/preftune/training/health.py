@@ -3,9 +3,10 @@
 A run logs three kinds of records (``metrics.jsonl``): training records (TRL's names: ``loss``, ``rewards/*``,
 ``logps/*``, ``lengths/*``, ``grad_norm``), ``eval_``-prefixed records from periodic evaluation on held-out pairs,
 and sample-evaluation records from step callbacks (``gold_reward``, ``kl_to_ref``, ``length``, ``eos_rate`` and the
-reference's ``ref_gold_reward``, ``ref_length``, ``ref_eos_rate``). The streams are :data:`Series`: metric name →
-``[(step, value)]``. Each check reads them and answers ok, warning or no data, with its evidence (numbers and steps)
-and a concrete suggestion:
+reference's ``ref_gold_reward``, ``ref_length``, ``ref_eos_rate``); online methods log their training samples'
+``completions/mean_length`` and ``completions/clipped_ratio``, which stand in for the sampled length and EOS rate.
+The streams are :data:`Series`: metric name → ``[(step, value)]``. Each check reads them and answers ok, warning or
+no data, with its evidence (numbers and steps) and a concrete suggestion:
 
 * ``likelihood`` — the chosen log-likelihood falls with the rejected one: DPO suppressing the responses it should
   prefer (the "3D properties" of Yan et al. 2024, arXiv 2406.07327: drastic drop of the rejected likelihood,
@@ -22,7 +23,10 @@ and a concrete suggestion:
 * ``grad_spikes`` — a logged gradient norm far above the median of the ones before it;
 * ``non_finite`` — any NaN or infinite value.
 
-Live use, on the main process (records are already averaged over processes)::
+Live use: the trainer installs :class:`HealthCallback` (config ``health_checks: true``, the default). Every record
+written to ``metrics.jsonl`` (training, ``eval_`` and step-callback records, already averaged over processes) reaches
+its ``on_log`` on the main process; a check that trips warns once, in the log and the progress bar, and the run's
+``summary.json`` lists the warnings under ``health``. By hand::
 
     monitor = HealthMonitor.from_config(cfg)
     for warning in monitor.update(record):   # after every record written to metrics.jsonl (train, eval_, callback)
@@ -32,6 +36,7 @@ Live use, on the main process (records are already averaged over processes)::
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import statistics
@@ -152,6 +157,12 @@ def _log_ratio(series: Series, side: str, ctx: RunContext, prefix: str = "") -> 
     return [(s, v - start) for s, v in logps], "change of log π since the first logs"
 
 
+def _sampled_lengths(series: Series) -> list[tuple[int, float]]:
+    """Mean length of the policy's samples: a sample evaluation's ``length``, else (online methods) the training
+    samples' ``completions/mean_length`` (TRL's name; its EOS rate is 1 − ``completions/clipped_ratio``)."""
+    return _finite(series, "length") or _finite(series, "completions/mean_length")
+
+
 def _first_step(points: Sequence[tuple[int, float]], condition: Callable[[float], bool]) -> int | None:
     return next((s for s, v in points if condition(v)), None)
 
@@ -265,7 +276,7 @@ def check_saturation(series: Series, ctx: RunContext, th: Thresholds) -> CheckRe
 def check_verbosity(series: Series, ctx: RunContext, th: Thresholds) -> CheckResult:
     """Sampled length against the reference's; the training pairs' lengths; margin–length correlation."""
     name, title = "verbosity", "Response length (verbosity)"
-    sampled = _finite(series, "length")
+    sampled = _sampled_lengths(series)
     chosen_len, rejected_len = _finite(series, "lengths/chosen"), _finite(series, "lengths/rejected")
     correlation = _last(series, "lengths/margin_corr")
     context = []
@@ -403,7 +414,7 @@ def check_over_optimisation(series: Series, ctx: RunContext, th: Thresholds) -> 
 def check_eos(series: Series, ctx: RunContext, th: Thresholds) -> CheckResult:
     """EOS rate of samples against the reference's, and responses collapsing to (almost) nothing."""
     name, title = "eos", "EOS rate (responses that end)"
-    eos = _finite(series, "eos_rate")
+    eos = _finite(series, "eos_rate") or [(s, 1.0 - v) for s, v in _finite(series, "completions/clipped_ratio")]
     if not eos:
         return CheckResult(name, title, NO_DATA, "no eos_rate records (a step callback that samples logs them, as in "
                            "`preftune demo`)")
@@ -418,7 +429,7 @@ def check_eos(series: Series, ctx: RunContext, th: Thresholds) -> CheckResult:
         tripped = _first_step(eos, lambda v: v <= base - th.eos_drop)
         return CheckResult(name, title, WARNING, evidence + f": {1 - last:.0%} of samples run to max_new_tokens",
                            suggestion, tripped, values)
-    length, ref_length = _finite(series, "length"), _last(series, "ref_length")
+    length, ref_length = _sampled_lengths(series), _last(series, "ref_length")
     if length and ref_length and length[-1][1] <= th.length_collapse * ref_length:
         values["length"] = length[-1][1]
         evidence += (f"; responses collapsed from {ref_length:.1f} to {length[-1][1]:.1f} tokens: the policy ends "
@@ -430,12 +441,19 @@ def check_eos(series: Series, ctx: RunContext, th: Thresholds) -> CheckResult:
 
 def grad_spikes(points: Sequence[tuple[int, float]], th: Thresholds) -> list[tuple[int, float, float]]:
     """``(step, norm, median before)`` of every logged norm above ``grad_spike_factor`` × the median before it."""
-    spikes = []
-    for i in range(th.grad_spike_history, len(points)):
-        median = statistics.median(v for _, v in points[:i])
-        if median > 0 and points[i][1] > th.grad_spike_factor * median:
-            spikes.append((points[i][0], points[i][1], median))
+    spikes, before = [], []  # before: the earlier norms, sorted (one insertion per point, not a sort per point)
+    for i, (step, value) in enumerate(points):
+        if i >= th.grad_spike_history:
+            median = _sorted_median(before)
+            if median > 0 and value > th.grad_spike_factor * median:
+                spikes.append((step, value, median))
+        bisect.insort(before, value)
     return spikes
+
+
+def _sorted_median(values: Sequence[float]) -> float:
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
 
 
 def check_grad_spikes(series: Series, ctx: RunContext, th: Thresholds) -> CheckResult:
@@ -485,12 +503,27 @@ def run_checks(records_or_series: Iterable[Mapping] | Series, ctx: RunContext = 
     return [check(series, ctx, thresholds) for check in checks]
 
 
+# The metrics whose arrival can turn each check to a warning: the live monitor reruns a check only on a record
+# holding one of them (and never once it has warned), so a long run does not pay every check on every record.
+# Non-finite values and gradient spikes are judged on the new value alone (HealthMonitor._may_trip).
+TRIGGERS: dict[str, tuple[str, ...]] = {
+    "likelihood": ("rewards/chosen", "logps/chosen"),
+    "dispersion": ("eval_rewards/chosen", "eval_rewards/rejected", "eval_logps/chosen", "eval_logps/rejected"),
+    "saturation": ("rewards/accuracies",),
+    "verbosity": ("length", "ref_length", "lengths/margin_corr", "completions/mean_length"),
+    "over_optimisation": ("gold_reward", "kl_to_ref", "ref_gold_reward"),
+    "eos": ("eos_rate", "ref_eos_rate", "length", "ref_length", "completions/clipped_ratio",
+            "completions/mean_length"),
+}
+
+
 class HealthMonitor:
     """The checks, live: feed it every record the run writes; each check warns once.
 
     ``update(record)`` returns the checks that turned to a warning with this record (each is also logged as a
     warning on the ``preftune`` logger); ``postfix()`` is a short dict for the progress bar; ``results()`` every
-    check's current verdict.
+    check's current verdict. A check is rerun only when the record could change its verdict (:data:`TRIGGERS`), so
+    the cost per record stays linear in the run's length (a whole 5,000-record run in seconds).
     """
 
     def __init__(self, context: RunContext = RunContext(), thresholds: Thresholds = Thresholds(),
@@ -499,17 +532,22 @@ class HealthMonitor:
         self.series: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.warned: dict[str, CheckResult] = {}
         self.log_warnings = log_warnings
-        self._records = 0
+        self.records = 0  # records seen
+        self._norms: list[float] = []
 
     @classmethod
     def from_config(cls, cfg, thresholds: Thresholds = Thresholds()) -> HealthMonitor:
         return cls(RunContext.from_config(cfg), thresholds)
 
     def update(self, record: Mapping) -> list[CheckResult]:
-        _append(self.series, record, self._records)
-        self._records += 1
+        may_trip = self._may_trip(record)
+        _append(self.series, record, self.records)
+        self.records += 1
         new = []
         for check in self.checks:
+            name = check.__name__.removeprefix("check_")
+            if name in self.warned or not may_trip(name):
+                continue
             result = check(self.series, self.context, self.thresholds)
             if result.warning and result.name not in self.warned:
                 self.warned[result.name] = result
@@ -518,9 +556,78 @@ class HealthMonitor:
                     log.warning("health: %s", result)
         return new
 
+    def _may_trip(self, record: Mapping) -> Callable[[str], bool]:
+        """Which checks this record (not yet appended) could turn to a warning."""
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))
+                  and not isinstance(v, bool)}
+        non_finite = any(not math.isfinite(v) for v in values.values())
+        spike, norm = False, values.get("grad_norm")
+        if norm is not None and math.isfinite(norm):
+            before = self._norms  # the finite gradient norms logged so far, sorted
+            spike = (len(before) >= self.thresholds.grad_spike_history
+                     and norm > self.thresholds.grad_spike_factor * _sorted_median(before))
+            bisect.insort(before, norm)
+
+        th, beta = self.thresholds, self.context.beta
+
+        def may_trip(name: str) -> bool:
+            # Checks that judge the last value: a new value on the safe side of the threshold changes nothing.
+            if name == "non_finite":
+                return non_finite
+            if name == "grad_spikes":
+                return spike
+            if name == "likelihood" and beta and "rewards/chosen" in values:
+                return values["rewards/chosen"] / beta <= -th.likelihood_drop
+            if name == "saturation":
+                return values.get("rewards/accuracies", -math.inf) >= th.saturated_accuracy
+            if name == "verbosity" and not {"length", "ref_length", "completions/mean_length"} & values.keys():
+                # sampled lengths decide once there are any; without them, the margin–length correlation
+                sampled = self.series.get("length") or self.series.get("completions/mean_length")
+                return not sampled and values.get("lengths/margin_corr", -math.inf) >= th.margin_length_corr
+            return any(key in values for key in TRIGGERS.get(name, values))  # a user's check: every record
+
+        return may_trip
+
     def results(self) -> list[CheckResult]:
         return run_checks(self.series, self.context, self.thresholds, self.checks)
 
     def postfix(self) -> dict[str, str]:
         """``{"health": "⚠ verbosity,saturation"}`` once any check warned, else ``{}``."""
         return {"health": "⚠ " + ",".join(self.warned)} if self.warned else {}
+
+
+class HealthCallback:
+    """The trainer's built-in callback: a :class:`HealthMonitor` fed every record the run logs (``on_log``).
+
+    Evaluation records reach it through ``on_log`` too (the loop writes them to ``metrics.jsonl``), so it has no
+    ``on_evaluate``: an ``evaluate()`` outside training logs nothing and is not part of the run's streams. A resumed
+    run first replays the records kept in ``metrics.jsonl`` (:meth:`replay`, silently: a check that had tripped
+    counts as warned and is not repeated). :meth:`summary` is what ``summary.json`` records under ``health``.
+    """
+
+    def __init__(self, monitor: HealthMonitor):
+        self.monitor = monitor
+
+    @classmethod
+    def from_config(cls, cfg) -> HealthCallback:
+        return cls(HealthMonitor.from_config(cfg))
+
+    def replay(self, records: Iterable[Mapping]) -> None:
+        logging_on, self.monitor.log_warnings = self.monitor.log_warnings, False
+        try:
+            for record in records:
+                self.monitor.update(record)
+        finally:
+            self.monitor.log_warnings = logging_on
+
+    def on_log(self, record: Mapping) -> None:
+        self.monitor.update(record)
+
+    def postfix(self) -> dict[str, str]:
+        return self.monitor.postfix()
+
+    def summary(self) -> dict:
+        """``{"warnings": [{check, step, evidence, suggestion}], "records": n}``, in the order they tripped."""
+        return {"warnings": [{"check": r.name, "step": r.step, "evidence": r.evidence, "suggestion": r.suggestion}
+                             for r in self.monitor.warned.values()],
+                "records": self.monitor.records}

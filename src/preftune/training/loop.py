@@ -34,6 +34,7 @@ from preftune.modeling.reward import RewardModel
 from preftune.rollout.judges import CallableJudge, load_judge
 from preftune.training import checkpoint
 from preftune.training.fsdp import fsdp_on_cpu
+from preftune.training.health import HealthCallback
 from preftune.training.objective import LossSpec, NonFiniteLoss, batch_loss
 from preftune.training.online import OnlineBatches
 from preftune.training.online import summary as online_summary
@@ -170,6 +171,8 @@ class PreferenceTrainer:
     methods' samples (a Judge, or a function of (prompts, completions)); ``callbacks`` are functions called after
     every optimizer step with ``(step, model)`` (their returned metrics are logged) or objects with any of
     ``on_step_end(step, model)``, ``on_log(record)``, ``on_evaluate(record)`` and ``on_train_end(result)``.
+    Built in (``health_checks: true``): :class:`preftune.training.health.HealthCallback`, which reads every logged
+    record and warns once per failing health check (log, progress bar, ``summary.json``'s ``health``).
 
     ``train()`` runs the loop; ``evaluate()`` gives the held-out metrics now (before, during or after training);
     ``save_model(path)`` writes the policy in Hugging Face format with its tokenizer; ``model`` is the policy.
@@ -190,6 +193,7 @@ class PreferenceTrainer:
                               "set judge to a reward-model folder, 'module:function' or 'gold' (the demo world), "
                               "or pass judge= to the trainer")
         self.session: Session | None = None
+        self.health: HealthCallback | None = None  # the built-in health checks of the current or last train()
 
     @property
     def model(self) -> nn.Module | None:
@@ -268,13 +272,17 @@ class PreferenceTrainer:
             state = checkpoint.load_checkpoint(acc, resume, moving_reference)
             log.info("resumed from %s at step %d", resume, state["global_step"])
 
-        metrics_log = MetricsLog(out / "metrics.jsonl", acc, listeners=[c for c in self.callbacks
-                                                                         if hasattr(c, "on_log")])
+        # Built in: the health checks see every logged record (training, eval_, step callbacks) and warn once each.
+        self.health = HealthCallback.from_config(cfg) if cfg.health_checks else None
+        listeners = [c for c in self.callbacks if hasattr(c, "on_log")] + [self.health] * bool(self.health)
+        metrics_log = MetricsLog(out / "metrics.jsonl", acc, listeners=listeners)
         if resume is not None:
             dropped = metrics_log.resume_at(state["global_step"])
             if dropped:
                 log.info("metrics.jsonl: dropped %d records logged after step %d by the interrupted run",
                          dropped, state["global_step"])
+            if self.health is not None:  # the checks judge the whole run, not only what this process logs
+                self.health.replay(metrics_log.records())
         if acc.is_main_process:
             run_name = cfg.run_name or out.name
             # purge_step: TensorBoard hides the interrupted run's events after the checkpoint's step.
@@ -347,7 +355,7 @@ class PreferenceTrainer:
                         shown["reward"] = f"{record['reward']:.3f}"
                     if "rewards/accuracies" in record:
                         shown["acc"] = f"{record['rewards/accuracies']:.2f}"
-                    bar.set_postfix(shown)
+                    bar.set_postfix(shown | (self.health.postfix() if self.health is not None else {}))
                 if inputs.eval is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
                     result.eval_metrics = self._evaluate(session, step, metrics_log)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
@@ -373,7 +381,8 @@ class PreferenceTrainer:
                        "eval": result.eval_metrics, "reference": reference.name, "methods": cfg.methods,
                        "parameters": inputs.parameter_counts, "data": inputs.data_reports,
                        "layout": inputs.collator.describe(), "final_dir": str(result.final_dir),
-                       **({"online": online_summary(online)} if online is not None else {})}
+                       **({"online": online_summary(online)} if online is not None else {}),
+                       **({"health": self.health.summary()} if self.health is not None else {})}
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.end_training()
         for callback in self.callbacks:

@@ -59,6 +59,12 @@ class MetricsLog:
         tmp.replace(self.path)
         return len(lines) - len(kept)
 
+    def records(self) -> list[dict]:
+        """The records in the file (main process; ``[]`` elsewhere or before the first)."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
     def write(self, record: dict) -> None:
         if self.accelerator.is_main_process:
             with self.path.open("a") as f:
