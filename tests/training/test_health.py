@@ -228,27 +228,33 @@ def test_batch_metrics_carry_lengths_and_the_margin_length_correlation(tiny_mode
         rejected = torch.randint(10, 300, (8 - i if i % 2 else 2 + i,), generator=g).tolist()
         rows.append({"prompt_ids": [1, 20 + i], "chosen_ids": chosen, "rejected_ids": rejected,
                      "ref_chosen_logps": -1.0 * i, "ref_rejected_logps": 0.5 * i})
-    batch = PreferenceCollator(tokenizer.pad_token_id)(rows)
-    window = MetricWindow()
+    collate = PreferenceCollator(tokenizer.pad_token_id)
+    batch = collate(rows)
+    window, split = MetricWindow(), MetricWindow()
     spec = LossSpec.from_config(build_config({"method": "dpo", "beta": 0.1}))
+    model = LogProbModel(tiny_model(seed=0))
     with torch.no_grad():
-        batch_loss(LogProbModel(tiny_model(seed=0)), PrecomputedReference(), batch, spec, window)
+        batch_loss(model, PrecomputedReference(), batch, spec, window)
+        for part in (rows[:2], rows[2:]):  # the same pairs in two micro-batches (or on two processes)
+            batch_loss(model, PrecomputedReference(), collate(part), spec, split)
     lengths_c = [len(r["chosen_ids"]) for r in rows]
     lengths_r = [len(r["rejected_ids"]) for r in rows]
-    mean = lambda name: window.sums[name] / window.counts[name]  # noqa: E731
-    assert mean("lengths/chosen") == pytest.approx(np.mean(lengths_c))
-    assert mean("lengths/rejected") == pytest.approx(np.mean(lengths_r))
+    one_process = type("OneProcess", (), {"device": torch.device("cpu"), "reduce": lambda self, t, reduction: t})()
+    logged, logged_split = window.values(one_process), split.values(one_process)
+    assert logged["lengths/chosen"] == pytest.approx(np.mean(lengths_c))
+    assert logged["lengths/rejected"] == pytest.approx(np.mean(lengths_r))
     with torch.no_grad():  # the margins of the batch, recomputed, against the length differences
-        out = LogProbModel(tiny_model(seed=0))(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids",
-                                                                          "score_index", "score_target", "score_seq",
-                                                                          "seq_tokens")})
+        out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "score_index",
+                                             "score_target", "score_seq", "seq_tokens")})
     logps = out["logps"].numpy()
     ref = np.array([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows])
     ratio = logps - ref
     margins = 0.1 * (ratio[:6] - ratio[6:])
     expected = np.corrcoef(margins, np.array(lengths_c) - np.array(lengths_r))[0, 1]
-    assert mean("lengths/margin_corr") == pytest.approx(expected, abs=1e-5)
-    assert window.counts["lengths/margin_corr"] == 1  # one value per micro-batch
+    # One correlation over every pair of the window, however they were split; its moments are not logged.
+    assert logged["lengths/margin_corr"] == pytest.approx(expected, abs=1e-5)
+    assert logged_split["lengths/margin_corr"] == pytest.approx(expected, abs=1e-5)
+    assert not [k for k in logged if k.startswith("_")]
 
 
 FAILING_STREAMS = {
@@ -368,3 +374,13 @@ def test_a_real_run_warns_once_live_and_records_it_in_the_summary(tmp_path, toke
         off = _run(tmp_path / "off", tokenizer, tiny_model, [samples], health_checks=False)
     assert "health" not in json.loads((off.output_dir / "summary.json").read_text())
     assert not [r for r in caplog.records if r.getMessage().startswith("health: ")]
+
+
+def test_a_correlation_with_a_constant_side_is_left_out():
+    from preftune.training.tracking import MetricWindow
+
+    window = MetricWindow()
+    window.add_correlation("r", torch.zeros(4), torch.tensor([1.0, 2.0, 3.0, 5.0]))  # step 0: every margin is 0
+    window.add("loss", torch.ones(2))
+    one_process = type("OneProcess", (), {"device": torch.device("cpu"), "reduce": lambda self, t, reduction: t})()
+    assert window.values(one_process) == {"loss": 1.0}

@@ -76,18 +76,6 @@ def _non_finite_parts(policy_logps: Tensor, ref_logps: Tensor | None, terms: dic
     return "; ".join(parts)
 
 
-def _correlation(x: Tensor, y: Tensor) -> Tensor | None:
-    """Pearson correlation of two ``[B]`` tensors (one value, a window averages it over micro-batches); None when
-    either is constant (at step 0 every margin is 0) or there are fewer than 3 pairs."""
-    x, y = x.detach().double(), y.detach().double()
-    if x.numel() < 3:
-        return None
-    x, y = x - x.mean(), y - y.mean()
-    if x.pow(2).mean() < 1e-10 or y.pow(2).mean() < 1e-10:  # below float noise: nothing to correlate
-        return None
-    return ((x * y).sum() / (x.pow(2).sum() * y.pow(2).sum()).sqrt()).reshape(1)
-
-
 def batch_loss(
     policy: nn.Module, reference, batch: dict[str, Tensor], spec: LossSpec, window: MetricWindow
 ) -> Tensor:
@@ -150,9 +138,8 @@ def batch_loss(
         # What the verbosity check reads (preftune.training.health): lengths, and whether the margin follows them.
         window.add("lengths/chosen", t_a[keep])
         window.add("lengths/rejected", t_b[keep])
-        correlation = _correlation((result.chosen_rewards - result.rejected_rewards)[keep], (t_a - t_b)[keep])
-        if correlation is not None:
-            window.add("lengths/margin_corr", correlation)
+        window.add_correlation("lengths/margin_corr", (result.chosen_rewards - result.rejected_rewards)[keep],
+                               (t_a - t_b)[keep])
     elif spec.kind == "unpaired":
         desirable = batch["desirable"]
         window.add("logps/chosen", s_a[desirable])
