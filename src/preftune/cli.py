@@ -45,6 +45,8 @@ EPILOG = """examples:
   preftune train run.yaml                          # your model and data
   preftune train run.yaml beta=0.2 method=ipo      # overrides, same names as the YAML keys
   accelerate launch -m preftune.cli train run.yaml # data-parallel / FSDP / DeepSpeed
+  preftune score --model runs/x/final --reference sft/ --data pairs.jsonl  # implicit-reward accuracy
+  preftune report runs/x                           # health report: collapse, verbosity, over-optimisation, …
   preftune methods                                 # the methods and their defaults
   preftune config                                  # every config key with its default
   preftune annotate serve --pairs pairs.jsonl      # people label pairs in a browser; then `annotate export`
@@ -98,9 +100,35 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--top-k", type=int, default=0, help="0 turns it off")
         command.add_argument("--seed", type=int, default=0)
         command.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
-    exp = sub.add_parser("experiment", help="reproducible experiments: frontier (the DPO paper's reward–KL plot)")
-    exp.add_argument("name", choices=["frontier"])
-    exp.add_argument("--output-dir", default="experiments/frontier")
+    score = sub.add_parser("score", help="a policy as a reward model: implicit rewards of responses, pairwise accuracy "
+                           "on preference data (RewardBench's conventions)")
+    score.add_argument("--model", required=True, help="policy (causal LM) or reward model folder / Hub id")
+    score.add_argument("--reference", help="reference (SFT) model for the log-ratio variants sum and avg")
+    score.add_argument("--data", required=True, help="preference pairs (any paired format; a 'subset' column gives "
+                       "per-subset accuracy) or prompt/completion rows: a file, a saved dataset or a Hub id")
+    score.add_argument("--split", default="train")
+    score.add_argument("--variant", action="append", choices=["sum", "avg", "ref_free_sum", "ref_free_avg",
+                                                              "ref_free_norm", "reward"],
+                       help="repeatable; default: every variant the models allow")
+    score.add_argument("--beta", type=float, default=1.0, help="scales the log-ratio (ranking unchanged)")
+    score.add_argument("--batch-size", type=int, default=32, help="pairs (or responses) per forward")
+    score.add_argument("--max-length", type=int, help="truncate as training does (default: no truncation)")
+    score.add_argument("--max-prompt-length", type=int)
+    score.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32")
+    score.add_argument("--device", help="default: cuda when available, else cpu")
+    score.add_argument("--cache-dir", help="tokenized data and reference log-probs (default $PREFTUNE_CACHE or "
+                       "~/.cache/preftune)")
+    score.add_argument("--no-reference-cache", action="store_true", help="recompute the reference every time")
+    score.add_argument("--skip-invalid-rows", action="store_true", help="skip (and count) invalid rows")
+    score.add_argument("--out", help="write the summary (accuracy per variant and subset, pairs/s) as JSON")
+    score.add_argument("--scores-out", help="write every row's scores as JSON Lines")
+    report = sub.add_parser("report", help="a run's health report: HTML page with plots and a markdown summary")
+    report.add_argument("run_dir", help="a run folder (metrics.jsonl, config.yaml)")
+    report.add_argument("--out", help="folder for report.html and report.md (default: the run folder)")
+    exp = sub.add_parser("experiment", help="reproducible experiments: frontier (the DPO paper's reward–KL plot), "
+                         "scorer (the DPO policy's implicit reward against a reward model, on held-out pairs)")
+    exp.add_argument("name", choices=["frontier", "scorer"])
+    exp.add_argument("--output-dir", help="default: experiments/NAME")
     exp.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
     annotate_actions = _annotate_parser(sub)
     sub.add_parser("methods", help="list the registered methods")
@@ -232,11 +260,29 @@ def _run(args: argparse.Namespace) -> int:
         run_demo(settings)
         return 0
     if args.command == "experiment":
+        output_dir = args.output_dir or f"experiments/{args.name}"
+        if args.name == "scorer":
+            from preftune.demo.pipeline import DemoSettings
+            from preftune.experiments.scorer import ScorerSettings, run_scorer_experiment, scorer_table
+
+            settings = ScorerSettings.quick(output_dir) if args.quick else ScorerSettings(
+                world=DemoSettings(output_dir=f"{output_dir}/work"), output_dir=output_dir)
+            print(scorer_table(run_scorer_experiment(settings)))
+            return 0
         from preftune.experiments.frontier import FrontierSettings, frontier_table, run_frontier
 
-        settings = FrontierSettings.quick(args.output_dir) if args.quick else FrontierSettings(
-            output_dir=args.output_dir)
+        settings = FrontierSettings.quick(output_dir) if args.quick else FrontierSettings(output_dir=output_dir)
         print(frontier_table(run_frontier(settings)))
+        return 0
+    if args.command == "score":
+        from preftune.evaluation.scoring import score_command
+
+        print(score_command(**{k: v for k, v in vars(args).items() if k != "command"}))
+        return 0
+    if args.command == "report":
+        from preftune.evaluation.report import report_command
+
+        print(report_command(args.run_dir, args.out))
         return 0
     if args.command in ("pairs", "eval"):
         from preftune.evaluation import commands

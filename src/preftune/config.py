@@ -341,6 +341,9 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     run_name: str | None = None
     disable_tqdm: bool = False
+    # the health checks (training.health) watch every logged record: each failure mode (likelihood collapse,
+    # verbosity, over-optimisation, …) warns once in the log and the progress bar; summary.json lists them
+    health_checks: bool = True
     cache_dir: str | None = None  # tokenization and reference caches; default ~/.cache/preftune
     # --- Hugging Face Hub: final/ (with its model card) uploaded at the end of the run ------------------
     push_to_hub: bool = False

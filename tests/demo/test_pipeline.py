@@ -23,9 +23,27 @@ def test_dpo_raises_the_gold_reward_of_the_sft_model(demo):
     assert dpo["reward"] > sft["reward"] + 0.05
     assert dpo["kl"] > 0
     assert summary["judge"] == sft["judge"] == dpo["judge"] == "gold_sentiment"
-    for name in ("demo.json", "demo.md", "pairs.jsonl", "training_curves.png", "reward_distribution.png"):
+    for name in ("demo.json", "demo.md", "pairs.jsonl", "training_curves.png", "reward_distribution.png",
+                 "dpo/report.html", "dpo/report.md"):
         assert (out / name).stat().st_size > 0
     assert (out / "dpo" / "final" / "model.safetensors").exists()
+
+
+def test_the_demo_reports_its_verbosity_drift_as_a_warning_with_the_logged_numbers(demo):
+    out, summary = demo
+    records = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    samples = [r for r in records if "length" in r]  # the sample monitor, every monitor_every steps
+    assert [r["step"] for r in samples] == [10, 20, 30]
+    assert [r["step"] for r in records if "eval_loss" in r] == [10, 20, 30]  # held-out pairs, same steps
+    assert all("lengths/margin_corr" in r for r in records if "loss" in r)
+    before, after = samples[-1]["ref_length"], samples[-1]["length"]
+    assert after > 1.15 * before  # the drift is there: the policy's samples are longer than π_ref's
+    verbosity = next(h for h in summary["health"] if h["check"] == "verbosity")
+    assert verbosity["status"] == "warning" and "ld_alpha" in verbosity["suggestion"]
+    assert f"sampled responses {before:.1f} tokens (π_ref) → {after:.1f} at step 30" in verbosity["evidence"]
+    assert verbosity["evidence"] in (out / "dpo" / "report.md").read_text()
+    assert "Response length (verbosity)" in (out / "dpo" / "report.html").read_text()
+    assert "[verbosity] warning" in (out / "demo.md").read_text()
 
 
 def test_pairs_and_eval_commands_on_the_demo_models(demo, tmp_path, capsys):

@@ -1,8 +1,13 @@
 """``preftune demo``: the whole alignment loop on the embedded world, in a few minutes on two CPU cores.
 
 world → SFT (π_ref) → on-policy pairs sampled from π_ref and labelled by the gold reward → DPO →
-evaluation (gold reward, KL(π‖π_ref), win rate, length) → table and plots. A miniature of the DPO paper's
-IMDb experiment (Rafailov et al. 2023, arXiv 2305.18290, §6.1).
+evaluation (gold reward, KL(π‖π_ref), win rate, length) → table, plots and the DPO run's health report. A
+miniature of the DPO paper's IMDb experiment (Rafailov et al. 2023, arXiv 2305.18290, §6.1).
+
+While DPO trains, every ``monitor_every`` steps it is evaluated twice, so that the health report
+(:mod:`preftune.evaluation.report`) can follow it: on held-out pairs (π_ref's samples of held-out prompts, labelled
+by the gold reward; the loop's ``eval_`` records), and by sampling held-out prompts (:func:`sample_monitor`:
+gold reward, KL to π_ref, length, EOS rate, and the same for π_ref's samples).
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from preftune.config import build_config
 from preftune.demo.world import review_corpus, review_prompts, world_model, world_tokenizer
 from preftune.errors import RunDirError
 from preftune.evaluation.metrics import evaluate_policy, format_table
-from preftune.evaluation.report import plot_reward_distributions, plot_training_curves
-from preftune.rollout.judges import GoldSentimentJudge
-from preftune.rollout.pairs import build_pairs, save_pairs
-from preftune.rollout.sampling import SamplingParams
+from preftune.evaluation.report import plot_reward_distributions, plot_training_curves, write_report
+from preftune.rollout.judges import GoldSentimentJudge, score_rollout
+from preftune.rollout.pairs import build_pairs, pairs_from_rollout, save_pairs
+from preftune.rollout.record import Rollout
+from preftune.rollout.sampling import SamplingParams, generate
 from preftune.training.loop import PreferenceTrainer
 
 log = logging.getLogger("preftune")
@@ -47,12 +53,16 @@ class DemoSettings:
     dpo_learning_rate: float = 3e-4
     eval_prompts: int = 256
     eval_samples: int = 2
+    monitor_every: int = 20  # DPO is evaluated every this many steps (held-out pairs, samples) for its report
+    monitor_prompts: int = 64  # held-out prompts sampled at each of those evaluations
+    monitor_pairs: int = 256  # held-out pairs (π_ref's samples of held-out prompts) evaluated then
     overwrite: bool = False  # replace a finished demo in output_dir
 
     @classmethod
     def quick(cls, output_dir: str) -> DemoSettings:
         return cls(output_dir=output_dir, reviews=800, sft_steps=60, pair_prompts=96, eval_prompts=32,
-                   max_new_tokens=16, dpo_steps=30, dpo_batch_size=32, eval_samples=1)
+                   max_new_tokens=16, dpo_steps=30, dpo_batch_size=32, eval_samples=1, monitor_every=10,
+                   monitor_prompts=32, monitor_pairs=64)
 
 
 def train_stage(settings: DemoSettings, name: str, callbacks=(), **config) -> Path:
@@ -62,7 +72,8 @@ def train_stage(settings: DemoSettings, name: str, callbacks=(), **config) -> Pa
                   max_length=128, max_prompt_length=32, lr_scheduler_type="cosine", warmup_ratio=0.05,
                   cache_dir=str(Path(settings.output_dir) / "cache"),
                   bf16=False)  # the demo's small model is faster in fp32 (autocast's casts cost more than they save)
-    objects = {k: config.pop(k) for k in ("model", "tokenizer", "train_dataset", "judge") if k in config}
+    objects = {k: config.pop(k) for k in ("model", "tokenizer", "train_dataset", "eval_dataset", "judge")
+               if k in config}
     return PreferenceTrainer(build_config(common | config), callbacks=callbacks, **objects).train().final_dir
 
 
@@ -77,6 +88,8 @@ class World:
     eval_prompts: list[str]
     pair_report: object
     train_prompts: list[str]  # the prompts the pairs were sampled for (online methods sample their own)
+    heldout: Rollout  # π_ref's samples of the held-out prompts, scored by the gold reward
+    heldout_pairs: list[dict]  # their pairs, as the training pairs (with score_chosen, score_rejected)
 
 
 DEMO_MARKER = ".preftune-demo"
@@ -122,9 +135,45 @@ def build_world(settings: DemoSettings, lap=lambda name: None) -> World:
     pairs, pair_report = build_pairs(sft, tokenizer, train_prompts, GoldSentimentJudge(), sampling, mode="all")
     save_pairs(pairs, Path(settings.output_dir) / "pairs.jsonl")
     log.info("demo: %s", pair_report)
-    pairs = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in pairs]
+    pairs = _pair_columns(pairs)
+    # Held-out pairs, built the same way from the held-out prompts with another seed: what the policy is evaluated
+    # on while it trains (the unseen responses of the health report) and what `preftune experiment scorer` ranks.
+    heldout_sampling = SamplingParams(max_new_tokens=settings.max_new_tokens, n=settings.samples_per_prompt,
+                                      seed=settings.seed + 3)
+    heldout = score_rollout(GoldSentimentJudge(), generate(sft, tokenizer, eval_prompts, heldout_sampling))
+    heldout_pairs, _ = pairs_from_rollout(heldout, "all")
     lap("pairs")
-    return World(tokenizer, sft_dir, sft, pairs, eval_prompts, pair_report, train_prompts)
+    return World(tokenizer, sft_dir, sft, pairs, eval_prompts, pair_report, train_prompts, heldout,
+                 heldout_pairs)
+
+
+def sample_record(metrics: dict, reference_rollout: Rollout) -> dict[str, float]:
+    """The record a sample evaluation logs (names the health checks read): the policy's gold reward, KL to π_ref,
+    mean length and EOS rate (:func:`preftune.evaluation.metrics.evaluate_policy`), and π_ref's on the same
+    prompts."""
+    ended = reference_rollout.ended_with_eos
+    return {"gold_reward": metrics["reward"], "kl_to_ref": metrics["kl"], "length": metrics["length"],
+            "eos_rate": metrics["eos_rate"], "ref_gold_reward": metrics["reference_reward"],
+            "ref_length": sum(reference_rollout.lengths) / len(reference_rollout),
+            "ref_eos_rate": sum(ended) / len(ended)}
+
+
+def sample_monitor(world: World, settings: DemoSettings, judge=None):
+    """A step callback for the loop: every ``monitor_every`` steps, sample ``monitor_prompts`` held-out prompts
+    once each and return :func:`sample_record` (π_ref's samples drawn once, with the same seed)."""
+    judge = judge or GoldSentimentJudge()
+    prompts = world.eval_prompts[: settings.monitor_prompts]
+    sampling = SamplingParams(max_new_tokens=settings.max_new_tokens, n=1, seed=settings.seed + 4)
+    reference_rollout = generate(world.sft, world.tokenizer, prompts, sampling)
+
+    def monitor(step: int, model) -> dict | None:
+        if step % settings.monitor_every:
+            return None
+        metrics = evaluate_policy(model.eval(), world.sft, world.tokenizer, prompts, judge, sampling,
+                                  reference_rollout=reference_rollout)
+        return sample_record(metrics, reference_rollout)
+
+    return monitor
 
 
 def run_demo(settings: DemoSettings) -> dict:
@@ -145,7 +194,10 @@ def run_demo(settings: DemoSettings) -> dict:
     dpo_dir = train_stage(settings, "dpo", method="dpo", beta=settings.beta,
                           model=AutoModelForCausalLM.from_pretrained(world.sft_dir), tokenizer=tokenizer,
                           train_dataset=world.pairs, max_steps=settings.dpo_steps,
-                          per_device_train_batch_size=settings.dpo_batch_size, learning_rate=settings.dpo_learning_rate)
+                          per_device_train_batch_size=settings.dpo_batch_size, learning_rate=settings.dpo_learning_rate,
+                          eval_dataset=_pair_columns(world.heldout_pairs[: settings.monitor_pairs]),
+                          eval_steps=settings.monitor_every, per_device_eval_batch_size=64,
+                          callbacks=[sample_monitor(world, settings, judge)])
     dpo = AutoModelForCausalLM.from_pretrained(dpo_dir).eval()
     lap("dpo")
 
@@ -160,13 +212,24 @@ def run_demo(settings: DemoSettings) -> dict:
     plot_reward_distributions(rewards, out / "reward_distribution.png")
     plot_training_curves({"SFT": out / "sft" / "metrics.jsonl", "DPO": out / "dpo" / "metrics.jsonl"},
                          out / "training_curves.png")
+    report = write_report(out / "dpo")
     timings["total"] = round(time.perf_counter() - started, 1)
+    health = [{"check": r.name, "status": r.status, "evidence": r.evidence, "suggestion": r.suggestion, "step": r.step}
+              for r in report.results]
     summary = {"settings": asdict(settings), "judge": judge.name, "evaluation": results, "pairs": str(pair_report),
-               "seconds": timings}
+               "health": health, "seconds": timings}
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     table = format_table(results)
-    (out / "demo.md").write_text(table + "\n")
+    warnings = [r for r in report.results if r.warning]
+    notes = "\n".join(f"- {r}" for r in warnings) or "- every check ok"
+    (out / "demo.md").write_text(f"{table}\n\nHealth of the DPO run (dpo/report.html):\n\n{notes}\n")
     print(table)
+    print(f"\nhealth of the DPO run ({report.html}):\n{notes}")
     print(f"\nwritten to {out}: demo.json, demo.md, pairs.jsonl, training_curves.png, reward_distribution.png, "
-          f"sft/, dpo/ — {timings['total']:.0f} s in all ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
+          f"sft/, dpo/ (with report.html, report.md) — {timings['total']:.0f} s in all "
+          f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
     return summary
+
+
+def _pair_columns(rows: list[dict]) -> list[dict]:
+    return [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]

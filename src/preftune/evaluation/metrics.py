@@ -19,7 +19,7 @@ from preftune.data.batching import pad_sequences
 from preftune.modeling.lm_head import head_logits
 from preftune.modeling.logprobs import flat_hidden_states, unwrap_causal_lm
 from preftune.rollout.encoding import Prompt, length_sorted_batches
-from preftune.rollout.judges import ImplicitRewardJudge, Judge, compare, judge_scores
+from preftune.rollout.judges import Judge, compare, judge_scores
 from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate
 
@@ -139,35 +139,26 @@ def evaluate_policy(
 
 
 def implicit_reward_accuracy(
-    policy: nn.Module, reference: nn.Module, tokenizer, pairs: Sequence[Mapping], beta: float,
+    policy: nn.Module, reference: nn.Module, tokenizer, pairs: Sequence[Mapping], beta: float = 1.0,
     *, batch_size: int = 32,
 ) -> float:
     """Fraction of held-out ``{prompt, chosen, rejected}`` rows with r̂(chosen) > r̂(rejected), strictly.
 
-    Text rows hold strings; conversational rows a prompt of messages and completions that are one assistant
-    message each (as :func:`preftune.rollout.pairs.pair_row` writes them).
-
-    r̂ = β·log π/π_ref is DPO's implicit reward; a tie counts as wrong (RewardBench's rule), so a policy
-    equal to its reference scores 0, not ½.
+    Rows in any paired format the data layer reads (text, or conversational with the completions as assistant
+    messages, as :func:`preftune.rollout.pairs.pair_row` writes them). r̂ = β·log π/π_ref is DPO's implicit
+    reward, summed over the completion's tokens; β does not change the ranking. A tie counts as wrong
+    (RewardBench's rule), so a policy equal to its reference scores 0, not ½. Computed by
+    :func:`preftune.evaluation.scoring.score_data` (variant ``sum``), which also gives per-token, reference-free
+    and per-subset numbers.
     """
+    from preftune.evaluation.scoring import score_data
+
     if not pairs:
         raise ValueError("no pairs to evaluate")
-    judge = ImplicitRewardJudge(policy, reference, tokenizer, beta, batch_size=batch_size)
-    prompts = [row["prompt"] for row in pairs]
-    completions = [_completion_text(row[name]) for name in ("chosen", "rejected") for row in pairs]
-    scores = judge.score(prompts * 2, completions)
-    chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
-    return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
-
-
-def _completion_text(completion) -> str:
-    """A completion as text: a string, or the content of a conversational row's single assistant message."""
-    if isinstance(completion, str):
-        return completion
-    if (isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], Mapping)
-            and completion[0].get("role") == "assistant" and isinstance(completion[0].get("content"), str)):
-        return completion[0]["content"]
-    raise ValueError("a completion must be a string or one assistant message [{'role': 'assistant', 'content': …}]")
+    result = score_data(policy, tokenizer, list(pairs), reference, beta=beta, variants=["sum"], batch_size=batch_size)
+    if result.kind != "pairs":
+        raise ValueError("implicit-reward accuracy needs paired rows (prompt, chosen, rejected)")
+    return result.accuracy()["sum"]
 
 
 # ------------------------------------------------------------------------------------ table

@@ -8,12 +8,21 @@
   upper envelope (the best reward reached at that KL or less).
 
 Each function saves a PNG and returns the matplotlib ``Figure`` (tests read its labels).
+
+* :func:`write_report` — a run's health report (``preftune report RUN_DIR``): one self-contained HTML page (plots
+  embedded as base64 PNG, no network) and a markdown summary, from ``metrics.jsonl`` and ``config.yaml``. Every
+  check of :mod:`preftune.training.health` with its verdict, evidence and suggestion, and the curves behind it.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -131,3 +140,331 @@ def plot_frontier(points: Sequence[Mapping], out_png: str | Path, *, title: str 
     if methods:
         ax.legend(loc="lower right")
     return _save(fig, out_png)
+
+
+# ------------------------------------------------------------------------------------ health report
+
+
+@dataclass
+class HealthReport:
+    """What :func:`write_report` wrote, and the verdicts on the page."""
+
+    html: Path
+    markdown: Path
+    results: list  # [preftune.training.health.CheckResult]
+    plots: list[str]  # the ids of the embedded plots, in page order
+
+
+def run_context(run_dir: Path):
+    """The :class:`~preftune.training.health.RunContext` of a run folder, from its ``config.yaml`` (β, learning
+    rate, methods); an empty one when the file is missing or no longer loads."""
+    from preftune.config import load_config
+    from preftune.errors import ConfigError
+    from preftune.training.health import RunContext
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return RunContext()
+    try:
+        return RunContext.from_config(load_config(path))
+    except ConfigError:
+        return RunContext()
+
+
+def _points(series, key: str, scale: float = 1.0) -> list[tuple[int, float]]:
+    return [(s, v * scale) for s, v in series.get(key, ()) if math.isfinite(v)]
+
+
+def _line(ax, points, label: str, **style) -> bool:
+    if not points:
+        return False
+    ax.plot(*zip(*points), label=label, marker="o" if len(points) < 12 else None, markersize=3, **style)
+    return True
+
+
+def _finish(ax, ylabel: str, title: str, xlabel: str = "optimizer step") -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def _panels(n: int):
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.8))
+    return fig, list(axes) if n > 1 else [axes]
+
+
+CHOSEN, REJECTED, HELD_OUT, REFERENCE = "tab:green", "tab:red", "tab:purple", "grey"
+
+
+def _plot_likelihoods(series, ctx, th):
+    if not series.get("logps/chosen"):
+        return None
+    fig, (raw, ratio, unseen) = _panels(3)
+    _line(raw, _points(series, "logps/chosen"), "chosen (training pairs)", color=CHOSEN)
+    _line(raw, _points(series, "logps/rejected"), "rejected (training pairs)", color=REJECTED)
+    _line(raw, _points(series, "eval_logps/chosen"), "chosen (held-out)", color=CHOSEN, linestyle="--")
+    _line(raw, _points(series, "eval_logps/rejected"), "rejected (held-out)", color=REJECTED, linestyle="--")
+    _finish(raw, "log π(y|x), summed over tokens (nats)", "Log-likelihood of responses")
+    if ctx.beta:
+        _line(ratio, _points(series, "rewards/chosen", 1 / ctx.beta), "chosen", color=CHOSEN)
+        _line(ratio, _points(series, "rewards/rejected", 1 / ctx.beta), "rejected", color=REJECTED)
+        ratio.axhline(-th.likelihood_drop, color=REFERENCE, linestyle=":", label="warning threshold")
+        _finish(ratio, "log π/π_ref (nats) = reward / β", "Training pairs, against the reference")
+        chosen = _points(series, "eval_rewards/chosen", 1 / ctx.beta)
+        rejected = dict(_points(series, "eval_rewards/rejected", 1 / ctx.beta))
+        _line(unseen, chosen, "chosen", color=CHOSEN)
+        _line(unseen, sorted(rejected.items()), "rejected", color=REJECTED)
+        _line(unseen, [(s, (v + rejected[s]) / 2) for s, v in chosen if s in rejected], "mean (unseen responses)",
+              color=HELD_OUT, linewidth=2.5)
+        unseen.axhline(-th.dispersion_drop, color=REFERENCE, linestyle=":", label="warning threshold")
+        _finish(unseen, "log π/π_ref (nats)", "Held-out responses (dispersion)")
+        if not chosen:
+            unseen.text(0.5, 0.5, "no evaluation records\n(set eval_steps and an eval dataset)", ha="center",
+                        va="center", transform=unseen.transAxes)
+    else:
+        for ax in (ratio, unseen):
+            ax.text(0.5, 0.5, "no β: rewards are not log-ratios\nfor this method", ha="center", va="center",
+                    transform=ax.transAxes)
+            ax.set_axis_off()
+    return fig
+
+
+def _plot_saturation(series, ctx, th):
+    if not series.get("rewards/margins") and not series.get("rewards/accuracies"):
+        return None
+    fig, (margins, accuracy) = _panels(2)
+    _line(margins, _points(series, "rewards/margins"), "training pairs", color="tab:blue")
+    _line(margins, _points(series, "eval_rewards/margins"), "held-out pairs", color=HELD_OUT, linestyle="--")
+    _finish(margins, "reward margin r(y_w) − r(y_l)", "Reward margin")
+    _line(accuracy, _points(series, "rewards/accuracies"), "training pairs", color="tab:blue")
+    _line(accuracy, _points(series, "eval_rewards/accuracies"), "held-out pairs", color=HELD_OUT, linestyle="--")
+    accuracy.axhline(th.saturated_accuracy, color=REFERENCE, linestyle=":", label="saturation threshold")
+    accuracy.set_ylim(0, 1.02)
+    _finish(accuracy, "fraction of pairs with r(y_w) > r(y_l)", "Reward accuracy (saturation)")
+    return fig
+
+
+def _plot_verbosity(series, ctx, th):
+    sampled, corr = _points(series, "length"), _points(series, "lengths/margin_corr")
+    if not sampled and not corr and not series.get("lengths/chosen"):
+        return None
+    fig, (length, correlation) = _panels(2)
+    _line(length, sampled, "policy samples", color="tab:blue", linewidth=2.5)
+    _line(length, _points(series, "ref_length"), "π_ref samples", color=REFERENCE, linestyle="--")
+    _line(length, _points(series, "lengths/chosen"), "chosen (training pairs)", color=CHOSEN, linestyle=":")
+    _line(length, _points(series, "lengths/rejected"), "rejected (training pairs)", color=REJECTED, linestyle=":")
+    _finish(length, "response length (tokens)", "Length over training (verbosity)")
+    _line(correlation, corr, "training pairs", color="tab:blue")
+    _line(correlation, _points(series, "eval_lengths/margin_corr"), "held-out pairs", color=HELD_OUT, linestyle="--")
+    correlation.axhline(0, color=REFERENCE, linewidth=0.8)
+    correlation.set_ylim(-1, 1)
+    _finish(correlation, "Pearson r(margin, |y_w| − |y_l|)", "Does the margin follow length?")
+    return fig
+
+
+def _plot_gold(series, ctx, th):
+    import numpy as np
+
+    from preftune.training.health import fit_gao, gold_points
+
+    points = gold_points(series)
+    if not points:
+        return None
+    reference = _points(series, "ref_gold_reward")
+    r0 = reference[-1][1] if reference else None
+    fig, (frontier, proxy) = _panels(2)
+    steps, d, reward = zip(*points)
+    frontier.plot(d, reward, color="tab:blue", marker="o", label="policy checkpoints")
+    for step, x, y in points:
+        frontier.annotate(str(step), (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
+    if r0 is not None:
+        frontier.scatter([0], [r0], color=REFERENCE, zorder=3, label="π_ref")
+    fits = fit_gao(d, reward, r0)
+    grid = np.linspace(0, max(d) * 1.15, 100)
+    names = {"rl": "fit d(α − β·ln d)", "bon": "fit d(α − β·d) (best-of-n form)"}
+    for form, style in (("rl", "-"), ("bon", ":")):
+        if form in fits:
+            frontier.plot(grid, fits[form](grid), color="tab:orange", linestyle=style, label=names[form])
+    peak = max(points, key=lambda p: p[2])
+    frontier.scatter([peak[1]], [peak[2]], s=120, facecolors="none", edgecolors="black", zorder=4,
+                     label=f"peak (step {peak[0]})")
+    _finish(frontier, "mean gold reward", "Gold reward against √KL (Gao et al.)", xlabel="√KL(π‖π_ref) (√nats)")
+    _line(proxy, list(zip(steps, reward)), "gold reward", color="tab:blue")
+    _finish(proxy, "mean gold reward", "Gold reward and the proxy over steps")
+    margins = _points(series, "rewards/margins")
+    if margins:
+        twin = proxy.twinx()
+        twin.plot(*zip(*margins), color="tab:orange", linestyle="--", label="training reward margin (proxy)")
+        twin.set_ylabel("training reward margin")
+        handles = proxy.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        proxy.legend(handles, [h.get_label() for h in handles], fontsize=8)
+    return fig
+
+
+def _plot_eos(series, ctx, th):
+    eos = _points(series, "eos_rate")
+    if not eos:
+        return None
+    fig, (ax,) = _panels(1)
+    _line(ax, eos, "policy samples", color="tab:blue", linewidth=2.5)
+    _line(ax, _points(series, "ref_eos_rate"), "π_ref samples", color=REFERENCE, linestyle="--")
+    ax.set_ylim(0, 1.02)
+    _finish(ax, "fraction of samples ending with EOS", "EOS rate")
+    return fig
+
+
+def _plot_optimisation(series, ctx, th):
+    from preftune.training.health import grad_spikes
+
+    norms, loss = _points(series, "grad_norm"), series.get("loss", [])
+    if not norms and not loss:
+        return None
+    fig, (grad, losses) = _panels(2)
+    _line(grad, norms, "gradient norm (before clipping)", color="tab:blue")
+    spikes = grad_spikes(norms, th)
+    if spikes:
+        grad.scatter([s for s, _, _ in spikes], [v for _, v, _ in spikes], color="red", zorder=3, label="spike")
+    _finish(grad, "‖g‖₂", "Gradient norm")
+    _line(losses, [(s, v) for s, v in loss if math.isfinite(v)], "training loss", color="tab:blue")
+    _line(losses, _points(series, "eval_loss"), "held-out loss", color=HELD_OUT, linestyle="--")
+    bad = sorted({s for points in series.values() for s, v in points if not math.isfinite(v)})
+    for i, step in enumerate(bad):
+        losses.axvline(step, color="red", alpha=0.6, label="non-finite value" if i == 0 else None)
+    _finish(losses, "loss", "Loss (non-finite values in red)")
+    return fig
+
+
+# (plot id, title, the checks it illustrates, function)
+HEALTH_PLOTS = [
+    ("likelihood", "Log-likelihoods: training pairs and held-out responses", ("likelihood", "dispersion"),
+     _plot_likelihoods),
+    ("saturation", "Margins and accuracies", ("saturation",), _plot_saturation),
+    ("verbosity", "Length", ("verbosity",), _plot_verbosity),
+    ("over_optimisation", "Gold reward against √KL", ("over_optimisation",), _plot_gold),
+    ("eos", "EOS rate", ("eos",), _plot_eos),
+    ("optimisation", "Gradient norm and loss", ("grad_spikes", "non_finite"), _plot_optimisation),
+]
+
+
+def _png_base64(fig: Figure, dpi: int = 90) -> tuple[str, int, int]:
+    """The figure as a base64 PNG and its size in pixels (the page reserves the space before decoding it)."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    width, height = (round(x * dpi) for x in fig.get_size_inches())
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii"), width, height
+
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; padding: 20px 28px;
+       max-width: 1500px; color: #1d1d1f; }
+h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28px; }
+.meta { color: #555; font-size: 13px; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; }
+td, th { border-bottom: 1px solid #ddd; padding: 6px 8px; text-align: left; vertical-align: top; }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-weight: 600; font-size: 12px; }
+.ok { background: #d9f2dd; color: #17612a; } .warning { background: #fde2c4; color: #8a4200; }
+.nodata { background: #e8e8ec; color: #555; }
+figure { margin: 10px 0 22px 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: 13px; color: #333; margin-top: 4px; }
+"""
+
+
+def _badge(status: str) -> str:
+    css = {"ok": "ok", "warning": "warning"}.get(status, "nodata")
+    return f'<span class="badge {css}">{html.escape(status)}</span>'
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, thresholds=None) -> HealthReport:
+    """Write ``report.html`` and ``report.md`` for the run in ``run_dir`` (into ``out_dir``, default the run folder).
+
+    Reads ``metrics.jsonl`` (training, ``eval_`` and sample-evaluation records) and ``config.yaml`` (β, learning
+    rate, for the suggestions); runs every check of :mod:`preftune.training.health`.
+    """
+    from preftune.errors import RunDirError
+    from preftune.training.health import Thresholds, run_checks, series_from_records
+
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise RunDirError(f"{run_dir}: no metrics.jsonl here; give the folder of a run (output_dir of "
+                          "`preftune train`, e.g. runs/demo/dpo)")
+    try:
+        records = read_metrics(metrics)
+    except json.JSONDecodeError as err:
+        raise RunDirError(f"{metrics}, line {err.lineno}: not valid JSON ({err.msg})") from err
+    if not records:
+        raise RunDirError(f"{metrics} holds no records yet; run again once the run has logged (logging_steps)")
+    out_dir = Path(out_dir) if out_dir is not None else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    thresholds = thresholds or Thresholds()
+    ctx = run_context(run_dir)
+    series = series_from_records(records)
+    results = run_checks(series, ctx, thresholds)
+    by_name = {r.name: r for r in results}
+    summary = _read_json(run_dir / "summary.json")
+    last_step = max((s for points in series.values() for s, _ in points), default=0)
+    title = f"Health report: {run_dir.resolve().name}"
+    beta = f"β = {ctx.beta:g}" if ctx.beta else "β: not a log-ratio method"
+    meta = (f"{run_dir} · methods {', '.join(ctx.methods) or '?'} · {beta} · learning rate "
+            f"{ctx.learning_rate if ctx.learning_rate is not None else '?'} · {len(records)} records up to step "
+            f"{last_step}" + (f" · {summary['train_runtime_s']:.0f} s of training" if "train_runtime_s" in summary
+                              else ""))
+    warnings = [r for r in results if r.warning]
+    verdict = (f"{len(warnings)} warning(s): {', '.join(r.name for r in warnings)}" if warnings
+               else "no warnings")
+
+    rows = "".join(f"<tr><td>{html.escape(r.title)}</td><td>{_badge(r.status)}</td><td>{html.escape(r.evidence)}"
+                   f"</td><td>{html.escape(r.suggestion) if r.warning else ''}</td></tr>" for r in results)
+    sections, plots = [], []
+    # The plots behind warnings first: what needs attention is at the top of the page.
+    ordered = sorted(HEALTH_PLOTS, key=lambda plot: not any(by_name[c].warning for c in plot[2]))
+    for plot_id, plot_title, checks, draw in ordered:
+        fig = draw(series, ctx, thresholds)
+        notes = "".join(f"<li>{_badge(by_name[c].status)} {html.escape(by_name[c].title)}: "
+                        f"{html.escape(by_name[c].evidence)}</li>" for c in checks)
+        if fig is None:
+            body = '<p class="meta">no data for this plot in metrics.jsonl</p>'
+        else:
+            plots.append(plot_id)
+            png, width, height = _png_base64(fig)
+            body = (f'<figure id="plot-{plot_id}" class="plot"><img alt="{html.escape(plot_title)}" width="{width}" '
+                    f'height="{height}" src="data:image/png;base64,{png}"><figcaption><ul>{notes}</ul></figcaption>'
+                    "</figure>")
+        sections.append(f"<h2>{html.escape(plot_title)}</h2>{body}")
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f'<p class="meta">{html.escape(meta)}</p><p><b>{html.escape(verdict)}</b></p>'
+            "<table><tr><th>check</th><th>status</th><th>evidence</th><th>suggestion</th></tr>"
+            f"{rows}</table>{''.join(sections)}</body></html>\n")
+    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    html_path.write_text(page, encoding="utf-8")
+    md_path.write_text(health_markdown(results, title, meta, verdict), encoding="utf-8")
+    return HealthReport(html_path, md_path, results, plots)
+
+
+def health_markdown(results, title: str, meta: str, verdict: str) -> str:
+    """The checks as a markdown page: verdict, then one table row per check."""
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731
+    lines = [f"# {title}", "", meta, "", f"**{verdict}**", "", "| check | status | evidence | suggestion |",
+             "|---|---|---|---|"]
+    lines += [f"| {r.title} | {r.status} | {cell(r.evidence)} | {cell(r.suggestion) if r.warning else ''} |"
+              for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def report_command(run_dir: str, out: str | None = None) -> str:
+    """``preftune report``: write the report; return the markdown summary and where the files are."""
+    report = write_report(run_dir, out)
+    return f"{report.markdown.read_text(encoding='utf-8')}\nwritten: {report.html} and {report.markdown}"

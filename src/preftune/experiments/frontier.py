@@ -26,7 +26,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from preftune.demo.pipeline import DemoSettings, World, build_world, train_stage
+from preftune.demo.pipeline import DemoSettings, World, build_world, sample_record, train_stage
 from preftune.evaluation.metrics import evaluate_policy
 from preftune.evaluation.report import plot_frontier
 from preftune.methods.registry import get_method
@@ -128,7 +128,7 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
             evaluating["cpu"] += time.process_time() - cpu
             run_points.append({"method": label, "step": step, "kl": metrics["kl"], "reward": metrics["reward"],
                                "length": metrics["length"]})
-            return {"gold_reward": metrics["reward"], "kl_to_ref": metrics["kl"], "length": metrics["length"]}
+            return sample_record(metrics, reference_rollout)  # what `preftune report` reads
 
         began, cpu = time.perf_counter(), time.process_time()
         with PeakMemory() as memory:

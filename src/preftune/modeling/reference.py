@@ -118,10 +118,10 @@ def _checksum(values: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).hexdigest()
 
 
-def load_cached(path: Path, rows: int) -> np.ndarray | None:
-    """Cached reference log-probs ``[rows, 2]``, or None when absent or not to be trusted: unreadable or truncated,
-    another row count, a checksum that does not match its sidecar ``.json``, or non-finite values. Each reason is
-    logged; the caller recomputes and overwrites."""
+def load_cached(path: Path, rows: int, columns: int = 2) -> np.ndarray | None:
+    """Cached reference log-probs ``[rows, columns]`` (two per pair by default), or None when absent or not to be
+    trusted: unreadable or truncated, another shape, a checksum that does not match its sidecar ``.json``, or
+    non-finite values. Each reason is logged; the caller recomputes and overwrites."""
     meta_path = path.with_suffix(".json")
     if not path.exists():
         return None
@@ -132,8 +132,9 @@ def load_cached(path: Path, rows: int) -> np.ndarray | None:
         log.warning("reference cache %s is unreadable (%s: %s); recomputing it", path, type(err).__name__, err)
         return None
     problem = None
-    if values.shape != (rows, 2) or meta.get("rows") != rows:
-        problem = f"it holds {values.shape[0] if values.ndim else 0} rows ({meta.get('rows')} recorded), not {rows}"
+    if values.shape != (rows, columns) or meta.get("rows") != rows:
+        problem = (f"it holds shape {tuple(values.shape)} ({meta.get('rows')} rows recorded), not "
+                   f"({rows}, {columns})")
     elif meta.get("checksum") != _checksum(values):
         problem = "its checksum does not match the values (changed after it was written)"
     elif not np.isfinite(values).all():

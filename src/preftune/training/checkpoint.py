@@ -39,8 +39,8 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Keys that change how a run is watched or stored, not what it computes: a resume may change these.
 OPERATIONAL_KEYS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "eval_steps", "save_steps",
-    "save_total_limit", "report_to", "run_name", "disable_tqdm", "cache_dir", "per_device_eval_batch_size",
-    "precompute_ref_log_probs", "logprob_chunk_size", "eval_dataset", "eval_split",
+    "save_total_limit", "report_to", "run_name", "disable_tqdm", "health_checks", "cache_dir",
+    "per_device_eval_batch_size", "precompute_ref_log_probs", "logprob_chunk_size", "eval_dataset", "eval_split",
     "push_to_hub", "hub_model_id", "hub_private_repo", "hub_token",
 })
 

@@ -35,6 +35,7 @@ from preftune.modeling.reward import RewardModel
 from preftune.rollout.judges import CallableJudge, load_judge
 from preftune.training import checkpoint, memory
 from preftune.training.fsdp import fsdp_on_cpu
+from preftune.training.health import HealthCallback
 from preftune.training.objective import LossSpec, NonFiniteLoss, batch_loss
 from preftune.training.online import OnlineBatches
 from preftune.training.online import summary as online_summary
@@ -177,6 +178,8 @@ class PreferenceTrainer:
     methods' samples (a Judge, or a function of (prompts, completions)); ``callbacks`` are functions called after
     every optimizer step with ``(step, model)`` (their returned metrics are logged) or objects with any of
     ``on_step_end(step, model)``, ``on_log(record)``, ``on_evaluate(record)`` and ``on_train_end(result)``.
+    Built in (``health_checks: true``): :class:`preftune.training.health.HealthCallback`, which reads every logged
+    record and warns once per failing health check (log, progress bar, ``summary.json``'s ``health``).
 
     ``train()`` runs the loop; ``evaluate()`` gives the held-out metrics now (before, during or after training);
     ``save_model(path)`` writes the policy in Hugging Face format with its tokenizer; ``model`` is the policy.
@@ -202,6 +205,7 @@ class PreferenceTrainer:
                               "set judge to a reward-model folder, 'module:function' or 'gold' (the demo world), "
                               "or pass judge= to the trainer")
         self.session: Session | None = None
+        self.health: HealthCallback | None = None  # the built-in health checks of the current or last train()
 
     @property
     def model(self) -> nn.Module | None:
@@ -284,8 +288,12 @@ class PreferenceTrainer:
             state = checkpoint.load_checkpoint(acc, resume, moving_reference)
             log.info("resumed from %s at step %d", resume, state["global_step"])
 
+        # Built in: the health checks see every logged record (training, eval_, step callbacks) and warn once each.
+        self.health = HealthCallback.from_config(cfg) if cfg.health_checks else None
         metrics_log = open_metrics(cfg, acc, out, state["global_step"], resumed=resume is not None,
-                                   callbacks=self.callbacks)
+                                   callbacks=[*self.callbacks, *([self.health] if self.health else [])])
+        if resume is not None and self.health is not None:  # the checks judge the whole run, not only this part
+            self.health.replay(metrics_log.records())
         self._log_start(inputs, reference, total_steps, num_epochs, budget)
 
         window = MetricWindow()
@@ -351,7 +359,7 @@ class PreferenceTrainer:
                         shown["reward"] = f"{record['reward']:.3f}"
                     if "rewards/accuracies" in record:
                         shown["acc"] = f"{record['rewards/accuracies']:.2f}"
-                    bar.set_postfix(shown)
+                    bar.set_postfix(shown | (self.health.postfix() if self.health is not None else {}))
                 if inputs.eval is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
                     result.eval_metrics = self._evaluate(session, step, metrics_log)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
@@ -377,7 +385,8 @@ class PreferenceTrainer:
                        "eval": result.eval_metrics, "reference": reference.name, "methods": cfg.methods,
                        "parameters": inputs.parameter_counts, "data": inputs.data_reports,
                        "layout": inputs.collator.describe(), "final_dir": str(result.final_dir), "memory": held(),
-                       **({"online": online_summary(online)} if online is not None else {})}
+                       **({"online": online_summary(online)} if online is not None else {}),
+                       **({"health": self.health.summary()} if self.health is not None else {})}
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.end_training()
         self._train_end(result)

@@ -135,6 +135,11 @@ def batch_loss(
         window.add("logps/rejected", s_b[keep])
         window.add("logits/chosen", logits_a[keep])
         window.add("logits/rejected", logits_b[keep])
+        # What the verbosity check reads (preftune.training.health): lengths, and whether the margin follows them.
+        window.add("lengths/chosen", t_a[keep])
+        window.add("lengths/rejected", t_b[keep])
+        window.add_correlation("lengths/margin_corr", (result.chosen_rewards - result.rejected_rewards)[keep],
+                               (t_a - t_b)[keep])
     elif spec.kind == "unpaired":
         desirable = batch["desirable"]
         window.add("logps/chosen", s_a[desirable])

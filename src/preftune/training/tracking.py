@@ -26,6 +26,15 @@ class MetricWindow:
         self.sums[name] += values.sum().item()
         self.counts[name] += values.numel()
 
+    def add_correlation(self, name: str, x: Tensor, y: Tensor) -> None:
+        """Pearson's correlation of ``x`` and ``y`` ``[B]`` over every example of the window, all processes and
+        micro-batches together (so it does not depend on how they are split): the window keeps the moments
+        E[x], E[y], E[x²], E[y²], E[xy] and ``values()`` gives ρ = cov / (σ_x σ_y), or leaves ``name`` out when
+        either side is constant (at step 0 every DPO margin is 0)."""
+        x, y = x.detach().double().flatten(), y.detach().double().flatten()
+        for moment, values in (("x", x), ("y", y), ("xx", x * x), ("yy", y * y), ("xy", x * y)):
+            self.add(f"{_MOMENT}{name}/{moment}", values)
+
     def values(self, accelerator: Accelerator) -> dict[str, float]:
         names = sorted(self.sums)
         if not names:
@@ -35,7 +44,18 @@ class MetricWindow:
         packed = accelerator.reduce(packed, reduction="sum")
         self.sums.clear()
         self.counts.clear()
-        return {n: (s / c if c else math.nan) for n, s, c in zip(names, packed[0].tolist(), packed[1].tolist())}
+        means = {n: (s / c if c else math.nan) for n, s, c in zip(names, packed[0].tolist(), packed[1].tolist())}
+        out = {n: v for n, v in means.items() if not n.startswith(_MOMENT)}
+        for name in {n[len(_MOMENT):].rsplit("/", 1)[0] for n in means if n.startswith(_MOMENT)}:
+            m = {k: means[f"{_MOMENT}{name}/{k}"] for k in ("x", "y", "xx", "yy", "xy")}
+            var_x, var_y = m["xx"] - m["x"] ** 2, m["yy"] - m["y"] ** 2
+            scale = max(abs(m["xx"]), abs(m["yy"]), 1e-30)
+            if var_x > 1e-10 * scale and var_y > 1e-10 * scale:  # below float noise: nothing to correlate
+                out[name] = (m["xy"] - m["x"] * m["y"]) / math.sqrt(var_x * var_y)
+        return out
+
+
+_MOMENT = "_moment:"  # window keys of add_correlation's moments, never logged themselves
 
 
 class MetricsLog:
@@ -58,6 +78,12 @@ class MetricsLog:
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
         return len(lines) - len(kept)
+
+    def records(self) -> list[dict]:
+        """The records in the file (main process; ``[]`` elsewhere or before the first)."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def write(self, record: dict) -> None:
         if self.accelerator.is_main_process:
