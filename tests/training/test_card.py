@@ -142,3 +142,18 @@ def test_a_local_base_models_license_is_carried(tmp_path):
     (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
     cfg = build_config({"model_name_or_path": str(base)})
     assert front_matter(render_card(effective_config(cfg), {}, adapter=False))["license"] == "apache-2.0"
+
+
+def test_a_training_run_writes_its_card_in_final(tmp_path, tok):
+    """The one loop passes its resolved config and summary to the export: a trained final/ has its card."""
+    from preftune import train
+
+    result = train(dict(method="ipo", beta=0.5, output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                        max_steps=2, per_device_train_batch_size=4, disable_tqdm=True, bf16=False, logging_steps=1),
+                   model=build_tiny_model(tok, seed=0), tokenizer=tok, train_dataset=ROWS)
+    text = (result.final_dir / "README.md").read_text()
+    summary = json.loads((result.final_dir.parent / "summary.json").read_text())
+    assert "ipo" in front_matter(text)["tags"]
+    assert "| `beta` | 0.5 |" in text
+    assert f"| `loss` | {summary['train']['loss']:.4g} |" in text
+    assert summary["final_dir"] == str(result.final_dir)

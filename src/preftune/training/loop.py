@@ -377,16 +377,19 @@ class PreferenceTrainer:
         if cfg.save_steps:
             checkpoint.save_checkpoint(acc, out, step, {**state, "epoch": num_epochs, "batches_in_epoch": 0},
                                        cfg.save_total_limit, moving_reference)
-        result.final_dir = checkpoint.export_final(acc, policy, inputs.tokenizer, out, cfg.save_merged_model)
         result.global_step = step
+        summary = {"global_step": step, "train_runtime_s": round(train_seconds, 3),
+                   "first_loss": result.first_loss, "train": result.train_metrics,
+                   "eval": result.eval_metrics, "reference": reference.name, "methods": cfg.methods,
+                   "parameters": inputs.parameter_counts, "data": inputs.data_reports,
+                   "layout": inputs.collator.describe(), "processes": acc.num_processes, "memory": held(),
+                   **({"online": online_summary(online)} if online is not None else {}),
+                   **({"health": self.health.summary()} if self.health is not None else {})}
+        # final/ gets its model card (README.md) inside the same atomic write as the weights.
+        result.final_dir = checkpoint.export_final(acc, policy, inputs.tokenizer, out, cfg.save_merged_model,
+                                                   config=effective_config(cfg), summary=summary)
         if acc.is_main_process:
-            summary = {"global_step": step, "train_runtime_s": round(train_seconds, 3),
-                       "first_loss": result.first_loss, "train": result.train_metrics,
-                       "eval": result.eval_metrics, "reference": reference.name, "methods": cfg.methods,
-                       "parameters": inputs.parameter_counts, "data": inputs.data_reports,
-                       "layout": inputs.collator.describe(), "final_dir": str(result.final_dir), "memory": held(),
-                       **({"online": online_summary(online)} if online is not None else {}),
-                       **({"health": self.health.summary()} if self.health is not None else {})}
+            summary["final_dir"] = str(result.final_dir)
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.end_training()
         self._train_end(result)

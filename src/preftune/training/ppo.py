@@ -387,19 +387,21 @@ class Trainer(PreferenceTrainer):
         if cfg.save_steps:
             checkpoint.save_checkpoint(acc, out, step, {**state, "epoch": num_epochs, "batches_in_epoch": 0},
                                        cfg.save_total_limit)
-        result.final_dir = checkpoint.export_final(acc, model, inputs.tokenizer, out, cfg.save_merged_model)
         result.global_step = step
+        summary = {"global_step": step, "optimizer_steps": optimizer_steps,
+                   "train_runtime_s": round(train_seconds, 3), "first_loss": result.first_loss,
+                   "train": result.train_metrics, "eval": result.eval_metrics, "reference": reference.name,
+                   "methods": cfg.methods, "parameters": inputs.parameter_counts, "data": inputs.data_reports,
+                   "layout": inputs.collator.describe(), "processes": acc.num_processes, "memory": held(),
+                   "online": online_summary(online),
+                   "ppo": {"seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                           "rollout_prompts_per_process": rollout_size, "kl_coef": controller.coef,
+                           "reward": judge.name + (" (on the policy's ids)" if on_ids else " (on decoded text)"),
+                           "value_model": critic_label}}
+        result.final_dir = checkpoint.export_final(acc, model, inputs.tokenizer, out, cfg.save_merged_model,
+                                                   config=effective_config(cfg), summary=summary)
         if acc.is_main_process:
-            summary = {"global_step": step, "optimizer_steps": optimizer_steps,
-                       "train_runtime_s": round(train_seconds, 3), "first_loss": result.first_loss,
-                       "train": result.train_metrics, "eval": result.eval_metrics, "reference": reference.name,
-                       "methods": cfg.methods, "parameters": inputs.parameter_counts, "data": inputs.data_reports,
-                       "layout": inputs.collator.describe(), "final_dir": str(result.final_dir), "memory": held(),
-                       "online": online_summary(online),
-                       "ppo": {"seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-                               "rollout_prompts_per_process": rollout_size, "kl_coef": controller.coef,
-                               "reward": judge.name + (" (on the policy's ids)" if on_ids else " (on decoded text)"),
-                               "value_model": critic_label}}
+            summary["final_dir"] = str(result.final_dir)
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.end_training()
         self._train_end(result)
