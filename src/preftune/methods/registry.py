@@ -39,6 +39,25 @@ class LossByName:
 
 
 @dataclass(frozen=True)
+class Rounds:
+    """How a method trained in rounds makes each round's data (``preftune.training.rounds``): sample
+    ``num_generations`` completions per prompt, judge them, pair them, train one run of the loop on the pairs.
+
+    ``sampler``: ``"initial"`` — every round samples the model the run started from (RSO's SFT proposal);
+    ``"policy"`` — the current iterate (SPPO, iterative DPO). ``selection``: ``"rso"`` — statistical rejection
+    sampling down to ``rso_samples`` candidates, paired first-round or by tournament (RSO, arXiv 2309.06657);
+    ``"best_vs_worst"`` — the highest- against the lowest-scored completion. ``reference``: ``"initial"`` — the
+    model the run started from, fixed (``refresh_reference`` makes it the previous iterate); ``"previous"`` —
+    always the previous iterate (SPPO's π_t). ``num_rounds``: the default number of rounds.
+    """
+
+    sampler: Literal["initial", "policy"]
+    selection: Literal["rso", "best_vs_worst"]
+    reference: Literal["initial", "previous"]
+    num_rounds: int
+
+
+@dataclass(frozen=True)
 class Method:
     """A preference method as data.
 
@@ -50,6 +69,9 @@ class Method:
     pass summed log-probs). ``uses_chosen_nll``: the loss contains an NLL term on the chosen completion.
     ``defaults`` holds a value for every hyper-parameter the loss takes. ``data="groups"``: completions of one
     prompt sampled together (:class:`~losses.GroupLogps`, RLOO and GRPO), always ``online``.
+    ``extras``: per-example columns the loss reads besides log-probs (``PairLogps.extras``); every training row
+    must carry them, the data layer keeps them through tokenization and the collator batches them.
+    ``rounds``: the method trains in rounds of sample → judge → pairs → one run of the loop (:class:`Rounds`).
     """
 
     name: str
@@ -64,6 +86,8 @@ class Method:
     uses_average_logps: bool = False
     uses_chosen_nll: bool = False
     model: Literal["causal_lm", "reward"] = "causal_lm"  # reward: a sequence-classification head scores y
+    extras: tuple[str, ...] = ()
+    rounds: Rounds | None = None
     defaults: Mapping[str, float | str] = field(default_factory=dict)
     summary: str = ""
 
@@ -173,6 +197,25 @@ register(Method("grpo", "grpo", data="groups", online=True, num_generations=8, r
                 summary="GRPO: group-normalised advantages, clipped ratio, β·k3 KL in the loss (β=0: no reference) "
                         "(Shao et al. 2024, 2402.03300)"))
 
+# Rounds: each round samples, judges and pairs completions, then trains one run of the loop on the pairs.
+register(Method("rso", "dpo", num_generations=64, rounds=Rounds("initial", "rso", "initial", num_rounds=1),
+                defaults={"beta": 0.05, "label_smoothing": 0.0},
+                summary="RSO, sigmoid-norm: pairs from π_sft·exp(r/β) by statistical rejection sampling (rso_beta), "
+                        "DPO loss at temperature γ = beta (Liu et al. 2023, 2309.06657)"))
+register(Method("rso_hinge", "hinge", num_generations=64, rounds=Rounds("initial", "rso", "initial", num_rounds=1),
+                defaults={"beta": 0.05},
+                summary="RSO, hinge-norm: the rejection-sampled pairs, max(0, 1 − γ·h) with γ = beta "
+                        "(Liu et al. 2023, 2309.06657)"))
+register(Method("sppo", "sppo", num_generations=5, extras=("chosen_win_prob", "rejected_win_prob"),
+                rounds=Rounds("policy", "best_vs_worst", "previous", num_rounds=3), defaults={"beta": 1e-3},
+                summary="SPPO: K samples of the current iterate, P̂(y ≻ π_t) from the judge, log π/π_t regressed "
+                        "to η(P̂ − ½), η = 1/beta (Wu et al. 2024, 2405.00675)"))
+register(Method("iterative_dpo", "dpo", num_generations=8,
+                rounds=Rounds("policy", "best_vs_worst", "initial", num_rounds=3),
+                defaults={"beta": 0.1, "label_smoothing": 0.0},
+                summary="iterative DPO: rounds of best-of-n vs worst-of-n on-policy pairs, fixed SFT reference "
+                        "(refresh_reference: the previous iterate) (Dong et al. 2024, 2405.07863)"))
+
 
 def get_method(name: str) -> Method:
     """The registered method ``name``; an unknown name is a ConfigError suggesting the closest ones."""
@@ -195,6 +238,11 @@ def run_data(names: list[str]) -> Literal["paired", "unpaired", "sft", "groups"]
         raise ConfigError(f"cannot combine methods that train on different data ({', '.join(sorted(kinds))}): "
                           f"{names}")
     return others.pop() if others else "sft"
+
+
+def run_extras(names: list[str]) -> tuple[str, ...]:
+    """The per-example columns a combination of methods reads (the union of their ``extras``, in order)."""
+    return tuple(dict.fromkeys(extra for name in names for extra in get_method(name).extras))
 
 
 def compute_loss(
@@ -231,5 +279,6 @@ def describe() -> str:
     for m in METHODS.values():
         defaults = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.defaults.items())
         reference = "yes" if m.needs_reference else "no"
-        rows.append(f"| `{m.name}` | {m.data} | {reference} | {defaults} | {m.summary} |")
+        data = "prompts, in rounds" if m.rounds else m.data  # pairs are sampled and judged each round
+        rows.append(f"| `{m.name}` | {data} | {reference} | {defaults} | {m.summary} |")
     return "\n".join(rows)

@@ -154,6 +154,16 @@ class PreferenceTrainer:
 
     # ------------------------------------------------------------------------------------------------
     def train(self) -> RunResult:
+        """One run of the loop; a method trained in rounds (RSO, SPPO, iterative DPO) runs its rounds above the
+        loop, one run of it per round (:mod:`preftune.training.rounds`)."""
+        if self.cfg.rounds is not None:
+            from preftune.training.rounds import train_rounds
+
+            return train_rounds(self)
+        return self.train_once()
+
+    def train_once(self) -> RunResult:
+        """One run of the loop in ``output_dir``, whatever the method."""
         out, resume, lock = open_run_folder(self.cfg, self.accelerator)
         try:
             return self._train(out, resume)
