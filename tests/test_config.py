@@ -29,11 +29,28 @@ def refused(values: dict) -> ConfigError:
 # ---- values that cannot work ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", USES_BETA)
+# β inside the loss (DPO's σ(β·margin), IPO's 1/(2β), …) must be > 0; β as the weight of a KL penalty
+# (GRPO, RLOO) may be 0, which loads no reference.
+KL_WEIGHT_BETA = sorted(name for name in USES_BETA if METHODS[name].reference_weight == "beta")
+LOSS_BETA = sorted(set(USES_BETA) - set(KL_WEIGHT_BETA))
+
+
+@pytest.mark.parametrize("method", LOSS_BETA)
 @pytest.mark.parametrize("beta", [0, -0.1, float("nan")])
-def test_beta_must_be_positive_for_every_method_that_uses_it(method, beta):
+def test_beta_must_be_positive_for_every_method_that_uses_it_in_the_loss(method, beta):
     err = refused({"method": method, "beta": beta})
     assert "beta must be > 0" in str(err)
+
+
+@pytest.mark.parametrize("method", KL_WEIGHT_BETA)
+def test_beta_as_a_kl_weight_may_be_zero_but_not_negative_or_nan(method):
+    assert build_config({"method": method, "beta": 0}).beta == 0
+    for beta in (-0.1, float("nan")):
+        assert "beta must be >= 0" in str(refused({"method": method, "beta": beta}))
+
+
+def test_the_kl_weight_methods_are_the_critic_free_rl_ones():
+    assert KL_WEIGHT_BETA == ["grpo", "rloo"]
 
 
 def test_ipo_with_beta_zero_is_a_config_error_not_a_division_by_zero():

@@ -31,6 +31,7 @@ EXIT_CODES = {
     "resume": errors.ResumeError.exit_code,
     "model": errors.ModelError.exit_code,
     "training": errors.TrainingError.exit_code,
+    "hub": errors.HubError.exit_code,
     "disk full": EXIT_DISK_FULL,
     "not writable": EXIT_NOT_WRITABLE,
     "file not found": EXIT_NOT_FOUND,
@@ -46,6 +47,7 @@ EPILOG = """examples:
   accelerate launch -m preftune.cli train run.yaml # data-parallel / FSDP / DeepSpeed
   preftune methods                                 # the methods and their defaults
   preftune config                                  # every config key with its default
+  preftune annotate serve --pairs pairs.jsonl      # people label pairs in a browser; then `annotate export`
 
 """ + textwrap.fill("exit codes: 0 done · " + " · ".join(f"{code} {kind}" for kind, code in EXIT_CODES.items())
                     + " · 1 with a traceback: a bug, please report it (--debug or PREFTUNE_DEBUG=1 shows the "
@@ -87,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--beta", type=float, default=0.1)
     ev.add_argument("--num-samples", type=int, default=1)
     ev.add_argument("--out", help="write the metrics as JSON here")
+    ev.add_argument("--samples-out", help="write the compared samples as JSONL of {prompt, policy, reference, "
+                    "policy_score, reference_score, judge} (for `preftune annotate serve --samples`)")
     for command in (pairs, ev):
         command.add_argument("--max-new-tokens", type=int, default=64)
         command.add_argument("--temperature", type=float, default=1.0)
@@ -98,11 +102,51 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("name", choices=["frontier"])
     exp.add_argument("--output-dir", default="experiments/frontier")
     exp.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
+    annotate_actions = _annotate_parser(sub)
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("config", help="list every config key with its default")
-    for command in sub.choices.values():  # `preftune train run.yaml --debug` as well as `preftune --debug train …`
+    # `preftune train run.yaml --debug` as well as `preftune --debug train …`
+    for command in [*sub.choices.values(), *annotate_actions]:
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+def _annotate_parser(sub) -> list[argparse.ArgumentParser]:
+    """``preftune annotate load | serve | export | report``: people label pairs and judge policy against reference."""
+    annotate = sub.add_parser("annotate", help="people in the loop: label pairs, blind human evaluation (web app)",
+                              description="pairs (preftune pairs) or eval samples (preftune eval --samples-out) → "
+                              "a web page where named annotators compare two responses in random order → preference "
+                              "JSONL for preftune train, agreement, and the human win rate beside the judge's")
+    actions = annotate.add_subparsers(dest="action", required=True)
+    db_help = "annotation database: a SQLite file (created if absent) or sqlite:///path"
+    files = []
+    for name, help_text in (("load", "load pairs and/or evaluation samples into the database"),
+                            ("serve", "serve the annotation page (loads --pairs/--samples first)")):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("--db", default="annotations.sqlite", help=db_help)
+        action.add_argument("--pairs", action="append", default=[], metavar="FILE",
+                            help="pairs JSONL as `preftune pairs` writes (repeatable)")
+        action.add_argument("--samples", action="append", default=[], metavar="FILE",
+                            help="policy vs reference samples as `preftune eval --samples-out` writes (repeatable); "
+                            "annotated blind")
+        files.append(action)
+    serve = files[1]
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback needs --token")
+    serve.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    serve.add_argument("--token", help="access token (>= 16 characters; or PREFTUNE_ANNOTATE_TOKEN); on loopback a "
+                       "random one is made and printed in the page's URL")
+    serve.add_argument("--votes-per-item", type=int, default=1,
+                       help="labels wanted per item (2 or more gives annotator agreement)")
+    export = actions.add_parser("export", help="write the labelled pairs as preference JSONL for preftune train")
+    export.add_argument("--db", default="annotations.sqlite", help=db_help)
+    export.add_argument("--out", required=True, help="output JSONL of {prompt, chosen, rejected, votes}")
+    export.add_argument("--task", choices=["pairs", "eval"], default="pairs",
+                        help="eval exports the blind comparisons as preferences too")
+    export.add_argument("--source", help="only the items loaded from this file (as `report` lists the sources)")
+    report = actions.add_parser("report", help="counts, agreement, position bias, human vs judge win rate")
+    report.add_argument("--db", default="annotations.sqlite", help=db_help)
+    report.add_argument("--out", help="write the report as JSON here")
+    return [*files, export, report]
 
 
 def _split_config_and_overrides(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -198,6 +242,19 @@ def _run(args: argparse.Namespace) -> int:
 
         options = {k: v for k, v in vars(args).items() if k != "command"}
         print((commands.pairs_command if args.command == "pairs" else commands.eval_command)(**options))
+        return 0
+    if args.command == "annotate":
+        from preftune.annotate import commands as annotate
+
+        if args.action == "load":
+            print(annotate.load_command(args.db, args.pairs, args.samples))
+        elif args.action == "serve":
+            annotate.serve_command(args.db, args.pairs, args.samples, host=args.host, port=args.port,
+                                   token=args.token, votes_per_item=args.votes_per_item)
+        elif args.action == "export":
+            print(annotate.export_command(args.db, args.out, args.task, args.source))
+        else:
+            print(annotate.report_command(args.db, args.out))
         return 0
     if args.command == "methods":
         from preftune.methods.registry import describe

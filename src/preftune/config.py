@@ -32,8 +32,144 @@ import yaml
 from preftune.errors import ConfigError
 from preftune.methods.registry import METHODS, get_method, run_data
 
-# Accepted for familiarity (TRL's and the CLI's names); mapped onto our own names.
-ALIASES = {"loss_type": "method", "model": "model_name_or_path", "ref_model": "ref_model_name_or_path"}
+# Accepted for familiarity (TRL's, transformers' and the CLI's names); mapped onto our own names.
+ALIASES = {"loss_type": "method", "model": "model_name_or_path", "ref_model": "ref_model_name_or_path",
+           "packing": "padding_free", "torch_dtype": "dtype", "dataset_name": "dataset",
+           "dataset_train_split": "dataset_split", "dataset_test_split": "eval_split",
+           "chat_template_path": "chat_template", "max_seq_length": "max_length"}
+
+# TRL's loss_type values that name a preftune method differently (the others are the same names).
+TRL_LOSS_TYPES = {"sigmoid": "dpo"}
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """An optimizer by transformers' ``optim`` name: ``module.name`` built by training.loop.build_optimizer."""
+
+    module: str
+    name: str
+    package: str | None = None  # what to pip install when it is not torch
+    state: str = ""  # what it keeps per trainable parameter
+
+
+_ADAMW = Optimizer("torch.optim", "AdamW", state="m and v in fp32: 8 bytes per parameter")
+_BNB_8BIT = "m and v in 8 bits with an fp32 scale per 256 values: ≈2.03 bytes per parameter (tensors under 4096 " \
+    "values keep fp32 states)"
+OPTIMIZERS = {
+    "adamw": _ADAMW,
+    "adamw_torch": _ADAMW,
+    "adamw_torch_fused": _ADAMW,
+    "rmsprop": Optimizer("torch.optim", "RMSprop", state="v in fp32: 4 bytes per parameter"),
+    # 8-bit states (Dettmers et al. 2022, arXiv 2110.02861). Paged states move to CPU memory under GPU memory
+    # pressure; on a CPU they are the plain ones.
+    "adamw_bnb_8bit": Optimizer("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", _BNB_8BIT),
+    "adamw_8bit": Optimizer("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", _BNB_8BIT),
+    "paged_adamw_8bit": Optimizer("bitsandbytes.optim", "PagedAdamW8bit", "bitsandbytes", _BNB_8BIT),
+    "paged_adamw_32bit": Optimizer("bitsandbytes.optim", "PagedAdamW32bit", "bitsandbytes",
+                                   "m and v in fp32, paged: 8 bytes per parameter"),
+    "adamw_torch_8bit": Optimizer("torchao.optim", "AdamW8bit", "torchao", "m and v in 8 bits (torchao)"),
+    "adamw_torch_4bit": Optimizer("torchao.optim", "AdamW4bit", "torchao", "m and v in 4 bits (torchao)"),
+}
+
+
+@dataclass(frozen=True)
+class TrlKey:
+    """A TRL / transformers config key preftune has no field for: what to do instead (``advice``), and the values
+    it accepts because they describe what preftune does anyway (``accepts``; such a key is then dropped)."""
+
+    advice: str
+    accepts: Callable[[Any], bool] | None = None
+
+
+def _is(*values: Any) -> Callable[[Any], bool]:
+    return lambda value: value in values
+
+
+_EVAL = ("preftune evaluates when there is evaluation data (eval_dataset, or eval_split_size > 0): every "
+         "eval_steps steps, or once at the end when eval_steps is null")
+_NOT_NEEDED = "remove it"
+TRL_KEYS: dict[str, TrlKey] = {
+    # --- what the loop does anyway: accepted with the value that says so -------------------------------------
+    "eval_strategy": TrlKey(f"{_EVAL}; 'steps' (every eval_steps, by default logging_steps) and 'no' are accepted; "
+                            "for 'epoch' set eval_steps to the steps of an epoch", _is("steps", "no")),
+    "evaluation_strategy": TrlKey(f"{_EVAL}; 'steps' (every eval_steps, by default logging_steps) and 'no' are "
+                                  "accepted; for 'epoch' set eval_steps to the steps of an epoch", _is("steps", "no")),
+    "save_strategy": TrlKey("preftune checkpoints every save_steps steps (null: none); 'steps' (by default every "
+                            "500 steps) and 'no' are accepted; for 'epoch' set save_steps", _is("steps", "no")),
+    "logging_strategy": TrlKey("preftune logs every logging_steps steps and the last one; 'steps' is accepted",
+                               _is("steps")),
+    "do_train": TrlKey("`preftune train` trains; true is accepted", _is(True)),
+    "do_eval": TrlKey(_EVAL, _is(True, False)),
+    "remove_unused_columns": TrlKey("preftune keeps the columns each format needs and never drops yours silently",
+                                    _is(True, False)),
+    "gradient_checkpointing_kwargs": TrlKey(
+        "gradient checkpointing always runs with use_reentrant=False (the mode that works with LoRA and frozen "
+        "embeddings); {use_reentrant: false} is accepted", lambda v: v in ({"use_reentrant": False}, None, {})),
+    "truncation_mode": TrlKey("prompts longer than max_prompt_length keep their end, completions keep their start "
+                              "(max_completion_length, max_length); 'keep_start' (TRL's default) is accepted",
+                              _is("keep_start")),
+    "f_divergence_type": TrlKey("only the reverse KL of standard DPO is implemented; 'reverse_kl' is accepted",
+                                _is("reverse_kl")),
+    "hub_strategy": TrlKey("final/ is uploaded once, at the end of the run; 'end' is accepted", _is("end")),
+    "include_tokens_per_second": TrlKey("tokens_per_second is always logged", _is(True, False)),
+    "include_num_input_tokens_seen": TrlKey("tokens_per_second is always logged", _is(True, False)),
+    "use_liger_kernel": TrlKey("the LM head is already chunked and never builds [batch, seq, vocab] logits "
+                               "(logprob_chunk_size); false is accepted", _is(False)),
+    "use_logits_to_keep": TrlKey("only completion positions go through the LM head already", _is(True, False)),
+    "force_use_ref_model": TrlKey("a reference is used whenever the method needs one", _is(False)),
+    "dataloader_num_workers": TrlKey("batches are built in the main process from the tokenized cache",
+                                     _is(0, None)),
+    # --- not supported: what to do instead ---------------------------------------------------------------------
+    "model_init_kwargs": TrlKey("give the loading options as keys: dtype, attn_implementation, trust_remote_code, "
+                                "load_in_4bit / load_in_8bit (Accelerate places the model; there is no device_map)"),
+    "ref_model_init_kwargs": TrlKey("the reference (ref_model_name_or_path) loads with the policy's options"),
+    "ref_adapter_name": TrlKey("under LoRA the reference is the policy with its adapters disabled (or its "
+                               f"precomputed log-probs); {_NOT_NEEDED}"),
+    "model_adapter_name": TrlKey(f"preftune trains one adapter; {_NOT_NEEDED}"),
+    "dataset_num_proc": TrlKey(f"tokenization runs once and is cached on disk (cache_dir); {_NOT_NEEDED}"),
+    "precompute_ref_batch_size": TrlKey("the reference pass uses per_device_eval_batch_size; set that"),
+    "reference_free": TrlKey("choose a reference-free method: method: simpo, cpo, orpo or slic"),
+    "generate_during_eval": TrlKey("sample and judge with `preftune eval`, or pass a callback to PreferenceTrainer"),
+    "label_pad_token_id": TrlKey(f"padding never reaches the loss; {_NOT_NEEDED}"),
+    "padding_value": TrlKey("the tokenizer's pad token (else EOS) pads; padding never reaches the loss"),
+    "pad_token": TrlKey("set tokenizer.pad_token and save the tokenizer (else EOS pads)"),
+    "is_encoder_decoder": TrlKey("preftune trains causal (decoder-only) language models"),
+    "f_alpha_divergence_coef": TrlKey("f-DPO is not implemented; only standard DPO's reverse KL"),
+    "discopop_tau": TrlKey("DiscoPOP is not implemented (`preftune methods` lists the methods)"),
+    "save_only_model": TrlKey("checkpoints keep the optimizer so that a resume equals an uninterrupted run; final/ "
+                              "holds the model alone"),
+    "load_best_model_at_end": TrlKey("final/ is the last step's model; pick a checkpoint by metrics.jsonl"),
+    "metric_for_best_model": TrlKey("final/ is the last step's model; pick a checkpoint by metrics.jsonl"),
+    "greater_is_better": TrlKey("final/ is the last step's model; pick a checkpoint by metrics.jsonl"),
+    "logging_dir": TrlKey("trackers write under output_dir/logs"),
+    "logging_first_step": TrlKey("metrics are logged every logging_steps steps and at the last step"),
+    "deepspeed": TrlKey("give DeepSpeed to Accelerate: accelerate launch --config_file "
+                        "examples/accelerate/deepspeed_zero3.yaml -m preftune.cli train run.yaml"),
+    "fsdp": TrlKey("give FSDP to Accelerate: accelerate launch --config_file examples/accelerate/fsdp.yaml -m "
+                   "preftune.cli train run.yaml"),
+    "fsdp_config": TrlKey("give FSDP to Accelerate: accelerate launch --config_file examples/accelerate/fsdp.yaml "
+                          "-m preftune.cli train run.yaml"),
+    "ddp_find_unused_parameters": TrlKey("set it in an Accelerate config (accelerate launch --config_file …)"),
+    "auto_find_batch_size": TrlKey("set max_tokens_per_batch: micro-batches of as many examples as fit"),
+    "eval_accumulation_steps": TrlKey(f"evaluation metrics are reduced batch by batch; {_NOT_NEEDED}"),
+    "model_revision": TrlKey("download that revision (hf download NAME --revision REV --local-dir DIR) and give "
+                             "its folder as model_name_or_path"),
+    "dataset_config": TrlKey("load that configuration with datasets.load_dataset and pass it as train_dataset, or "
+                             "save it to a folder (save_to_disk) and give the folder as dataset"),
+    "lora_modules_to_save": TrlKey("not supported yet: LoRA adapters only (a reward model's score head is "
+                                   "trained with them)"),
+    "use_rslora": TrlKey("not supported yet (plain LoRA scaling lora_alpha / lora_r)"),
+    "use_dora": TrlKey("not supported yet (plain LoRA)"),
+    "lora_task_type": TrlKey("set by the method (CAUSAL_LM, or SEQ_CLS for method: reward)"),
+    "bnb_4bit_quant_storage": TrlKey("4-bit weights are stored as uint8 (bitsandbytes' default)"),
+    "use_cpu": TrlKey("preftune uses the GPU when there is one; CUDA_VISIBLE_DEVICES= forces the CPU"),
+    "torch_compile": TrlKey("not supported"),
+    "tf32": TrlKey("set torch.backends.cuda.matmul.allow_tf32 in your own launcher"),
+    "data_seed": TrlKey("seed drives the data order too"),
+    "activation_offloading": TrlKey("not supported; use gradient_checkpointing"),
+    "pad_to_multiple_of": TrlKey("batches are packed without padding (padding_free) or padded to their longest row"),
+    "tools": TrlKey("not supported"),
+}
 
 # report_to names: Accelerate's trackers → (modules, any of which makes it available; the package to install).
 TRACKERS = {
@@ -57,6 +193,13 @@ _STEP_COUNT_KWARGS = ("num_decay_steps", "num_stable_steps", "timescale")
 # lora_target_modules as module names ("q_proj, v_proj"); any other string is PEFT's regex.
 _MODULE_NAMES = re.compile(r"^\s*[\w.]+(\s*,\s*[\w.]+)*\s*,?\s*$")
 
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def is_template_text(value: str) -> bool:
+    """Whether a ``chat_template`` value is the Jinja template itself rather than the path of a file holding it."""
+    return "{%" in value or "{{" in value
+
 
 @dataclass
 class TrainConfig:
@@ -69,6 +212,11 @@ class TrainConfig:
     trust_remote_code: bool = False
     disable_dropout: bool = True
     gradient_checkpointing: bool = False
+    # --- quantized base (QLoRA, through bitsandbytes; TRL's ModelConfig names) ------------------------
+    load_in_4bit: bool = False  # the base model's linear layers in 4 bits; LoRA adapters train on top
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"  # NormalFloat4 (QLoRA, arXiv 2305.14314) or plain FP4
+    use_bnb_nested_quant: bool = False  # quantize the 4-bit blocks' scales too (QLoRA's double quantization)
     # --- data --------------------------------------------------------------------------------------
     dataset: str | None = None  # file, saved datasets folder or Hub name; None: the built-in pairs
     dataset_split: str = "train"
@@ -78,6 +226,10 @@ class TrainConfig:
     skip_invalid_rows: bool = False
     max_length: int | None = 1024
     max_prompt_length: int | None = 512
+    # The longest completion in tokens: training completions are cut to it (keeping their start, counted in the
+    # log); online generation stops there. None: completions are bounded by max_length only (online: 256 tokens).
+    max_completion_length: int | None = None
+    chat_template: str | None = None  # a Jinja file, or the template itself; replaces the tokenizer's own
     # --- method ------------------------------------------------------------------------------------
     method: str | list[str] = "dpo"
     loss_weights: list[float] | None = None
@@ -104,7 +256,6 @@ class TrainConfig:
     online: bool = False  # paired methods: train on pairs sampled from the current policy (Online DPO)
     judge: str | None = None  # a reward-model folder, 'module:function' / 'file.py:function', or 'gold' (demo world)
     num_generations: int | None = None  # completions per prompt (None: the method's default; Online DPO: 2)
-    max_completion_length: int | None = None  # longest completion in tokens (generation budget online; 256 if unset)
     temperature: float = 1.0  # sampling temperature of online generation
     top_p: float = 1.0
     top_k: int = 0  # 0: off
@@ -139,7 +290,7 @@ class TrainConfig:
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-6
-    optim: Literal["adamw", "rmsprop"] = "adamw"
+    optim: str = "adamw"  # transformers' names: adamw_torch, adamw_8bit, paged_adamw_8bit, … (OPTIMIZERS)
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -176,6 +327,11 @@ class TrainConfig:
     run_name: str | None = None
     disable_tqdm: bool = False
     cache_dir: str | None = None  # tokenization and reference caches; default ~/.cache/preftune
+    # --- Hugging Face Hub: final/ (with its model card) uploaded at the end of the run ------------------
+    push_to_hub: bool = False
+    hub_model_id: str | None = None  # "name" or "org/name"
+    hub_private_repo: bool | None = None  # None: the Hub's default for the account or organisation
+    hub_token: str | None = None  # None: HF_TOKEN or the token saved by `hf auth login`; never written to disk
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -218,6 +374,11 @@ class TrainConfig:
         if self.sync_ref_model and self.use_peft and self.ref_model_name_or_path is None:
             raise _invalid(("sync_ref_model", "use_peft"),
                            "sync_ref_model needs a reference model; under LoRA set ref_model_name_or_path")
+        self._check_unused_hparams()
+        self._check_quantization()
+        self._check_optimizer()
+        self._check_chat_template()
+        self._check_hub()
         self._check_online()
         self._check_rounds()
         self.lora_target_modules = _target_modules(self.lora_target_modules)
@@ -225,6 +386,68 @@ class TrainConfig:
         self._check_scheduler()
         return self
 
+    def _check_unused_hparams(self) -> None:
+        """A method's own hyper-parameter given while no method of the run takes it would be ignored: refused (β is
+        left out: every config may carry it)."""
+        used = {n for m in self.methods for n in get_method(m).hparams}
+        for key in sorted({n for m in METHODS.values() for n in m.hparams} - used - {"beta"}):
+            if getattr(self, key, None) is None:
+                continue
+            takers = sorted(m.name for m in METHODS.values() if key in m.hparams)
+            hint = (" (TRL's legacy rpo_alpha: method: rpo is DPO + rpo_alpha·NLL of the chosen, or method: [dpo, "
+                    "sft] with loss_weights: [1, α])") if key == "rpo_alpha" else ""
+            raise _invalid(key, f"{key} is a hyper-parameter of {', '.join(takers)}, not of {self.methods}: it would "
+                           f"be ignored; choose one of those methods or remove {key}{hint}")
+
+    def _check_quantization(self) -> None:
+        quantized = self.load_in_4bit or self.load_in_8bit
+        if self.load_in_4bit and self.load_in_8bit:
+            raise _invalid(("load_in_4bit", "load_in_8bit"), "load_in_4bit and load_in_8bit are exclusive; pick one")
+        if not self.load_in_4bit and (self.bnb_4bit_quant_type != "nf4" or self.use_bnb_nested_quant):
+            raise _invalid(("bnb_4bit_quant_type", "use_bnb_nested_quant"), "bnb_4bit_quant_type and "
+                           "use_bnb_nested_quant apply to a 4-bit base: set load_in_4bit: true, or remove them")
+        if not quantized:
+            return
+        key = "load_in_4bit" if self.load_in_4bit else "load_in_8bit"
+        if not self.use_peft:
+            raise _invalid((key, "use_peft"), f"{key}: a quantized base cannot be trained itself; QLoRA trains LoRA "
+                           "adapters on top of it: set use_peft: true")
+        if self.save_merged_model:
+            raise _invalid((key, "save_merged_model"), f"save_merged_model with {key} would merge the adapters into "
+                           "rounded weights; load the base in bf16 with the adapter from final/ and merge_and_unload "
+                           "there, or set save_merged_model: false")
+        if not _installed("bitsandbytes"):
+            raise _invalid(key, f"{key} needs bitsandbytes: pip install bitsandbytes (or "
+                           "pip install 'preftune[quantization]')")
+
+    def _check_optimizer(self) -> None:
+        spec = OPTIMIZERS.get(self.optim)
+        if spec is None:
+            close = difflib.get_close_matches(self.optim, OPTIMIZERS, n=2, cutoff=0.5) if isinstance(self.optim, str) \
+                else []
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise _invalid("optim", f"optim: {self.optim!r} is not supported here.{hint} Supported: "
+                           f"{', '.join(OPTIMIZERS)}")
+        if spec.package and not _installed(spec.package):
+            raise _invalid("optim", f"optim: {self.optim} needs {spec.package}: pip install {spec.package} (or "
+                           "pip install 'preftune[quantization]'), or use optim: adamw")
+
+    def _check_chat_template(self) -> None:
+        if self.chat_template is None or is_template_text(self.chat_template):
+            return
+        path = Path(self.chat_template).expanduser()
+        if not path.is_file():
+            raise _invalid("chat_template", f"chat_template: {self.chat_template} is neither a file nor a Jinja "
+                           "template; give the path of a .jinja file, or the template itself (it holds {% … %} or "
+                           "{{ … }})")
+
+    def _check_hub(self) -> None:
+        if self.push_to_hub and not self.hub_model_id:
+            raise _invalid(("push_to_hub", "hub_model_id"), "push_to_hub: true needs hub_model_id, the repository "
+                           "to upload final/ to ('name' or 'org/name')")
+        if self.hub_model_id is not None and not _HUB_ID.match(self.hub_model_id):
+            raise _invalid("hub_model_id", f"hub_model_id: {self.hub_model_id!r} is not a Hub repository id; give "
+                           "'name' or 'org/name' (letters, digits, '-', '_', '.')")
     @property
     def generation_budget(self) -> int:
         """The longest completion an online method samples: ``max_completion_length``, 256 tokens when unset."""
@@ -368,7 +591,10 @@ class TrainConfig:
                 for k, v in self.lr_scheduler_kwargs.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key and value, except ``hub_token`` (a secret: config.yaml, fingerprints and trackers never see it)."""
+        values = dataclasses.asdict(self)
+        values["hub_token"] = None
+        return values
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -389,13 +615,22 @@ def _accept_aliases(init: Callable[..., None]) -> Callable[..., None]:
             if name in kwargs and kwargs[name] != kwargs[alias]:
                 raise _invalid((alias, name), f"both {alias}={kwargs[alias]!r} and {name}={kwargs[name]!r} are "
                                f"given; {alias} is another name for {name}: give one")
-            kwargs[name] = kwargs.pop(alias)
+            kwargs[name] = kwargs.pop(alias) if alias != "loss_type" else from_trl_loss_type(kwargs.pop(alias))
         init(self, *args, **kwargs)
 
     return __init__
 
 
 TrainConfig.__init__ = _accept_aliases(TrainConfig.__init__)
+
+
+def from_trl_loss_type(value: Any) -> Any:
+    """TRL's ``loss_type`` (one name or a list) as preftune method names: ``sigmoid`` → ``dpo``."""
+    if isinstance(value, str):
+        return TRL_LOSS_TYPES.get(value, value)
+    if isinstance(value, list):
+        return [TRL_LOSS_TYPES.get(v, v) if isinstance(v, str) else v for v in value]
+    return value
 
 
 def _invalid(keys: str | tuple[str, ...], message: str) -> ConfigError:
@@ -627,8 +862,18 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
     """Validate a mapping of keys to values into a :class:`TrainConfig` (unknown keys suggest the closest)."""
     kwargs: dict[str, Any] = {}
     given: dict[str, str] = {}
+    strategies: dict[str, Any] = {}
     for key, value in values.items():
         name = ALIASES.get(key, key)
+        if name not in FIELDS and key in TRL_KEYS:
+            trl = TRL_KEYS[key]
+            if trl.accepts is not None and trl.accepts(value):
+                strategies[key] = value  # says what preftune does anyway (strategies imply some defaults)
+                continue
+            what = f"with value {value!r} has no preftune equivalent" if trl.accepts else "has no preftune equivalent"
+            raise _invalid(key, f"config key '{key}' (TRL / transformers) {what}: {trl.advice}")
+        if key == "loss_type":
+            value = from_trl_loss_type(value)
         if name not in FIELDS:
             close = difflib.get_close_matches(str(key), [*FIELDS, *ALIASES], n=1, cutoff=0.6)
             hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -639,7 +884,28 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
                            f"name for '{name}': give one")
         given[name] = key
         kwargs[name] = _coerce(name, value)
+    _apply_strategies(strategies, kwargs, given)
     return TrainConfig(**kwargs).validate()
+
+
+def _apply_strategies(strategies: dict[str, Any], kwargs: dict[str, Any], given: dict[str, str]) -> None:
+    """What transformers' strategy keys imply when their numbers are not given: ``eval_strategy: steps`` evaluates
+    every ``logging_steps`` steps, on ``dataset_test_split`` of the training dataset (TRL's scripts); ``save_strategy:
+    steps`` saves every 500 steps; ``save_strategy: no`` saves no checkpoint."""
+    evaluation = strategies.get("eval_strategy", strategies.get("evaluation_strategy"))
+    if evaluation == "steps":
+        kwargs.setdefault("eval_steps", kwargs.get("logging_steps", FIELDS["logging_steps"].default))
+        if given.get("eval_split") == "dataset_test_split" and kwargs.get("eval_dataset") is None:
+            kwargs["eval_dataset"] = kwargs.get("dataset")
+    if evaluation == "no" and (kwargs.get("eval_dataset") or kwargs.get("eval_split_size")):
+        key = given.get("eval_dataset") or given.get("eval_split_size")
+        raise _invalid(key, f"eval_strategy: no, but {key} is given: preftune evaluates whenever there is evaluation "
+                       "data; remove one of them")
+    saving = strategies.get("save_strategy")
+    if saving == "steps":
+        kwargs.setdefault("save_steps", 500)
+    if saving == "no" and kwargs.get("save_steps") is not None:
+        raise _invalid(given["save_steps"], "save_strategy: no, but save_steps is given; remove one of them")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:

@@ -72,3 +72,10 @@ class TrainingError(PreftuneError):
     """Training cannot go on: a non-finite loss or gradient, or a run with nothing to train on."""
 
     exit_code = 7
+
+
+class HubError(PreftuneError):
+    """The Hugging Face Hub cannot be reached or refuses the upload (offline, no token, no network, no rights);
+    the message says what to do, and where the local copy of the model is."""
+
+    exit_code = 11  # 8–10 are the CLI's own OS-error codes

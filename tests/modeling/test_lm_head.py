@@ -31,7 +31,7 @@ def test_values_and_gradients_equal_autograd_on_full_logits(chunk_size, softcap,
 
     expected = autograd_logps(hidden, weight, b, targets, softcap)
     expected_grads = torch.autograd.grad((expected * upstream).sum(), [t for t in (hidden, weight, b) if t is not None])
-    got, _ = head_token_logps(hidden, weight, b, targets, softcap, chunk_size)
+    got = head_token_logps(hidden, weight, b, targets, softcap, chunk_size)["logps"]
     grads = torch.autograd.grad((got * upstream).sum(), [t for t in (hidden, weight, b) if t is not None])
 
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
@@ -41,7 +41,7 @@ def test_values_and_gradients_equal_autograd_on_full_logits(chunk_size, softcap,
 
 def test_sq_norm_is_log_sum_of_squared_probabilities():
     hidden, weight, b, targets = leaves(1)
-    _, sq_norm = head_token_logps(hidden, weight, b, targets, None, 4, with_sq_norm=True)
+    sq_norm = head_token_logps(hidden, weight, b, targets, None, 4, with_sq_norm=True)["sq_norm"]
     p = (hidden @ weight.t() + b).softmax(-1)
     torch.testing.assert_close(sq_norm, p.square().sum(-1).log().detach(), rtol=1e-12, atol=1e-12)
     assert not sq_norm.requires_grad
@@ -50,7 +50,7 @@ def test_sq_norm_is_log_sum_of_squared_probabilities():
 def test_a_frozen_head_gets_no_gradient_but_the_hidden_states_do():
     hidden, weight, _, targets = leaves(2, bias=False)
     weight.requires_grad_(False)  # LoRA leaves the head frozen
-    got, _ = head_token_logps(hidden, weight, None, targets, None, 3)
+    got = head_token_logps(hidden, weight, None, targets, None, 3)["logps"]
     got.sum().backward()
     assert weight.grad is None
     expected = torch.autograd.grad(autograd_logps(hidden, weight, None, targets, None).sum(), hidden)[0]
@@ -64,7 +64,7 @@ def test_under_bf16_autocast_matches_autocast_autograd_with_an_fp32_softmax():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = (hidden @ weight.t()).float()
         expected = z.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-        got, _ = head_token_logps(hidden, weight, None, targets, None, 16)
+        got = head_token_logps(hidden, weight, None, targets, None, 16)["logps"]
     expected_grads = torch.autograd.grad(expected.sum(), (hidden, weight))
     grads = torch.autograd.grad(got.sum(), (hidden, weight))
     assert got.dtype == torch.float32
@@ -72,3 +72,18 @@ def test_under_bf16_autocast_matches_autocast_autograd_with_an_fp32_softmax():
     for g, e in zip(grads, expected_grads):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2 * e.abs().max().item())
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_mean_logit_and_argmax_are_read_off_the_chunks(softcap):
+    torch.manual_seed(4)
+    hidden, weight, bias = torch.randn(9, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64), None
+    logits = hidden @ weight.t()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    targets = logits.argmax(-1)
+    targets[::2] = (targets[::2] + 1) % 11  # every other target is not the argmax
+    out = head_token_logps(hidden, weight, bias, targets, softcap, chunk_size=4)
+    torch.testing.assert_close(out["mean_logit"], logits.mean(-1), rtol=0, atol=1e-12)
+    assert out["is_argmax"].tolist() == (targets == logits.argmax(-1)).tolist()
+    assert out["is_argmax"].tolist() == [i % 2 == 1 for i in range(9)]

@@ -64,5 +64,5 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, precompute
 
     one_eval, two_eval = evaluation("one"), evaluation("two")
     assert one_eval.keys() == two_eval.keys()
-    for name in one_eval:
+    for name in one_eval.keys() - {"eval_runtime", "eval_samples_per_second"}:  # wall-clock figures
         assert two_eval[name] == pytest.approx(one_eval[name], abs=1e-5), name

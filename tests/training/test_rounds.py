@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from preftune import PreferenceTrainer
 from preftune.config import build_config
@@ -189,40 +188,39 @@ def test_rounds_settings_are_checked(tmp_path):
         PreferenceTrainer(build_config({"method": "sppo", "output_dir": str(tmp_path / "x")})).train()
 
 
-# ---- each method raises the gold reward of the demo world's SFT model ----------------------------------------
+def test_iterative_dpo_refreshes_its_reference_only_when_asked(tmp_path, tok):
+    class Recorder:
+        def __init__(self):
+            self.steps, self.logged, self.ends = [], [], 0
+
+        def on_step_end(self, step, model):
+            self.steps.append(step)
+
+        def on_log(self, record):
+            self.logged.append((record.get("round"), record.get("step")))
+
+        def on_train_end(self, result):
+            self.ends += 1
+
+    first_losses = {}
+    for refresh in (False, True):
+        recorder = Recorder()
+        result = rounds_trainer(tmp_path, tok, "iterative_dpo", name=f"refresh-{refresh}", callbacks=[recorder],
+                                refresh_reference=refresh).train()
+        record = json.loads((result.output_dir / "rounds.json").read_text())
+        first_losses[refresh] = [r["training"]["first_loss"] for r in record["rounds"]]
+        assert recorder.steps == [1, 2, 3, 4] and recorder.ends == 1  # steps over the whole run; one end
+        assert (2, 3) in recorder.logged and (1, 1) in recorder.logged
+    # Round 1 starts at π = π_0 = π_ref either way: DPO's loss is ln 2. In round 2, π_1 against a refreshed
+    # reference π_1 gives ln 2 again; against the fixed π_0 it does not.
+    assert first_losses[False][0] == pytest.approx(math.log(2), abs=1e-5)
+    assert first_losses[True] == pytest.approx([math.log(2)] * 2, abs=1e-5)
+    assert abs(first_losses[False][1] - math.log(2)) > 1e-3
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from preftune.demo.pipeline import DemoSettings, build_world
-
-    settings = DemoSettings.quick(str(tmp_path_factory.mktemp("rounds_world")))
-    return settings, build_world(settings)
-
-
-@pytest.mark.parametrize("config", [
-    {"method": "rso", "num_generations": 8, "rso_samples": 4, "rso_beta": 0.1, "num_rounds": 1, "max_steps": 20},
-    {"method": "sppo", "beta": 0.05, "num_rounds": 2, "max_steps": 10},
-    {"method": "iterative_dpo", "beta": 0.5, "num_generations": 4, "num_rounds": 2, "max_steps": 10},
-], ids=lambda c: c["method"])
-def test_a_rounds_method_raises_the_gold_reward(world, config):
-    from preftune.demo.pipeline import train_stage
-    from preftune.evaluation.metrics import evaluate_policy
-    from preftune.rollout.judges import GoldSentimentJudge
-    from preftune.rollout.sampling import SamplingParams
-
-    settings, world = world
-    judge = GoldSentimentJudge()
-    final = train_stage(settings, f"runs/{config['method']}", **config, model=AutoModelForCausalLM.from_pretrained(
-                        world.sft_dir), tokenizer=world.tokenizer, train_dataset=[{"prompt": p} for p in
-                        world.train_prompts], judge=judge, learning_rate=3e-4, per_device_train_batch_size=32,
-                        max_completion_length=settings.max_new_tokens)
-    params = SamplingParams(max_new_tokens=settings.max_new_tokens, n=2, seed=5)
-    before = evaluate_policy(world.sft, world.sft, world.tokenizer, world.eval_prompts, judge, params)
-    after = evaluate_policy(AutoModelForCausalLM.from_pretrained(final).eval(), world.sft, world.tokenizer,
-                            world.eval_prompts, judge, params)
-    assert after["reward"] > before["reward"] + 0.05, (before["reward"], after["reward"])
-    assert after["kl"] > 0
+def test_a_run_of_rounds_has_no_single_session_to_evaluate(tmp_path, tok):
+    with pytest.raises(ConfigError, match="trains in rounds.*rounds.json"):
+        rounds_trainer(tmp_path, tok, "sppo").evaluate()
 
 
 # ---- best-of-n on the frontier ----------------------------------------------------------------------------

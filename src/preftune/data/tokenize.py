@@ -25,9 +25,10 @@ With ``kl_completions=True`` (KTO) unpaired rows also get ``kl_completion_ids`` 
   from the last turn and left unscored in earlier ones, since generation stops at EOS and would never
   produce it.
 * Truncation: a prompt longer than ``max_prompt_length`` keeps its end (and its leading BOS, which
-  models expect at position 0); completions are then cut, keeping their start, so that prompt plus the
-  longest completion fit ``max_length``; a row whose prompt leaves no room for one completion token is
-  dropped. :class:`TokenizeReport` counts all three. A KL completion is cut to fit its row's prompt.
+  models expect at position 0); completions are then cut, keeping their start, to ``max_completion_length``
+  tokens and so that prompt plus the longest completion fit ``max_length``; a row whose prompt leaves no
+  room for one completion token is dropped. :class:`TokenizeReport` counts all three. A KL completion is
+  cut to fit its row's prompt.
 * Cache: results are stored under ``cache_dir`` (default ``$PREFTUNE_CACHE/tokenized``, else
   ``~/.cache/preftune/tokenized``) in a folder named by a fingerprint of the dataset, the tokenizer, the
   lengths and :data:`TOKENIZE_VERSION`. The folder is written under a temporary name and renamed when
@@ -72,10 +73,11 @@ class TokenizeReport:
     rows_in: int
     rows_out: int
     prompt_truncated: int = 0
-    completion_truncated: int = 0  # rows where a completion was cut at max_length, losing its EOS
+    completion_truncated: int = 0  # rows where a completion was cut (max_completion_length, max_length), losing EOS
     dropped: dict[str, int] = field(default_factory=dict)
     max_length: int | None = None
     max_prompt_length: int | None = None
+    max_completion_length: int | None = None
     from_cache: bool = False
     cache_path: str | None = None
 
@@ -89,8 +91,10 @@ class TokenizeReport:
             parts.append(f"{self.prompt_truncated} prompts left-truncated to max_prompt_length="
                          f"{self.max_prompt_length}")
         if self.completion_truncated:
-            parts.append(f"{self.completion_truncated} rows with completions cut to fit max_length="
-                         f"{self.max_length} (EOS lost)")
+            limits = ([f"max_completion_length={self.max_completion_length}"] if self.max_completion_length else []) \
+                + ([f"max_length={self.max_length}"] if self.max_length else [])
+            parts.append(f"{self.completion_truncated} rows with completions cut to fit {' and '.join(limits)} "
+                         "(EOS lost)")
         if self.dropped:
             reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items()))
             parts.append(f"dropped {self.rows_dropped}: {reasons}")
@@ -131,6 +135,7 @@ def tokenize_rows(
     num_proc: int | None = None,
     source: str | None = None,
     kl_completions: bool = False,
+    max_completion_length: int | None = None,
 ) -> tuple[Dataset, TokenizeReport]:
     """Tokenize canonical rows (from :func:`preftune.data.formats.normalise`); see the module docstring.
 
@@ -148,7 +153,7 @@ def tokenize_rows(
     if kl_completions and is_paired(ds):
         raise ValueError("kl_completions is for unpaired rows (prompt, completion, label); these rows are paired")
     key = cache_key(ds, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                    kl_completions=kl_completions)
+                    kl_completions=kl_completions, max_completion_length=max_completion_length)
     directory = resolve_cache_dir(cache_dir) / key
     cached = _load_cached(directory)
     if cached is not None:
@@ -160,10 +165,11 @@ def tokenize_rows(
         completion_fields=completion_fields(ds),
         max_length=max_length,
         max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
         source=source or "dataset",
     )
     return _tokenize_into_cache(ds, encode, directory, key, max_length, max_prompt_length, num_proc,
-                                kl_completions)
+                                kl_completions, max_completion_length)
 
 
 def truncate_ids(
@@ -173,17 +179,21 @@ def truncate_ids(
     max_length: int | None,
     max_prompt_length: int | None,
     bos_token_id: int | None,
+    max_completion_length: int | None = None,
 ) -> Truncation:
-    """Fit one row into the lengths: left-truncate the prompt, then cut completions keeping their start."""
+    """Fit one row into the lengths: left-truncate the prompt, then cut completions keeping their start, to
+    ``max_completion_length`` tokens and to the room ``max_length`` leaves after the prompt."""
     prompt_truncated = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
     if prompt_truncated:
         prompt_ids = _keep_end(prompt_ids, max_prompt_length, bos_token_id)
     completions = [list(c) for c in completion_ids]
-    if max_length is None:
-        return Truncation(prompt_ids, completions, prompt_truncated, False)
-    room = max_length - len(prompt_ids)
-    if room < 1:
+    room = None if max_length is None else max_length - len(prompt_ids)
+    if room is not None and room < 1:
         return Truncation(prompt_ids, completions, prompt_truncated, False, drop_reason=NO_ROOM)
+    if max_completion_length is not None:
+        room = max_completion_length if room is None else min(room, max_completion_length)
+    if room is None:
+        return Truncation(prompt_ids, completions, prompt_truncated, False)
     completion_truncated = any(len(c) > room for c in completions)
     return Truncation(prompt_ids, [c[:room] for c in completions], prompt_truncated, completion_truncated)
 
@@ -219,7 +229,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(ds: Dataset, tokenizer, *, max_length: int | None, max_prompt_length: int | None,
-              kl_completions: bool = False) -> str:
+              kl_completions: bool = False, max_completion_length: int | None = None) -> str:
     """The cache folder name (and the fingerprint of the result) for tokenizing ``ds`` with ``tokenizer``."""
     parts = {
         "version": TOKENIZE_VERSION,
@@ -229,6 +239,8 @@ def cache_key(ds: Dataset, tokenizer, *, max_length: int | None, max_prompt_leng
         "max_prompt_length": max_prompt_length,
         "kl_completions": kl_completions,
     }
+    if max_completion_length is not None:  # absent when unset: the caches written before it existed stay valid
+        parts["max_completion_length"] = max_completion_length
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -380,6 +392,7 @@ def _tokenize_batch(
     max_length: int | None,
     max_prompt_length: int | None,
     source: str,
+    max_completion_length: int | None = None,
 ) -> dict[str, list]:
     rows = batch[SOURCE_ROW] if SOURCE_ROW in batch else indices
     if conversational:
@@ -392,7 +405,7 @@ def _tokenize_batch(
     for i, prompt in enumerate(prompts):
         fitted = truncate_ids(prompt, [completions[name][i] for name in completion_fields],
                               max_length=max_length, max_prompt_length=max_prompt_length,
-                              bos_token_id=tokenizer.bos_token_id)
+                              bos_token_id=tokenizer.bos_token_id, max_completion_length=max_completion_length)
         out["prompt_ids"].append(fitted.prompt_ids)
         for name, ids in zip(completion_fields, fitted.completion_ids):
             out[f"{name}_ids"].append(ids)
@@ -501,7 +514,7 @@ def _with_kl_completions(tokenized: Dataset, max_length: int | None, cache_file:
 
 def _tokenize_into_cache(
     ds: Dataset, encode, directory: Path, key: str, max_length: int | None, max_prompt_length: int | None,
-    num_proc: int | None, kl_completions: bool,
+    num_proc: int | None, kl_completions: bool, max_completion_length: int | None = None,
 ) -> tuple[Dataset, TokenizeReport]:
     """Tokenize into a temporary folder beside ``directory`` and rename it into place when complete."""
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -521,6 +534,7 @@ def _tokenize_into_cache(
             desc="Tokenizing",
         )
         report = _count(tokenized, len(ds), max_length, max_prompt_length)
+        report.max_completion_length = max_completion_length
         if report.rows_dropped:
             tokenized = tokenized.filter(_keep_row, input_columns="_drop", batched=True,
                                          cache_file_name=str(tmp / "kept.arrow"),

@@ -125,10 +125,11 @@ def pairs_command(model: str, prompts: str, out: str, judge: str, k: int = 4, mo
 def eval_command(model: str, reference: str, prompts: str, judge: str, pairs: str | None = None,
                  beta: float = 0.1, max_new_tokens: int = 64, num_samples: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, batch_size: int = 64,
-                 out: str | None = None) -> str:
+                 out: str | None = None, samples_out: str | None = None) -> str:
     """Evaluate ``model`` against ``reference``: reward (by ``judge``), KL, win rate, length, EOS rate (and
     implicit-reward accuracy on held-out ``pairs``); writes JSON to ``out`` and returns a readable table.
-    Both name the judge."""
+    Both name the judge. ``samples_out`` gets the samples the win rate compared, one JSON line per pair of
+    samples (:func:`save_eval_samples`), for a blind human evaluation (``preftune annotate serve --samples``)."""
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -138,10 +139,26 @@ def eval_command(model: str, reference: str, prompts: str, judge: str, pairs: st
     scorer = load_judge(judge)
     policy, tokenizer = _load_policy(model, "model")
     ref, _ = _load_policy(reference, "reference")
-    results = {"policy": evaluate_policy(policy, ref, tokenizer, prompt_rows, scorer, params)}
+    results = {"policy": evaluate_policy(policy, ref, tokenizer, prompt_rows, scorer, params,
+                                         return_per_sample=samples_out is not None)}
+    if samples_out is not None:
+        save_eval_samples(results["policy"].pop("per_sample"), scorer.name, samples_out)
     if held_out is not None:
         results["policy"]["implicit_reward_accuracy"] = implicit_reward_accuracy(policy, ref, tokenizer, held_out,
                                                                                  beta)
     if out:
         Path(out).write_text(json.dumps({"judge": scorer.name, **results}, indent=2))
     return format_table(results)
+
+
+def save_eval_samples(per_sample: dict, judge: str, path: str | Path) -> Path:
+    """Write the policy's and the reference's samples side by side as JSON Lines, one row per comparison the win
+    rate counts: ``{prompt, policy, reference, policy_score, reference_score, judge, sample}`` (``sample`` is
+    the index among the prompt's samples; conversation prompts stay lists of messages)."""
+    rollout, reference = per_sample["rollout"], per_sample["reference_rollout"]
+    rows = [{"prompt": prompt, "policy": mine, "reference": theirs, "policy_score": float(s_mine),
+             "reference_score": float(s_theirs), "judge": judge, "sample": k % rollout.group_size}
+            for k, (prompt, mine, theirs, s_mine, s_theirs) in enumerate(zip(
+                rollout.sample_prompts, rollout.completions, reference.completions, per_sample["rewards"],
+                per_sample["reference_rewards"]))]
+    return save_pairs(rows, path)

@@ -106,7 +106,8 @@ def evaluate_policy(
     tokens, EOS included), ``eos_rate`` (fraction of samples that ended with a stop token) and ``n`` (samples).
     Reference samples are drawn with the same ``params`` when not given (pass them to reuse across
     checkpoints); with a seed, a policy equal to its reference wins exactly ½.
-    With ``return_per_sample`` the dict also holds ``per_sample``: ``{"rewards", "kls", "rollout"}``.
+    With ``return_per_sample`` the dict also holds ``per_sample``: ``{"rewards", "kls", "rollout",
+    "reference_rewards", "reference_rollout"}`` (sample k of both rollouts answers the same prompt).
     """
     rollout = generate(policy, tokenizer, prompts, params)
     if reference_rollout is None:
@@ -132,7 +133,8 @@ def evaluate_policy(
         "n": len(rollout),
     }
     if return_per_sample:
-        metrics["per_sample"] = {"rewards": rewards, "kls": kls.tolist(), "rollout": rollout}
+        metrics["per_sample"] = {"rewards": rewards, "kls": kls.tolist(), "rollout": rollout,
+                                 "reference_rewards": reference_rewards, "reference_rollout": reference_rollout}
     return metrics
 
 

@@ -5,7 +5,7 @@ from π_ref, labelled by the gold VADER reward); online methods (Online DPO, RLO
 completions of the same training prompts from the current policy and ask the same gold judge; the methods
 trained in rounds (RSO, SPPO, iterative DPO) sample, judge and pair a round's completions of the same prompts,
 then train on them. Best-of-n needs no training: the best of n samples of π_ref by the gold reward, at the
-analytic KL log n − (n−1)/n (Stiennon et al. 2020, arXiv 2009.01325, App. G.3). Every
+analytic KL log n − (n−1)/n (Gao et al. 2022, arXiv 2210.10760, §2). Every
 ``eval_every`` optimizer steps the policy samples the held-out prompts; each checkpoint gives one point
 (sequence-level KL(π‖π_ref) on its own samples, mean gold reward). The frontier of a method is the upper
 envelope of its points. Each run's cost is measured too: wall time (evaluations excluded), the process's peak
@@ -45,17 +45,18 @@ log = logging.getLogger("preftune")
 # other loss that trains on the same pairs runs at its registry defaults (the frontier's learning rate and steps).
 RUNS: dict[str, dict] = {
     **{f"DPO β={beta:g}": {"method": "dpo", "beta": beta} for beta in (0.05, 0.1, 0.5, 1.0, 5.0)},
-    # Rounds: 3 rounds of 60 steps (RSO: one round of 180), each on pairs of every training prompt sampled from the
-    # current iterate (RSO: from π_ref) and judged by the gold reward. Scaled to this world's rewards in (0, 1):
+    # Rounds: the frontier's step budget split over 3 rounds (RSO: one round), each on pairs of every training
+    # prompt sampled from the current iterate (RSO: from π_ref) and judged by the gold reward. Scaled to this
+    # world's rewards in (0, 1):
     # SPPO's η = 1/β = 50 keeps its log-ratio targets η(P̂ − ½) within a few nats per round (P̂ = mean σ(s_i − s_j)
     # stays within ≈ ½ ± 0.1 for scores in (0, 1); the paper's η = 1000 is for PairRM scores and a learning rate of
     # 5e-7; on the reduced world η = 20 hardly moved the policy, η = 100 reached KL 4 in 2 rounds); RSO samples 16
-    # candidates (the paper: 64) and accepts 4 with β = 0.1 (the paper's 0.5 is on a reward logit's wider scale),
-    # γ = 0.5 as DPO's β here.
-    "Iterative DPO β=0.5": {"method": "iterative_dpo", "beta": 0.5, "num_rounds": 3, "max_steps": 60},
-    "SPPO η=50": {"method": "sppo", "beta": 0.02, "num_rounds": 3, "max_steps": 60},
-    "RSO γ=0.5": {"method": "rso", "beta": 0.5, "num_generations": 16, "rso_samples": 4, "rso_beta": 0.1,
-                  "max_steps": 180},
+    # candidates (the paper: 64) and accepts 4, γ = 0.5 as DPO's β here.
+    "Iterative DPO β=0.5": {"method": "iterative_dpo", "beta": 0.5, "num_rounds": 3},
+    "SPPO η=50": {"method": "sppo", "beta": 0.02, "num_rounds": 3},
+    **{f"RSO γ=0.5 β_rso={b:g}": {"method": "rso", "beta": 0.5, "num_generations": 16, "rso_samples": 4,
+                                   "rso_beta": b} for b in (0.1, 0.5)},  # 0.5: the paper's; on the reduced world
+    # β_rso = 0.5 raised the gold reward more than 0.1 (tests/demo/test_rounds_world.py), its pairs spread wider
     # Online: per step 16 training prompts, completions sampled from the current policy and judged by the gold
     # reward (the offline runs see 64 pairs per step, sampled once from π_ref).
     **{f"Online DPO β={beta:g}": {"method": "online_dpo", "beta": beta, "per_device_train_batch_size": 16}
@@ -136,7 +137,7 @@ class FrontierSettings:
         world = DemoSettings.quick(str(Path(output_dir) / "work"))
         return cls(world=world, steps=12, eval_every=6, batch_size=32, eval_prompts=world.eval_prompts,
                    output_dir=output_dir, runs=["DPO β=0.5", "Preferred-FT", "Unlikelihood α=1", "Online DPO β=0.1",
-                                                "GRPO G=4 β=0.04"])
+                                                "GRPO G=4 β=0.04", "Iterative DPO β=0.5", BEST_OF_N])
 
 
 def run_frontier(settings: FrontierSettings) -> list[Point]:
@@ -213,6 +214,9 @@ def _train_run(world: World, settings: FrontierSettings, label: str, checkpoint)
                     learning_rate=settings.learning_rate)
     if samples:
         defaults |= dict(judge=GoldSentimentJudge(), max_completion_length=settings.world.max_new_tokens)
+    if method.rounds is not None:  # the same number of optimizer steps as every other run, split over the rounds
+        rounds = config.get("num_rounds") or method.rounds.num_rounds
+        defaults["max_steps"] = max(1, settings.steps // rounds)
     slug = label.replace(" ", "_").replace("=", "")
     for letter, name in (("β", "beta"), ("α", "alpha"), ("γ", "gamma"), ("η", "eta"), ("ε", "eps")):
         slug = slug.replace(letter, name)

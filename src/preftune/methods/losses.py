@@ -309,8 +309,11 @@ def orpo(lp: PairLogps, beta: float) -> LossOutput:
     avg_w, avg_l = lp.averages()
     odds_w, odds_l = avg_w.clamp(max=-1e-12), avg_l.clamp(max=-1e-12)
     log_odds = (odds_w - odds_l) - (_log1mexp(odds_w) - _log1mexp(odds_l))
-    losses = -avg_w - beta * F.logsigmoid(log_odds)
-    return LossOutput(losses, *_rewards(beta, avg_w, avg_l))
+    ratio_term = F.logsigmoid(log_odds)
+    losses = -avg_w - beta * ratio_term
+    metrics = {"nll_loss": -avg_w.detach().mean(), "log_odds_ratio": ratio_term.detach().mean(),
+               "log_odds_chosen": log_odds.detach().mean()}  # TRL's ORPO metrics
+    return LossOutput(losses, *_rewards(beta, avg_w, avg_l), metrics=metrics)
 
 
 def cpo(lp: PairLogps, beta: float, cpo_alpha: float) -> LossOutput:
@@ -394,7 +397,7 @@ def kto(lp: UnpairedLogps, beta: float, desirable_weight: float, undesirable_wei
         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - rho))),
     )
     rewards = (beta * rho).detach()
-    return LossOutput(losses, rewards[desirable], rewards[~desirable])
+    return LossOutput(losses, rewards[desirable], rewards[~desirable], metrics={"kl": z0})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ class Method:
     rounds: Rounds | None = None
     defaults: Mapping[str, float | str] = field(default_factory=dict)
     summary: str = ""
+    papers: tuple[str, ...] = ()  # arXiv ids of the papers that define it (each in PAPERS)
 
     def __post_init__(self):
         if isinstance(self.loss, str):
@@ -102,6 +103,65 @@ class Method:
         return tuple(list(inspect.signature(function).parameters)[1:])
 
 
+@dataclass(frozen=True)
+class Paper:
+    """A paper on arXiv, enough to cite it: model cards list the papers of a run's methods and options."""
+
+    arxiv: str
+    title: str
+    first_author: str  # "Surname, Given"
+
+    @property
+    def year(self) -> int:
+        """The year of the arXiv submission, from the id (``YYMM.NNNNN``)."""
+        return 2000 + int(self.arxiv[:2])
+
+    def bibtex(self) -> str:
+        surname = self.first_author.split(",")[0]
+        word = next(w for w in self.title.split() if w[0].isalpha()).lower()
+        key = "".join(c for c in f"{surname}{self.year}{word}".lower() if c.isalnum())
+        return (f"@misc{{{key},\n  title = {{{self.title}}},\n  author = {{{self.first_author} and others}},\n"
+                f"  year = {{{self.year}}},\n  eprint = {{{self.arxiv}}},\n  archivePrefix = {{arXiv}},\n}}")
+
+
+# One home for citations: every paper a method or a training option stands on, by arXiv id.
+PAPERS: dict[str, Paper] = {p.arxiv: p for p in (
+    Paper("2305.18290", "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+          "Rafailov, Rafael"),
+    Paper("2403.00409", "Provably Robust DPO: Aligning Language Models with Noisy Feedback",
+          "Chowdhury, Sayak Ray"),
+    Paper("2310.12036", "A General Theoretical Paradigm to Understand Learning from Human Preferences",
+          "Azar, Mohammad Gheshlaghi"),
+    Paper("2309.06657", "Statistical Rejection Sampling Improves Preference Optimization", "Liu, Tianqi"),
+    Paper("2305.10425", "SLiC-HF: Sequence Likelihood Calibration with Human Feedback", "Zhao, Yao"),
+    Paper("2402.13228", "Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive", "Pal, Arka"),
+    Paper("2404.19733", "Iterative Reasoning Preference Optimization", "Pang, Richard Yuanzhe"),
+    Paper("2402.05369", "Noise Contrastive Alignment of Language Models with Explicit Rewards", "Chen, Huayu"),
+    Paper("2404.04656", "Binary Classifier Optimization for Large Language Model Alignment", "Jung, Seungjae"),
+    Paper("2405.00675", "Self-Play Preference Optimization for Language Model Alignment", "Wu, Yue"),
+    Paper("2408.06266", "Anchored Preference Optimization and Contrastive Revisions: Addressing Underspecification "
+          "in Alignment", "D'Oosterlinck, Karel"),
+    Paper("2405.14734", "SimPO: Simple Preference Optimization with a Reference-Free Reward", "Meng, Yu"),
+    Paper("2403.07691", "ORPO: Monolithic Preference Optimization without Reference Model", "Hong, Jiwoo"),
+    Paper("2401.08417", "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine "
+          "Translation", "Xu, Haoran"),
+    Paper("1908.04319", "Neural Text Generation with Unlikelihood Training", "Welleck, Sean"),
+    Paper("2203.02155", "Training language models to follow instructions with human feedback", "Ouyang, Long"),
+    Paper("2402.01306", "KTO: Model Alignment as Prospect Theoretic Optimization", "Ethayarajh, Kawin"),
+    Paper("2402.04792", "Direct Language Model Alignment from Online AI Feedback", "Guo, Shangmin"),
+    Paper("2402.14740", "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in "
+          "LLMs", "Ahmadian, Arash"),
+    Paper("2402.03300", "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+          "Shao, Zhihong"),
+    # Training options (cited when a run uses them).
+    Paper("2409.06411", "Length Desensitization in Directed Preference Optimization", "Liu, Wei"),
+    Paper("2406.11827", "WPO: Enhancing RLHF with Weighted Preference Optimization", "Zhou, Wenxuan"),
+    Paper("2404.09656", "Learn Your Reference Model for Real Good Alignment", "Gorbatovski, Alexey"),
+    Paper("2106.09685", "LoRA: Low-Rank Adaptation of Large Language Models", "Hu, Edward J."),
+    Paper("2305.14314", "QLoRA: Efficient Finetuning of Quantized LLMs", "Dettmers, Tim"),
+    Paper("2110.02861", "8-bit Optimizers via Block-wise Quantization", "Dettmers, Tim"),
+)}
+
 METHODS: dict[str, Method] = {}
 
 
@@ -112,6 +172,9 @@ def register(method: Method) -> Method:
     suite (tests/methods/test_losses.py), so that registering it does not import torch."""
     if not isinstance(method.loss, LossByName):
         check_defaults(method)
+    unknown = [p for p in method.papers if p not in PAPERS]
+    if unknown:
+        raise ValueError(f"Method '{method.name}': papers {unknown} are not in PAPERS; add them there")
     METHODS[method.name] = method
     return method
 
@@ -129,73 +192,95 @@ def check_defaults(method: Method) -> None:
 
 # Reference-based, paired.
 register(Method("dpo", "dpo", defaults={"beta": 0.1, "label_smoothing": 0.0},
-                summary="DPO, sigmoid loss (Rafailov et al. 2023, arXiv 2305.18290)"))
+                summary="DPO, sigmoid loss (Rafailov et al. 2023, arXiv 2305.18290)",
+                papers=("2305.18290",)))
 register(Method("cdpo", "dpo", defaults={"beta": 0.1, "label_smoothing": 0.1},
-                summary="conservative DPO: label smoothing ε, finite optimum (Mitchell 2023)"))
+                summary="conservative DPO: label smoothing ε, finite optimum (Mitchell 2023)",
+                papers=("2305.18290",)))
 register(Method("robust", "robust", defaults={"beta": 0.1, "label_smoothing": 0.1},
-                summary="robust DPO: unbiased under label flips with rate ε (Chowdhury 2024, 2403.00409)"))
+                summary="robust DPO: unbiased under label flips with rate ε (Chowdhury 2024, 2403.00409)",
+                papers=("2403.00409",)))
 register(Method("ipo", "ipo", uses_average_logps=True, defaults={"beta": 0.1},
-                summary="IPO: squared loss to a 1/(2β) margin, length-normalised log-ratios (Azar 2023)"))
+                summary="IPO: squared loss to a 1/(2β) margin, length-normalised log-ratios (Azar 2023)",
+                papers=("2310.12036",)))
 register(Method("hinge", "hinge", defaults={"beta": 0.1},
-                summary="hinge-norm with reference, margin 1/β (RSO, Liu et al. 2023, 2309.06657)"))
+                summary="hinge-norm with reference, margin 1/β (RSO, Liu et al. 2023, 2309.06657)",
+                papers=("2309.06657",)))
 register(Method("dpop", "dpop", defaults={"beta": 0.1, "dpop_lambda": 50.0},
-                summary="DPO-Positive: penalise chosen log-prob below the reference (Smaug, 2402.13228)"))
+                summary="DPO-Positive: penalise chosen log-prob below the reference (Smaug, 2402.13228)",
+                papers=("2402.13228",)))
 register(Method("rpo", "rpo", uses_chosen_nll=True, defaults={"beta": 0.1, "rpo_alpha": 1.0},
-                summary="DPO + α·per-token NLL of the chosen (Pang et al. 2024, 2404.19733)"))
+                summary="DPO + α·per-token NLL of the chosen (Pang et al. 2024, 2404.19733)",
+                papers=("2404.19733",)))
 register(Method("nca_pair", "nca_pair", defaults={"beta": 0.1},
-                summary="NCA, pairwise (Chen et al. 2024, 2402.05369)"))
+                summary="NCA, pairwise (Chen et al. 2024, 2402.05369)",
+                papers=("2402.05369",)))
 register(Method("bco_pair", "bco_pair", defaults={"beta": 0.1},
-                summary="BCO, pairwise, no running-mean shift (Jung et al. 2024, 2404.04656)"))
+                summary="BCO, pairwise, no running-mean shift (Jung et al. 2024, 2404.04656)",
+                papers=("2404.04656",)))
 register(Method("sppo_hard", "sppo_hard", defaults={"beta": 0.1},
-                summary="SPPO with hard labels: regress ρ_w → 1/(2β), ρ_l → −1/(2β) (Wu et al. 2024)"))
+                summary="SPPO with hard labels: regress ρ_w → 1/(2β), ρ_l → −1/(2β) (Wu et al. 2024)",
+                papers=("2405.00675",)))
 register(Method("apo_zero", "apo_zero", defaults={"beta": 0.1},
-                summary="APO-zero: raise chosen, lower rejected (D'Oosterlinck et al. 2024, 2408.06266)"))
+                summary="APO-zero: raise chosen, lower rejected (D'Oosterlinck et al. 2024, 2408.06266)",
+                papers=("2408.06266",)))
 register(Method("apo_down", "apo_down", defaults={"beta": 0.1},
-                summary="APO-down: lower chosen, keep the gap (D'Oosterlinck et al. 2024, 2408.06266)"))
+                summary="APO-down: lower chosen, keep the gap (D'Oosterlinck et al. 2024, 2408.06266)",
+                papers=("2408.06266",)))
 
 # Reference-free, paired.
 register(Method("slic", "slic", needs_reference=False, uses_chosen_nll=True,
                 defaults={"beta": 1.0, "slic_lambda": 0.1},
-                summary="SLiC-HF: hinge on s_w − s_l with margin δ=β, plus λ·NLL (Zhao et al. 2023)"))
+                summary="SLiC-HF: hinge on s_w − s_l with margin δ=β, plus λ·NLL (Zhao et al. 2023)",
+                papers=("2305.10425",)))
 register(Method("simpo", "simpo", needs_reference=False, uses_average_logps=True,
                 defaults={"beta": 2.0, "simpo_gamma": 1.0, "label_smoothing": 0.0},
-                summary="SimPO: averaged log-probs, absolute margin γ (Meng et al. 2024, 2405.14734)"))
+                summary="SimPO: averaged log-probs, absolute margin γ (Meng et al. 2024, 2405.14734)",
+                papers=("2405.14734",)))
 register(Method("orpo", "orpo", needs_reference=False, uses_average_logps=True, uses_chosen_nll=True,
                 defaults={"beta": 0.1},
-                summary="ORPO: NLL − β·log σ(log odds ratio) (Hong et al. 2024, 2403.07691)"))
+                summary="ORPO: NLL − β·log σ(log odds ratio) (Hong et al. 2024, 2403.07691)",
+                papers=("2403.07691",)))
 register(Method("cpo", "cpo", needs_reference=False, uses_chosen_nll=True,
                 defaults={"beta": 0.1, "cpo_alpha": 1.0},
-                summary="CPO: reference-free DPO + α·NLL (Xu et al. 2024, 2401.08417)"))
+                summary="CPO: reference-free DPO + α·NLL (Xu et al. 2024, 2401.08417)",
+                papers=("2401.08417",)))
 register(Method("sft", "sft", data="sft", needs_reference=False, uses_chosen_nll=True, defaults={"beta": 0.1},
                 summary="SFT on the chosen completion (per-token NLL); β only scales logged rewards"))
 
 register(Method("unlikelihood", "unlikelihood", needs_reference=False, uses_average_logps=True,
                 uses_chosen_nll=True, defaults={"unlikelihood_alpha": 1.0},
-                summary="Unlikelihood baseline of the DPO paper: NLL(y_w) − α·log(1 − p̄(y_l))"))
+                summary="Unlikelihood baseline of the DPO paper: NLL(y_w) − α·log(1 − p̄(y_l))",
+                papers=("1908.04319", "2305.18290")))
 
 # Reward modelling, the RLHF baseline's first stage.
 register(Method("reward", "bradley_terry", needs_reference=False, model="reward",
                 defaults={"center_rewards_coefficient": 0.0},
-                summary="Bradley–Terry reward model on a sequence-classification head (RLHF baseline)"))
+                summary="Bradley–Terry reward model on a sequence-classification head (RLHF baseline)",
+                papers=("2203.02155",)))
 
 # Unpaired.
 register(Method("kto", "kto", data="unpaired",
                 defaults={"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
-                summary="KTO: unpaired, KL reference point (Ethayarajh et al. 2024, 2402.01306)"))
+                summary="KTO: unpaired, KL reference point (Ethayarajh et al. 2024, 2402.01306)",
+                papers=("2402.01306",)))
 
 
 # Online: completions sampled from the current policy during training and labelled by a judge.
 register(Method("online_dpo", "dpo", online=True, num_generations=2, defaults={"beta": 0.1, "label_smoothing": 0.0},
                 summary="Online DPO: 2 samples per prompt from the current policy, the judge's preference, a DPO "
-                        "step (Guo et al. 2024, 2402.04792); any paired method with online=true"))
+                        "step (Guo et al. 2024, 2402.04792); any paired method with online=true",
+                papers=("2402.04792",)))
 register(Method("rloo", "rloo", data="groups", online=True, num_generations=2, reference_weight="beta",
                 defaults={"beta": 0.05, "epsilon": 0.2},
-                summary="RLOO: k samples, leave-one-out baseline, KL in the reward (Ahmadian et al. 2024, 2402.14740)"))
+                summary="RLOO: k samples, leave-one-out baseline, KL in the reward (Ahmadian et al. 2024, 2402.14740)",
+                papers=("2402.14740",)))
 register(Method("grpo", "grpo", data="groups", online=True, num_generations=8, reference_weight="beta",
                 defaults={"beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.0, "scale_rewards": "group",
                           "grpo_loss_type": "dapo"},
                 summary="GRPO: group-normalised advantages, clipped ratio, β·k3 KL in the loss (β=0: no reference) "
-                        "(Shao et al. 2024, 2402.03300)"))
+                        "(Shao et al. 2024, 2402.03300)",
+                papers=("2402.03300",)))
 
 # Rounds: each round samples, judges and pairs completions, then trains one run of the loop on the pairs.
 register(Method("rso", "dpo", num_generations=64, rounds=Rounds("initial", "rso", "initial", num_rounds=1),

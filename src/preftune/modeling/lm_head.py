@@ -63,18 +63,23 @@ def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: fl
 
 
 class LMHeadLogProbs(torch.autograd.Function):
-    """``(hidden [M, H], weight [V, H], bias [V] | None, targets [M])`` → ``log p(targets) [M]`` and, with
-    ``with_sq_norm``, WPO's ``log Σ_v p_v² [M]`` (no gradient); see the module docstring."""
+    """``(hidden [M, H], weight [V, H], bias [V] | None, targets [M])`` → ``log p(targets) [M]``; with
+    ``with_sq_norm`` WPO's ``log Σ_v p_v² [M]``; and, read off each chunk while its logits are in the buffer (no
+    gradient): the mean logit ``mean_v z_v [M]`` (TRL's ``logits/*`` metrics) and whether the target is the
+    argmax, ``z_y = max_v z_v [M]`` (token accuracy). See the module docstring."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                softcap: float | None, chunk_size: int, with_sq_norm: bool) -> tuple[Tensor, Tensor]:
+                softcap: float | None, chunk_size: int, with_sq_norm: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         matmul_dtype = _matmul_dtype(hidden, weight)
         out_dtype = torch.promote_types(hidden.dtype, torch.float32)
         m = hidden.shape[0]
         w = weight.to(matmul_dtype)  # one cast per forward (a no-op in fp32)
         logps = hidden.new_empty(m, dtype=out_dtype)
         sq_norm = hidden.new_empty(m if with_sq_norm else 0, dtype=out_dtype)
+        mean_logit = hidden.new_empty(m, dtype=out_dtype)
+        is_argmax = hidden.new_empty(m, dtype=torch.bool)
         buf = _chunk_buffer(hidden, weight, chunk_size, out_dtype)
         with torch.autocast(hidden.device.type, enabled=False), torch.no_grad():
             for start in range(0, m, chunk_size):
@@ -83,6 +88,8 @@ class LMHeadLogProbs(torch.autograd.Function):
                 _project(hidden[rows], w, bias, z, softcap)
                 top = z.amax(-1, keepdim=True)
                 target_z = z.gather(-1, targets[rows, None]).squeeze(-1)
+                mean_logit[rows] = z.mean(-1)
+                is_argmax[rows] = target_z >= top.squeeze(-1)
                 z.sub_(top).exp_()
                 log_sum = z.sum(-1).log_()  # logsumexp(z) − max
                 logps[rows] = target_z - top.squeeze(-1) - log_sum
@@ -90,11 +97,11 @@ class LMHeadLogProbs(torch.autograd.Function):
                     sq_norm[rows] = z.square_().sum(-1).log_() - 2 * log_sum
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.softcap, ctx.chunk_size, ctx.matmul_dtype = softcap, chunk_size, matmul_dtype
-        ctx.mark_non_differentiable(sq_norm)
-        return logps, sq_norm
+        ctx.mark_non_differentiable(sq_norm, mean_logit, is_argmax)
+        return logps, sq_norm, mean_logit, is_argmax
 
     @staticmethod
-    def backward(ctx, grad_logps: Tensor, _grad_sq_norm: Tensor | None):
+    def backward(ctx, grad_logps: Tensor, *_grads_of_statistics: Tensor | None):
         hidden, weight, bias, targets = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         out_dtype = grad_logps.dtype
@@ -131,7 +138,10 @@ class LMHeadLogProbs(torch.autograd.Function):
 
 
 def head_token_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None,
-                     chunk_size: int, with_sq_norm: bool = False) -> tuple[Tensor, Tensor | None]:
-    """``log p(targets) [M]`` of hidden states ``[M, H]`` (and WPO's ``log Σ p² [M]`` or None)."""
-    logps, sq_norm = LMHeadLogProbs.apply(hidden, weight, bias, targets, softcap, chunk_size, with_sq_norm)
-    return logps, sq_norm if with_sq_norm else None
+                     chunk_size: int, with_sq_norm: bool = False) -> dict[str, Tensor]:
+    """Per target of hidden states ``[M, H]``: ``logps`` = log p(target) (with gradient); no gradient:
+    ``mean_logit``, ``is_argmax`` and, with ``with_sq_norm``, WPO's ``sq_norm`` = log Σ p²; each ``[M]``."""
+    logps, sq_norm, mean_logit, is_argmax = LMHeadLogProbs.apply(hidden, weight, bias, targets, softcap, chunk_size,
+                                                                with_sq_norm)
+    out = {"logps": logps, "mean_logit": mean_logit, "is_argmax": is_argmax}
+    return out | ({"sq_norm": sq_norm} if with_sq_norm else {})

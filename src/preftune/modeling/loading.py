@@ -78,23 +78,56 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
-def load_causal_lm(path: str, cfg: TrainConfig) -> PreTrainedModel:
-    """A causal LM from a local folder or the Hub. Weights load through transformers, which reads
-    safetensors and refuses pickled code; ``trust_remote_code`` stays off unless asked for."""
+def quantization_config(cfg: TrainConfig):
+    """transformers' ``BitsAndBytesConfig`` for ``load_in_4bit`` / ``load_in_8bit`` (None otherwise), as TRL builds it.
+
+    4 bits (QLoRA, Dettmers et al. 2023, arXiv 2305.14314): each linear layer's weight is stored as 4-bit codes
+    (``nf4``: the quantiles of a normal distribution; ``fp4``) with one absmax scale per block of 64 values,
+    dequantized block by block in the compute dtype for each matmul; ``use_bnb_nested_quant`` quantizes the scales
+    too (≈0.37 bits per parameter saved). The compute dtype is the weights' dtype (bf16 under bf16 autocast). The
+    output head and embeddings stay unquantized (transformers' default), and LoRA adapters train in full precision."""
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if cfg.bf16 else DTYPES[cfg.dtype] if cfg.dtype != "auto" else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=cfg.use_bnb_nested_quant, bnb_4bit_compute_dtype=compute)
+
+
+def _loading_kwargs(cfg: TrainConfig) -> dict:
     kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    quantization = quantization_config(cfg)
+    if quantization is not None:
+        from accelerate import PartialState
+
+        # Quantized weights are placed once, on this process's device (they cannot be moved afterwards).
+        kwargs.update(quantization_config=quantization, device_map={"": PartialState().device})
+    return kwargs
+
+
+def load_causal_lm(path: str, cfg: TrainConfig) -> PreTrainedModel:
+    """A causal LM from a local folder or the Hub. Weights load through transformers, which reads
+    safetensors and refuses pickled code; ``trust_remote_code`` stays off unless asked for. With
+    ``load_in_4bit`` / ``load_in_8bit`` its linear layers are quantized (:func:`quantization_config`)."""
     with _loading(path, "model"):
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **_loading_kwargs(cfg))
 
 
 def load_reward_model(path: str, cfg: TrainConfig) -> PreTrainedModel:
     """A one-output sequence classifier (a causal LM checkpoint gets a new ``score`` head)."""
-    kwargs = dict(num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
     with _loading(path, "model"):
-        return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_loading_kwargs(cfg))
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model under its adapters) holds bitsandbytes-quantized weights."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+                or getattr(getattr(model, "config", None), "quantization_config", None))
 
 
 def as_reward_model(causal_lm: PreTrainedModel) -> PreTrainedModel:
@@ -114,7 +147,15 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def add_lora(model: PreTrainedModel, cfg: TrainConfig, task: str = "CAUSAL_LM") -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+    """LoRA adapters (Hu et al. 2021, arXiv 2106.09685) on ``cfg.lora_target_modules``. On a quantized base, PEFT's
+    k-bit preparation first keeps the unquantized parameters (norms, head) in fp32 and lets gradients reach the
+    adapters through frozen embeddings (with gradient checkpointing when asked for, non-reentrant)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
 
     lora = LoraConfig(
         r=cfg.lora_r,

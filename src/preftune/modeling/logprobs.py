@@ -97,22 +97,29 @@ def completion_logps(
     Returns fp32 ``[S]`` tensors: ``logps`` = Σ_t w_t·log p(y_t | x, y_<t), ``tokens`` = |y|, and with
     ``with_wpo`` ``wpo`` = mean_t [log p(y_t) − log Σ_v p_v²] (no grad; WPO's log-weight); and
     ``token_logps [M]`` = log p(y_t | x, y_<t) of every scored token (unweighted, in ``score_seq`` order), which
-    token-level objectives (GRPO's clipped ratio and KL) read.
+    token-level objectives (GRPO's clipped ratio and KL) read; and, without gradient, per sequence ``[S]``:
+    ``mean_logits`` = mean over its tokens of the mean logit over the vocabulary (TRL's ``logits/*``) and
+    ``token_accuracy`` = the fraction of its tokens that are the argmax of their distribution.
     """
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
     hidden = flat_hidden_states(lm, input_ids, attention_mask, position_ids, head.weight.dtype)
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    token_logps, log_sq_norm = head_token_logps(hidden[score_index], head.weight, head.bias, score_target, softcap,
-                                                chunk_size, with_sq_norm=with_wpo)
+    stats = head_token_logps(hidden[score_index], head.weight, head.bias, score_target, softcap, chunk_size,
+                             with_sq_norm=with_wpo)
+    token_logps = stats["logps"]
 
     n = seq_tokens.shape[0]
     weighted = token_logps * token_weights.to(token_logps.dtype) if token_weights is not None else token_logps
     logps = token_logps.new_zeros(n).index_add(0, score_seq, weighted)
-    out = {"logps": logps, "tokens": seq_tokens.to(logps.dtype), "token_logps": token_logps}
+    tokens = seq_tokens.to(logps.dtype)
+    per_sequence_mean = lambda values: (logps.new_zeros(n).index_add(0, score_seq, values.to(logps.dtype))
+                                        / tokens.clamp(min=1))
+    out = {"logps": logps, "tokens": tokens, "token_logps": token_logps,
+           "mean_logits": per_sequence_mean(stats["mean_logit"]),
+           "token_accuracy": per_sequence_mean(stats["is_argmax"])}
     if with_wpo:
-        wpo = token_logps.new_zeros(n).index_add(0, score_seq, (token_logps - log_sq_norm).detach())
-        out["wpo"] = wpo / out["tokens"].clamp(min=1)
+        out["wpo"] = per_sequence_mean((token_logps - stats["sq_norm"]).detach())
     return out
 
 

@@ -27,6 +27,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from preftune.errors import ResumeError
+from preftune.modeling.loading import is_peft_model, is_quantized
+from preftune.training.card import write_card
 
 log = logging.getLogger("preftune")
 
@@ -39,6 +41,7 @@ OPERATIONAL_KEYS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "eval_steps", "save_steps",
     "save_total_limit", "report_to", "run_name", "disable_tqdm", "cache_dir", "per_device_eval_batch_size",
     "precompute_ref_log_probs", "logprob_chunk_size", "eval_dataset", "eval_split",
+    "push_to_hub", "hub_model_id", "hub_private_repo", "hub_token",
 })
 
 
@@ -138,7 +141,7 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, reference: nn.Mo
                           f"{str(err).splitlines()[0] if str(err) else ''}); the resume would not continue the same "
                           "run. Resume from another checkpoint") from None
     try:
-        accelerator.load_state(str(path))
+        accelerator.load_state(str(path), strict=_strict_model_load(accelerator, path))
     except Exception as err:
         raise ResumeError(f"{path}: the training state does not load ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); resume from another checkpoint") from None
@@ -153,6 +156,36 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, reference: nn.Mo
             raise ResumeError(f"{file}: the moving reference's weights do not match the model "
                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     return state
+
+
+# What bitsandbytes adds to a quantized layer's state dict beside its packed weight (4-bit: the blocks' scales and
+# codebook, nested ones under double quantization; 8-bit: the rows' scales and the weight layout).
+_QUANT_STATE = re.compile(r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..+)$|"
+                          r"\.(SCB|weight_format)$")
+
+
+def _strict_model_load(accelerator: Accelerator, path: Path) -> bool:
+    """Whether the model state must load key for key: yes, except for a quantized base (QLoRA), whose saved state
+    holds bitsandbytes' quantization state, which ``load_state_dict`` does not take back. The base is frozen and
+    loads from model_name_or_path as before; the checkpoint must still hold every parameter of the model, and
+    nothing but quantization state beside them — else ResumeError."""
+    models = [accelerator.unwrap_model(m) for m in accelerator._models]
+    if not any(is_quantized(getattr(m, "model", m)) for m in models):
+        return True
+    file = path / "model.safetensors"
+    if not file.exists():
+        return True
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as saved:
+        saved_keys = set(saved.keys())
+    expected = set(models[0].state_dict())
+    missing = sorted(expected - saved_keys)
+    extra = sorted(k for k in saved_keys - expected if not _QUANT_STATE.search(k))
+    if missing or extra:
+        raise ResumeError(f"{file}: the model state does not match this model (missing {missing[:3]}, unexpected "
+                          f"{extra[:3]}); resume from another checkpoint")
+    return False
 
 
 def resolve_resume(resume: str | bool | None, output_dir: str | Path) -> Path | None:
@@ -171,36 +204,54 @@ def resolve_resume(resume: str | bool | None, output_dir: str | Path) -> Path | 
     return path
 
 
-def export_final(accelerator: Accelerator, policy, tokenizer, output_dir: str | Path, merged: bool) -> Path:
-    """Write ``final/`` (HF model or PEFT adapter, plus tokenizer) atomically; ``final-merged/`` on request."""
-    final = Path(output_dir) / "final"
-    targets = [(final, False)] + ([(final.with_name("final-merged"), True)] if merged else [])
+def export_final(accelerator: Accelerator, policy, tokenizer, output_dir: str | Path, merged: bool,
+                 config: dict[str, Any] | None = None, summary: dict[str, Any] | None = None) -> Path:
+    """Write ``final/`` (HF model or PEFT adapter, plus tokenizer) atomically; ``final-merged/`` on request.
+
+    Given the run's resolved ``config`` (``training.loop.effective_config``) and its ``summary`` (what goes to
+    ``summary.json``), each folder also gets its model card, ``README.md`` (:mod:`preftune.training.card`), written
+    before the folder is renamed into place: a published ``final/`` always has its card."""
+    card = (config, summary) if config is not None and summary is not None else None
+    final = save_pretrained(accelerator, policy, tokenizer, Path(output_dir) / "final", card=card)
+    if merged:
+        save_pretrained(accelerator, policy, tokenizer, final.with_name("final-merged"), merge=True, card=card)
+    return final
+
+
+def save_pretrained(accelerator: Accelerator, policy, tokenizer, target: Path, merge: bool = False,
+                    card: tuple[dict[str, Any], dict[str, Any]] | None = None) -> Path:
+    """The prepared policy in Hugging Face format (a PEFT adapter under LoRA; merged into the base with ``merge``)
+    with its tokenizer, written to ``target.tmp`` and renamed when complete; every process must call this.
+    ``card``: the run's resolved config and summary, rendered as the folder's model card (README.md; under LoRA it
+    replaces PEFT's empty template)."""
     state_dict = accelerator.get_state_dict(policy)
     inner = accelerator.unwrap_model(policy).model
-    config = getattr(inner, "config", None)
-    if config is not None and getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+    model_config = getattr(inner, "config", None)
+    if (model_config is not None and getattr(model_config, "pad_token_id", None) is None
+            and tokenizer.pad_token_id is not None):
         # A tokenizer without a pad token got one for training (EOS): the saved config must name it too, as the
         # saved tokenizer does, or a sequence classifier loaded from final/ refuses batches of more than one.
-        config.pad_token_id = tokenizer.pad_token_id
-    for target, merge in targets:
-        tmp = target.with_name(target.name + ".tmp")
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                if merge:
-                    import copy
+        model_config.pad_token_id = tokenizer.pad_token_id
+    tmp = target.with_name(target.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if merge:
+                import copy
 
-                    copy.deepcopy(inner).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
-                else:
-                    # The wrapper's state dict prefixes every key with "model."; HF expects them bare.
-                    weights = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
-                    inner.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        accelerator.wait_for_everyone()
-    return final
+                copy.deepcopy(inner).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+            else:
+                # The wrapper's state dict prefixes every key with "model."; HF expects them bare.
+                weights = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
+                inner.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if card is not None:
+                write_card(tmp, *card, adapter=is_peft_model(inner), merged=merge)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    accelerator.wait_for_everyone()
+    return target

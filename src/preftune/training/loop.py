@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from preftune.config import TrainConfig
+from preftune.config import OPTIMIZERS, TrainConfig
 from preftune.data.batching import LengthGroupedSampler, TokenBudgetBatchSampler, example_lengths
 from preftune.errors import ConfigError, TrainingError
 from preftune.methods.registry import METHODS, get_method
@@ -33,6 +33,7 @@ from preftune.modeling.logprobs import LogProbModel
 from preftune.modeling.reward import RewardModel
 from preftune.rollout.judges import CallableJudge, load_judge
 from preftune.training import checkpoint
+from preftune.training.fsdp import fsdp_on_cpu
 from preftune.training.objective import LossSpec, NonFiniteLoss, batch_loss
 from preftune.training.online import OnlineBatches
 from preftune.training.online import summary as online_summary
@@ -58,15 +59,29 @@ class RunResult:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optim`` names (transformers' names, see ``config.OPTIMIZERS``) over the trainable
+    parameters.
+
+    Optimizer state per trainable parameter: AdamW keeps m and v in fp32 (8 bytes); bitsandbytes' 8-bit AdamW
+    (Dettmers et al. 2022, arXiv 2110.02861) keeps them as 8-bit codes with one fp32 absmax per block of 256 values
+    (2 + 8/256 ≈ 2.03 bytes; tensors under 4096 values keep fp32 states), dequantized for each update; the paged
+    variants let the GPU driver move the states to CPU memory under memory pressure (plain states on a CPU);
+    torchao's 8- and 4-bit AdamW keep 8- or 4-bit codes with per-block scales."""
+    import importlib
+
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optim == "rmsprop":
+    spec = OPTIMIZERS[cfg.optim]
+    if spec.name == "RMSprop":
         return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                    eps=cfg.adam_epsilon)
-    # The fused kernel is one pass over the parameters (≈8× faster than foreach on a 2-core CPU for 58M
-    # parameters); it exists for CPU and CUDA tensors of floating dtype.
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=fused)
+    adam = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                eps=cfg.adam_epsilon)
+    if spec.module == "torch.optim":
+        # The fused kernel is one pass over the parameters (≈8× faster than foreach on a 2-core CPU for 58M
+        # parameters); it exists for CPU and CUDA tensors of floating dtype.
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(params, fused=fused, **adam)
+    return getattr(importlib.import_module(spec.module), spec.name)(params, **adam)
 
 
 def _no_accelerator_device() -> bool:
@@ -101,7 +116,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # tests) may use another precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(
+    return fsdp_on_cpu(Accelerator(
         # On a CPU-only machine, `torchrun --nproc_per_node N` gives N data-parallel processes (gloo).
         cpu=_no_accelerator_device(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -110,7 +125,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=cfg.output_dir,
                                             logging_dir=str(Path(cfg.output_dir) / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    ))
 
 
 def build_train_loader(cfg: TrainConfig, dataset, collate: Callable[[list[dict]], dict[str, Tensor]],
@@ -129,16 +144,39 @@ def build_train_loader(cfg: TrainConfig, dataset, collate: Callable[[list[dict]]
                       collate_fn=collate), None
 
 
+@dataclass
+class Session:
+    """Everything a trainer prepared once, which ``train``, ``evaluate`` and ``save_model`` share."""
+
+    inputs: RunInputs
+    spec: LossSpec
+    policy: nn.Module  # prepared by Accelerate
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_dl: DataLoader
+    budget: TokenBudgetBatchSampler | None
+    reference: Any
+    online: OnlineBatches | None
+    total_steps: int
+    num_epochs: int
+
+
 class PreferenceTrainer:
     """Train a causal LM with any registered method.
 
     Everything is optional but the config: pass an in-memory ``model`` / ``ref_model`` / ``tokenizer`` /
-    ``train_dataset`` / ``eval_dataset`` (a ``datasets.Dataset`` or a list of rows in any accepted
-    format), or let the config name them, or leave both empty for the embedded default.
+    ``train_dataset`` / ``eval_dataset`` (a ``datasets.Dataset``, a ``DatasetDict`` or a list of rows in any accepted
+    format), or let the config name them, or leave both empty for the embedded default. ``judge`` scores online
+    methods' samples (a Judge, or a function of (prompts, completions)); ``callbacks`` are functions called after
+    every optimizer step with ``(step, model)`` (their returned metrics are logged) or objects with any of
+    ``on_step_end(step, model)``, ``on_log(record)``, ``on_evaluate(record)`` and ``on_train_end(result)``.
+
+    ``train()`` runs the loop; ``evaluate()`` gives the held-out metrics now (before, during or after training);
+    ``save_model(path)`` writes the policy in Hugging Face format with its tokenizer; ``model`` is the policy.
     """
 
     def __init__(self, config: TrainConfig, model=None, ref_model=None, tokenizer=None,
-                 train_dataset=None, eval_dataset=None, callbacks: list[StepCallback] = (), judge=None):
+                 train_dataset=None, eval_dataset=None, callbacks: list = (), judge=None):
         # A copy: resolved choices (precision, layout, reference) are written into it, not into the caller's object.
         self.cfg = copy.deepcopy(config).validate()
         embedded = uses_embedded_model(self.cfg, model)
@@ -151,6 +189,41 @@ class PreferenceTrainer:
             raise ConfigError("online methods (online_dpo, rloo, grpo, online=true) score their samples with a judge: "
                               "set judge to a reward-model folder, 'module:function' or 'gold' (the demo world), "
                               "or pass judge= to the trainer")
+        self.session: Session | None = None
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The policy (a Hugging Face model, or a PEFT model under LoRA); None before any data or model is loaded."""
+        if self.session is None:
+            return self.given["model"]
+        return self.accelerator.unwrap_model(self.session.policy).model
+
+    def _prepare(self) -> Session:
+        """Data, model, layout, reference, optimizer, schedule: once, on first use."""
+        if self.session is not None:
+            return self.session
+        cfg, acc = self.cfg, self.accelerator
+        set_seed(cfg.seed)
+        inputs: RunInputs = prepare_inputs(cfg, acc, **self.given)
+        spec = LossSpec.from_config(cfg)
+        policy = (RewardModel if spec.model == "reward" else LogProbModel)(inputs.model, cfg.logprob_chunk_size)
+        optimizer = build_optimizer(cfg, policy)
+        online = self._online_source(inputs, spec) if cfg.is_online else None
+        if online is not None:  # prompts in; each micro-batch is sampled, judged and collated in the loop
+            train_dl, budget = DataLoader(inputs.train, batch_size=cfg.per_device_train_batch_size, shuffle=True,
+                                          collate_fn=list), None
+        else:
+            train_dl, budget = build_train_loader(cfg, inputs.train, inputs.collator)
+        total_steps, num_epochs = self._schedule_length(len(train_dl))
+        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+        # Accelerate steps a prepared scheduler once per process per optimizer step; size it to match.
+        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup * acc.num_processes,
+                                  num_training_steps=total_steps * acc.num_processes,
+                                  scheduler_specific_kwargs=cfg.scheduler_kwargs(acc.num_processes))
+        policy, optimizer, train_dl, scheduler = acc.prepare(policy, optimizer, train_dl, scheduler)
+        self.session = Session(inputs, spec, policy, optimizer, scheduler, train_dl, budget,
+                               inputs.make_reference(policy, acc), online, total_steps, num_epochs)
+        return self.session
 
     # ------------------------------------------------------------------------------------------------
     def train(self) -> RunResult:
@@ -171,35 +244,42 @@ class PreferenceTrainer:
             if lock is not None:
                 lock.release()
 
+    def _not_rounds(self, what: str) -> None:
+        # A run of rounds holds one model per round, not one session: its records say what each round did.
+        if self.cfg.rounds is not None and self.session is None:
+            raise ConfigError(f"{what} works on one run of the loop; {self.cfg.methods[0]} trains in rounds: each "
+                              "round's held-out evaluation is in output_dir/rounds.json (set eval_split_size or "
+                              "eval_dataset), its model in output_dir/round-k/final, the last one in output_dir/final")
+
+    def evaluate(self) -> dict[str, float]:
+        """The held-out metrics of the policy as it is now (``eval_``-prefixed, with ``eval_runtime``); needs an
+        evaluation set (``eval_dataset``, or ``eval_split_size``)."""
+        self._not_rounds("evaluate()")
+        session = self._prepare()
+        if session.inputs.eval is None:
+            raise ConfigError("evaluate() needs held-out data: pass eval_dataset, or set eval_dataset or "
+                              "eval_split_size in the config")
+        return self._evaluate(session, step=None, metrics_log=None)
+
+    def save_model(self, path: str | Path) -> Path:
+        """The policy in Hugging Face format (a PEFT adapter under LoRA) with its tokenizer, written atomically."""
+        self._not_rounds("save_model()")
+        session = self._prepare()
+        return checkpoint.save_pretrained(self.accelerator, session.policy, session.inputs.tokenizer, Path(path))
+
     def _train(self, out: Path, resume: Path | None) -> RunResult:
         cfg, acc = self.cfg, self.accelerator
-        set_seed(cfg.seed)
         saved = checkpoint.read_state(resume) if resume is not None else None
-        inputs: RunInputs = prepare_inputs(cfg, acc, **self.given)
+        session = self._prepare()
+        inputs, spec, online = session.inputs, session.spec, session.online
+        policy, optimizer, scheduler, train_dl = session.policy, session.optimizer, session.scheduler, session.train_dl
+        budget, reference, total_steps, num_epochs = (session.budget, session.reference, session.total_steps,
+                                                      session.num_epochs)
         fingerprint = checkpoint.run_fingerprint(effective_config(cfg), inputs.data_fingerprints)
         if saved is not None:
             checkpoint.check_same_run(resume, saved, fingerprint)
         elif acc.is_main_process:  # a resumed run keeps the config.yaml it started with
             cfg.save(out / "config.yaml")
-        spec = LossSpec.from_config(cfg)
-        collate = inputs.collator
-
-        policy = (RewardModel if spec.model == "reward" else LogProbModel)(inputs.model, cfg.logprob_chunk_size)
-        optimizer = build_optimizer(cfg, policy)
-        online = self._online_source(inputs, spec) if cfg.is_online else None
-        if online is not None:  # prompts in; each micro-batch is sampled, judged and collated in the loop
-            train_dl, budget = DataLoader(inputs.train, batch_size=cfg.per_device_train_batch_size, shuffle=True,
-                                          collate_fn=list), None
-        else:
-            train_dl, budget = build_train_loader(cfg, inputs.train, collate)
-        total_steps, num_epochs = self._schedule_length(len(train_dl))
-        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-        # Accelerate steps a prepared scheduler once per process per optimizer step; size it to match.
-        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup * acc.num_processes,
-                                  num_training_steps=total_steps * acc.num_processes,
-                                  scheduler_specific_kwargs=cfg.scheduler_kwargs(acc.num_processes))
-        policy, optimizer, train_dl, scheduler = acc.prepare(policy, optimizer, train_dl, scheduler)
-        reference = inputs.make_reference(policy, acc)
         moving_reference = reference.module if cfg.sync_ref_model else None  # TR-DPO's reference is state too
 
         state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
@@ -207,7 +287,8 @@ class PreferenceTrainer:
             state = checkpoint.load_checkpoint(acc, resume, moving_reference)
             log.info("resumed from %s at step %d", resume, state["global_step"])
 
-        metrics_log = MetricsLog(out / "metrics.jsonl", acc)
+        metrics_log = MetricsLog(out / "metrics.jsonl", acc, listeners=[c for c in self.callbacks
+                                                                         if hasattr(c, "on_log")])
         if resume is not None:
             dropped = metrics_log.resume_at(state["global_step"])
             if dropped:
@@ -287,7 +368,7 @@ class PreferenceTrainer:
                         shown["acc"] = f"{record['rewards/accuracies']:.2f}"
                     bar.set_postfix(shown)
                 if inputs.eval is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                    result.eval_metrics = self._evaluate(policy, reference, inputs, spec, step, metrics_log, online)
+                    result.eval_metrics = self._evaluate(session, step, metrics_log)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
                     checkpoint.save_checkpoint(acc, out, step, state, cfg.save_total_limit, moving_reference)
                 if step >= total_steps:
@@ -298,7 +379,7 @@ class PreferenceTrainer:
         train_seconds = time.perf_counter() - started
 
         if inputs.eval is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
-            result.eval_metrics = self._evaluate(policy, reference, inputs, spec, step, metrics_log, online)
+            result.eval_metrics = self._evaluate(session, step, metrics_log)
         check_finite_weights(acc.unwrap_model(policy), step)
         if cfg.save_steps:
             checkpoint.save_checkpoint(acc, out, step, {**state, "epoch": num_epochs, "batches_in_epoch": 0},
@@ -314,6 +395,9 @@ class PreferenceTrainer:
                        **({"online": online_summary(online)} if online is not None else {})}
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.end_training()
+        for callback in self.callbacks:
+            if hasattr(callback, "on_train_end"):
+                callback.on_train_end(result)
         return result
 
     # ------------------------------------------------------------------------------------------------
@@ -333,10 +417,13 @@ class PreferenceTrainer:
         return math.ceil(per_epoch * cfg.num_train_epochs), math.ceil(cfg.num_train_epochs)
 
     def _run_callbacks(self, step: int, model: nn.Module, metrics_log: MetricsLog) -> None:
-        """External evaluations (generation, judges, …): their numbers go into metrics.jsonl."""
+        """Step callbacks (generation, judges, …): the metrics they return go into metrics.jsonl."""
         for callback in self.callbacks:
+            step_end = getattr(callback, "on_step_end", None) or (callback if callable(callback) else None)
+            if step_end is None:
+                continue
             was_training = model.training
-            record = callback(step, model)
+            record = step_end(step, model)
             model.train(was_training)
             if record:
                 metrics_log.write({"step": step, **record})
@@ -354,22 +441,30 @@ class PreferenceTrainer:
             yield [dataset[i] for i in (rows or [0])], bool(rows)
 
     @torch.no_grad()
-    def _evaluate(self, policy, reference, inputs: RunInputs, spec, step, metrics_log,
-                  online: OnlineBatches | None = None) -> dict[str, float]:
-        """The held-out loss and metrics; for online methods, one judged sample of each held-out prompt."""
-        acc = self.accelerator
+    def _evaluate(self, session: Session, step: int | None, metrics_log: MetricsLog | None) -> dict[str, float]:
+        """The held-out loss and metrics; for online methods, one judged sample of each held-out prompt.
+        Written to metrics.jsonl (and the trackers) during training; returned either way."""
+        acc, policy, online = self.accelerator, session.policy, session.online
+        started = time.perf_counter()
+        was_training = policy.training
         policy.eval()
         window, ignored = MetricWindow(), MetricWindow()
-        for index, (rows, counted) in enumerate(self._eval_rows(inputs.eval)):
+        for index, (rows, counted) in enumerate(self._eval_rows(session.inputs.eval)):
             if online is not None:
                 online.evaluate(rows, acc.unwrap_model(policy).model, window if counted else ignored,
-                                seed=online.seed(-1 - step, index))
+                                seed=online.seed(-1 - (step or 0), index))
             else:
-                batch = {k: v.to(acc.device) for k, v in inputs.collator(rows).items()}
-                batch_loss(policy, reference, batch, spec, window if counted else ignored)
-        policy.train()
-        record = {"step": step, **{f"eval_{k}": v for k, v in window.values(acc).items()}}
-        metrics_log.write(record)
+                batch = {k: v.to(acc.device) for k, v in session.inputs.collator(rows).items()}
+                batch_loss(policy, session.reference, batch, session.spec, window if counted else ignored)
+        policy.train(was_training)
+        seconds = time.perf_counter() - started
+        record = {"step": step, **{f"eval_{k}": v for k, v in window.values(acc).items()},
+                  "eval_runtime": round(seconds, 4), "eval_samples_per_second": len(session.inputs.eval) / seconds}
+        if metrics_log is not None:
+            metrics_log.write(record)
+        for callback in self.callbacks:
+            if hasattr(callback, "on_evaluate"):
+                callback.on_evaluate(record)
         return record
 
     def _online_source(self, inputs: RunInputs, spec: LossSpec) -> OnlineBatches:

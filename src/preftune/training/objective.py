@@ -117,6 +117,9 @@ def batch_loss(
 
     keep = slice(None) if weights is None else weights > 0
     window.add("loss", per_example[keep])
+    if len(result.terms) > 1:  # a weighted combination: each method's own (unweighted) loss
+        for name, values in result.terms.items():
+            window.add(f"loss/{name}", values[keep] if values.dim() else values.reshape(1))
     for name, value in result.metrics.items():
         window.add(name, value.reshape(1))
     if spec.kind == "groups":  # rewards, lengths and KL of the samples are logged by the online source
@@ -128,12 +131,19 @@ def batch_loss(
         window.add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float()[keep])
     if spec.model == "reward":  # a reward head's "logps" are its scores, already logged as rewards
         return loss
+    logits_a, logits_b = split(out["mean_logits"])
     if spec.kind == "paired":
         window.add("logps/chosen", s_a[keep])
         window.add("logps/rejected", s_b[keep])
+        window.add("logits/chosen", logits_a[keep])
+        window.add("logits/rejected", logits_b[keep])
     elif spec.kind == "unpaired":
-        window.add("logps/chosen", s_a[batch["desirable"]])
-        window.add("logps/rejected", s_a[~batch["desirable"]])
+        desirable = batch["desirable"]
+        window.add("logps/chosen", s_a[desirable])
+        window.add("logps/rejected", s_a[~desirable])
+        window.add("logits/chosen", logits_a[desirable])
+        window.add("logits/rejected", logits_a[~desirable])
     else:
         window.add("logps/chosen", out["logps"])
+        window.add("mean_token_accuracy", out["token_accuracy"])  # TRL's SFT metric: argmax = target
     return loss

@@ -406,6 +406,9 @@ def train_rounds(trainer) -> Any:
                                     "generated_tokens": run.generated_tokens}}
             summary.pop("run")
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        for callback in trainer.callbacks:  # once for the whole run, not once per round
+            if hasattr(callback, "on_train_end"):
+                callback.on_train_end(result)
         return result
     finally:
         if lock is not None:
@@ -548,7 +551,7 @@ def _train(run: RoundsRun, k: int, offset: int, rows: list[dict], previous: nn.M
         log.info("rounds: round %d resumes its training from %s", k, checkpoint.list_checkpoints(rdir)[-1])
     # π_{k−1} is trained in place: round 1 trains a copy, π_0 stays as it is (the proposal, the reference).
     policy = copy.deepcopy(previous) if previous is run.initial else previous
-    callbacks = [_shifted(callback, offset) for callback in run.callbacks]
+    callbacks = [_RoundCallback(callback, offset, k) for callback in run.callbacks]
     trainer = trainer_class(round_cfg, model=policy, ref_model=run.reference, tokenizer=run.tokenizer,
                             train_dataset=rows, callbacks=callbacks)
     trainer.train_once()
@@ -559,9 +562,29 @@ def _training_record(summary: dict) -> dict:
     return {key: summary.get(key) for key in ("global_step", "first_loss", "train", "train_runtime_s", "reference")}
 
 
-def _shifted(callback, offset: int):
-    """A step callback that counts steps over the whole run of rounds (round k's step s is offset + s)."""
-    return lambda step, model: callback(offset + step, model)
+class _RoundCallback:
+    """A trainer callback seen through round k of a run of rounds: steps count over the whole run (round k's step
+    s is ``offset + s``), logged and evaluation records carry ``round``, and ``on_train_end`` is left to the run
+    of rounds (called once, with the last round's result)."""
+
+    def __init__(self, callback, offset: int, k: int):
+        self.callback, self.offset, self.k = callback, offset, k
+
+    def on_step_end(self, step: int, model: nn.Module):
+        step_end = getattr(self.callback, "on_step_end", None) or (self.callback if callable(self.callback) else None)
+        return None if step_end is None else step_end(self.offset + step, model)
+
+    def _record(self, record: dict) -> dict:
+        step = record.get("step")
+        return {**record, "step": None if step is None else self.offset + step, "round": self.k}
+
+    def on_log(self, record: dict) -> None:
+        if hasattr(self.callback, "on_log"):
+            self.callback.on_log(self._record(record))
+
+    def on_evaluate(self, record: dict) -> None:
+        if hasattr(self.callback, "on_evaluate"):
+            self.callback.on_evaluate(self._record(record))
 
 
 def _link_final(out: Path, model: Path, state: PartialState) -> Path:

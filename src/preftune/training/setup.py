@@ -19,12 +19,12 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from preftune.config import TrainConfig
+from preftune.config import TrainConfig, is_template_text
 from preftune.data import formats, tokenize
 from preftune.data.batching import PreferenceCollator
 from preftune.errors import ConfigError, DataError, ModelError
@@ -119,10 +119,28 @@ def _load_tokenizer(cfg: TrainConfig, tokenizer, builtin_rows):
             tokenizer = default_tokenizer(builtin_rows)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.chat_template is not None:  # before tokenization: the cache key and final/ see the template used
+        tokenizer.chat_template = read_chat_template(cfg.chat_template)
     return tokenizer
 
 
+def read_chat_template(value: str) -> str:
+    """``chat_template`` as the Jinja text: the value itself when it is a template, else the file it names."""
+    if is_template_text(value):
+        return value
+    path = Path(value).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"chat_template: {value} could not be read ({err}); give a UTF-8 Jinja file or the "
+                          "template itself") from None
+
+
 def _load_model(cfg: TrainConfig, model, tokenizer, reward: bool):
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and (model is not None or not cfg.model_name_or_path):
+        raise ConfigError(f"load_in_{4 if cfg.load_in_4bit else 8}bit quantizes the model as it loads from "
+                          "model_name_or_path; a model passed in memory, or the embedded one, is not quantized: give "
+                          "model_name_or_path (a folder written by save_pretrained, or a Hub id)")
     if uses_embedded_model(cfg, model):
         from preftune.modeling.tiny import default_model
 
@@ -175,6 +193,7 @@ def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokeni
     tokenized, tok_report = tokenize.tokenize_rows(
         normalised, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         cache_dir=cache_root(cfg) / "tokenized", source=source, kl_completions=kind == "unpaired",
+        max_completion_length=cfg.max_completion_length,
     )
     reports[f"{name}/tokens"] = str(tok_report)
     if len(tokenized) == 0:
@@ -215,6 +234,7 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
                    train_dataset=None, eval_dataset=None) -> RunInputs:
     """Tokenizer → data (read, validated, tokenized: a bad file fails before any model loads) → model → layout →
     reference (precomputed and cached when it stays fixed). The resolved choices are written back into ``cfg``."""
+    check_fsdp(cfg, accelerator)
     builtin_rows = None
     if train_dataset is None and cfg.dataset is None:
         from preftune.data.builtin import builtin_preferences
@@ -279,6 +299,20 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
     return RunInputs(tokenizer=tokenizer, model=model, train=train, eval=evaluation, collator=collator,
                      make_reference=strategy.build, parameter_counts=loading.count_parameters(model),
                      data_reports=reports, data_fingerprints=data_fingerprints, reference_label=strategy.label)
+
+
+def check_fsdp(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """What does not work on FSDP-sharded weights is refused before anything loads."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if cfg.save_merged_model:
+        raise ConfigError("save_merged_model under FSDP: the adapters would be merged into sharded weights; train "
+                          "with save_merged_model: false and merge the adapter in final/ afterwards (peft: "
+                          "AutoPeftModelForCausalLM.from_pretrained(final).merge_and_unload().save_pretrained(...))")
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        raise ConfigError("load_in_4bit / load_in_8bit under FSDP: bitsandbytes' packed uint8 weights cannot be "
+                          "sharded with the model's other parameters here; train QLoRA on one GPU per process with "
+                          "DDP (examples/accelerate/ddp.yaml), or without quantization under FSDP")
 
 
 def _vocabulary_size(model: nn.Module) -> int:

@@ -39,11 +39,13 @@ class MetricWindow:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per log step (main process only)."""
+    """``metrics.jsonl``: one JSON object per log step (main process only), also sent to the trackers and to the
+    ``listeners`` (objects with ``on_log(record)``, e.g. the trainer's callbacks)."""
 
-    def __init__(self, path: Path, accelerator: Accelerator):
+    def __init__(self, path: Path, accelerator: Accelerator, listeners: list = ()):
         self.path = path
         self.accelerator = accelerator
+        self.listeners = list(listeners)
 
     def resume_at(self, step: int) -> int:
         """Drop the records of steps after ``step`` — logged by a run that died before its next checkpoint, and
@@ -63,3 +65,6 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
         self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
                              step=record.get("step"))
+        if self.accelerator.is_main_process:
+            for listener in self.listeners:
+                listener.on_log(dict(record))

@@ -1,0 +1,61 @@
+"""What ``preftune annotate load | serve | export | report`` do, as functions over paths (the CLI only parses)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from preftune.annotate.items import read_items
+from preftune.annotate.results import annotation_report, export_preferences, format_report
+from preftune.annotate.store import AnnotationStore
+
+TOKEN_ENV = "PREFTUNE_ANNOTATE_TOKEN"
+
+
+def load_files(store: AnnotationStore, pairs: Sequence[str] = (), samples: Sequence[str] = ()) -> list[str]:
+    """Load pairs files and evaluation samples files (each read whole and checked before anything is stored);
+    returns one line per file."""
+    batches = [read_items(p, "pairs") for p in pairs] + [read_items(s, "eval") for s in samples]
+    return [str(store.add_items(items)) for items in batches]
+
+
+def load_command(db: str, pairs: Sequence[str] = (), samples: Sequence[str] = ()) -> str:
+    if not pairs and not samples:
+        from preftune.errors import ConfigError
+
+        raise ConfigError("give files to load: --pairs FILE (as `preftune pairs` writes) and/or --samples FILE "
+                          "(as `preftune eval --samples-out` writes)")
+    with AnnotationStore(db) as store:
+        lines = load_files(store, pairs, samples)
+        counts = store.count_items()
+    return "\n".join([*lines, f"{db}: {counts['pairs']} pairs items, {counts['eval']} evaluation items"])
+
+
+def serve_command(db: str, pairs: Sequence[str] = (), samples: Sequence[str] = (), host: str = "127.0.0.1",
+                  port: int = 8765, token: str | None = None, votes_per_item: int = 1) -> None:
+    """Load the given files, then serve until interrupted."""
+    from preftune.annotate.server import serve
+
+    with AnnotationStore(db) as store:
+        for line in load_files(store, pairs, samples):
+            print(line, flush=True)
+        counts = store.count_items()
+        print(f"{db}: {counts['pairs']} pairs items, {counts['eval']} evaluation items; {votes_per_item} vote(s) "
+              "wanted per item", flush=True)
+        serve(store, host=host, port=port, token=token or os.environ.get(TOKEN_ENV) or None,
+              votes_per_item=votes_per_item, announce=lambda line: print(line, flush=True))
+
+
+def export_command(db: str, out: str, task: str = "pairs", source: str | None = None) -> str:
+    with AnnotationStore(db, create=False) as store:
+        return str(export_preferences(store, out, task, source))
+
+
+def report_command(db: str, out: str | None = None) -> str:
+    with AnnotationStore(db, create=False) as store:
+        report = annotation_report(store)
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return format_report(report)
