@@ -37,8 +37,8 @@ def test_frontier_points_plot_and_table(tmp_path):
         assert steps == [0, 6, 12]  # the start (π_ref) and every eval_every steps
         assert by_method[method][0]["kl"] == 0.0 and all(p["kl"] > 0 for p in by_method[method][1:])
     best = by_method[BEST_OF_N]
-    assert [p["kl"] for p in best] == [0.0] + [best_of_n_kl(p["n"]) for p in best[1:]]
-    assert [p["n"] for p in best[1:]] == [1, 2, 4, 8, 16, 32, 64]
+    assert [p["n"] for p in best] == [1, 2, 4, 8, 16, 32, 64]  # n = 1 is π_ref itself, at KL 0
+    assert [p["kl"] for p in best] == [best_of_n_kl(p["n"]) for p in best]
     assert {p["family"] for p in points if p["method"] == "Iterative DPO β=0.5"} == {family("Iterative DPO β=0.5")}
     assert calls == [settings.steps] and by_method["hooked"][-1]["kl"] == 0.0  # π_ref against itself
     assert (tmp_path / "frontier.png").stat().st_size > 0
