@@ -286,6 +286,17 @@ class TrainConfig:
     # the policy's body with a new score head ('policy'); 'shared' → a value head on the policy's own trunk; or the
     # folder of a sequence-classification (or causal LM) checkpoint. value_model_path is accepted too.
     value_model: str | None = None
+    # --- rounds: RSO, SPPO, iterative DPO (`method: rso | rso_hinge | sppo | iterative_dpo`) --------------------
+    # Each round samples num_generations completions of every prompt (from the current iterate; RSO: from the
+    # model the run started with), judges them, writes the round's pairs and trains one run of the loop on them
+    # (max_steps / num_train_epochs are per round). Needs a judge, like the online methods.
+    num_rounds: int | None = None  # None: the method's default (RSO 1, SPPO 3, iterative DPO 3)
+    prompts_per_round: int | None = None  # None: every prompt in every round; n: round k takes the k-th n prompts
+    accumulate_pairs: bool = False  # train each round on the pairs of every round so far (warm-started)
+    refresh_reference: bool = False  # RSO / iterative DPO: the reference is the previous iterate, not the start
+    rso_beta: float = 0.5  # RSO: β of the sampled distribution π_sft·exp(r/β) (0: the top rso_samples by score)
+    rso_samples: int = 8  # RSO: completions accepted per prompt out of num_generations candidates
+    rso_pairing: Literal["first_round", "tournament"] = "first_round"  # RSO: n/2 disjoint pairs, or n − 1 matches
     # --- reference ---------------------------------------------------------------------------------
     precompute_ref_log_probs: bool | None = None  # None: precompute whenever the reference is fixed
     sync_ref_model: bool = False  # TR-DPO
@@ -399,6 +410,7 @@ class TrainConfig:
         self._check_hub()
         self._check_online()
         self._check_ppo()
+        self._check_rounds()
         self.lora_target_modules = _target_modules(self.lora_target_modules)
         self.report_to = _trackers(self.report_to)
         self._check_scheduler()
@@ -501,6 +513,56 @@ class TrainConfig:
         if self.sync_ref_model:
             raise _invalid(("sync_ref_model", "method"), "PPO's KL penalty is to a fixed reference; sync_ref_model "
                            "(TR-DPO) is for the one loop's methods")
+    @property
+    def rounds(self):
+        """The run's :class:`~preftune.methods.registry.Rounds` (RSO, SPPO, iterative DPO), or None."""
+        return get_method(self.methods[0]).rounds
+
+    @property
+    def resolved_num_rounds(self) -> int:
+        return self.num_rounds or self.rounds.num_rounds
+
+    def _check_rounds(self) -> None:
+        spec = self.rounds
+        changed = [k for k in _ROUNDS_KEYS if getattr(self, k) != FIELDS[k].default]
+        if spec is None:
+            if any(get_method(m).rounds for m in self.methods):
+                raise _invalid("method", f"methods trained in rounds ({_rounds_methods()}) train alone, not with "
+                               f"{[m for m in self.methods if not get_method(m).rounds]}")
+            if changed:
+                raise _invalid(changed[0], f"{', '.join(changed)}: only for methods trained in rounds "
+                               f"({_rounds_methods()}); {self.methods} train in one run")
+            return
+        if len(self.methods) > 1:
+            raise _invalid("method", f"methods trained in rounds ({_rounds_methods()}) train alone, not with "
+                           f"{self.methods[1:]}")
+        if self.online:
+            raise _invalid(("online", "method"), f"{self.methods[0]} samples its pairs in rounds; online=true "
+                           "samples every batch instead: set one of them")
+        if self.resume_from_checkpoint not in (None, True, False):
+            raise _invalid("resume_from_checkpoint", f"{self.methods[0]} resumes a whole run of rounds: set "
+                           "resume_from_checkpoint=true (finished rounds are kept, an interrupted round resumes "
+                           "from its latest checkpoint)")
+        if spec.selection != "rso":
+            rso = [k for k in changed if k.startswith("rso_")]
+            if rso:
+                raise _invalid(rso[0], f"{', '.join(rso)}: RSO's keys; {self.methods[0]} pairs the best against "
+                               "the worst completion")
+        elif not 2 <= self.rso_samples <= self.num_generations_for_rounds:
+            raise _invalid(("rso_samples", "num_generations"), f"rso_samples ({self.rso_samples}) must be >= 2 and "
+                           f"at most the {self.num_generations_for_rounds} candidates sampled per prompt "
+                           "(num_generations)")
+        if spec.reference == "previous" and self.refresh_reference:
+            raise _invalid("refresh_reference", f"{self.methods[0]}'s reference is always the previous iterate; "
+                           "leave refresh_reference unset")
+        if spec.reference == "previous" and self.ref_model_name_or_path:
+            raise _invalid("ref_model_name_or_path", f"{self.methods[0]}'s reference is the previous iterate; "
+                           "leave ref_model_name_or_path unset")
+
+    @property
+    def num_generations_for_rounds(self) -> int:
+        """Completions sampled per prompt in each round: ``num_generations``, else the method's default."""
+        return self.num_generations or get_method(self.methods[0]).num_generations or 2
 
     def _check_loss_weights(self) -> None:
         weights = self.loss_weights
@@ -620,6 +682,15 @@ def _invalid(keys: str | tuple[str, ...], message: str) -> ConfigError:
     return err
 
 
+# Keys read only by methods trained in rounds (preftune.training.rounds).
+_ROUNDS_KEYS = ("num_rounds", "prompts_per_round", "accumulate_pairs", "refresh_reference", "rso_beta", "rso_samples",
+                "rso_pairing")
+
+
+def _rounds_methods() -> str:
+    return ", ".join(name for name, m in METHODS.items() if m.rounds is not None)
+
+
 # (key, lower bound, upper bound, what to do); a bound is (value, inclusive) or None. None values are not checked.
 _POSITIVE, _NON_NEGATIVE, _AT_LEAST_1 = (0, False), (0, True), (1, True)
 _RANGES: list[tuple[str, tuple | None, tuple | None, str]] = [
@@ -648,6 +719,9 @@ _RANGES: list[tuple[str, tuple | None, tuple | None, str]] = [
     ("target_kl", _POSITIVE, None, "; nats of KL(π‖π_ref) per completion, or null for a fixed kl_coef"),
     ("score_clip", _POSITIVE, None, "; or null to leave scores unclipped"),
     *((key, _NON_NEGATIVE, None, "") for key in ("vf_coef", "kl_coef", "entropy_coef")),
+    ("num_rounds", _AT_LEAST_1, None, "; or null for the method's default"),
+    ("prompts_per_round", _AT_LEAST_1, None, "; or null for every prompt in every round"),
+    ("rso_beta", _NON_NEGATIVE, None, "; RSO's sampling temperature (0: the best candidates; 0.5 in the paper)"),
     ("learning_rate", _POSITIVE, None, "; typical values are 1e-7–1e-5 (full fine-tuning), 1e-5–1e-4 (LoRA)"),
     ("max_length", _AT_LEAST_1, None, "; give a number of tokens, or null for no limit"),
     ("max_prompt_length", _AT_LEAST_1, None, "; give a number of tokens, or null for no limit"),

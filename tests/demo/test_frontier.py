@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import json
 
-from preftune.experiments.frontier import RUNNERS, FrontierSettings, frontier_table, register_runner, run_frontier
+from preftune.experiments.frontier import (
+    BEST_OF_N,
+    RUNNERS,
+    FrontierSettings,
+    family,
+    frontier_table,
+    register_runner,
+    run_frontier,
+)
+from preftune.methods.rl import best_of_n_kl
 
 
 def test_frontier_points_plot_and_table(tmp_path):
@@ -16,22 +25,28 @@ def test_frontier_points_plot_and_table(tmp_path):
         return [{"method": "hooked", "step": 1, **{k: evaluate(world.sft)[k] for k in ("kl", "reward")}}]
 
     register_runner("hooked", fake_runner)
-    settings.runs = ["DPO β=0.5", "Preferred-FT", "Online DPO β=0.1", "hooked"]
+    settings.runs = ["DPO β=0.5", "Preferred-FT", "Online DPO β=0.1", "Iterative DPO β=0.5", BEST_OF_N, "hooked"]
     try:
         points = run_frontier(settings)
     finally:
         RUNNERS.pop("hooked")
     by_method = {m: [p for p in points if p["method"] == m] for m in settings.runs}
-    for method in ("DPO β=0.5", "Preferred-FT", "Online DPO β=0.1"):
+    # Iterative DPO: 3 rounds of 12 // 3 = 4 steps; its evaluations count steps over the whole run.
+    for method in ("DPO β=0.5", "Preferred-FT", "Online DPO β=0.1", "Iterative DPO β=0.5"):
         steps = [p["step"] for p in by_method[method]]
         assert steps == [0, 6, 12]  # the start (π_ref) and every eval_every steps
         assert by_method[method][0]["kl"] == 0.0 and all(p["kl"] > 0 for p in by_method[method][1:])
+    best = by_method[BEST_OF_N]
+    assert [p["n"] for p in best] == [1, 2, 4, 8, 16, 32, 64]  # n = 1 is π_ref itself, at KL 0
+    assert [p["kl"] for p in best] == [best_of_n_kl(p["n"]) for p in best]
+    assert {p["family"] for p in points if p["method"] == "Iterative DPO β=0.5"} == {family("Iterative DPO β=0.5")}
     assert calls == [settings.steps] and by_method["hooked"][-1]["kl"] == 0.0  # π_ref against itself
     assert (tmp_path / "frontier.png").stat().st_size > 0
     saved = json.loads((tmp_path / "points.json").read_text())
     assert saved["points"] == points
     costs = saved["costs"]
     assert costs["Online DPO β=0.1"]["generated_tokens"] > 0 and costs["DPO β=0.5"]["generated_tokens"] == 0
+    assert costs["Iterative DPO β=0.5"]["generated_tokens"] > 0 and costs[BEST_OF_N]["generated_tokens"] > 0
     assert all(c["wall_s"] > 0 and c["peak_rss_gib"] >= 0 for c in costs.values())
     assert "| Online DPO β=0.1 |" in (tmp_path / "frontier.md").read_text().split("wall time")[1]
     assert saved["judge"] == "gold_sentiment"
@@ -45,3 +60,20 @@ def test_frontier_table_takes_the_best_reward_within_each_budget():
               [(0, 0.0, 0.5), (1, 1.5, 0.7), (2, 4.0, 0.9), (3, 9.0, 0.8)]]
     row = frontier_table(points).splitlines()[-1]
     assert row == "| m | 0.500 | 0.700 | 0.700 | 0.900 | 0.900 | 0.900 | 9.00 |"
+
+
+def test_frontier_table_groups_families_and_gives_each_run_its_cost():
+    points = [{"method": m, "family": f, "step": 0, "kl": kl, "reward": r} for m, f, kl, r in
+              [("DPO β=0.1", "DPO", 2.0, 0.6), ("SPPO", "rounds", 0.5, 0.7), ("DPO β=1", "DPO", 0.5, 0.55)]]
+    costs = {"DPO β=0.1": {"wall_s": 12.4, "peak_rss_gib": 1.234}, "SPPO": {"wall_s": 99.6, "peak_rss_gib": 2.0}}
+    rows = frontier_table(points, costs=costs).splitlines()
+    assert rows[2].endswith("| wall time (s) | peak RSS (GiB) |")
+    assert [row.split(" | ")[0] for row in rows[4:]] == ["| DPO β=0.1", "| DPO β=1", "| SPPO"]  # by family
+    assert rows[4].endswith("| 2.00 | 12 | 1.23 |") and rows[6].endswith("| 0.50 | 100 | 2.00 |")
+    assert rows[5].endswith("| nan | nan |")  # a run without a measured cost says so
+
+
+def test_every_run_has_a_family_and_the_rounds_methods_share_one():
+    assert {family(label) for label in ("Iterative DPO β=0.5", "SPPO η=50", "RSO γ=0.5 β_rso=0.5")} == {
+        "rounds (RSO, SPPO, iterative DPO)"}
+    assert family("DPO β=0.1") == "DPO β sweep" != family("IPO β=0.1") and family(BEST_OF_N) != family("PPO")

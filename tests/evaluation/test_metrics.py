@@ -190,5 +190,20 @@ def test_frontier_plot(tmp_path):
     assert "nats" in ax.get_xlabel() and "reward" in ax.get_ylabel()
     envelope = ax.get_lines()[0]  # DPO's: the (2.0, 0.75) checkpoint is below the frontier
     assert list(envelope.get_xdata()) == [0.0, 1.0, 3.0]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        "DPO checkpoints", "DPO frontier", "PPO checkpoints", "PPO frontier"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["DPO", "PPO"]
+
+
+def test_frontier_plot_draws_a_family_in_one_colour_with_the_legend_outside(tmp_path):
+    points = [{"method": f"DPO β={b}", "family": "DPO β sweep", "kl": k, "reward": r, "step": i}
+              for b in (0.1, 0.5) for i, (k, r) in enumerate([(0.0, 0.5), (b * 4, 0.8)])]
+    points += [{"method": "Best-of-n", "kl": 0.3, "reward": 0.7, "step": 2}]
+    fig = plot_frontier(points, tmp_path / "f.png")
+    ax = fig.axes[0]
+    first, second, alone = ax.get_lines()
+    assert first.get_color() == second.get_color() != alone.get_color()
+    assert first.get_marker() != second.get_marker()
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["DPO β sweep", "  DPO β=0.1", "  DPO β=0.5", "Best-of-n"]
+    fig.canvas.draw()
+    box = legend.get_window_extent().transformed(ax.transAxes.inverted())
+    assert box.x0 > 1.0  # right of the axes: no checkpoint is hidden under it

@@ -20,6 +20,8 @@ R_W = [-12.0, -9.0, -20.0, -6.0]
 R_L = [-13.5, -8.0, -19.6, -9.0]
 N_W = [5, 3, 9, 2]
 N_L = [7, 4, 8, 4]
+# Per-example columns of the methods that declare them (``Method.extras``): SPPO's estimated win probabilities.
+EXTRAS = {"chosen_win_prob": [0.9, 0.6, 0.55, 0.7], "rejected_win_prob": [0.1, 0.3, 0.5, 0.2]}
 
 
 def pair_logps(method: Method, chosen=None, rejected=None, dtype=torch.float64) -> PairLogps:
@@ -32,6 +34,7 @@ def pair_logps(method: Method, chosen=None, rejected=None, dtype=torch.float64) 
         rejected_tokens=torch.tensor(N_L),
         ref_chosen=t(R_W) if ref else None,
         ref_rejected=t(R_L) if ref else None,
+        extras={name: t(EXTRAS[name]) for name in method.extras},
     )
 
 
@@ -86,6 +89,12 @@ def _sppo_hard(s_w, s_l, r_w, r_l, n_w, n_l, beta):
     return ((s_w - r_w) - 1 / (2 * beta)) ** 2 + ((s_l - r_l) + 1 / (2 * beta)) ** 2
 
 
+def _sppo(s_w, s_l, r_w, r_l, n_w, n_l, beta, chosen_win_prob, rejected_win_prob):
+    eta = 1 / beta
+    target_w, target_l = eta * (chosen_win_prob - 0.5), eta * (rejected_win_prob - 0.5)
+    return 0.5 * (((s_w - r_w) - target_w) ** 2 + ((s_l - r_l) - target_l) ** 2)
+
+
 def _apo_zero(s_w, s_l, r_w, r_l, n_w, n_l, beta):
     return (1 - sig(beta * (s_w - r_w))) + sig(beta * (s_l - r_l))
 
@@ -131,7 +140,9 @@ HAND = {
     "rpo": _rpo,
     "nca_pair": _nca_pair, "bco_pair": _bco_pair, "sppo_hard": _sppo_hard, "apo_zero": _apo_zero,
     "apo_down": _apo_down, "slic": _slic, "simpo": _simpo, "orpo": _orpo, "cpo": _cpo, "sft": _sft,
-    "reward": _reward, "unlikelihood": _unlikelihood,
+    "reward": _reward, "unlikelihood": _unlikelihood, "sppo": _sppo,
+    # The methods trained in rounds use the losses above (RSO's sigmoid-norm is DPO's, its hinge-norm the hinge).
+    "rso": _dpo, "rso_hinge": _hinge, "iterative_dpo": _dpo,
 }
 
 
@@ -166,7 +177,8 @@ def test_loss_matches_hand_computation(name, override):
     hp = {**method.defaults, **override}
     out = method.loss(pair_logps(method), **hp)
     for i in range(len(S_W)):
-        expected = HAND[name](S_W[i], S_L[i], R_W[i], R_L[i], N_W[i], N_L[i], **hp)
+        extras = {extra: EXTRAS[extra][i] for extra in method.extras}
+        expected = HAND[name](S_W[i], S_L[i], R_W[i], R_L[i], N_W[i], N_L[i], **hp, **extras)
         assert out.losses[i].item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
         chosen_reward, rejected_reward = hand_rewards(name, hp.get("beta", 1.0), i)
         assert out.chosen_rewards[i].item() == pytest.approx(chosen_reward, rel=1e-12)

@@ -22,6 +22,9 @@ is True — its assistant turns; the other tokens are in the sequence, read as c
 counts each sequence's scored tokens and ``seq_last_index [S]`` is the flat position of its last token
 (where a reward model reads its score). Scores are grouped by sequence, in token order.
 
+Per-example quantities a loss reads besides log-probs (``extras``, e.g. SPPO's ``chosen_win_prob``) are
+float columns of the rows, batched as ``[B]`` tensors under their own names, in row order.
+
 The attention mask is ``[R, L]`` (plain right padding) or a boolean ``[R, 1, L, L]`` (True = may attend)
 for shared or packed layouts, with ``position_ids [R, L]``.
 """
@@ -188,6 +191,7 @@ class PreferenceCollator:
     prefix_sharing: bool = True
     padding_free: bool = False
     sft: bool = False  # SFT rows: the completion only, no mismatched KL branch
+    extras: tuple[str, ...] = ()  # per-example float columns the run's loss reads, batched as [B] (row order)
 
     def describe(self) -> str:
         sharing = "prefix sharing" if self.prefix_sharing else "prompt repeated per completion"
@@ -207,6 +211,8 @@ class PreferenceCollator:
             batch["desirable"] = torch.tensor([bool(row["label"]) for row in rows])
         if SOURCE_ROW in rows[0]:  # where each example came from, for reports that name rows
             batch["source_rows"] = torch.tensor([row[SOURCE_ROW] for row in rows], dtype=torch.long)
+        for name in self.extras:
+            batch[name] = torch.tensor([row[name] for row in rows], dtype=torch.float32)
         return batch | _reference_columns(rows)
 
 

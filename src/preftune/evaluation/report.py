@@ -4,8 +4,9 @@
   from ``metrics.jsonl`` files (TRL names: ``loss``, ``rewards/accuracies``, ``rewards/margins``).
 * :func:`plot_reward_distributions` — histograms of gold rewards of samples, e.g. SFT against DPO.
 * :func:`plot_frontier` — the DPO paper's reward–KL frontier (Fig. 2 left): every evaluated checkpoint as
-  a point (x = KL(π‖π_ref) in nats, y = mean gold reward), one colour per method, and each method's
-  upper envelope (the best reward reached at that KL or less).
+  a point (x = KL(π‖π_ref) in nats, y = mean gold reward) and each method's upper envelope (the best reward
+  reached at that KL or less); one colour per family of methods, one marker and line style per method within
+  it, the legend outside the axes.
 
 Each function saves a PNG and returns the matplotlib ``Figure`` (tests read its labels).
 
@@ -59,7 +60,7 @@ def _save(fig: Figure, out_png: str | Path) -> Figure:
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    fig.savefig(out_png, dpi=120, bbox_inches="tight")  # a legend outside the axes stays in the file
     plt.close(fig)  # the Figure object stays usable for inspection; pyplot just forgets it
     return fig
 
@@ -122,23 +123,46 @@ def _upper_envelope(points: Sequence[tuple[float, float]]) -> list[tuple[float, 
     return envelope
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "8", "H", "1", "2", "3")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
 def plot_frontier(points: Sequence[Mapping], out_png: str | Path, *, title: str | None = None) -> Figure:
-    """Reward–KL frontier: ``points`` are dicts ``{method, kl, reward, step}``, one per evaluated checkpoint."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """Reward–KL frontier: ``points`` are dicts ``{method, kl, reward, step}`` (and optionally ``family``), one per
+    evaluated checkpoint. Methods of one family share a colour and differ in marker and line style; a method
+    without a family is its own. The legend, outside the axes, lists the methods under their families."""
+    from matplotlib.lines import Line2D
+
     methods = list(dict.fromkeys(p["method"] for p in points))
+    family_of = {p["method"]: p.get("family") or p["method"] for p in points}
+    families = list(dict.fromkeys(family_of[m] for m in methods))
     colours = plt.get_cmap("tab10")
-    for i, method in enumerate(methods):
-        mine = [(float(p["kl"]), float(p["reward"])) for p in points if p["method"] == method]
-        ax.scatter(*zip(*mine), s=18, alpha=0.6, color=colours(i % 10), label=f"{method} checkpoints")
-        ax.plot(*zip(*_upper_envelope(mine)), color=colours(i % 10), linewidth=2, drawstyle="steps-post",
-                label=f"{method} frontier")
+    fig, ax = plt.subplots(figsize=(11, 6))
+    handles: list = []
+    for f, name in enumerate(families):
+        colour = colours(f % 10)
+        members = [m for m in methods if family_of[m] == name]
+        if len(members) > 1 or members[0] != name:  # a header line for the family in the legend
+            handles.append(Line2D([], [], linestyle="none", label=name))
+        for j, method in enumerate(members):
+            mine = [(float(p["kl"]), float(p["reward"])) for p in points if p["method"] == method]
+            marker, style = MARKERS[j % len(MARKERS)], LINESTYLES[j // len(MARKERS) % len(LINESTYLES)]
+            if len(members) > len(MARKERS):
+                style = LINESTYLES[j % len(LINESTYLES)]
+            ax.scatter(*zip(*mine), s=14, alpha=0.45, color=colour, marker=marker)
+            (line,) = ax.plot(*zip(*_upper_envelope(mine)), color=colour, linewidth=1.6, linestyle=style,
+                              drawstyle="steps-post", marker=marker, markersize=5,
+                              label=f"  {method}" if len(members) > 1 or members[0] != name else method)
+            handles.append(line)
     ax.set_xlabel("KL(π ‖ π_ref), summed over tokens (nats)")
     ax.set_ylabel("mean gold reward p(positive)")
     ax.set_title(title or "Reward vs KL to the reference")
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
-    if methods:
-        ax.legend(loc="lower right")
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False,
+                  ncol=1 if len(handles) <= 34 else 2, title="points: checkpoints; lines: upper envelope",
+                  title_fontsize=7)
     return _save(fig, out_png)
 
 

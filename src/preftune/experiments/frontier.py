@@ -2,15 +2,20 @@
 
 Every run starts from the same SFT model π_ref. Offline methods train on the same on-policy pairs (sampled
 from π_ref, labelled by the gold VADER reward); online methods (Online DPO, RLOO, GRPO) sample their own
-completions of the same training prompts from the current policy and ask the same gold judge. Every
+completions of the same training prompts from the current policy and ask the same gold judge; the methods
+trained in rounds (RSO, SPPO, iterative DPO) sample, judge and pair a round's completions of the same prompts,
+then train on them. Best-of-n needs no training: the best of n samples of π_ref by the gold reward, at the
+analytic KL log n − (n−1)/n (Gao et al. 2022, arXiv 2210.10760, §2). Every
 ``eval_every`` optimizer steps the policy samples the held-out prompts; each checkpoint gives one point
 (sequence-level KL(π‖π_ref) on its own samples, mean gold reward). The frontier of a method is the upper
 envelope of its points. Each run's cost is measured too: wall time (evaluations excluded), the process's peak
 resident memory above what it held before the run, and the tokens the run generated.
 
-Methods are data: :data:`RUNS` maps a label to a config of the one loop (any registered method, offline or
-online). Methods that train outside it (PPO) join the same plot through :func:`register_runner`: a function
-``(world, settings, evaluate) -> list[point]``.
+Methods are data: :data:`RUNS` maps a label to a config of the one loop (any registered method: offline,
+online or in rounds). Methods that train outside it (PPO) join the same plot through :func:`register_runner`: a
+function ``(world, settings, evaluate) -> list[point]``. Each run belongs to a family (:func:`family`), one
+colour on the plot. Points, plot and tables are rewritten after every run, so an interrupted experiment keeps
+what it measured.
 """
 
 from __future__ import annotations
@@ -30,22 +35,42 @@ from preftune.demo.pipeline import DemoSettings, World, build_world, sample_reco
 from preftune.evaluation.metrics import evaluate_policy
 from preftune.evaluation.report import plot_frontier
 from preftune.methods.registry import get_method
-from preftune.rollout.judges import GoldSentimentJudge, RewardModelJudge
+from preftune.methods.rl import best_of_n_kl
+from preftune.rollout.judges import GoldSentimentJudge, RewardModelJudge, score_rollout
 from preftune.rollout.sampling import SamplingParams, generate
 
 log = logging.getLogger("preftune")
 
-# label → config of the one loop. The paper sweeps DPO's β and compares the baselines that need no RL.
+# label → config of the one loop. The paper sweeps DPO's β and compares the baselines that need no RL; every
+# other loss that trains on the same pairs runs at its registry defaults (the frontier's learning rate and steps).
 RUNS: dict[str, dict] = {
     **{f"DPO β={beta:g}": {"method": "dpo", "beta": beta} for beta in (0.05, 0.1, 0.5, 1.0, 5.0)},
-    "Preferred-FT": {"method": "sft"},  # SFT on the chosen completions
-    **{f"Unlikelihood α={a:g}": {"method": "unlikelihood", "unlikelihood_alpha": a} for a in (0.1, 1.0)},
+    # Rounds: the frontier's step budget split over 3 rounds (RSO: one round), each on pairs of every training
+    # prompt sampled from the current iterate (RSO: from π_ref) and judged by the gold reward. Scaled to this
+    # world's rewards in (0, 1):
+    # SPPO's η = 1/β = 50 keeps its log-ratio targets η(P̂ − ½) within a few nats per round (P̂ = mean σ(s_i − s_j)
+    # stays within ≈ ½ ± 0.1 for scores in (0, 1); the paper's η = 1000 is for PairRM scores and a learning rate of
+    # 5e-7; on the reduced world η = 20 hardly moved the policy, η = 100 reached KL 4 in 2 rounds); RSO samples 16
+    # candidates (the paper: 64) and accepts 4, γ = 0.5 as DPO's β here.
+    "Iterative DPO β=0.5": {"method": "iterative_dpo", "beta": 0.5, "num_rounds": 3},
+    "SPPO η=50": {"method": "sppo", "beta": 0.02, "num_rounds": 3},
+    **{f"RSO γ=0.5 β_rso={b:g}": {"method": "rso", "beta": 0.5, "num_generations": 16, "rso_samples": 4,
+                                   "rso_beta": b} for b in (0.1, 0.5)},  # 0.5: the paper's; on the reduced world
+    # β_rso = 0.5 raised the gold reward more than 0.1 (tests/demo/test_rounds_world.py), its pairs spread wider
     # Online: per step 16 training prompts, completions sampled from the current policy and judged by the gold
     # reward (the offline runs see 64 pairs per step, sampled once from π_ref).
     **{f"Online DPO β={beta:g}": {"method": "online_dpo", "beta": beta, "per_device_train_batch_size": 16}
        for beta in (0.1, 0.5)},
     "RLOO k=4": {"method": "rloo", "num_generations": 4, "per_device_train_batch_size": 16},
     "GRPO G=4 β=0.04": {"method": "grpo", "num_generations": 4, "beta": 0.04, "per_device_train_batch_size": 16},
+    # The rest of the offline family, on the same pairs.
+    **{label: {"method": name} for label, name in (
+        ("cDPO ε=0.1", "cdpo"), ("robust DPO ε=0.1", "robust"), ("IPO β=0.1", "ipo"), ("hinge β=0.1", "hinge"),
+        ("SimPO", "simpo"), ("ORPO", "orpo"), ("CPO", "cpo"), ("SLiC", "slic"), ("KTO", "kto"), ("DPOP", "dpop"),
+        ("RPO", "rpo"), ("NCA", "nca_pair"), ("BCO", "bco_pair"), ("SPPO-hard", "sppo_hard"),
+        ("APO-zero", "apo_zero"), ("APO-down", "apo_down"))},
+    "Preferred-FT": {"method": "sft"},  # SFT on the chosen completions
+    **{f"Unlikelihood α={a:g}": {"method": "unlikelihood", "unlikelihood_alpha": a} for a in (0.1, 1.0)},
 }
 
 # PPO, the RLHF pipeline DPO replaces (its own loop, through the same entry point), on the same training prompts.
@@ -63,6 +88,9 @@ _PPO = {"method": "ppo", "per_device_train_batch_size": 32, "num_ppo_epochs": 2,
 RUNS |= {f"PPO target KL={kl:g}": _PPO | {"target_kl": kl, "judge": LEARNED_REWARD} for kl in PPO_TARGET_KLS}
 RUNS |= {f"PPO-GT target KL={kl:g}": _PPO | {"target_kl": kl} for kl in PPO_TARGET_KLS}
 
+BEST_OF_N = "Best-of-n"
+BEST_OF_N_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
 Point = dict  # {"method", "kl", "reward", "step"}
 Runner = Callable[[World, "FrontierSettings", Callable[[object], dict]], list[Point]]
 RUNNERS: dict[str, Runner] = {}
@@ -71,6 +99,43 @@ RUNNERS: dict[str, Runner] = {}
 def register_runner(label: str, runner: Runner) -> None:
     """Add a method that trains outside the one loop (PPO, online methods) to the frontier."""
     RUNNERS[label] = runner
+
+
+def family(label: str) -> str:
+    """The family a run is drawn in (one colour each): read from its method's registry entry for the runs of
+    :data:`RUNS`; best-of-n; a runner's own label's first word (``PPO …`` → ``PPO``)."""
+    if label == BEST_OF_N:
+        return "best-of-n (no training)"
+    if label not in RUNS:
+        return label.split()[0]
+    method = get_method(RUNS[label]["method"])
+    if method.loop == "ppo":
+        return "PPO (RLHF)"
+    if method.rounds is not None:
+        return "rounds (RSO, SPPO, iterative DPO)"
+    if method.online:
+        return "online (Online DPO, RLOO, GRPO)"
+    if method.name == "dpo":
+        return "DPO β sweep"
+    if method.name in ("sft", "unlikelihood"):
+        return "SFT baselines"
+    return "other offline losses"
+
+
+def best_of_n(world: World, settings: FrontierSettings, sizes: tuple[int, ...] = BEST_OF_N_SIZES,
+              ) -> tuple[list[Point], int]:
+    """Best-of-n from π_ref on the held-out prompts: max(sizes) samples per prompt judged by the gold reward; for
+    each n, the mean over prompts of the best of the first n samples, at KL log n − (n−1)/n (the KL of the
+    best-of-n distribution to π_ref, :func:`preftune.methods.rl.best_of_n_kl`); also the tokens generated."""
+    prompts = world.eval_prompts[: settings.eval_prompts]
+    n_max = max(sizes)
+    params = SamplingParams(max_new_tokens=settings.world.max_new_tokens, n=n_max, seed=settings.world.seed + 3,
+                            batch_size=max(256, n_max))
+    rollout = score_rollout(GoldSentimentJudge(), generate(world.sft, world.tokenizer, prompts, params))
+    scores = rollout.grouped(rollout.scores)  # [P, n_max]
+    points = [{"method": BEST_OF_N, "step": n, "n": n, "kl": best_of_n_kl(n),
+               "reward": scores[:, :n].max(dim=1).values.mean().item()} for n in sizes]
+    return points, sum(rollout.lengths)
 
 
 @dataclass
@@ -82,14 +147,14 @@ class FrontierSettings:
     learning_rate: float = 3e-4
     eval_prompts: int = 128
     output_dir: str = "experiments/frontier"
-    runs: list[str] = field(default_factory=lambda: list(RUNS) + list(RUNNERS))
+    runs: list[str] = field(default_factory=lambda: [*RUNS, BEST_OF_N, *RUNNERS])
 
     @classmethod
     def quick(cls, output_dir: str) -> FrontierSettings:
         world = DemoSettings.quick(str(Path(output_dir) / "work"))
         return cls(world=world, steps=12, eval_every=6, batch_size=32, eval_prompts=world.eval_prompts,
                    output_dir=output_dir, runs=["DPO β=0.5", "Preferred-FT", "Unlikelihood α=1", "Online DPO β=0.1",
-                                                "GRPO G=4 β=0.04"])
+                                                "GRPO G=4 β=0.04", "Iterative DPO β=0.5", BEST_OF_N])
 
 
 def run_frontier(settings: FrontierSettings) -> list[Point]:
@@ -113,7 +178,7 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
         began, cpu = time.perf_counter(), time.process_time()
         with PeakMemory() as memory:
             learned, summary = train_reward_model(world, settings)
-        costs[REWARD_MODEL] = _cost(summary, time.perf_counter() - began, time.process_time() - cpu, memory) | {
+        costs[REWARD_MODEL] = _cost(summary, {}, time.perf_counter() - began, time.process_time() - cpu, memory) | {
             "eval_accuracy": summary["eval"].get("eval_rewards/accuracies")}
     for label in settings.runs:
         run_points = [{"method": label, "step": 0, "kl": 0.0, "reward": start["reward"]}]
@@ -132,36 +197,45 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
 
         began, cpu = time.perf_counter(), time.process_time()
         with PeakMemory() as memory:
-            if label in RUNNERS:
+            if label == BEST_OF_N:
+                run_points, tokens = best_of_n(world, settings)
+                summary, generated = {}, {"generated_tokens": tokens}
+            elif label in RUNNERS:
                 run_points += RUNNERS[label](world, settings, evaluate)
-                summary = {}
+                summary, generated = {}, {}
             else:
                 summary = _train_run(world, settings, label, checkpoint, learned)
-        costs[label] = _cost(summary, time.perf_counter() - began - evaluating["seconds"],
+                generated = summary.get("online") or summary.get("sampling") or {}
+        costs[label] = _cost(summary, generated,
+                             time.perf_counter() - began - evaluating["seconds"],
                              time.process_time() - cpu - evaluating["cpu"], memory)
         log.info("frontier: %s → %s (%s)", label, [(round(p["kl"], 2), round(p["reward"], 3)) for p in run_points],
                  costs[label])
-        points += run_points
-
-    out = Path(settings.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "points.json").write_text(json.dumps({"settings": _settings_dict(settings), "judge": judge.name,
-                                                  "points": points, "costs": costs,
-                                                  "sft_reward": start["reward"],
-                                                  "seconds": round(time.perf_counter() - started, 1)}, indent=2))
-    plot_frontier(points, out / "frontier.png", title="Reward–KL frontier on the demo world (gold VADER reward)")
-    (out / "frontier.md").write_text(frontier_table(points, judge.name) + "\n\n" + cost_table(costs) + "\n")
+        points += [{**p, "family": p.get("family", family(label))} for p in run_points]
+        _write_results(settings, points, costs, start["reward"], judge.name, time.perf_counter() - started)
     return points
 
 
-def _cost(summary: dict, seconds: float, cpu_seconds: float, memory: PeakMemory) -> dict:
+def _write_results(settings: FrontierSettings, points: list[Point], costs: dict[str, dict], sft_reward: float,
+                   judge: str, seconds: float) -> None:
+    """points.json, frontier.png and frontier.md under ``output_dir``, for every run so far."""
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "points.json").write_text(json.dumps({"settings": _settings_dict(settings), "judge": judge,
+                                                  "points": points, "costs": costs, "sft_reward": sft_reward,
+                                                  "seconds": round(seconds, 1)}, indent=2))
+    plot_frontier(points, out / "frontier.png", title="Reward–KL frontier on the demo world (gold VADER reward)")
+    (out / "frontier.md").write_text(frontier_table(points, judge, costs) + "\n\n" + cost_table(costs) + "\n")
+
+
+def _cost(summary: dict, generated: dict, seconds: float, cpu_seconds: float, memory: PeakMemory) -> dict:
     """A run's cost: wall time, the process's CPU time (all its threads; unlike wall time, not inflated by other
     processes on the machine), peak RSS, generation, and the models it held with their weights, gradients and
     optimizer state (summary.json's memory report)."""
     held = summary.get("memory", {})
     return {"wall_s": round(seconds, 1), "cpu_s": round(cpu_seconds, 1), "peak_rss_gib": round(memory.peak_gib, 3),
-            "generated_tokens": summary.get("online", {}).get("generated_tokens", 0),
-            "generation_s": summary.get("online", {}).get("generation_s", 0.0),
+            "generated_tokens": generated.get("generated_tokens", 0),
+            "generation_s": generated.get("generation_s", 0.0),
             "models_held": held.get("models_held"), "model_state_bytes": held.get("total", {}).get("all")}
 
 
@@ -181,17 +255,23 @@ def _train_run(world: World, settings: FrontierSettings, label: str, checkpoint,
     config = dict(RUNS[label])
     if config.get("judge") == LEARNED_REWARD:
         config["judge"] = RewardModelJudge.from_pretrained(str(learned))
-    online = get_method(config["method"]).online
-    data = [{"prompt": p} for p in world.train_prompts] if online else world.pairs
+    method = get_method(config["method"])
+    samples = method.online or method.rounds is not None  # these sample their own completions of the prompts
+    data = [{"prompt": p} for p in world.train_prompts] if samples else world.pairs
     defaults = dict(max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
                     learning_rate=settings.learning_rate)
-    if online:
+    if samples:
         defaults |= dict(judge=GoldSentimentJudge(), max_completion_length=settings.world.max_new_tokens)
-    slug = label.replace(" ", "_").replace("=", "").replace("β", "beta").replace("α", "alpha")
+    if method.rounds is not None:  # the same number of optimizer steps as every other run, split over the rounds
+        rounds = config.get("num_rounds") or method.rounds.num_rounds
+        defaults["max_steps"] = max(1, settings.steps // rounds)
+    slug = label.replace(" ", "_").replace("=", "")
+    for letter, name in (("β", "beta"), ("α", "alpha"), ("γ", "gamma"), ("η", "eta"), ("ε", "eps")):
+        slug = slug.replace(letter, name)
     final = train_stage(settings.world, f"runs/{slug}", callbacks=[checkpoint], **(defaults | config),
                         model=AutoModelForCausalLM.from_pretrained(world.sft_dir), tokenizer=world.tokenizer,
                         train_dataset=data)
-    return json.loads((final.parent / "summary.json").read_text())
+    return json.loads((final.parent / "summary.json").read_text())  # a run of rounds: its run folder's summary
 
 
 class PeakMemory:
@@ -240,20 +320,30 @@ def cost_table(costs: dict[str, dict]) -> str:
 KL_BUDGETS = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0)
 
 
-def frontier_table(points: list[Point], judge: str = GoldSentimentJudge.name) -> str:
+def frontier_table(points: list[Point], judge: str = GoldSentimentJudge.name, costs: dict[str, dict] | None = None
+                   ) -> str:
     """Markdown: for each method, the best mean reward by ``judge`` reached within each KL budget (nats); the
-    first line names the judge."""
+    first line names the judge. Methods are grouped by family when the points name one; with ``costs`` each row
+    also gives the run's wall time (evaluations excluded) and peak memory above the start."""
     methods = list(dict.fromkeys(p["method"] for p in points))
+    families = list(dict.fromkeys(p.get("family") for p in points))
+    methods.sort(key=lambda m: families.index(next(p.get("family") for p in points if p["method"] == m)))
     head = "| method | " + " | ".join(f"KL ≤ {b:g}" for b in KL_BUDGETS) + " | max KL reached |"
-    lines = [f"Mean reward by judge `{judge}` (best within each KL(π‖π_ref) budget, nats):", "", head,
-             "|---|" + "---:|" * (len(KL_BUDGETS) + 1)]
+    rule = "|---|" + "---:|" * (len(KL_BUDGETS) + 1)
+    if costs is not None:
+        head, rule = head + " wall time (s) | peak RSS (GiB) |", rule + "---:|---:|"
+    lines = [f"Mean reward by judge `{judge}` (best within each KL(π‖π_ref) budget, nats):", "", head, rule]
     for method in methods:
         mine = [p for p in points if p["method"] == method]
         cells = []
         for budget in KL_BUDGETS:
             within = [p["reward"] for p in mine if p["kl"] <= budget]
             cells.append(f"{max(within):.3f}" if within else "–")
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {max(p['kl'] for p in mine):.2f} |")
+        row = f"| {method} | " + " | ".join(cells) + f" | {max(p['kl'] for p in mine):.2f} |"
+        if costs is not None:
+            cost = costs.get(method, {})
+            row += f" {cost.get('wall_s', math.nan):.0f} | {cost.get('peak_rss_gib', math.nan):.2f} |"
+        lines.append(row)
     return "\n".join(lines)
 
 

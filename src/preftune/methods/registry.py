@@ -39,6 +39,25 @@ class LossByName:
 
 
 @dataclass(frozen=True)
+class Rounds:
+    """How a method trained in rounds makes each round's data (``preftune.training.rounds``): sample
+    ``num_generations`` completions per prompt, judge them, pair them, train one run of the loop on the pairs.
+
+    ``sampler``: ``"initial"`` — every round samples the model the run started from (RSO's SFT proposal);
+    ``"policy"`` — the current iterate (SPPO, iterative DPO). ``selection``: ``"rso"`` — statistical rejection
+    sampling down to ``rso_samples`` candidates, paired first-round or by tournament (RSO, arXiv 2309.06657);
+    ``"best_vs_worst"`` — the highest- against the lowest-scored completion. ``reference``: ``"initial"`` — the
+    model the run started from, fixed (``refresh_reference`` makes it the previous iterate); ``"previous"`` —
+    always the previous iterate (SPPO's π_t). ``num_rounds``: the default number of rounds.
+    """
+
+    sampler: Literal["initial", "policy"]
+    selection: Literal["rso", "best_vs_worst"]
+    reference: Literal["initial", "previous"]
+    num_rounds: int
+
+
+@dataclass(frozen=True)
 class Method:
     """A preference method as data.
 
@@ -53,6 +72,9 @@ class Method:
     ``loop``: a method trained by a loop of its own (``"ppo"`` → ``preftune.training.ppo``), from prompts into an
     experience record (``data="experience"``); it has no loss of log-probs (``loss=None``) and its
     hyper-parameters are the keys of ``defaults``.
+    ``extras``: per-example columns the loss reads besides log-probs (``PairLogps.extras``); every training row
+    must carry them, the data layer keeps them through tokenization and the collator batches them.
+    ``rounds``: the method trains in rounds of sample → judge → pairs → one run of the loop (:class:`Rounds`).
     """
 
     name: str
@@ -68,6 +90,8 @@ class Method:
     uses_average_logps: bool = False
     uses_chosen_nll: bool = False
     model: Literal["causal_lm", "reward"] = "causal_lm"  # reward: a sequence-classification head scores y
+    extras: tuple[str, ...] = ()
+    rounds: Rounds | None = None
     defaults: Mapping[str, float | str | bool | None] = field(default_factory=dict)
     summary: str = ""
     papers: tuple[str, ...] = ()  # arXiv ids of the papers that define it (each in PAPERS)
@@ -123,6 +147,7 @@ PAPERS: dict[str, Paper] = {p.arxiv: p for p in (
     Paper("2402.05369", "Noise Contrastive Alignment of Language Models with Explicit Rewards", "Chen, Huayu"),
     Paper("2404.04656", "Binary Classifier Optimization for Large Language Model Alignment", "Jung, Seungjae"),
     Paper("2405.00675", "Self-Play Preference Optimization for Language Model Alignment", "Wu, Yue"),
+    Paper("2405.07863", "RLHF Workflow: From Reward Modeling to Online RLHF", "Dong, Hanze"),
     Paper("2408.06266", "Anchored Preference Optimization and Contrastive Revisions: Addressing Underspecification "
           "in Alignment", "D'Oosterlinck, Karel"),
     Paper("2405.14734", "SimPO: Simple Preference Optimization with a Reference-Free Reward", "Meng, Yu"),
@@ -290,6 +315,28 @@ register(Method("ppo", None, data="experience", online=True, num_generations=1, 
                         "fixed or adaptive KL (target_kl) (Ziegler et al. 2019, 1909.08593; Schulman et al. 2017, "
                         "1707.06347)",
                 papers=("1909.08593", "1707.06347", "1506.02438", "2203.02155", "2403.17031")))
+# Rounds: each round samples, judges and pairs completions, then trains one run of the loop on the pairs.
+register(Method("rso", "dpo", num_generations=64, rounds=Rounds("initial", "rso", "initial", num_rounds=1),
+                defaults={"beta": 0.05, "label_smoothing": 0.0},
+                summary="RSO, sigmoid-norm: pairs from π_sft·exp(r/β) by statistical rejection sampling (rso_beta), "
+                        "DPO loss at temperature γ = beta (Liu et al. 2023, 2309.06657)",
+                papers=("2309.06657", "2305.18290")))
+register(Method("rso_hinge", "hinge", num_generations=64, rounds=Rounds("initial", "rso", "initial", num_rounds=1),
+                defaults={"beta": 0.05},
+                summary="RSO, hinge-norm: the rejection-sampled pairs, max(0, 1 − γ·h) with γ = beta "
+                        "(Liu et al. 2023, 2309.06657)",
+                papers=("2309.06657",)))
+register(Method("sppo", "sppo", num_generations=5, extras=("chosen_win_prob", "rejected_win_prob"),
+                rounds=Rounds("policy", "best_vs_worst", "previous", num_rounds=3), defaults={"beta": 1e-3},
+                summary="SPPO: K samples of the current iterate, P̂(y ≻ π_t) from the judge, log π/π_t regressed "
+                        "to η(P̂ − ½), η = 1/beta (Wu et al. 2024, 2405.00675)",
+                papers=("2405.00675",)))
+register(Method("iterative_dpo", "dpo", num_generations=8,
+                rounds=Rounds("policy", "best_vs_worst", "initial", num_rounds=3),
+                defaults={"beta": 0.1, "label_smoothing": 0.0},
+                summary="iterative DPO: rounds of best-of-n vs worst-of-n on-policy pairs, fixed SFT reference "
+                        "(refresh_reference: the previous iterate) (Dong et al. 2024, 2405.07863)",
+                papers=("2405.07863", "2305.18290")))
 
 
 def get_method(name: str) -> Method:
@@ -313,6 +360,11 @@ def run_data(names: list[str]) -> Literal["paired", "unpaired", "sft", "groups"]
         raise ConfigError(f"cannot combine methods that train on different data ({', '.join(sorted(kinds))}): "
                           f"{names}")
     return others.pop() if others else "sft"
+
+
+def run_extras(names: list[str]) -> tuple[str, ...]:
+    """The per-example columns a combination of methods reads (the union of their ``extras``, in order)."""
+    return tuple(dict.fromkeys(extra for name in names for extra in get_method(name).extras))
 
 
 def compute_loss(
@@ -349,5 +401,6 @@ def describe() -> str:
     for m in METHODS.values():
         defaults = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.defaults.items())
         reference = "yes" if m.needs_reference else "no"
-        rows.append(f"| `{m.name}` | {m.data} | {reference} | {defaults} | {m.summary} |")
+        data = "prompts, in rounds" if m.rounds else m.data  # pairs are sampled and judged each round
+        rows.append(f"| `{m.name}` | {data} | {reference} | {defaults} | {m.summary} |")
     return "\n".join(rows)

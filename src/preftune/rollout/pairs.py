@@ -3,8 +3,11 @@
 As in the DPO paper's IMDb setup (arXiv 2305.18290, §6.1 and App. C.1): 4 samples per prefix from the SFT model,
 all C(4, 2) = 6 pairs ordered by the ground-truth reward. ``mode="all"`` writes every pair (i, j) with
 score_i ≠ score_j, the higher-scored one as ``chosen``; ``mode="best_vs_worst"`` writes one pair per
-prompt, the highest against the lowest. Nothing is dropped silently: :class:`PairReport` counts pairs
-with equal scores, pairs of identical completions, and empty completions (which the data layer refuses).
+prompt, the highest against the lowest. RSO's pairings of its accepted samples (Liu et al. 2023, arXiv
+2309.06657, §3.2), in the order the samples come: ``"first_round"`` — n/2 disjoint pairs (1, 2), (3, 4), …;
+``"tournament"`` — a knockout, each match's winner meeting the next in the following stage, n − 1 pairs.
+Nothing is dropped silently: :class:`PairReport` counts pairs with equal scores, pairs of identical
+completions, and empty completions (which the data layer refuses).
 
 Rows come in the format of their prompts, so the next ``preftune train`` reads them with the same template
 it would use for the prompts: a text prompt gives a standard text row ``{prompt, chosen, rejected}``; a
@@ -29,8 +32,8 @@ from preftune.rollout.judges import Judge, score_rollout
 from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate
 
-PairMode = Literal["all", "best_vs_worst"]
-PAIR_MODES = ("all", "best_vs_worst")
+PairMode = Literal["all", "best_vs_worst", "first_round", "tournament"]
+PAIR_MODES = ("all", "best_vs_worst", "first_round", "tournament")
 
 
 @dataclass
@@ -39,7 +42,7 @@ class PairReport:
 
     prompts: int = 0
     samples: int = 0
-    candidate_pairs: int = 0  # C(k, 2) per prompt ("all") or 1 per prompt ("best_vs_worst")
+    candidate_pairs: int = 0  # per prompt: C(k, 2) ("all"), 1 ("best_vs_worst"), ⌊k/2⌋ or k − 1 (RSO's pairings)
     pairs: int = 0
     tied: int = 0  # different completions with equal scores
     identical: int = 0  # the same completion text twice
@@ -79,6 +82,17 @@ def _candidate_pairs(scores: Sequence[float], mode: PairMode) -> list[tuple[int,
     """Index pairs (a, b) within one prompt's group to consider, unordered."""
     if mode == "all":
         return list(combinations(range(len(scores)), 2))
+    if mode == "first_round":  # an odd last sample sits out
+        return [(i, i + 1) for i in range(0, len(scores) - 1, 2)]
+    if mode == "tournament":  # a tied match sends the first on; an odd one out advances unplayed
+        matches, alive = [], list(range(len(scores)))
+        while len(alive) > 1:
+            winners = []
+            for a, b in zip(alive[::2], alive[1::2]):
+                matches.append((a, b))
+                winners.append(a if scores[a] >= scores[b] else b)
+            alive = winners + alive[len(alive) - len(alive) % 2 :]
+        return matches
     best = max(range(len(scores)), key=scores.__getitem__)
     worst = min(range(len(scores)), key=scores.__getitem__)
     return [(best, worst)] if best != worst else [(0, len(scores) - 1)]  # all equal: a counted tie
@@ -89,8 +103,12 @@ def _check_mode(mode: str) -> None:
         raise ConfigError(f"pairs: mode must be one of {', '.join(PAIR_MODES)}, got {mode!r}")
 
 
-def pairs_from_rollout(rollout: Rollout, mode: PairMode = "all") -> tuple[list[dict], PairReport]:
-    """Preference rows (:func:`pair_row`) from a judged rollout (``rollout.scores`` filled)."""
+def pairs_from_rollout(rollout: Rollout, mode: PairMode = "all",
+                       extras: dict[str, Sequence[float]] | None = None) -> tuple[list[dict], PairReport]:
+    """Preference rows (:func:`pair_row`) from a judged rollout (``rollout.scores`` filled).
+
+    ``extras`` maps a name to one number per sample (e.g. ``{"win_prob": …}``); each row then carries
+    ``chosen_<name>`` and ``rejected_<name>``, the values of its two samples."""
     _check_mode(mode)
     if rollout.scores is None:
         raise ValueError("the rollout has no scores; judge it first (preftune.rollout.judges.score_rollout)")
@@ -115,7 +133,10 @@ def pairs_from_rollout(rollout: Rollout, mode: PairMode = "all") -> tuple[list[d
                 report.tied += 1
             else:
                 hi, lo = (a, b) if scores[a] > scores[b] else (b, a)
-                rows.append(pair_row(rollout.prompts[i], texts[hi], texts[lo], scores[hi], scores[lo]))
+                row = pair_row(rollout.prompts[i], texts[hi], texts[lo], scores[hi], scores[lo])
+                for name, values in (extras or {}).items():
+                    row[f"chosen_{name}"], row[f"rejected_{name}"] = float(values[group[hi]]), float(values[group[lo]])
+                rows.append(row)
                 written += 1
         report.prompts_without_pairs += written == 0
     report.pairs = len(rows)

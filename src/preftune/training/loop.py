@@ -243,6 +243,16 @@ class PreferenceTrainer:
 
     # ------------------------------------------------------------------------------------------------
     def train(self) -> RunResult:
+        """One run of the loop; a method trained in rounds (RSO, SPPO, iterative DPO) runs its rounds above the
+        loop, one run of it per round (:mod:`preftune.training.rounds`)."""
+        if self.cfg.rounds is not None:
+            from preftune.training.rounds import train_rounds
+
+            return train_rounds(self)
+        return self.train_once()
+
+    def train_once(self) -> RunResult:
+        """One run of the loop in ``output_dir``, whatever the method."""
         out, resume, lock = open_run_folder(self.cfg, self.accelerator)
         try:
             return self._train(out, resume)
@@ -250,9 +260,17 @@ class PreferenceTrainer:
             if lock is not None:
                 lock.release()
 
+    def _not_rounds(self, what: str) -> None:
+        # A run of rounds holds one model per round, not one session: its records say what each round did.
+        if self.cfg.rounds is not None and self.session is None:
+            raise ConfigError(f"{what} works on one run of the loop; {self.cfg.methods[0]} trains in rounds: each "
+                              "round's held-out evaluation is in output_dir/rounds.json (set eval_split_size or "
+                              "eval_dataset), its model in output_dir/round-k/final, the last one in output_dir/final")
+
     def evaluate(self) -> dict[str, float]:
         """The held-out metrics of the policy as it is now (``eval_``-prefixed, with ``eval_runtime``); needs an
         evaluation set (``eval_dataset``, or ``eval_split_size``)."""
+        self._not_rounds("evaluate()")
         session = self._prepare()
         if session.inputs.eval is None:
             raise ConfigError("evaluate() needs held-out data: pass eval_dataset, or set eval_dataset or "
@@ -261,6 +279,7 @@ class PreferenceTrainer:
 
     def save_model(self, path: str | Path) -> Path:
         """The policy in Hugging Face format (a PEFT adapter under LoRA) with its tokenizer, written atomically."""
+        self._not_rounds("save_model()")
         session = self._prepare()
         return checkpoint.save_pretrained(self.accelerator, session.policy, session.inputs.tokenizer, Path(path))
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from preftune.config import TrainConfig
 from preftune.errors import TrainingError
 from preftune.methods import losses
-from preftune.methods.registry import compute_loss, get_method, run_data
+from preftune.methods.registry import compute_loss, get_method, run_data, run_extras
 from preftune.modeling.logprobs import model_inputs
 from preftune.training.tracking import MetricWindow
 
@@ -28,6 +28,7 @@ class LossSpec:
     use_weighting: bool
     model: str = "causal_lm"  # or "reward": the batch's "logps" are then a scoring head's rewards
     max_completion_length: int | None = None  # online generation budget (Dr. GRPO's normaliser)
+    extras: tuple[str, ...] = ()  # per-example batch columns the losses read (PairLogps.extras)
 
     @property
     def paired(self) -> bool:
@@ -53,6 +54,7 @@ class LossSpec:
             ld_alpha=cfg.ld_alpha,
             use_weighting=cfg.use_weighting,
             max_completion_length=cfg.generation_budget if cfg.is_online else None,
+            extras=() if cfg.is_online else run_extras(cfg.methods),
         )
 
     def token_weights(self, batch: dict[str, Tensor]) -> Tensor | None:
@@ -91,7 +93,7 @@ def batch_loss(
     split = lambda t: (None, None) if t is None else (t[:n], t[n:])
     (s_a, s_b), (t_a, t_b), (r_a, r_b) = split(out["logps"]), split(out["tokens"]), split(ref)
     if spec.kind == "paired":
-        logps = losses.PairLogps(s_a, s_b, t_a, t_b, r_a, r_b)
+        logps = losses.PairLogps(s_a, s_b, t_a, t_b, r_a, r_b, {name: batch[name] for name in spec.extras})
     elif spec.kind == "unpaired":
         logps = losses.UnpairedLogps(s_a, t_a, batch["desirable"], r_a, s_b.detach(), r_b)
     elif spec.kind == "groups":  # completions sampled together, in groups of one prompt (RLOO, GRPO)

@@ -4,7 +4,8 @@ files ``overwrite_output_dir`` may delete.
 Guarantees (the README's "What a run folder holds" states them for users):
 
 * a run writes only the entries of :func:`is_run_entry` (``config.yaml``, ``metrics.jsonl``, ``summary.json``,
-  ``logs/``, ``checkpoint-N/``, ``final/``, ``final-merged/`` and their ``.tmp`` forms, the lock file); everything
+  ``logs/``, ``checkpoint-N/``, ``final/``, ``final-merged/`` and their ``.tmp`` forms, the lock file; a run of
+  rounds also ``rounds.json`` and ``round-K/``); everything
   else in the folder is the user's and is never deleted, not even by ``overwrite_output_dir``;
 * the folder is never the current directory or one of its parents, and never holds the run's own inputs
   (dataset, model, reference, tokenizer), which an overwrite could otherwise destroy;
@@ -28,9 +29,9 @@ from preftune.errors import PreftuneError, RunDirError
 log = logging.getLogger("preftune")
 
 LOCK_FILE = ".preftune.lock"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "rounds.json")
 RUN_FOLDERS = ("logs", "final", "final-merged")
-_RUN_ENTRY = re.compile(r"^(checkpoint-\d+|final|final-merged)(\.tmp)?$")
+_RUN_ENTRY = re.compile(r"^(checkpoint-\d+|round-\d+|final|final-merged)(\.tmp)?$")
 
 
 def is_run_entry(name: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from preftune.config import TrainConfig, is_template_text
 from preftune.data import formats, tokenize
 from preftune.data.batching import PreferenceCollator
 from preftune.errors import ConfigError, DataError, ModelError
-from preftune.methods.registry import get_method, run_data
+from preftune.methods.registry import get_method, run_data, run_extras
 from preftune.modeling import loading, reference
 from preftune.modeling.fused_mlp import fuse_gated_mlps
 from preftune.modeling.logprobs import LogProbModel, attention_implementation, model_inputs, unwrap_causal_lm
@@ -70,7 +71,8 @@ def make_collator(cfg: TrainConfig, tokenizer, model: nn.Module, sft: bool = Fal
         return supported if requested is None else requested
 
     return PreferenceCollator(tokenizer.pad_token_id, prefix_sharing=resolve(cfg.prefix_sharing, "prefix_sharing"),
-                              padding_free=resolve(cfg.padding_free, "padding_free"), sft=sft)
+                              padding_free=resolve(cfg.padding_free, "padding_free"), sft=sft,
+                              extras=() if cfg.is_online else run_extras(cfg.methods))
 
 
 def _fuse_mlps(cfg: TrainConfig, model: nn.Module, accelerator: Accelerator) -> bool:
@@ -197,9 +199,35 @@ def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokeni
     if len(tokenized) == 0:
         raise formats.DataError(source, None, None, f"no row is left to train on: {tok_report}; raise max_length "
                                 "or set max_prompt_length so that long prompts are cut instead of dropped")
+    extras = () if cfg.is_online else run_extras(cfg.methods)
+    if extras:
+        tokenized = attach_extras(tokenized, rows, extras, source, cfg.methods)
     keep = [c for c in tokenized.column_names
-            if c.endswith(("_ids", "_mask")) or c in ("label", formats.SOURCE_ROW) or (cfg.is_online and c == "prompt")]
+            if c.endswith(("_ids", "_mask")) or c in ("label", formats.SOURCE_ROW, *extras)
+            or (cfg.is_online and c == "prompt")]
     return tokenized.select_columns(keep)
+
+
+def attach_extras(tokenized: datasets.Dataset, raw: datasets.Dataset, names: tuple[str, ...], source: str,
+                  methods: list[str]) -> datasets.Dataset:
+    """Add the per-example columns the run's loss reads (the registry's ``extras``, e.g. SPPO's win
+    probabilities) to the tokenized rows, each row's value read from its source row in ``raw``: normalisation
+    and tokenization keep only the canonical columns. Every value must be a finite number."""
+    missing = [name for name in names if name not in raw.column_names]
+    if missing:
+        raise formats.DataError(source, None, None, f"has no column {', '.join(map(repr, missing))}; {methods} read "
+                                f"{', '.join(names)} in every row (columns: {', '.join(raw.column_names)})")
+    rows = tokenized[formats.SOURCE_ROW]
+    for name in names:
+        column = raw[name]
+        values = []
+        for row in rows:
+            value = column[row]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise formats.DataError(source, row, name, f"must be a finite number, got {value!r}")
+            values.append(float(value))
+        tokenized = tokenized.add_column(name, values)
+    return tokenized
 
 
 def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_model=None, tokenizer=None,
