@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("name", choices=["frontier", "scorer"])
     exp.add_argument("--output-dir", help="default: experiments/NAME")
     exp.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
+    exp.add_argument("--runs", nargs="+", metavar="LABEL", help="frontier: only these runs (labels as in its table)")
+    exp.add_argument("--resume", action="store_true",
+                     help="frontier: keep the runs points.json already holds (same settings), run the others")
     annotate_actions = _annotate_parser(sub)
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("config", help="list every config key with its default")
@@ -269,9 +272,13 @@ def _run(args: argparse.Namespace) -> int:
                 world=DemoSettings(output_dir=f"{output_dir}/work"), output_dir=output_dir)
             print(scorer_table(run_scorer_experiment(settings)))
             return 0
-        from preftune.experiments.frontier import FrontierSettings, frontier_table, run_frontier
+        from preftune.experiments.frontier import FrontierSettings, check_runs, frontier_table, run_frontier
 
         settings = FrontierSettings.quick(output_dir) if args.quick else FrontierSettings(output_dir=output_dir)
+        if args.runs:
+            check_runs(args.runs)
+            settings.runs = args.runs
+        settings.resume = args.resume
         print(frontier_table(run_frontier(settings)))
         return 0
     if args.command == "score":

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from preftune.errors import ConfigError
 from preftune.experiments.frontier import (
     BEST_OF_N,
     RUNNERS,
@@ -53,6 +56,17 @@ def test_frontier_points_plot_and_table(tmp_path):
     table = frontier_table(points)
     assert table.count("\n") == 4 + len(settings.runs) - 1 and "| DPO β=0.5 |" in table
     assert table.splitlines()[0].startswith("Mean reward by judge `gold_sentiment`")
+
+    # --resume keeps every run points.json holds and trains only the new ones.
+    settings.runs, settings.resume = ["DPO β=0.5", "Unlikelihood α=1"], True
+    resumed = run_frontier(settings)
+    assert resumed[: len(points)] == points
+    assert {p["method"] for p in resumed[len(points):]} == {"Unlikelihood α=1"}
+    again = json.loads((tmp_path / "points.json").read_text())["costs"]
+    assert again["DPO β=0.5"] == costs["DPO β=0.5"] and set(again) == set(costs) | {"Unlikelihood α=1"}
+    settings.steps = 6  # other settings: the earlier points are not comparable
+    with pytest.raises(ConfigError, match="steps"):
+        run_frontier(settings)
 
 
 def test_frontier_table_takes_the_best_reward_within_each_budget():

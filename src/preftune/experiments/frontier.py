@@ -32,6 +32,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from preftune.demo.pipeline import DemoSettings, World, build_world, sample_record, train_stage
+from preftune.errors import ConfigError
 from preftune.evaluation.metrics import evaluate_policy
 from preftune.evaluation.report import plot_frontier
 from preftune.methods.registry import get_method
@@ -148,6 +149,9 @@ class FrontierSettings:
     eval_prompts: int = 128
     output_dir: str = "experiments/frontier"
     runs: list[str] = field(default_factory=lambda: [*RUNS, BEST_OF_N, *RUNNERS])
+    # Keep the runs an earlier invocation wrote to points.json under the same settings, and run only the others (an
+    # interrupted frontier continues; a new method joins without rerunning the rest).
+    resume: bool = False
 
     @classmethod
     def quick(cls, output_dir: str) -> FrontierSettings:
@@ -160,6 +164,7 @@ class FrontierSettings:
 def run_frontier(settings: FrontierSettings) -> list[Point]:
     """Train every run with periodic evaluation; write points, plot and table under ``output_dir``."""
     started = time.perf_counter()
+    points, costs = _earlier_results(settings) if settings.resume else ([], {})
     world = build_world(settings.world)
     judge = GoldSentimentJudge()
     prompts = world.eval_prompts[: settings.eval_prompts]
@@ -171,16 +176,19 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
                                reference_rollout=reference_rollout)
 
     start = evaluate(world.sft)
-    points: list[Point] = []
-    costs: dict[str, dict] = {}
     learned = None
-    if any(RUNS.get(label, {}).get("judge") == LEARNED_REWARD for label in settings.runs):
+    if REWARD_MODEL in costs:  # kept from the earlier points.json, its folder in place
+        learned = Path(settings.world.output_dir) / "runs/reward_model/final"
+    elif any(RUNS.get(label, {}).get("judge") == LEARNED_REWARD for label in settings.runs if label not in costs):
         began, cpu = time.perf_counter(), time.process_time()
         with PeakMemory() as memory:
             learned, summary = train_reward_model(world, settings)
         costs[REWARD_MODEL] = _cost(summary, {}, time.perf_counter() - began, time.process_time() - cpu, memory) | {
             "eval_accuracy": summary["eval"].get("eval_rewards/accuracies")}
     for label in settings.runs:
+        if label in costs:
+            log.info("frontier: %s kept from the earlier points.json", label)
+            continue
         run_points = [{"method": label, "step": 0, "kl": 0.0, "reward": start["reward"]}]
         evaluating = {"seconds": 0.0, "cpu": 0.0}
 
@@ -214,6 +222,34 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
         points += [{**p, "family": p.get("family", family(label))} for p in run_points]
         _write_results(settings, points, costs, start["reward"], judge.name, time.perf_counter() - started)
     return points
+
+
+def check_runs(labels: list[str]) -> None:
+    """Refuse a label that names no run, listing the ones there are."""
+    known = [*RUNS, BEST_OF_N, *RUNNERS]
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise ConfigError(f"frontier runs {unknown} do not exist; the runs are: {', '.join(known)}")
+
+
+def _earlier_results(settings: FrontierSettings) -> tuple[list[Point], dict[str, dict]]:
+    """The points and costs of the runs in ``output_dir/points.json``, if it was written under the same settings
+    (apart from which runs); a PPO run's reward model is reused only with its folder in place."""
+    path = Path(settings.output_dir) / "points.json"
+    if not path.is_file():
+        return [], {}
+    earlier = json.loads(path.read_text())
+    ignored = ("runs", "resume")
+    mine = {k: v for k, v in _settings_dict(settings).items() if k not in ignored}
+    theirs = {k: v for k, v in earlier["settings"].items() if k not in ignored}
+    if mine != theirs:
+        changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        raise ConfigError(f"{path} was written under other settings ({', '.join(changed)} differ): resume in "
+                          "another --output-dir, or rerun without --resume")
+    costs = earlier["costs"]
+    if REWARD_MODEL in costs and not (Path(settings.world.output_dir) / "runs/reward_model/final").is_dir():
+        costs = {k: v for k, v in costs.items() if k != REWARD_MODEL}
+    return earlier["points"], costs
 
 
 def _write_results(settings: FrontierSettings, points: list[Point], costs: dict[str, dict], sft_reward: float,
