@@ -13,8 +13,11 @@ Decoding is a plain loop over ``model(next_token, cache)`` (:func:`_decode`) tha
 ``[rows, V]`` tensor at each step, finished rows fed the pad id, the loop ending when every row has stopped —
 so for the same seed it gives **the same samples as** ``model.generate(..., num_return_sequences=n)``
 (tests/rollout/test_sampling.py checks token equality against it), without ``generate``'s per-step
-bookkeeping. Models whose cache is not a standard ``DynamicCache`` (and encoder–decoders) go through
-``generate`` itself.
+bookkeeping. For the Llama family (Llama, Qwen2, Mistral) the decoding steps after the prefill run through
+:class:`preftune.rollout.fast_decode.LlamaDecoder`: the same forward on the model's own weights with a
+preallocated KV cache, without Hugging Face's per-step mask building, cache concatenation and module dispatch
+(the same samples for a seed; tests/rollout/test_fast_decode.py). Models whose cache is not a standard
+``DynamicCache`` (and encoder–decoders) go through ``generate`` itself.
 
 Generation stops at **every** end-of-sequence id: the tokenizer's EOS and each id of the model's
 ``generation_config.eos_token_id`` (an int or a list: Llama 3 ends turns with ``<|eot_id|>``, Qwen with
@@ -46,6 +49,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from preftune.errors import ConfigError
 from preftune.modeling.logprobs import unwrap_causal_lm
+from preftune.rollout import fast_decode
 from preftune.rollout.encoding import Prompt, encode_prompts
 from preftune.rollout.record import Rollout
 
@@ -240,6 +244,7 @@ def _decode(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, params: Sa
     cache_key, logits_to_keep = _forward_keywords(type(lm))
     n = params.n
     warpers = _warpers(params)
+    width = input_ids.shape[1]
     # Positions from the mask, as generate derives them (left padding does not shift a prompt's positions).
     positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     cache = DynamicCache(config=lm.config)
@@ -254,10 +259,18 @@ def _decode(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, params: Sa
         attention_mask = attention_mask.repeat_interleave(n, dim=0)
         positions = positions.repeat_interleave(n, dim=0)
     rows = logits.shape[0]
+    if fast_decode.supports(lm, width + params.max_new_tokens):
+        # The same forward on the model's own weights, without Hugging Face's per-step overhead (fast_decode).
+        decoder = fast_decode.LlamaDecoder(lm, cache, attention_mask, params.max_new_tokens)
+        del cache
+    else:
+        decoder = None
+        # The mask grows by one column per step: preallocated, each step passes a prefix of it.
+        full_mask = attention_mask.new_ones((rows, width + params.max_new_tokens))
+        full_mask[:, :width] = attention_mask
     position = positions[:, -1:]
     unfinished = torch.ones(rows, dtype=torch.bool, device=logits.device)
     pad = torch.tensor(pad_id, dtype=torch.long, device=logits.device)
-    ones = attention_mask.new_ones((rows, 1))
     tokens: list[Tensor] = []
     logprobs: list[Tensor] = []
     for step in range(params.max_new_tokens):
@@ -274,10 +287,12 @@ def _decode(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, params: Sa
         unfinished &= ~torch.isin(token, stops)
         if step + 1 == params.max_new_tokens or not bool(unfinished.any()):
             break
-        attention_mask = torch.cat([attention_mask, ones], dim=-1)
         position = position + 1
-        out = lm(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position, use_cache=True,
-                 **{cache_key: cache})
+        if decoder is not None:
+            logits = decoder.step(token, position).float()
+            continue
+        out = lm(input_ids=token[:, None], attention_mask=full_mask[:, : width + step + 1], position_ids=position,
+                 use_cache=True, **{cache_key: cache})
         logits = out.logits[:, -1].float()
         del out
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
