@@ -234,7 +234,7 @@ def test_best_of_n_sits_at_its_analytic_kl_with_the_best_of_its_first_n_samples(
 
     prompts = ["The movie was", "I thought the plot", "The acting was", "Honestly, the film"]
     sft = build_tiny_model(tok, seed=0).eval()
-    world = World(tok, None, sft, [], prompts, None, [])
+    world = World(tok, None, sft, [], prompts, None, [], None, [])
     settings = FrontierSettings(world=DemoSettings(max_new_tokens=5, seed=3), eval_prompts=4)
     points, tokens = best_of_n(world, settings, sizes=(1, 2, 4))
     assert [p["kl"] for p in points] == [0.0, math.log(2) - 1 / 2, math.log(4) - 3 / 4]
