@@ -272,3 +272,10 @@ def test_a_dataset_dict_without_the_split_names_the_splits_it_has(tmp_path, tok)
 
     with pytest.raises(DataError, match=r"without the split 'train'; it has \['prefs'\]"):
         _train(tmp_path, tok, DatasetDict(prefs=Dataset.from_list(ROWS)))
+
+
+@pytest.mark.parametrize("method", ["sppo", "iterative_dpo", "rso"])
+def test_rounds_on_a_quantized_base_are_refused_before_anything_runs(method):
+    # Each round starts from the previous round's merged model: a 4-bit base would fail in round 1, after sampling.
+    err = refused({"method": method, "use_peft": True, "load_in_4bit": True})
+    assert "load_in_4bit" in str(err) and "cannot be merged" in str(err)

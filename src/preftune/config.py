@@ -533,6 +533,12 @@ class TrainConfig:
                 raise _invalid(changed[0], f"{', '.join(changed)}: only for methods trained in rounds "
                                f"({_rounds_methods()}); {self.methods} train in one run")
             return
+        if self.load_in_4bit or self.load_in_8bit:
+            # Each round hands the next one its model merged into full weights, which a quantized base cannot give.
+            key = "load_in_4bit" if self.load_in_4bit else "load_in_8bit"
+            raise _invalid((key, "method"), f"{key}: {self.methods[0]} trains in rounds, each starting from the "
+                           "previous round's merged model; a quantized base cannot be merged: train in bf16 "
+                           "(use_peft=true is fine)")
         if len(self.methods) > 1:
             raise _invalid("method", f"methods trained in rounds ({_rounds_methods()}) train alone, not with "
                            f"{self.methods[1:]}")

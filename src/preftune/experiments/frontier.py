@@ -348,7 +348,7 @@ def cost_table(costs: dict[str, dict]) -> str:
         state = cost.get("model_state_bytes")
         lines.append(f"| {label} | {cost['wall_s']:.1f} | {cost.get('cpu_s', math.nan):.1f} | "
                      f"{cost['generation_s']:.1f} | {cost['peak_rss_gib']:.3f} | "
-                     f"{cost['generated_tokens']:,} | {cost.get('models_held', '–')} | "
+                     f"{cost['generated_tokens']:,} | {cost.get('models_held') or '–'} | "
                      f"{'–' if state is None else f'{state / 2**20:.1f}'} |")
     return "\n".join(lines)
 

@@ -58,6 +58,7 @@ from preftune.modeling.value import PolicyAndValue, critic_from_policy, value_he
 from preftune.rollout.judges import Judge, RewardModelJudge
 from preftune.rollout.record import Rollout
 from preftune.training import checkpoint, memory
+from preftune.training.health import HealthCallback
 from preftune.training.loop import (
     PreferenceTrainer,
     RunResult,
@@ -304,8 +305,12 @@ class Trainer(PreferenceTrainer):
             if moments is not None:
                 moments = rl.RunningMoments(**state["score_moments"])
             log.info("resumed from %s at update %d", resume, state["global_step"])
+        # The built-in health checks, as in the one loop (length, EOS and non-finite checks read PPO's records).
+        self.health = HealthCallback.from_config(cfg) if cfg.health_checks else None
         metrics_log = open_metrics(cfg, acc, out, state["global_step"], resumed=resume is not None,
-                                   callbacks=self.callbacks)
+                                   callbacks=[*self.callbacks, *([self.health] if self.health else [])])
+        if resume is not None and self.health is not None:
+            self.health.replay(metrics_log.records())
 
         held = lambda: self._memory(model, optimizer, reference, judge, critic_label)  # noqa: E731
         if acc.is_main_process:
@@ -397,7 +402,8 @@ class Trainer(PreferenceTrainer):
                    "ppo": {"seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                            "rollout_prompts_per_process": rollout_size, "kl_coef": controller.coef,
                            "reward": judge.name + (" (on the policy's ids)" if on_ids else " (on decoded text)"),
-                           "value_model": critic_label}}
+                           "value_model": critic_label},
+                   **({"health": self.health.summary()} if self.health is not None else {})}
         result.final_dir = checkpoint.export_final(acc, model, inputs.tokenizer, out, cfg.save_merged_model,
                                                    config=effective_config(cfg), summary=summary)
         if acc.is_main_process:
