@@ -207,3 +207,12 @@ def test_frontier_plot_draws_a_family_in_one_colour_with_the_legend_outside(tmp_
     fig.canvas.draw()
     box = legend.get_window_extent().transformed(ax.transAxes.inverted())
     assert box.x0 > 1.0  # right of the axes: no checkpoint is hidden under it
+
+
+def test_frontier_plot_cuts_the_kl_axis_at_max_kl_and_names_the_runs_past_it(tmp_path):
+    points = [{"method": "DPO", "kl": k, "reward": r, "step": i} for i, (k, r) in enumerate([(0.0, 0.5), (3.0, 0.9)])]
+    diverged = [{"method": "APO-down", "kl": k, "reward": 0.5, "step": i} for i, k in enumerate([0.0, 300.0])]
+    ax = plot_frontier(points + diverged, tmp_path / "f.png", max_kl=24).axes[0]
+    assert ax.get_xlim() == (0.0, 24.0) and "past 24, not drawn: APO-down" in ax.get_xlabel()
+    ax = plot_frontier(points, tmp_path / "g.png", max_kl=24).axes[0]  # nothing past it: the axis fits the points
+    assert ax.get_xlim()[1] < 24 and "not drawn" not in ax.get_xlabel()

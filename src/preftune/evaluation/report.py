@@ -127,10 +127,12 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "8",
 LINESTYLES = ("-", "--", "-.", ":")
 
 
-def plot_frontier(points: Sequence[Mapping], out_png: str | Path, *, title: str | None = None) -> Figure:
+def plot_frontier(points: Sequence[Mapping], out_png: str | Path, *, title: str | None = None,
+                  max_kl: float | None = None) -> Figure:
     """Reward–KL frontier: ``points`` are dicts ``{method, kl, reward, step}`` (and optionally ``family``), one per
     evaluated checkpoint. Methods of one family share a colour and differ in marker and line style; a method
-    without a family is its own. The legend, outside the axes, lists the methods under their families."""
+    without a family is its own. The legend, outside the axes, lists the methods under their families.
+    ``max_kl``: when a run goes past it, the KL axis ends there and its label names the runs cut off."""
     from matplotlib.lines import Line2D
 
     methods = list(dict.fromkeys(p["method"] for p in points))
@@ -158,6 +160,11 @@ def plot_frontier(points: Sequence[Mapping], out_png: str | Path, *, title: str 
     ax.set_ylabel("mean gold reward p(positive)")
     ax.set_title(title or "Reward vs KL to the reference")
     ax.set_xlim(left=0)
+    beyond = sorted({p["method"] for p in points if max_kl is not None and p["kl"] > max_kl})
+    if beyond:  # a run that diverged would squeeze every other run against the axis
+        ax.set_xlim(0, max_kl)
+        ax.set_xlabel(f"KL(π ‖ π_ref), summed over tokens (nats); past {max_kl:g}, not drawn: "
+                      + ", ".join(beyond))
     ax.grid(alpha=0.3)
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False,

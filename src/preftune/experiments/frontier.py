@@ -260,7 +260,8 @@ def _write_results(settings: FrontierSettings, points: list[Point], costs: dict[
     (out / "points.json").write_text(json.dumps({"settings": _settings_dict(settings), "judge": judge,
                                                   "points": points, "costs": costs, "sft_reward": sft_reward,
                                                   "seconds": round(seconds, 1)}, indent=2))
-    plot_frontier(points, out / "frontier.png", title="Reward–KL frontier on the demo world (gold VADER reward)")
+    plot_frontier(points, out / "frontier.png", title="Reward–KL frontier on the demo world (gold VADER reward)",
+                  max_kl=2 * max(KL_BUDGETS))
     (out / "frontier.md").write_text(frontier_table(points, judge, costs) + "\n\n" + cost_table(costs) + "\n")
 
 
