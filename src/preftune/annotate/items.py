@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from preftune.data.textfile import nonblank_lines
 from preftune.errors import DataError
 
 TASKS = ("pairs", "eval")
@@ -58,17 +59,7 @@ class Item:
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` of each non-blank line of a JSON Lines file (numbers 1-based, as editors show)."""
-    if not path.is_file():
-        raise DataError(str(path), None, None, "no such file" if not path.exists() else "not a file")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not valid UTF-8; save the file as UTF-8") from e
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, line in nonblank_lines(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from preftune.data.textfile import nonblank_lines
 from preftune.errors import ConfigError, DataError, ModelError
 from preftune.evaluation.metrics import evaluate_policy, format_table, implicit_reward_accuracy
 from preftune.rollout.encoding import Prompt, check_prompts
@@ -21,24 +22,10 @@ from preftune.rollout.sampling import SamplingParams
 PROMPT_SUFFIXES = (".txt", ".jsonl")
 
 
-def _lines(path: Path) -> list[tuple[int, str]]:
-    """``(line number, text)`` of the non-blank lines of a UTF-8 file (1-based numbers, as editors show)."""
-    if not path.is_file():
-        raise DataError(str(path), None, None, "no such file" if not path.exists() else "not a file")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not valid UTF-8 (byte {data[e.start]:#x} at offset {e.start}); "
-                        "save the file as UTF-8") from e
-    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-
-
 def _json_rows(path: Path) -> list[tuple[int, dict]]:
     """``(line number, row)`` of each JSON Lines row; a broken line or a non-object is named by its number."""
     rows = []
-    for n, line in _lines(path):
+    for n, line in nonblank_lines(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -58,7 +45,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         raise DataError(str(path), None, None, f"prompts must be a .txt file (one prompt per line) or a .jsonl "
                         f"file (one {{\"prompt\": …}} object per line), got a '{path.suffix}' file")
     if path.suffix == ".txt":
-        prompts: list[Prompt] = [line for _, line in _lines(path)]
+        prompts: list[Prompt] = [line for _, line in nonblank_lines(path)]
         line_of = list(range(len(prompts)))
     else:
         rows = _json_rows(path)
