@@ -74,14 +74,7 @@ from preftune.rollout.pairs import PairReport, pairs_from_rollout, save_pairs
 from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate
 from preftune.training import checkpoint
-from preftune.training.rundir import (
-    RunLock,
-    check_location,
-    delete_run_entries,
-    earlier_run_entries,
-    on_main_process,
-    run_inputs,
-)
+from preftune.training.rundir import RunLock, open_run_folder
 from preftune.training.setup import _as_dataset, _load_model, _load_tokenizer, cache_root
 
 log = logging.getLogger("preftune")
@@ -300,41 +293,25 @@ def _load_judge(trainer, cfg: TrainConfig, device):
 
 
 def _open_folder(cfg: TrainConfig, state: PartialState, fingerprint: dict) -> tuple[Path, RunLock | None]:
-    """Check and lock the run folder; a fresh run refuses a folder with another run's files unless
-    ``overwrite_output_dir``; a resume refuses a folder whose run had another config or other prompts."""
-    held: list[RunLock] = []
+    """Check and lock the run folder (:func:`~preftune.training.rundir.open_run_folder`); a resume refuses a
+    folder whose run of rounds had another config or other prompts."""
 
-    def decide() -> Path:
-        out = check_location(Path(cfg.output_dir), run_inputs(cfg))
-        lock = RunLock(out).acquire()
-        try:
-            saved = out / STATE_FILE
-            if cfg.resume_from_checkpoint:
-                if not saved.exists():
-                    raise ResumeError(f"resume_from_checkpoint=true but {out} holds no run of rounds (no "
-                                      f"{STATE_FILE}); start without resume_from_checkpoint")
-                changes = checkpoint.fingerprint_changes(json.loads(saved.read_text())["run"], fingerprint)
-                if changes:
-                    raise ResumeError(f"{out} holds another run of rounds; changed since: {'; '.join(changes)}. "
-                                      "Resume with the original settings (the run folder's config.yaml) or start a "
-                                      "new run in another output_dir")
-            else:
-                earlier = earlier_run_entries(out)
-                if earlier and not cfg.overwrite_output_dir:
-                    raise RunDirError(f"{cfg.output_dir} holds an earlier run ({', '.join(earlier[:4])}"
-                                      f"{', …' if len(earlier) > 4 else ''}); continue it with "
-                                      "resume_from_checkpoint=true, replace it with overwrite_output_dir=true (only "
-                                      "the run's own files are deleted), or choose another output_dir")
-                if earlier:
-                    log.info("overwrite_output_dir: deleted the earlier run's %s", ", ".join(delete_run_entries(out)))
-        except BaseException:
-            lock.release()
-            raise
-        held.append(lock)
-        return out
+    def resume_from(out: Path) -> Path | None:
+        if not cfg.resume_from_checkpoint:
+            return None
+        saved = out / STATE_FILE
+        if not saved.exists():
+            raise ResumeError(f"resume_from_checkpoint=true but {out} holds no run of rounds (no {STATE_FILE}); "
+                              "start without resume_from_checkpoint")
+        changes = checkpoint.fingerprint_changes(json.loads(saved.read_text())["run"], fingerprint)
+        if changes:
+            raise ResumeError(f"{out} holds another run of rounds; changed since: {'; '.join(changes)}. Resume with "
+                              "the original settings (the run folder's config.yaml) or start a new run in another "
+                              "output_dir")
+        return saved
 
-    out = on_main_process(state, decide)
-    return out, held[0] if held else None
+    out, _, lock = open_run_folder(cfg, state, resume_from)
+    return out, lock
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -22,6 +22,8 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from preftune.errors import PreftuneError, RunDirError
@@ -143,12 +145,14 @@ def on_main_process(accelerator, fn):
     return result
 
 
-def open_run_folder(cfg, accelerator) -> tuple[Path, Path | None, RunLock | None]:
-    """Check and lock the output folder (main process); ``(folder, checkpoint to resume or None, the lock)``.
+def open_run_folder(cfg, accelerator, resume_from: Callable[[Path], Path | None] | None = None,
+                    ) -> tuple[Path, Path | None, RunLock | None]:
+    """Check and lock the output folder (main process); ``(folder, what to resume from or None, the lock)``.
 
-    Without ``resume_from_checkpoint`` a folder holding an earlier run's files is refused unless
-    ``overwrite_output_dir``, which deletes those files only. Other processes get the folder and the checkpoint;
-    only the main process holds the lock.
+    ``resume_from(folder)`` checks a resume and returns what it continues (default: the checkpoint
+    ``resume_from_checkpoint`` names, :func:`~preftune.training.checkpoint.resolve_resume`). Without a resume a
+    folder holding an earlier run's files is refused unless ``overwrite_output_dir``, which deletes those files
+    only. Other processes get the folder and the resume; only the main process holds the lock.
     """
     from preftune.training.checkpoint import resolve_resume
 
@@ -158,7 +162,7 @@ def open_run_folder(cfg, accelerator) -> tuple[Path, Path | None, RunLock | None
         out = check_location(Path(cfg.output_dir), run_inputs(cfg))
         lock = RunLock(out).acquire()
         try:
-            resume = resolve_resume(cfg.resume_from_checkpoint, out)
+            resume = (resume_from or partial(resolve_resume, cfg.resume_from_checkpoint))(out)
             earlier = earlier_run_entries(out) if resume is None else []
             if earlier and not cfg.overwrite_output_dir:
                 raise RunDirError(f"{cfg.output_dir} holds an earlier run ({', '.join(earlier[:4])}"
