@@ -390,22 +390,32 @@ class PreferenceTrainer:
         bar.close()
         train_seconds = time.perf_counter() - started
 
+        return self._finish(session, out, step, state, result, train_seconds, metrics_log, held(),
+                            moving_reference=moving_reference)
+
+    def _finish(self, session: Session, out: Path, step: int, state: dict, result: RunResult, train_seconds: float,
+                metrics_log: MetricsLog, memory_held: dict, extra: dict | None = None,
+                moving_reference: nn.Module | None = None) -> RunResult:
+        """The end of a run, shared by the one loop and PPO's: the last evaluation (unless one just ran), the check
+        for non-finite weights, the last checkpoint, ``final/`` with its model card in one atomic write, and
+        ``summary.json`` (``extra``: the loop's own entries), then the callbacks' ``on_train_end``."""
+        cfg, acc, inputs = self.cfg, self.accelerator, session.inputs
         if inputs.eval is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
             result.eval_metrics = self._evaluate(session, step, metrics_log)
-        check_finite_weights(acc.unwrap_model(policy), step)
+        check_finite_weights(acc.unwrap_model(session.policy), step)
         if cfg.save_steps:
-            checkpoint.save_checkpoint(acc, out, step, {**state, "epoch": num_epochs, "batches_in_epoch": 0},
+            checkpoint.save_checkpoint(acc, out, step, {**state, "epoch": session.num_epochs, "batches_in_epoch": 0},
                                        cfg.save_total_limit, moving_reference)
         result.global_step = step
         summary = {"global_step": step, "train_runtime_s": round(train_seconds, 3),
                    "first_loss": result.first_loss, "train": result.train_metrics,
-                   "eval": result.eval_metrics, "reference": reference.name, "methods": cfg.methods,
+                   "eval": result.eval_metrics, "reference": session.reference.name, "methods": cfg.methods,
                    "parameters": inputs.parameter_counts, "data": inputs.data_reports,
-                   "layout": inputs.collator.describe(), "processes": acc.num_processes, "memory": held(),
-                   **({"online": online_summary(online)} if online is not None else {}),
+                   "layout": inputs.collator.describe(), "processes": acc.num_processes, "memory": memory_held,
+                   **({"online": online_summary(session.online)} if session.online is not None else {}),
+                   **(extra or {}),
                    **({"health": self.health.summary()} if self.health is not None else {})}
-        # final/ gets its model card (README.md) inside the same atomic write as the weights.
-        result.final_dir = checkpoint.export_final(acc, policy, inputs.tokenizer, out, cfg.save_merged_model,
+        result.final_dir = checkpoint.export_final(acc, session.policy, inputs.tokenizer, out, cfg.save_merged_model,
                                                    config=effective_config(cfg), summary=summary)
         if acc.is_main_process:
             summary["final_dir"] = str(result.final_dir)

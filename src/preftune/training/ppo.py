@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import time
@@ -64,7 +63,6 @@ from preftune.training.loop import (
     RunResult,
     Session,
     build_optimizer,
-    check_finite_weights,
     effective_config,
     open_metrics,
 )
@@ -386,32 +384,12 @@ class Trainer(PreferenceTrainer):
         bar.close()
         train_seconds = time.perf_counter() - started
 
-        if inputs.eval is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
-            result.eval_metrics = self._evaluate(session, step, metrics_log)
-        check_finite_weights(acc.unwrap_model(model), step)
-        if cfg.save_steps:
-            checkpoint.save_checkpoint(acc, out, step, {**state, "epoch": num_epochs, "batches_in_epoch": 0},
-                                       cfg.save_total_limit)
-        result.global_step = step
-        summary = {"global_step": step, "optimizer_steps": optimizer_steps,
-                   "train_runtime_s": round(train_seconds, 3), "first_loss": result.first_loss,
-                   "train": result.train_metrics, "eval": result.eval_metrics, "reference": reference.name,
-                   "methods": cfg.methods, "parameters": inputs.parameter_counts, "data": inputs.data_reports,
-                   "layout": inputs.collator.describe(), "processes": acc.num_processes, "memory": held(),
-                   "online": online_summary(online),
-                   "ppo": {"seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-                           "rollout_prompts_per_process": rollout_size, "kl_coef": controller.coef,
-                           "reward": judge.name + (" (on the policy's ids)" if on_ids else " (on decoded text)"),
-                           "value_model": critic_label},
-                   **({"health": self.health.summary()} if self.health is not None else {})}
-        result.final_dir = checkpoint.export_final(acc, model, inputs.tokenizer, out, cfg.save_merged_model,
-                                                   config=effective_config(cfg), summary=summary)
-        if acc.is_main_process:
-            summary["final_dir"] = str(result.final_dir)
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        acc.end_training()
-        self._train_end(result)
-        return result
+        return self._finish(session, out, step, state, result, train_seconds, metrics_log, held(), extra={
+            "optimizer_steps": optimizer_steps, "online": online_summary(online),
+            "ppo": {"seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                    "rollout_prompts_per_process": rollout_size, "kl_coef": controller.coef,
+                    "reward": judge.name + (" (on the policy's ids)" if on_ids else " (on decoded text)"),
+                    "value_model": critic_label}})
 
     # ------------------------------------------------------------------------------------------------
     def _prepare_parts(self, model: nn.Module, optimizer, prompts: DataLoader):
