@@ -55,7 +55,7 @@ def test_imports_only_go_down_the_layers():
 
 def test_the_repository_stands_alone():
     """Code, tests and docs cite papers, never notes outside the repository."""
-    outside = re.compile(r"\.\./shared|shared/reference|\b(methods|perf|online|trl|frameworks)\.md\b")
+    outside = re.compile(r"\.\./shared|shared[/]reference|\b(methods|perf|online|trl|frameworks)\.md\b")
     files = [*ROOT.glob("src/**/*.py"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/**/*.py"),
              *ROOT.glob("*.md"), *ROOT.glob("benchmarks/*.md"), *ROOT.glob("experiments/**/*.md")]
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in files if p != Path(__file__).resolve()
