@@ -3,8 +3,11 @@
 
 Usage (from the repository root, with the ``bench`` extra installed: ``trl==1.16.0``)::
 
-    .venv/bin/python benchmarks/bench_online.py                    # 3 repeats × {grpo, online_dpo} × {preftune, trl}
+    .venv/bin/python benchmarks/bench_online.py                 # 3 repeats × {grpo, online_dpo} × {preftune, trl}
+    .venv/bin/python benchmarks/bench_online.py --shape small    # short sequences, 8k vocabulary, groups of 4
     .venv/bin/python benchmarks/bench_online.py --repeats 1 --steps 2   # smoke test
+
+The workload's shape (vocabulary, prompt and completion lengths, group size) is one of :data:`SHAPES`.
 
 Each run is a fresh process (so its peak memory is its own), the two tools alternate within a repeat and swap their
 order from one repeat to the next (machine drift hits both). Inputs are built locally and deterministically into
@@ -62,7 +65,13 @@ MODEL_CONFIG: dict[str, int | float | bool] = dict(
     hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=1024, tie_word_embeddings=False, attention_dropout=0.0,
 )
-VOCAB_SIZE = 8_000
+# Workload shapes. "typical": a 32k vocabulary (Llama 2, Mistral; Qwen's is 152k), 128-token prompts (a chat or
+# math prompt with its template), 64-token completions and TRL's default group of 8. "small": the first shape this
+# benchmark ran (8k vocabulary, 32-token prompts and completions, groups of 4), where fixed per-step costs weigh most.
+SHAPES: dict[str, dict[str, int]] = {
+    "typical": dict(vocab_size=32_000, prompt_tokens=128, completion_tokens=64, group_size=8),
+    "small": dict(vocab_size=8_000, prompt_tokens=32, completion_tokens=32, group_size=4),
+}
 TOOLS = ("preftune", "trl")
 METHODS = ("grpo", "online_dpo")
 
@@ -92,11 +101,15 @@ def build_assets(work: Path, args) -> dict:
     from preftune.modeling.tiny import build_tokenizer
     from preftune.rollout.encoding import encode_prompts
 
-    model_dir = work / f"model-h{MODEL_CONFIG['hidden_size']}-l{MODEL_CONFIG['num_hidden_layers']}-v{VOCAB_SIZE}"
+    vocab = args.vocab_size
+    model_dir = work / f"model-h{MODEL_CONFIG['hidden_size']}-l{MODEL_CONFIG['num_hidden_layers']}-v{vocab}"
     lexicon = _Lexicon(0, size=20_000)
     if not (model_dir / "config.json").exists():
         rng = random.Random(1)
-        tokenizer = build_tokenizer([lexicon.sentences(rng, 60) for _ in range(4_000)], vocab_size=VOCAB_SIZE)
+        texts = [lexicon.sentences(rng, 60) for _ in range(max(4_000, vocab // 2))]  # enough text for every merge
+        tokenizer = build_tokenizer(texts, vocab_size=vocab)
+        if len(tokenizer) != vocab:
+            raise RuntimeError(f"the trained tokenizer has {len(tokenizer)} entries, expected {vocab}")
         config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                       **MODEL_CONFIG)
@@ -394,7 +407,8 @@ def report(meta: dict, table: dict) -> str:
     lines += ["", f"Command: `{meta['command']}`", "",
               f"Model: Llama-style, {meta['parameters'] / 1e6:.1f}M parameters, vocab {meta['vocab_size']}, "
               + ", ".join(f"{k}={v}" for k, v in MODEL_CONFIG.items())
-              + f". Prompts ≈{meta['prompt_tokens_mean']:.1f} tokens (BOS included), completions up to "
+              + f". Shape {meta['shape']}: prompts ≈{meta['prompt_tokens_mean']:.1f} tokens (BOS included), "
+              f"completions up to "
               f"{meta['completion_tokens']} tokens, {meta['prompts_per_step']} prompts per optimizer step; "
               f"GRPO G={meta['group_size']}, Online DPO 2 completions per prompt. "
               f"{'bf16 autocast' if meta['bf16'] else 'fp32'}, AdamW lr 1e-6, {meta['warmup']} warm-up + "
@@ -446,9 +460,13 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--prompts-per-step", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=4, help="GRPO completions per prompt")
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--completion-tokens", type=int, default=32)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="typical",
+                        help="vocabulary, prompt and completion lengths and group size (see SHAPES); "
+                             "the four flags below override it one by one")
+    parser.add_argument("--group-size", type=int, help="GRPO completions per prompt")
+    parser.add_argument("--prompt-tokens", type=int)
+    parser.add_argument("--completion-tokens", type=int)
+    parser.add_argument("--vocab-size", type=int, help="entries of the trained tokenizer and of the LM head")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: torch's; 1 is far steadier on a shared machine)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default: fp32)")
@@ -457,6 +475,9 @@ def main(argv=None) -> int:
     parser.add_argument("--results-dir", default=str(HERE / "results"))
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args(argv)
+    for key, value in SHAPES[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
     if args.worker:
         spec = json.loads(Path(args.worker[0]).read_text())

@@ -9,10 +9,9 @@ from unittest import mock
 
 import pytest
 import torch
-from datasets import Dataset
 from torch import nn
+from transformers.generation.logits_process import TopPLogitsWarper
 
-from preftune.data.tokenize import tokenize_rows
 from preftune.errors import ConfigError, DataError
 from preftune.rollout import sampling
 from preftune.rollout.record import Rollout
@@ -48,8 +47,9 @@ def naive_greedy(model, prompt_ids, steps, eos_id):
 
 
 @torch.no_grad()
-def naive_logprobs(model, prompt_ids, completion_ids, temperature=1.0, top_k=0):
-    """log softmax of (logits / T, top-k filtered) at each completion token, each prefix run alone."""
+def naive_logprobs(model, prompt_ids, completion_ids, temperature=1.0, top_k=0, top_p=1.0):
+    """log softmax of (logits / T, top-k filtered, then Hugging Face's top-p warper) at each completion token,
+    each prefix run alone."""
     out = []
     for t, token in enumerate(completion_ids):
         logits = model(input_ids=torch.tensor([prompt_ids + completion_ids[:t]])).logits[0, -1].double()
@@ -57,31 +57,10 @@ def naive_logprobs(model, prompt_ids, completion_ids, temperature=1.0, top_k=0):
         if top_k:
             kth = logits.topk(top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            logits = TopPLogitsWarper(top_p=top_p)(None, logits[None])[0]
         out.append(float(logits.log_softmax(-1)[token]))
     return out
-
-
-def test_greedy_with_cache_and_left_padding_equals_naive_argmax(tiny_model, tokenizer):
-    model = tiny_model()
-    rollout = generate(model, tokenizer, PROMPTS, SamplingParams(max_new_tokens=10, temperature=0))
-    for prompt_ids, completion in zip(rollout.prompt_ids, rollout.completion_ids):
-        assert completion == naive_greedy(model, prompt_ids, 10, tokenizer.eos_token_id)
-
-
-def test_prompt_ids_are_the_training_encoding_for_text_and_conversations(tiny_model, tokenizer, tmp_path):
-    model = tiny_model()
-    for prompts in (PROMPTS, CONVERSATIONS):
-        rows = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(
-            prompts, (" good", " bad", " so"), (" ok", " fine", " it"))] if isinstance(prompts[0], str) else [
-            {"prompt": p, "chosen": [{"role": "assistant", "content": "yes"}],
-             "rejected": [{"role": "assistant", "content": "no"}]} for p in prompts])
-        trained, _ = tokenize_rows(rows, tokenizer, max_length=None, max_prompt_length=None, cache_dir=tmp_path)
-        rollout = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=3, temperature=0))
-        assert rollout.prompt_ids == trained["prompt_ids"]
-        assert rollout.prompts == prompts
-    assert rollout.prompt_ids[0] == tokenizer.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True,
-                                                                  tokenize=True, return_dict=True)["input_ids"]
-    assert rollout.prompt_ids[0][-1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
 
 
 @pytest.mark.parametrize(("temperature", "top_k"), [(1.0, 0), (0.7, 0), (0.7, 5), (0, 0)])
@@ -97,22 +76,31 @@ def test_logprobs_are_those_of_the_distribution_sampled_from(tiny_model, tokeniz
         assert logprobs == pytest.approx(expected, abs=1e-6)
 
 
-def test_logprobs_match_generates_own_scores_under_top_p(tiny_model, tokenizer):
-    model = tiny_model()
-    params = SamplingParams(max_new_tokens=5, temperature=0.8, top_p=0.9, n=2, seed=4)
-    rollout = generate(model, tokenizer, ["The movie was"], params)
-    # Hugging Face's own warpers and its output_scores (every step's processed logits) on the same batch and seed.
-    with torch.random.fork_rng():
-        torch.manual_seed(4)
-        out = model.generate(input_ids=torch.tensor([rollout.prompt_ids[0]]), max_new_tokens=5, do_sample=True,
-                             temperature=0.8, top_p=0.9, top_k=None, num_return_sequences=2, output_scores=True,
-                             return_dict_in_generate=True, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-    generated = out.sequences[:, len(rollout.prompt_ids[0]):]
-    scores = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, generated[..., None]).squeeze(-1)
+def test_logprobs_under_top_p_are_those_of_hugging_faces_warper(tiny_model, tokenizer):
+    model = tiny_model().double()
+    rollout = generate(model, tokenizer, ["The movie was"], SamplingParams(max_new_tokens=5, temperature=0.8,
+                                                                         top_p=0.9, n=4, seed=4))
     for k, completion in enumerate(rollout.completion_ids):
-        assert completion == generated[k, : len(completion)].tolist()
-        torch.testing.assert_close(torch.tensor(rollout.logprobs[k]), scores[k, : len(completion)])
+        expected = naive_logprobs(model, rollout.prompt_ids[0], completion, temperature=0.8, top_p=0.9)
+        assert rollout.logprobs[k] == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_draw_follows_the_softmax_of_the_scores_and_never_picks_a_filtered_token():
+    """50 000 draws from one row: every frequency within 4.5 standard errors of softmax(s), the filtered
+    (-inf) tokens, first and last included, never drawn, and the log-prob returned is log_softmax(s)[y]."""
+    scores = torch.tensor([float("-inf"), 1.0, 0.0, float("-inf"), 2.5, -1.0, 0.3, float("-inf")])
+    probs = scores.softmax(-1)
+    draws = 50_000
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        token, logprob = sampling.draw(scores.expand(draws, -1).contiguous())
+    counts = torch.bincount(token, minlength=len(scores)).double()
+    assert counts[probs == 0].sum() == 0
+    error = (counts / draws - probs.double()).abs()
+    assert bool((error <= 4.5 * (probs.double() * (1 - probs.double()) / draws).sqrt() + 1e-12).all()), error
+    torch.testing.assert_close(logprob, scores.log_softmax(-1)[token])
+    greedy, greedy_logprob = sampling.draw(scores[None], greedy=True)
+    assert int(greedy) == 4 and float(greedy_logprob) == pytest.approx(float(scores.log_softmax(-1)[4]))
 
 
 def test_the_checkpoints_generation_config_cannot_change_the_distribution(tiny_model, tokenizer):
@@ -259,27 +247,42 @@ def test_prompts_of_two_kinds_or_malformed_messages_are_refused(tiny_model, toke
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 0.9), (0, 0, 1.0)])
-def test_the_decoding_loop_samples_what_hf_generate_samples_for_the_same_seed(tiny_model, tokenizer, arch,
-                                                                              temperature, top_k, top_p):
-    """The loop (prefill once per prompt, repeated cache) against transformers' generate with
-    num_return_sequences on the same left-padded batches and seed: the same tokens, the same ends, the same
-    log-probs. With plain sampling the EOS bias makes rows stop at different steps, so finished rows ride along
-    padded (the sharper filtered distribution ends every row on EOS early: the equality is what it checks)."""
+def test_the_greedy_decoding_loop_gives_hf_generates_tokens(tiny_model, tokenizer, arch):
+    """The loop (prefill once per prompt, cache, left-padded batches of two prompts) against transformers'
+    generate on the same batches: the same tokens, the same ends, the same log-probs."""
     model = with_logit_bias(tiny_model(arch), tokenizer.eos_token_id, bias=3.0)
-    n = 1 if temperature == 0 else 3
-    params = SamplingParams(max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p, n=n, seed=5,
-                            batch_size=2 * n)  # two prompts per call: the batches are left-padded
+    params = SamplingParams(max_new_tokens=12, temperature=0, batch_size=2)
     loop = generate(model, tokenizer, PROMPTS, params)
     with mock.patch.object(sampling, "_lean_decoding", return_value=False):
         reference = generate(model, tokenizer, PROMPTS, params)
     assert sampling._lean_decoding(model)
     assert loop.completion_ids == reference.completion_ids
     assert loop.ended_with_eos == reference.ended_with_eos
-    if temperature == 1.0:  # some rows ended, some ran to the budget: finished rows rode along padded
-        assert 0 < sum(loop.ended_with_eos) < len(loop)
     for a, b in zip(loop.logprobs, reference.logprobs):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 0.9)])
+def test_each_sample_of_the_decoding_loop_carries_its_own_prefixs_distribution(tiny_model, tokenizer, arch,
+                                                                               temperature, top_k, top_p):
+    """Sampled groups from left-padded batches sharing one prefill per prompt: every sample stops at its first
+    EOS, and each recorded log-prob is that of its own prefix run alone through the model and the same
+    warpers. With plain sampling the EOS bias makes rows stop at different steps, so finished rows ride along
+    padded while the others go on (a wrong cache, position or mask for them would change the log-probs)."""
+    model = with_logit_bias(tiny_model(arch), tokenizer.eos_token_id, bias=3.0).double()
+    params = SamplingParams(max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p, n=3, seed=5,
+                            batch_size=6)
+    assert sampling._lean_decoding(model)
+    rollout = generate(model, tokenizer, PROMPTS, params)
+    rollout.check()
+    if temperature == 1.0:  # some rows ended, some ran to the budget: finished rows rode along padded
+        assert 0 < sum(rollout.ended_with_eos) < len(rollout)
+    for k, (completion, logprobs) in enumerate(zip(rollout.completion_ids, rollout.logprobs)):
+        assert tokenizer.eos_token_id not in completion[:-1]
+        expected = naive_logprobs(model, rollout.prompt_ids[rollout.prompt_index(k)], completion,
+                                  temperature=temperature, top_k=top_k, top_p=top_p)
+        assert logprobs == pytest.approx(expected, abs=1e-6)
 
 
 def test_each_prompt_is_prefilled_once_for_its_group(tiny_model, tokenizer):
