@@ -370,6 +370,7 @@ def summarise(runs: list[dict]) -> dict:
                 "generation_s": gen, "training_s": step - gen,
                 "generated_tokens_per_step": _median([statistics.mean(r["generated_tokens"]) for r in mine]),
                 "peak_rss": _median([r["ru_maxrss"] for r in mine]),
+                "rss_before_train": _median([r["rss_before_train"] for r in mine]),
                 "train_rss_rise": _median([r["vmhwm_after_train"] - r["rss_before_train"] for r in mine]),
                 "cuda_max_allocated": _median([r["cuda_max_allocated"] for r in mine]),
                 "step_spread": [min(statistics.median(r["step_s"]) for r in mine),
@@ -415,11 +416,13 @@ def report(meta: dict, table: dict) -> str:
               f"{meta['steps']} timed steps per run, {meta['repeats']} repeats, tools alternating.", "",
               "Medians over repeats of each run's median step. completions/s = completions per step / median step; "
               "generation = time inside the sampler, training = step − generation; peak RSS = ru_maxrss of the run's "
-              "process (whole run); RSS rise = VmHWM after training − VmRSS before it."
+              "process (whole run: the imported libraries and the loaded models are in it too, as the RSS before "
+              "training shows); RSS rise = VmHWM after training − VmRSS before it."
               + (" CUDA: max_memory_allocated over training." if meta["device"] != "cpu" else ""), ""]
     head = ("| method | tool | completions/s | median step (s) | generation (s) | training (s) | "
-            "generated tok/step | peak RSS (GiB) | RSS rise (MiB) | CUDA peak (GiB) | step range over runs (s) |")
-    lines += [head, "|" + "---|" * 2 + "---:|" * 9]
+            "generated tok/step | RSS before training (GiB) | peak RSS (GiB) | RSS rise (MiB) | CUDA peak (GiB) | "
+            "step range over runs (s) |")
+    lines += [head, "|" + "---|" * 2 + "---:|" * 10]
     for method, both in table.items():
         for tool in TOOLS:
             if tool not in both:
@@ -427,7 +430,8 @@ def report(meta: dict, table: dict) -> str:
             r = both[tool]
             lines.append(f"| {method} | {tool} | {r['completions_per_s']:.2f} | {r['median_step_s']:.2f} | "
                          f"{r['generation_s']:.2f} | {r['training_s']:.2f} | {r['generated_tokens_per_step']:.0f} | "
-                         f"{_gib(r['peak_rss'])} | {_mib(r['train_rss_rise'])} | {_gib(r['cuda_max_allocated'])} | "
+                         f"{_gib(r.get('rss_before_train'))} | {_gib(r['peak_rss'])} | "
+                         f"{_mib(r['train_rss_rise'])} | {_gib(r['cuda_max_allocated'])} | "
                          f"{r['step_spread'][0]:.2f}–{r['step_spread'][1]:.2f} |")
     lines.append("")
     for method, both in table.items():
@@ -474,11 +478,18 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", default=str(HERE / ".work" / "online"))
     parser.add_argument("--results-dir", default=str(HERE / "results"))
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--render", metavar="JSON", help="write the .md report of an earlier results file again")
     args = parser.parse_args(argv)
     for key, value in SHAPES[args.shape].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
 
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        text = report(saved["meta"], summarise(saved["runs"]))
+        Path(args.render).with_suffix(".md").write_text(text)
+        print(text)
+        return 0
     if args.worker:
         spec = json.loads(Path(args.worker[0]).read_text())
         result = run_worker(spec)

@@ -85,6 +85,33 @@ def test_logprobs_under_top_p_are_those_of_hugging_faces_warper(tiny_model, toke
         assert rollout.logprobs[k] == pytest.approx(expected, abs=1e-6)
 
 
+def test_the_two_level_draw_over_many_blocks_follows_the_softmax_row_by_row():
+    """A vocabulary of 3.5 blocks and four rows of their own (a peaked one, a flat one, one whose only live
+    entries are the very first and the very last, one with a single live entry in the padded tail block):
+    40 000 draws per row; filtered entries never drawn, and within 4.5 standard errors of softmax(s) the frequency
+    of every entry expected 20 times or more and the total frequency of the rarer ones."""
+    vocab = int(3.5 * sampling.DRAW_BLOCK)
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.stack([torch.randn(vocab, generator=generator) * 3, torch.zeros(vocab),
+                        torch.full((vocab,), float("-inf")), torch.full((vocab,), float("-inf"))])
+    rows[2, 0], rows[2, -1] = 0.0, 1.0
+    rows[3, -3] = 5.0
+    draws = 40_000
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        token, _ = sampling.draw(rows.repeat_interleave(draws, dim=0))
+    for r, scores in enumerate(rows):
+        probs = scores.double().softmax(-1)
+        counts = torch.bincount(token[r * draws : (r + 1) * draws], minlength=vocab).double()
+        assert counts[probs == 0].sum() == 0
+        common = probs * draws >= 20
+        rare_probs = probs[~common].sum().reshape(1)
+        frequencies = torch.cat([counts[common], counts[~common].sum().reshape(1)]) / draws
+        expected = torch.cat([probs[common], rare_probs])
+        error = (frequencies - expected).abs()
+        assert bool((error <= 4.5 * (expected * (1 - expected) / draws).sqrt() + 1e-12).all()), (r, error.max())
+
+
 def test_the_draw_follows_the_softmax_of_the_scores_and_never_picks_a_filtered_token():
     """50 000 draws from one row: every frequency within 4.5 standard errors of softmax(s), the filtered
     (-inf) tokens, first and last included, never drawn, and the log-prob returned is log_softmax(s)[y]."""

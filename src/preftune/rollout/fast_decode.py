@@ -109,16 +109,16 @@ class LlamaDecoder:
         """Logits ``[rows, V]`` (model dtype) of the next token after ``token [rows]`` at ``position [rows, 1]``."""
         base, rows, hd, t = self.base, self.rows, self.head_dim, self.length
         groups = self.heads // self.kv_heads
-        hidden = F.embedding(token[:, None], base.embed_tokens.weight)  # [rows, 1, H]
-        cos, sin = base.rotary_emb(hidden, position)  # [rows, 1, hd]
+        hidden = F.embedding(token, base.embed_tokens.weight)  # [rows, H]
+        cos, sin = base.rotary_emb(hidden[:, None], position)  # [rows, 1, hd]: broadcast over the heads
         bias = self.bias[:, :, :, : t + 1]
         for layer, keys, values in zip(base.layers, self.keys, self.values):
             attn, mlp = layer.self_attn, layer.mlp
             a = layer.input_layernorm.forward(hidden)
-            q = F.linear(a, attn.q_proj.weight, attn.q_proj.bias).view(rows, self.heads, hd)
-            k = F.linear(a, attn.k_proj.weight, attn.k_proj.bias).view(rows, self.kv_heads, hd)
+            q = _linear(a, attn.q_proj).reshape(rows, self.heads, hd)
+            k = _linear(a, attn.k_proj).reshape(rows, self.kv_heads, hd)
             keys[:, :, t] = k * cos + _rotate_half(k) * sin
-            values[:, :, t] = F.linear(a, attn.v_proj.weight, attn.v_proj.bias).view(rows, self.kv_heads, hd)
+            values[:, :, t] = _linear(a, attn.v_proj).reshape(rows, self.kv_heads, hd)
             q = q * cos + _rotate_half(q) * sin
             # Query heads of one KV head side by side ([rows, kv_heads, groups, hd]): GQA without repeating K, V.
             # Written out rather than through scaled_dot_product_attention, whose CPU kernel costs more than the
@@ -126,18 +126,20 @@ class LlamaDecoder:
             weights = torch.matmul(q.view(rows, self.kv_heads, groups, hd), keys[:, :, : t + 1].transpose(2, 3))
             weights = (weights * self.scaling + bias).softmax(-1)
             out = torch.matmul(weights, values[:, :, : t + 1])
-            hidden = hidden + F.linear(out.reshape(rows, 1, self.heads * hd), attn.o_proj.weight, attn.o_proj.bias)
+            hidden = hidden + _linear(out.reshape(rows, self.heads * hd), attn.o_proj)
             b = layer.post_attention_layernorm.forward(hidden)
-            gate = F.linear(b, mlp.gate_proj.weight, mlp.gate_proj.bias)
-            up = F.linear(b, mlp.up_proj.weight, mlp.up_proj.bias)
-            hidden = hidden + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+            hidden = hidden + _linear(mlp.act_fn(_linear(b, mlp.gate_proj)) * _linear(b, mlp.up_proj), mlp.down_proj)
         self.length = t + 1
-        hidden = base.norm.forward(hidden[:, 0])
-        head = self.lm.lm_head
-        # W_lm · hᵀ rather than h · W_lmᵀ: the same product, but with a few rows against a large vocabulary MKL
-        # parallelises the first over the vocabulary and not the second (3× faster at 16 rows × 8k on 2 cores).
-        logits = torch.mm(head.weight, hidden.t()).t().contiguous()
-        return logits if head.bias is None else logits + head.bias
+        return _linear(base.norm.forward(hidden), self.lm.lm_head).contiguous()
+
+
+def _linear(x: Tensor, linear: nn.Linear) -> Tensor:
+    """``x Wᵀ + b`` for ``x [rows, in]`` computed as ``(W xᵀ)ᵀ``: the same product, but with a few rows against
+    weights that are not in cache MKL streams the weights far better in this order (on 2 cores, 16 rows:
+    0.95 against 2.1 ms for an 8k×256 LM head, 0.22 against 0.32 ms for a 768×256 projection). The result is a
+    transposed view ``[rows, out]``."""
+    y = torch.mm(linear.weight, x.t()).t()
+    return y if linear.bias is None else y + linear.bias
 
 
 def _rotate_half(x: Tensor) -> Tensor:
