@@ -85,6 +85,11 @@ def test_logprobs_under_top_p_are_those_of_hugging_faces_warper(tiny_model, toke
         assert rollout.logprobs[k] == pytest.approx(expected, abs=1e-6)
 
 
+def test_the_draw_refuses_non_finite_scores():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sampling.draw(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]))
+
+
 def test_the_two_level_draw_over_many_blocks_follows_the_softmax_row_by_row():
     """A vocabulary of 3.5 blocks and four rows of their own (a peaked one, a flat one, one whose only live
     entries are the very first and the very last, one with a single live entry in the padded tail block):

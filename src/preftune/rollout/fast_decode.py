@@ -122,9 +122,9 @@ class LlamaDecoder:
             q = q * cos + _rotate_half(q) * sin
             # Query heads of one KV head side by side ([rows, kv_heads, groups, hd]): GQA without repeating K, V.
             # Written out rather than through scaled_dot_product_attention, whose CPU kernel costs more than the
-            # arithmetic for a single query position.
+            # arithmetic for a single query position; the softmax in fp32, as the models' eager attention.
             weights = torch.matmul(q.view(rows, self.kv_heads, groups, hd), keys[:, :, : t + 1].transpose(2, 3))
-            weights = (weights * self.scaling + bias).softmax(-1)
+            weights = (weights * self.scaling + bias).softmax(-1, dtype=torch.float32).to(values.dtype)
             out = torch.matmul(weights, values[:, :, : t + 1])
             hidden = hidden + _linear(out.reshape(rows, self.heads * hd), attn.o_proj)
             b = layer.post_attention_layernorm.forward(hidden)

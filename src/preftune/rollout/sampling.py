@@ -319,6 +319,9 @@ def draw(scores: Tensor, greedy: bool = False) -> tuple[Tensor, Tensor]:
     torch.sub(scores, top, out=weights[:, :vocab]).exp_()
     weights = weights.view(rows, blocks, DRAW_BLOCK)
     block_sums = weights.sum(-1)  # [rows, blocks]
+    if not bool(torch.isfinite(block_sums).all()):
+        raise ValueError("the model's next-token scores hold NaN or inf, so no token can be sampled (a diverged or "
+                         "broken model: check its weights and the run's loss)")
     if greedy:
         token = scores.argmax(-1)
     else:
