@@ -408,7 +408,8 @@ def report(meta: dict, table: dict) -> str:
     lines += ["", f"Command: `{meta['command']}`", "",
               f"Model: Llama-style, {meta['parameters'] / 1e6:.1f}M parameters, vocab {meta['vocab_size']}, "
               + ", ".join(f"{k}={v}" for k, v in MODEL_CONFIG.items())
-              + f". Shape {meta['shape']}: prompts ≈{meta['prompt_tokens_mean']:.1f} tokens (BOS included), "
+              + (f". Shape {meta['shape']}: " if meta.get("shape") else ". ")
+              + f"Prompts ≈{meta['prompt_tokens_mean']:.1f} tokens (BOS included), "
               f"completions up to "
               f"{meta['completion_tokens']} tokens, {meta['prompts_per_step']} prompts per optimizer step; "
               f"GRPO G={meta['group_size']}, Online DPO 2 completions per prompt. "
