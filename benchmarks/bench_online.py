@@ -409,8 +409,7 @@ def report(meta: dict, table: dict) -> str:
               f"Model: Llama-style, {meta['parameters'] / 1e6:.1f}M parameters, vocab {meta['vocab_size']}, "
               + ", ".join(f"{k}={v}" for k, v in MODEL_CONFIG.items())
               + (f". Shape {meta['shape']}: " if meta.get("shape") else ". ")
-              + f"Prompts ≈{meta['prompt_tokens_mean']:.1f} tokens (BOS included), "
-              f"completions up to "
+              + f"Prompts ≈{meta['prompt_tokens_mean']:.1f} tokens (BOS included), completions up to "
               f"{meta['completion_tokens']} tokens, {meta['prompts_per_step']} prompts per optimizer step; "
               f"GRPO G={meta['group_size']}, Online DPO 2 completions per prompt. "
               f"{'bf16 autocast' if meta['bf16'] else 'fp32'}, AdamW lr 1e-6, {meta['warmup']} warm-up + "
