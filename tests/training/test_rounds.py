@@ -223,6 +223,14 @@ def test_a_run_of_rounds_has_no_single_session_to_evaluate(tmp_path, tok):
         rounds_trainer(tmp_path, tok, "sppo").evaluate()
 
 
+def test_a_trained_run_of_rounds_points_at_its_models_instead_of_handing_back_the_initial_one(tmp_path, tok):
+    trainer = rounds_trainer(tmp_path, tok, "iterative_dpo")
+    result = trainer.train()
+    assert (result.final_dir / "model.safetensors").exists()
+    with pytest.raises(ConfigError, match=r"trainer.model works on one run.*round-k/final, the last one in "):
+        _ = trainer.model
+
+
 # ---- best-of-n on the frontier ----------------------------------------------------------------------------
 
 

@@ -209,7 +209,10 @@ class PreferenceTrainer:
 
     @property
     def model(self) -> nn.Module | None:
-        """The policy (a Hugging Face model, or a PEFT model under LoRA); None before any data or model is loaded."""
+        """The policy (a Hugging Face model, or a PEFT model under LoRA); None before any data or model is loaded.
+        A method trained in rounds has one model per round, on disk: asking for the one policy is a ConfigError
+        that says where they are (rather than the initial model it was given)."""
+        self._not_rounds("trainer.model")
         if self.session is None:
             return self.given["model"]
         return self.accelerator.unwrap_model(self.session.policy).model
