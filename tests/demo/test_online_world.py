@@ -17,6 +17,7 @@ def world(tmp_path_factory):
     return settings, build_world(settings)
 
 
+# At 1e-3 each method gains ≥ 0.10 gold reward here over two seeds (256 samples); at 3e-4 some gained ≈ 0.02.
 @pytest.mark.parametrize("config", [
     {"method": "online_dpo", "beta": 0.1},
     {"method": "rloo", "num_generations": 4, "per_device_train_batch_size": 8},
@@ -28,8 +29,8 @@ def test_an_online_method_raises_the_gold_reward(world, config):
     final = train_stage(settings, f"runs/{config['method']}", **({"per_device_train_batch_size": 16} | config),
                         model=AutoModelForCausalLM.from_pretrained(world.sft_dir), tokenizer=world.tokenizer,
                         train_dataset=[{"prompt": p} for p in world.train_prompts], judge=judge, max_steps=30,
-                        learning_rate=3e-4, max_completion_length=settings.max_new_tokens)
-    params = SamplingParams(max_new_tokens=settings.max_new_tokens, n=1, seed=5)
+                        learning_rate=1e-3, max_completion_length=settings.max_new_tokens)
+    params = SamplingParams(max_new_tokens=settings.max_new_tokens, n=8, seed=5)  # 256 samples
     prompts = world.eval_prompts[:32]
     before = evaluate_policy(world.sft, world.sft, world.tokenizer, prompts, judge, params)
     after = evaluate_policy(AutoModelForCausalLM.from_pretrained(final).eval(), world.sft, world.tokenizer, prompts,

@@ -33,14 +33,14 @@ def test_the_demo_reports_its_verbosity_drift_as_a_warning_with_the_logged_numbe
     out, summary = demo
     records = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
     samples = [r for r in records if "length" in r]  # the sample monitor, every monitor_every steps
-    assert [r["step"] for r in samples] == [10, 20, 30]
-    assert [r["step"] for r in records if "eval_loss" in r] == [10, 20, 30]  # held-out pairs, same steps
+    assert [r["step"] for r in samples] == [20, 40, 60]
+    assert [r["step"] for r in records if "eval_loss" in r] == [20, 40, 60]  # held-out pairs, same steps
     assert all("lengths/margin_corr" in r for r in records if "loss" in r)
     before, after = samples[-1]["ref_length"], samples[-1]["length"]
     assert after > 1.15 * before  # the drift is there: the policy's samples are longer than π_ref's
     verbosity = next(h for h in summary["health"] if h["check"] == "verbosity")
     assert verbosity["status"] == "warning" and "ld_alpha" in verbosity["suggestion"]
-    assert f"sampled responses {before:.1f} tokens (π_ref) → {after:.1f} at step 30" in verbosity["evidence"]
+    assert f"sampled responses {before:.1f} tokens (π_ref) → {after:.1f} at step 60" in verbosity["evidence"]
     assert verbosity["evidence"] in (out / "dpo" / "report.md").read_text()
     assert "Response length (verbosity)" in (out / "dpo" / "report.html").read_text()
     assert "[verbosity] warning" in (out / "demo.md").read_text()

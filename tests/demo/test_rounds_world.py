@@ -18,6 +18,7 @@ def world(tmp_path_factory):
     return settings, build_world(settings)
 
 
+# At 1e-3 each method gains ≥ 0.12 gold reward here (256 samples); at 3e-4 SPPO and iterative DPO gained ≈ 0.03.
 @pytest.mark.parametrize("config", [
     # RSO at the paper's β = 0.5: on rewards in (0, 1) the accepted candidates spread over the group, so the pairs
     # have margins to learn from (β = 0.1 keeps the top candidates, whose rewards are close).
@@ -30,9 +31,9 @@ def test_a_rounds_method_raises_the_gold_reward(world, config):
     judge = GoldSentimentJudge()
     final = train_stage(settings, f"runs/{config['method']}", **config, model=AutoModelForCausalLM.from_pretrained(
                         world.sft_dir), tokenizer=world.tokenizer, train_dataset=[{"prompt": p} for p in
-                        world.train_prompts], judge=judge, learning_rate=3e-4, per_device_train_batch_size=32,
+                        world.train_prompts], judge=judge, learning_rate=1e-3, per_device_train_batch_size=32,
                         max_completion_length=settings.max_new_tokens)
-    params = SamplingParams(max_new_tokens=settings.max_new_tokens, n=2, seed=5)
+    params = SamplingParams(max_new_tokens=settings.max_new_tokens, n=8, seed=5)  # 256 samples
     before = evaluate_policy(world.sft, world.sft, world.tokenizer, world.eval_prompts, judge, params)
     after = evaluate_policy(AutoModelForCausalLM.from_pretrained(final).eval(), world.sft, world.tokenizer,
                             world.eval_prompts, judge, params)

@@ -60,9 +60,11 @@ class DemoSettings:
 
     @classmethod
     def quick(cls, output_dir: str) -> DemoSettings:
+        # DPO's gain on this small world is ≈ +0.15 gold reward (0.52 → 0.67–0.69 over three seeds, 256 samples
+        # each); 30 steps at 3e-4 gained ≈ 0.04, too close to the noise of a 32-sample evaluation.
         return cls(output_dir=output_dir, reviews=800, sft_steps=60, pair_prompts=96, eval_prompts=32,
-                   max_new_tokens=16, dpo_steps=30, dpo_batch_size=32, eval_samples=1, monitor_every=10,
-                   monitor_prompts=32, monitor_pairs=64)
+                   max_new_tokens=16, dpo_steps=60, dpo_batch_size=32, dpo_learning_rate=6e-4, eval_samples=4,
+                   monitor_every=20, monitor_prompts=32, monitor_pairs=64)
 
 
 def train_stage(settings: DemoSettings, name: str, callbacks=(), **config) -> Path:
