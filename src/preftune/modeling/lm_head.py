@@ -130,7 +130,10 @@ class LMHeadLogProbs(torch.autograd.Function):
                 dz_mm = dz.to(w.dtype)
                 if grad_h is not None:
                     grad_h[rows] = (dz_mm @ w).to(hidden.dtype)
-                if grad_w is not None:
+                if grad_w is not None and grad_w.dtype == dz_mm.dtype:
+                    # In place: no [V, H] temporary per chunk (2.1 GB in fp32 for a 128k × 4096 head).
+                    grad_w.addmm_(dz_mm.t(), h.to(w.dtype))
+                elif grad_w is not None:
                     grad_w += dz_mm.t() @ h.to(w.dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
