@@ -7,8 +7,7 @@ Every value that cannot work is refused by :meth:`TrainConfig.validate` with a :
 names the key; :func:`load_config` adds the YAML file and line the value came from. A YAML file that
 gives a key twice is refused too (PyYAML would keep the last value without a word).
 
-This module imports neither torch nor transformers at import time (``preftune config`` lists the keys
-quickly); validating ``lr_scheduler_type`` imports transformers.
+This module imports neither torch nor transformers (``preftune config`` lists the keys quickly).
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
+from preftune import schedules
 from preftune.errors import ConfigError
 from preftune.methods.registry import METHODS, get_method, run_data
 
@@ -188,6 +188,9 @@ TRACKERS = {
 
 # Schedulers that adapt the learning rate to a metric passed at every step (scheduler.step(metric)).
 METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
+
+# transformers' scheduler arguments that preftune's loop sets (a TRL user may know them from get_scheduler).
+_SET_BY_THE_LOOP = ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")
 
 # lr_scheduler_kwargs counted in optimizer steps (warmup_stable_decay's phases, inverse_sqrt's time scale).
 _STEP_COUNT_KWARGS = ("num_decay_steps", "num_stable_steps", "timescale")
@@ -593,12 +596,9 @@ class TrainConfig:
                 raise _invalid(key, f"{key} must be {_describe_range(low, high)}, got {value!r}{hint}")
 
     def _check_scheduler(self) -> None:
-        """Catch now what ``transformers.get_scheduler`` would raise after the model and data are loaded."""
-        from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
-        from transformers.trainer_utils import SchedulerType
-
+        """Catch now what building the schedule would trip over after the model and data are loaded."""
         name, kwargs = self.lr_scheduler_type, self.lr_scheduler_kwargs
-        names = [t.value for t in SchedulerType]
+        names = [*schedules.SCHEDULES, *METRIC_SCHEDULERS]
         if name not in names:
             close = difflib.get_close_matches(str(name), names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -609,32 +609,26 @@ class TrainConfig:
                            "passed at every step (scheduler.step(metric)), which preftune's loop does not pass; "
                            "choose a schedule of the step number (linear, cosine, cosine_with_min_lr, "
                            "warmup_stable_decay, …)")
-        parameters = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]).parameters
-        # get_scheduler passes these itself (constant and constant_with_warmup take no other argument).
-        own = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
-        if name in ("constant", "constant_with_warmup"):
-            own |= set(parameters)
-        accepted = [p for p in parameters if p not in own]
+        accepted = schedules.keyword_arguments(name)
         for key in kwargs:
-            if key in own and key in parameters and name not in ("constant", "constant_with_warmup"):
+            if key in _SET_BY_THE_LOOP:
                 raise _invalid("lr_scheduler_kwargs", f"lr_scheduler_kwargs: {key!r} is set by preftune (from "
                                "warmup_steps/warmup_ratio, max_steps/num_train_epochs and the resume point)")
             if key not in accepted:
                 takes = f"takes {', '.join(accepted)}" if accepted else "takes no lr_scheduler_kwargs"
                 raise _invalid("lr_scheduler_kwargs", f"lr_scheduler_kwargs: lr_scheduler_type={name} {takes}, "
                                f"not {key!r}")
-        missing = [p for p in accepted if parameters[p].default is inspect.Parameter.empty and p not in kwargs]
+        missing = [k for k, p in accepted.items() if p.default is inspect.Parameter.empty and k not in kwargs]
         if missing:
             raise _invalid(("lr_scheduler_kwargs", "lr_scheduler_type"), f"lr_scheduler_type={name} needs "
                            f"lr_scheduler_kwargs {missing}, e.g. lr_scheduler_kwargs={{{missing[0]}: …}}")
-        if {"min_lr", "min_lr_rate"} <= set(accepted) and ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
-            raise _invalid(("lr_scheduler_kwargs", "lr_scheduler_type"), f"lr_scheduler_type={name} needs exactly "
-                           "one of min_lr (an absolute learning rate) or min_lr_rate (a fraction of learning_rate) "
-                           "in lr_scheduler_kwargs, e.g. lr_scheduler_kwargs={min_lr_rate: 0.1}")
+        problem = schedules.problems(name, kwargs, self.learning_rate)
+        if problem:
+            raise _invalid(("lr_scheduler_kwargs", "lr_scheduler_type"), problem)
 
     def scheduler_kwargs(self, num_processes: int = 1) -> dict[str, Any]:
-        """``lr_scheduler_kwargs`` for ``get_scheduler``: counts of steps are scaled like its warmup and length,
-        since Accelerate steps a prepared scheduler once per process per optimizer step."""
+        """``lr_scheduler_kwargs`` for :func:`preftune.schedules.build_scheduler`: counts of steps are scaled like its
+        warmup and length, since Accelerate steps a prepared scheduler once per process per optimizer step."""
         return {k: v * num_processes if k in _STEP_COUNT_KWARGS and v is not None else v
                 for k, v in self.lr_scheduler_kwargs.items()}
 

@@ -24,7 +24,6 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from preftune.config import OPTIMIZERS, TrainConfig
 from preftune.data.batching import LengthGroupedSampler, TokenBudgetBatchSampler, example_lengths
@@ -33,6 +32,7 @@ from preftune.methods.registry import METHODS, get_method
 from preftune.modeling.logprobs import LogProbModel
 from preftune.modeling.reward import RewardModel
 from preftune.rollout.judges import CallableJudge, load_judge
+from preftune.schedules import build_scheduler
 from preftune.training import checkpoint, memory
 from preftune.training.fsdp import fsdp_on_cpu
 from preftune.training.health import HealthCallback
@@ -236,9 +236,8 @@ class PreferenceTrainer:
         total_steps, num_epochs = self._schedule_length(len(train_dl))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
         # Accelerate steps a prepared scheduler once per process per optimizer step; size it to match.
-        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup * acc.num_processes,
-                                  num_training_steps=total_steps * acc.num_processes,
-                                  scheduler_specific_kwargs=cfg.scheduler_kwargs(acc.num_processes))
+        scheduler = build_scheduler(cfg.lr_scheduler_type, optimizer, warmup * acc.num_processes,
+                                    total_steps * acc.num_processes, cfg.scheduler_kwargs(acc.num_processes))
         policy, optimizer, train_dl, scheduler = acc.prepare(policy, optimizer, train_dl, scheduler)
         self.session = Session(inputs, spec, policy, optimizer, scheduler, train_dl, budget,
                                inputs.make_reference(policy, acc), online, total_steps, num_epochs)

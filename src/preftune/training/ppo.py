@@ -43,7 +43,6 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from preftune.config import TrainConfig
 from preftune.data.batching import SOURCE_ROW, PreferenceCollator
@@ -56,6 +55,7 @@ from preftune.modeling.reward import sequence_rewards
 from preftune.modeling.value import PolicyAndValue, critic_from_policy, value_head
 from preftune.rollout.judges import Judge, RewardModelJudge
 from preftune.rollout.record import Rollout
+from preftune.schedules import build_scheduler
 from preftune.training import checkpoint, memory
 from preftune.training.health import HealthCallback
 from preftune.training.loop import (
@@ -400,10 +400,8 @@ class Trainer(PreferenceTrainer):
         updates, _ = self._total_updates(len(prompts))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * updates)
         # Accelerate steps a prepared scheduler once per process per step; size it to match.
-        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer.optimizer,
-                                  num_warmup_steps=warmup * acc.num_processes,
-                                  num_training_steps=updates * acc.num_processes,
-                                  scheduler_specific_kwargs=cfg.scheduler_kwargs(acc.num_processes))
+        scheduler = build_scheduler(cfg.lr_scheduler_type, optimizer.optimizer, warmup * acc.num_processes,
+                                    updates * acc.num_processes, cfg.scheduler_kwargs(acc.num_processes))
         return model, optimizer, prompts, acc.prepare(scheduler)
 
     def _total_updates(self, rollouts_per_epoch: int) -> tuple[int, int]:
