@@ -332,7 +332,7 @@ class TrainConfig:
     bf16: bool | None = None  # None: bf16 autocast where the hardware has it natively (training.loop.resolve_precision)
     fp16: bool = False
     seed: int = 42
-    logprob_chunk_size: int = 256  # LM-head positions per chunk: 256 was fastest and lightest on CPU
+    logprob_chunk_size: int = 1024  # LM-head positions per chunk (its logits go through in cache-sized tiles)
     # --- speed (None: the fastest correct choice for the model, logged at start) -----------------------
     prefix_sharing: bool | None = None  # prompt encoded once, chosen and rejected branch from it
     padding_free: bool | None = None  # several pairs packed per row, no padding between them

@@ -23,15 +23,16 @@ def leaves(seed, dtype=torch.float64, m=11, h=6, v=37, bias=True):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 11, 64])
+@pytest.mark.parametrize("vocab_block", [5, 16, 64])  # 37 entries: 8 tiles with a short last one, 3 tiles, 1 tile
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("bias", [False, True])
-def test_values_and_gradients_equal_autograd_on_full_logits(chunk_size, softcap, bias):
+def test_values_and_gradients_equal_autograd_on_full_logits(chunk_size, vocab_block, softcap, bias):
     hidden, weight, b, targets = leaves(0, bias=bias)
     upstream = torch.linspace(-2.0, 1.5, hidden.shape[0], dtype=torch.float64)  # a loss that weighs tokens unequally
 
     expected = autograd_logps(hidden, weight, b, targets, softcap)
     expected_grads = torch.autograd.grad((expected * upstream).sum(), [t for t in (hidden, weight, b) if t is not None])
-    got = head_token_logps(hidden, weight, b, targets, softcap, chunk_size)["logps"]
+    got = head_token_logps(hidden, weight, b, targets, softcap, chunk_size, vocab_block=vocab_block)["logps"]
     grads = torch.autograd.grad((got * upstream).sum(), [t for t in (hidden, weight, b) if t is not None])
 
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
@@ -41,7 +42,7 @@ def test_values_and_gradients_equal_autograd_on_full_logits(chunk_size, softcap,
 
 def test_sq_norm_is_log_sum_of_squared_probabilities():
     hidden, weight, b, targets = leaves(1)
-    sq_norm = head_token_logps(hidden, weight, b, targets, None, 4, with_sq_norm=True)["sq_norm"]
+    sq_norm = head_token_logps(hidden, weight, b, targets, None, 4, with_sq_norm=True, vocab_block=5)["sq_norm"]
     p = (hidden @ weight.t() + b).softmax(-1)
     torch.testing.assert_close(sq_norm, p.square().sum(-1).log().detach(), rtol=1e-12, atol=1e-12)
     assert not sq_norm.requires_grad
@@ -50,7 +51,7 @@ def test_sq_norm_is_log_sum_of_squared_probabilities():
 def test_a_frozen_head_gets_no_gradient_but_the_hidden_states_do():
     hidden, weight, _, targets = leaves(2, bias=False)
     weight.requires_grad_(False)  # LoRA leaves the head frozen
-    got = head_token_logps(hidden, weight, None, targets, None, 3)["logps"]
+    got = head_token_logps(hidden, weight, None, targets, None, 3, vocab_block=8)["logps"]
     got.sum().backward()
     assert weight.grad is None
     expected = torch.autograd.grad(autograd_logps(hidden, weight, None, targets, None).sum(), hidden)[0]
@@ -64,7 +65,7 @@ def test_under_bf16_autocast_matches_autocast_autograd_with_an_fp32_softmax():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = (hidden @ weight.t()).float()
         expected = z.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-        got = head_token_logps(hidden, weight, None, targets, None, 16)["logps"]
+        got = head_token_logps(hidden, weight, None, targets, None, 16, vocab_block=64)["logps"]
     expected_grads = torch.autograd.grad(expected.sum(), (hidden, weight))
     grads = torch.autograd.grad(got.sum(), (hidden, weight))
     assert got.dtype == torch.float32
@@ -75,7 +76,7 @@ def test_under_bf16_autocast_matches_autocast_autograd_with_an_fp32_softmax():
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_mean_logit_and_argmax_are_read_off_the_chunks(softcap):
+def test_mean_logit_and_argmax_are_read_off_the_tiles(softcap):
     torch.manual_seed(4)
     hidden, weight, bias = torch.randn(9, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64), None
     logits = hidden @ weight.t()
@@ -83,7 +84,7 @@ def test_mean_logit_and_argmax_are_read_off_the_chunks(softcap):
         logits = softcap * torch.tanh(logits / softcap)
     targets = logits.argmax(-1)
     targets[::2] = (targets[::2] + 1) % 11  # every other target is not the argmax
-    out = head_token_logps(hidden, weight, bias, targets, softcap, chunk_size=4)
+    out = head_token_logps(hidden, weight, bias, targets, softcap, chunk_size=4, vocab_block=3)
     torch.testing.assert_close(out["mean_logit"], logits.mean(-1), rtol=0, atol=1e-12)
     assert out["is_argmax"].tolist() == (targets == logits.argmax(-1)).tolist()
     assert out["is_argmax"].tolist() == [i % 2 == 1 for i in range(9)]

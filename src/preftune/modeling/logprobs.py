@@ -1,9 +1,9 @@
 """Per-sequence completion log-probs without ever materialising ``[batch, seq, vocab]`` logits.
 
 The model body runs once; only the hidden states at positions whose *next* token is a completion
-token go through the LM head, ``chunk_size`` positions at a time in one reused ``[chunk, vocab]`` buffer,
-recomputed in backward (``preftune.modeling.lm_head``). ``log p = z[target] − logsumexp(z)`` is taken in
-fp32 whatever the model's dtype.
+token go through the LM head, ``chunk_size`` positions at a time, their logits a cache-sized tile of the
+vocabulary at a time, recomputed in backward (``preftune.modeling.lm_head``). ``log p = z[target] − logsumexp(z)``
+is taken in fp32 whatever the model's dtype.
 """
 
 from __future__ import annotations
