@@ -86,16 +86,22 @@ def test_the_experience_puts_the_score_at_the_last_token_and_each_value_before_i
 
 
 def test_a_reward_model_on_the_sampled_ids_scores_what_it_scores_on_the_text(tok):
-    rm = as_reward_model(build_tiny_model(tok, seed=5)).eval()
+    rm = as_reward_model(build_tiny_model(tok, seed=5)).train()  # PPO's judge may be left in training mode
     judge = RewardModelJudge(rm, tok)
     prompts, texts = ["Tell me about the sea.", "What of my garden?"], [" It is blue.", " Green and wild."]
     ids = [tok(p)["input_ids"] for p in prompts]
     completions = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
-    batch = PreferenceCollator(tok.pad_token_id, prefix_sharing=True, padding_free=True).groups(ids, completions, 1)
-    with torch.no_grad():
-        on_ids = sequence_rewards(rm, *(batch[k] for k in ("input_ids", "attention_mask", "seq_last_index",
-                                                           "seq_tokens", "position_ids")))["logps"]
+    collate = PreferenceCollator(tok.pad_token_id, prefix_sharing=True, padding_free=True)
+    batches = [collate.groups(ids[i : i + 1], completions[i : i + 1], 1) for i in range(2)]  # as PPO batches them
+    on_ids = judge.score_batches(batches)  # what PPO calls on the sampled ids
+    assert rm.training  # handed back in the mode it came in
     torch.testing.assert_close(on_ids, torch.tensor(judge.score(prompts, texts)), rtol=0, atol=1e-5)
+    with torch.no_grad():  # and it is the score head at the EOS, in evaluation mode
+        rm.eval()
+        direct = torch.cat([sequence_rewards(rm, *(b[k] for k in ("input_ids", "attention_mask", "seq_last_index",
+                                                                  "seq_tokens", "position_ids")))["logps"]
+                            for b in batches])
+    torch.testing.assert_close(on_ids, direct, rtol=0, atol=0)
 
 
 # ---- a run from YAML with a user's reward model -------------------------------------------------------

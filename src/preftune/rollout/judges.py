@@ -27,7 +27,7 @@ import importlib
 import importlib.util
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -180,6 +180,10 @@ class GoldSentimentJudge:
 # ------------------------------------------------------------------------------------ model judges
 
 
+# What a reward model reads of a collated batch (preftune.modeling.reward.sequence_rewards' arguments, in order).
+_SCORED_SEQUENCE = ("input_ids", "attention_mask", "seq_last_index", "seq_tokens", "position_ids")
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -289,18 +293,30 @@ class RewardModelJudge:
         finally:
             self.model.train(was_training)
 
+    @torch.no_grad()
+    def score_batches(self, batches: Iterable[dict[str, Tensor]]) -> Tensor:
+        """Scores ``[N]`` (fp32, CPU) of sequences already encoded with this judge's tokenizer, in the collator's
+        batches (``input_ids``, ``attention_mask``, ``seq_last_index``, ``seq_tokens``, ``position_ids``): the
+        ``score`` head at each sequence's last token, in evaluation mode. PPO scores its sampled ids this way when
+        the policy shares the judge's tokenizer."""
+        device = _device(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return torch.cat([sequence_rewards(self.model, *(b[k].to(device) for k in _SCORED_SEQUENCE))["logps"]
+                              .float().cpu() for b in batches])
+        finally:
+            self.model.train(was_training)
+
     def _score_last_token(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
         prompt_ids, completion_ids = self._encode(prompts, completions)
-        out = torch.zeros(len(prompt_ids))
-        device = _device(self.model)
         lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-        for idx in length_sorted_batches(lengths, self.batch_size):
-            # One row per sequence, right-padded: the pads come after the EOS and are never read.
-            batch = pad_sequences([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], pad_id=0)
-            scores = sequence_rewards(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                      batch["seq_last_index"].to(device), batch["seq_tokens"].to(device),
-                                      batch["position_ids"].to(device))["logps"]
-            out[idx] = scores.float().cpu()
+        order = list(length_sorted_batches(lengths, self.batch_size))
+        # One row per sequence, right-padded: the pads come after the EOS and are never read.
+        scores = self.score_batches(pad_sequences([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx],
+                                                  pad_id=0) for idx in order)
+        out = torch.zeros(len(prompt_ids))
+        out[torch.tensor([i for idx in order for i in idx], dtype=torch.long)] = scores
         return out.tolist()
 
     def _score_pairs(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:

@@ -51,7 +51,6 @@ from preftune.methods import rl
 from preftune.methods.registry import get_method
 from preftune.modeling import loading
 from preftune.modeling.logprobs import model_inputs
-from preftune.modeling.reward import sequence_rewards
 from preftune.modeling.value import PolicyAndValue, critic_from_policy, value_head
 from preftune.rollout.judges import Judge, RewardModelJudge
 from preftune.rollout.record import Rollout
@@ -424,16 +423,7 @@ class Trainer(PreferenceTrainer):
         text), minus the missing-EOS penalty (kept in ``sampled.scores``, logged as ``reward``), then scaled."""
         raw = None
         if on_ids:
-            rm = online.judge.model
-            device = next(rm.parameters()).device
-            was_training = rm.training
-            rm.eval()
-            try:
-                raw = torch.cat([sequence_rewards(rm, *(b[k].to(device) for k in (
-                    "input_ids", "attention_mask", "seq_last_index", "seq_tokens", "position_ids")))["logps"].cpu()
-                    for b in batches])
-            finally:
-                rm.train(was_training)
+            raw = online.judge.score_batches(batches)
             if not bool(torch.isfinite(raw).all()):
                 raise TrainingError(f"the reward model {online.judge.name} gave non-finite scores to "
                                     f"{int((~torch.isfinite(raw)).sum())} completion(s)")
