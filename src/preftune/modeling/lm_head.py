@@ -50,12 +50,22 @@ def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def _matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """``out = a @ b`` (or ``out += a @ b``), in place when the product has ``out``'s dtype; otherwise the product is
+    taken in ``a``'s dtype (the matmul dtype) and cast into ``out``."""
+    if out.dtype == a.dtype and accumulate:
+        out.addmm_(a, b)
+    elif out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    elif accumulate:
+        out += (a @ b).to(out.dtype)
+    else:
+        out.copy_(a @ b)
+
+
 def _project(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, softcap: float | None) -> Tensor | None:
     """``out[:] = z`` for hidden rows ``h``; returns ``tanh(z_raw / c)`` when soft-capping (backward needs it)."""
-    if weight.dtype == out.dtype:
-        torch.mm(h.to(out.dtype), weight.t(), out=out)
-    else:
-        out.copy_(h.to(weight.dtype) @ weight.t())
+    _matmul_into(out, h.to(weight.dtype), weight.t(), accumulate=False)
     if bias is not None:
         out.add_(bias.to(out.dtype))
     if softcap is None:
@@ -162,7 +172,7 @@ class LMHeadLogProbs(torch.autograd.Function):
                 rows = slice(start, start + ctx.chunk_size)
                 h, y, g = hidden[rows], targets[rows], grad_logps[rows, None]
                 h_mm = h.to(w.dtype)
-                dh = torch.zeros(h.shape, dtype=out_dtype, device=h.device) if grad_h is not None else None
+                dh = torch.empty(h.shape, dtype=out_dtype, device=h.device) if grad_h is not None else None
                 for first in range(0, vocab, block):
                     columns = slice(first, first + block)
                     w_tile = w[columns]
@@ -177,21 +187,10 @@ class LMHeadLogProbs(torch.autograd.Function):
                     if grad_b is not None:
                         grad_b[columns] += dz.sum(0)
                     dz_mm = dz.to(w.dtype)
-                    if dh is not None:
-                        if dh.dtype == dz_mm.dtype:
-                            dh.addmm_(dz_mm, w_tile)
-                        else:
-                            dh += (dz_mm @ w_tile).to(dh.dtype)
-                    if grad_w is not None:
-                        target = grad_w[columns]
-                        if start == 0 and target.dtype == dz_mm.dtype:
-                            torch.mm(dz_mm.t(), h_mm, out=target)
-                        elif start == 0:
-                            target.copy_(dz_mm.t() @ h_mm)
-                        elif target.dtype == dz_mm.dtype:
-                            target.addmm_(dz_mm.t(), h_mm)
-                        else:
-                            target += dz_mm.t() @ h_mm
+                    if dh is not None:  # the first tile writes ∂h, the others add to it
+                        _matmul_into(dh, dz_mm, w_tile, accumulate=first > 0)
+                    if grad_w is not None:  # the first row chunk writes ∂W, the others add to it
+                        _matmul_into(grad_w[columns], dz_mm.t(), h_mm, accumulate=start > 0)
                 if grad_h is not None:
                     grad_h[rows] = dh.to(hidden.dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
