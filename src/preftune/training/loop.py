@@ -84,6 +84,15 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return getattr(importlib.import_module(spec.module), spec.name)(params, **adam)
 
 
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: int, num_processes: int):
+    """The config's learning-rate schedule over ``steps`` steps, warming up over ``warmup_steps`` (else
+    ``warmup_ratio`` of them). Accelerate steps a prepared scheduler once per process per step, so its warm-up,
+    its length and the step counts in ``lr_scheduler_kwargs`` are scaled by ``num_processes``."""
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * steps)
+    return build_scheduler(cfg.lr_scheduler_type, optimizer, warmup * num_processes, steps * num_processes,
+                           cfg.scheduler_kwargs(num_processes))
+
+
 def _no_accelerator_device() -> bool:
     xpu = getattr(torch, "xpu", None)
     return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu and xpu.is_available()))
@@ -234,10 +243,7 @@ class PreferenceTrainer:
         else:
             train_dl, budget = build_train_loader(cfg, inputs.train, inputs.collator)
         total_steps, num_epochs = self._schedule_length(len(train_dl))
-        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-        # Accelerate steps a prepared scheduler once per process per optimizer step; size it to match.
-        scheduler = build_scheduler(cfg.lr_scheduler_type, optimizer, warmup * acc.num_processes,
-                                    total_steps * acc.num_processes, cfg.scheduler_kwargs(acc.num_processes))
+        scheduler = make_scheduler(cfg, optimizer, total_steps, acc.num_processes)
         policy, optimizer, train_dl, scheduler = acc.prepare(policy, optimizer, train_dl, scheduler)
         self.session = Session(inputs, spec, policy, optimizer, scheduler, train_dl, budget,
                                inputs.make_reference(policy, acc), online, total_steps, num_epochs)

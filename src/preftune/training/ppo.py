@@ -54,7 +54,6 @@ from preftune.modeling.logprobs import model_inputs
 from preftune.modeling.value import PolicyAndValue, critic_from_policy, value_head
 from preftune.rollout.judges import Judge, RewardModelJudge
 from preftune.rollout.record import Rollout
-from preftune.schedules import build_scheduler
 from preftune.training import checkpoint, memory
 from preftune.training.health import HealthCallback
 from preftune.training.loop import (
@@ -63,6 +62,7 @@ from preftune.training.loop import (
     Session,
     build_optimizer,
     effective_config,
+    make_scheduler,
     open_metrics,
 )
 from preftune.training.objective import LossSpec
@@ -397,10 +397,7 @@ class Trainer(PreferenceTrainer):
         cfg, acc = self.cfg, self.accelerator
         model, optimizer, prompts = acc.prepare(model, optimizer, prompts)
         updates, _ = self._total_updates(len(prompts))
-        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * updates)
-        # Accelerate steps a prepared scheduler once per process per step; size it to match.
-        scheduler = build_scheduler(cfg.lr_scheduler_type, optimizer.optimizer, warmup * acc.num_processes,
-                                    updates * acc.num_processes, cfg.scheduler_kwargs(acc.num_processes))
+        scheduler = make_scheduler(cfg, optimizer.optimizer, updates, acc.num_processes)
         return model, optimizer, prompts, acc.prepare(scheduler)
 
     def _total_updates(self, rollouts_per_epoch: int) -> tuple[int, int]:
