@@ -85,6 +85,8 @@ def test_the_config_knows_every_schedule_transformers_knows():
      "decay_type must be one of linear, cosine, 1-sqrt, got 'exp'"),
     ({"lr_scheduler_type": "polynomial", "lr_scheduler_kwargs": {"lr_end": 1e-3}, "learning_rate": 1e-4},
      r"lr_end \(0.001\) must be below learning_rate \(0.0001\)"),
+    ({"lr_scheduler_type": "polynomial", "learning_rate": 1e-8},  # the default lr_end, 1e-7, is above it
+     r"lr_end \(1e-07\) must be below learning_rate \(1e-08\)"),
     ({"lr_scheduler_type": "cosine_warmup_with_min_lr", "lr_scheduler_kwargs": {"warmup_lr_rate": 0.1}},
      "exactly one of min_lr"),
 ])

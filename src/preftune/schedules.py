@@ -162,11 +162,12 @@ def problems(name: str, kwargs: dict[str, Any], base_lr: float) -> str | None:
     if {"min_lr", "min_lr_rate"} <= set(keyword_arguments(name)) and ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
         return (f"lr_scheduler_type={name} needs exactly one of min_lr (an absolute learning rate) or min_lr_rate "
                 "(a fraction of learning_rate) in lr_scheduler_kwargs, e.g. lr_scheduler_kwargs={min_lr_rate: 0.1}")
-    for key in ("warmup_type", "decay_type"):
-        if name == "warmup_stable_decay" and kwargs.get(key, "linear") not in _SHAPES:
-            return f"lr_scheduler_kwargs: {key} must be one of {', '.join(_SHAPES)}, got {kwargs[key]!r}"
-    if name == "polynomial" and not kwargs.get("lr_end", 1e-7) < base_lr:
-        return f"lr_scheduler_kwargs: lr_end ({kwargs['lr_end']}) must be below learning_rate ({base_lr})"
+    given = {k: p.default for k, p in keyword_arguments(name).items()} | kwargs  # the defaults, then the user's
+    for key in ("warmup_type", "decay_type") if name == "warmup_stable_decay" else ():
+        if given[key] not in _SHAPES:
+            return f"lr_scheduler_kwargs: {key} must be one of {', '.join(_SHAPES)}, got {given[key]!r}"
+    if name == "polynomial" and not given["lr_end"] < base_lr:
+        return f"lr_scheduler_kwargs: lr_end ({given['lr_end']}) must be below learning_rate ({base_lr})"
     return None
 
 
