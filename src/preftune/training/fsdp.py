@@ -32,8 +32,9 @@ def fsdp_on_cpu(accelerator: Accelerator) -> Accelerator:
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
-    # AcceleratorState copies PartialState's fields each time it is instantiated: both must say FSDP.
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    # AcceleratorState copies PartialState's fields each time it is instantiated (the optimizer wrapper does): both
+    # must say FSDP. Both are shared-state singletons, so setting the attribute on an instance sets it for all.
+    PartialState().distributed_type = DistributedType.FSDP
     if accelerator.is_main_process:
         log.info("FSDP%d on %d CPU processes (gloo): the model is sharded by PyTorch's FSDP, which Accelerate only "
                  "attaches on GPUs", plugin.fsdp_version, accelerator.num_processes)
