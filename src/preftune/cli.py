@@ -175,6 +175,7 @@ def _annotate_parser(sub) -> list[argparse.ArgumentParser]:
     export.add_argument("--task", choices=["pairs", "eval"], default="pairs",
                         help="eval exports the blind comparisons as preferences too")
     export.add_argument("--source", help="only the items loaded from this file (as `report` lists the sources)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     report = actions.add_parser("report", help="counts, agreement, position bias, human vs judge win rate")
     report.add_argument("--db", default="annotations.sqlite", help=db_help)
     report.add_argument("--out", help="write the report as JSON here")
@@ -303,10 +304,13 @@ def _run(args: argparse.Namespace) -> int:
         if args.action == "load":
             print(annotate.load_command(args.db, args.pairs, args.samples))
         elif args.action == "serve":
+            from preftune.annotate.server import check_port
+
+            check_port(args.port)  # before the files load: a wrong --port is refused at once
             annotate.serve_command(args.db, args.pairs, args.samples, host=args.host, port=args.port,
                                    token=args.token, votes_per_item=args.votes_per_item)
         elif args.action == "export":
-            print(annotate.export_command(args.db, args.out, args.task, args.source))
+            print(annotate.export_command(args.db, args.out, args.task, args.source, args.overwrite))
         else:
             print(annotate.report_command(args.db, args.out))
         return 0

@@ -13,12 +13,14 @@ This module imports neither torch nor transformers (``preftune config`` lists th
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
 import functools
 import importlib.util
 import inspect
 import math
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -255,6 +257,9 @@ class TrainConfig:
     epsilon_high: float | None = None  # GRPO: upper clip range (DAPO's clip-higher); 0 or unset: epsilon
     scale_rewards: Literal["group", "batch", "none"] | None = None  # GRPO: advantage scaling (none: Dr. GRPO)
     grpo_loss_type: Literal["grpo", "dr_grpo", "dapo"] | None = None  # GRPO: how token losses are averaged
+    # GRPO: weigh the k3 KL by the policy ratio (DeepSeek-V3.2, arXiv 2512.02556): the unbiased reverse-KL
+    # gradient, TRL's default; None: the registry's (true)
+    use_bias_correction_kl: bool | None = None
     # --- online: completions sampled from the current policy and judged during training -------------------
     # Online DPO (`method: online_dpo`, or any paired method with `online: true`), RLOO and GRPO read prompts
     # (a prompt-only dataset, or the prompts of a preference dataset) and need a judge.
@@ -383,7 +388,8 @@ class TrainConfig:
             try:
                 get_method(name)
             except ConfigError as err:
-                raise _invalid("method", str(err)) from None
+                message = str(err) if len(str(err)) < 1000 else f"unknown method {shown(name)} (`preftune methods`)"
+                raise _invalid("method", message) from None
         try:
             run_data(self.methods)
         except ConfigError as err:
@@ -459,7 +465,7 @@ class TrainConfig:
             close = difflib.get_close_matches(self.optim, OPTIMIZERS, n=2, cutoff=0.5) if isinstance(self.optim, str) \
                 else []
             hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise _invalid("optim", f"optim: {self.optim!r} is not supported here.{hint} Supported: "
+            raise _invalid("optim", f"optim: {shown(self.optim)} is not supported here.{hint} Supported: "
                            f"{', '.join(OPTIMIZERS)}")
         if spec.package and not _installed(spec.package):
             raise _invalid("optim", f"optim: {self.optim} needs {spec.package}: pip install {spec.package} (or "
@@ -470,16 +476,16 @@ class TrainConfig:
             return
         path = Path(self.chat_template).expanduser()
         if not path.is_file():
-            raise _invalid("chat_template", f"chat_template: {self.chat_template} is neither a file nor a Jinja "
-                           "template; give the path of a .jinja file, or the template itself (it holds {% … %} or "
-                           "{{ … }})")
+            raise _invalid("chat_template", f"chat_template: {shown(self.chat_template, quote=False)} is neither a "
+                           "file nor a Jinja template; give the path of a .jinja file, or the template itself (it "
+                           "holds {% … %} or {{ … }})")
 
     def _check_hub(self) -> None:
         if self.push_to_hub and not self.hub_model_id:
             raise _invalid(("push_to_hub", "hub_model_id"), "push_to_hub: true needs hub_model_id, the repository "
                            "to upload final/ to ('name' or 'org/name')")
         if self.hub_model_id is not None and not _HUB_ID.match(self.hub_model_id):
-            raise _invalid("hub_model_id", f"hub_model_id: {self.hub_model_id!r} is not a Hub repository id; give "
+            raise _invalid("hub_model_id", f"hub_model_id: {shown(self.hub_model_id)} is not a Hub repository id; give "
                            "'name' or 'org/name' (letters, digits, '-', '_', '.')")
     @property
     def generation_budget(self) -> int:
@@ -602,7 +608,7 @@ class TrainConfig:
         if name not in names:
             close = difflib.get_close_matches(str(name), names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise _invalid("lr_scheduler_type", f"unknown lr_scheduler_type {name!r}.{hint} "
+            raise _invalid("lr_scheduler_type", f"unknown lr_scheduler_type {shown(name)}.{hint} "
                            f"Known: {', '.join(names)}")
         if name in METRIC_SCHEDULERS:
             raise _invalid("lr_scheduler_type", f"lr_scheduler_type={name} sets the learning rate from a metric "
@@ -781,7 +787,7 @@ def _trackers(value: str | list[str]) -> list[str]:
         if name not in TRACKERS:
             close = difflib.get_close_matches(name, TRACKERS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise _invalid("report_to", f"report_to: unknown tracker {name!r}.{hint} Known: "
+            raise _invalid("report_to", f"report_to: unknown tracker {shown(name)}.{hint} Known: "
                            f"{', '.join(TRACKERS)}, all (every installed one), none")
         modules, package = TRACKERS[name]
         if not any(_installed(m) for m in modules):
@@ -809,14 +815,19 @@ def _as(option: Any, value: Any) -> tuple[bool, Any]:
     if option is bool:
         return isinstance(value, bool), value
     if option is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+        whole = _whole_number(value)  # 1e3 (a string to YAML 1.1) or 1.0e+3 is 1000 steps
+        return whole is not None, whole
     if option is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
             try:
                 return True, float(value)
             except ValueError:
                 return False, None
-        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value or 0)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, None
     if option is str:
         return isinstance(value, str), value
     if typing.get_origin(option) is Literal:
@@ -841,11 +852,57 @@ def _coerce(name: str, value: Any) -> Any:
         ok, converted = _as(option, value)
         if ok:
             return converted
-    raise _invalid(name, f"config key '{name}': expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    one = "; give one value (run once per value to compare several)" if isinstance(value, (list, dict)) else ""
+    raise _invalid(name, f"{name} must be {_type_name(hint)}, got {shown(value)}{one}")
+
+
+def _whole_number(value: Any) -> int | None:
+    """``value`` as an int when it is a float or a numeric string with an integral value (``1e3``, ``"2.0e+2"``)."""
+    if isinstance(value, bool) or not isinstance(value, (float, str)):
+        return None
+    try:
+        number = decimal.Decimal(value.strip() if isinstance(value, str) else value)
+    except (decimal.InvalidOperation, ValueError):
+        return None
+    # An exponent bound first: int(Decimal("1e999999999")) would build a billion-digit number.
+    if not number.is_finite() or number.adjusted() > 18 or number != number.to_integral_value():
+        return None
+    return int(number)
 
 
 def _type_name(hint: Any) -> str:
+    """What a type hint accepts, in words: ``int | None`` → "a whole number or null"."""
+    if hint is type(None):
+        return "null"
+    if hint is Any:
+        return "any value"
+    words = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+    if hint in words:
+        return words[hint]
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return f"a list of {_type_name(item).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "a mapping of names to values"
+    members = _union_members(hint)
+    if len(members) > 1:
+        return " or ".join(_type_name(m) for m in members)
     return str(hint).replace("typing.", "")
+
+
+# Values echoed in error messages are cut to a few hundred characters: a 50 MB value makes no readable message.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 200, 200, 3, 8, 8
+
+
+def shown(value: Any, quote: bool = True) -> str:
+    """``repr(value)`` for an error message, at most a few hundred characters (long parts elided with ``...``);
+    ``quote=False`` shows a string as it is (a path), cut the same way."""
+    text = _SHOWN.repr(value) if quote or not isinstance(value, str) else value
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -884,15 +941,40 @@ def _yaml_error(err: yaml.YAMLError, where: str, lines: bool) -> ConfigError:
 
 _QUOTES_HINT = "(a value holding ':', '#', '[' or '{' needs quotes)"
 
+# Values a config may expand to, aliases counted each time they appear: far above any real config, far below a
+# "billion laughs" document (nine aliases of nine aliases … expand to millions of values from a few lines).
+_MAX_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """The number of values ``node`` constructs to, each alias counted in full (memoised per node: linear time);
+    stops counting past :data:`_MAX_VALUES`."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = _MAX_VALUES + 1  # a node that contains itself expands without end
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    sizes[id(node)] = min(size, _MAX_VALUES + 1)
+    return sizes[id(node)]
+
 
 def _load_yaml(text: str, where: str, lines: bool = True) -> tuple[Any, dict[str, int]]:
     """The document in ``text`` and the 1-based line of each top-level key (``lines``: name lines in errors)."""
     loader = _StrictLoader(text)
     try:
         node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > _MAX_VALUES:
+            raise ConfigError(f"{where}: the YAML expands to more than {_MAX_VALUES:,} values (each *alias repeats "
+                              "its anchor's value); a config holds a few dozen keys: remove the nested aliases")
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as err:
         raise _yaml_error(err, where, lines) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: the YAML is nested too deeply to read; a config is a flat mapping of keys "
+                          "(lr_scheduler_kwargs and the like hold one more level)") from None
     finally:
         loader.dispose()
     lines = {}
@@ -903,9 +985,9 @@ def _load_yaml(text: str, where: str, lines: bool = True) -> tuple[Any, dict[str
 
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. beta=0.1)")
+        raise ConfigError(f"override {shown(text)} is not of the form key=value (e.g. beta=0.1)")
     key, raw = text.split("=", 1)
-    value = _load_yaml(raw, f"override '{text}'", lines=False)[0] if raw.strip() else None
+    value = _load_yaml(raw, f"override {shown(text)}", lines=False)[0] if raw.strip() else None
     return key.strip(), value
 
 
@@ -921,14 +1003,15 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
             if trl.accepts is not None and trl.accepts(value):
                 strategies[key] = value  # says what preftune does anyway (strategies imply some defaults)
                 continue
-            what = f"with value {value!r} has no preftune equivalent" if trl.accepts else "has no preftune equivalent"
+            what = f"with value {shown(value)} has" if trl.accepts else "has"
+            what += " no preftune equivalent"
             raise _invalid(key, f"config key '{key}' (TRL / transformers) {what}: {trl.advice}")
         if key == "loss_type":
             value = from_trl_loss_type(value)
         if name not in FIELDS:
             close = difflib.get_close_matches(str(key), [*FIELDS, *ALIASES], n=1, cutoff=0.6)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise _invalid(key, f"unknown config key '{key}'.{hint} (`preftune config` lists every key)")
+            raise _invalid(key, f"unknown config key {shown(key)}.{hint} (`preftune config` lists every key)")
         if name in given:
             alias = key if key in ALIASES else given[name]
             raise _invalid((given[name], key), f"both '{given[name]}' and '{key}' are given; '{alias}' is another "

@@ -204,3 +204,45 @@ def test_the_cli_loads_no_web_stack_and_the_server_no_torch(tmp_path):
                           env=os.environ | {"PYTHONPATH": python_path()})
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["[]", "['starlette', 'uvicorn']"]
+
+
+def test_a_wrong_port_or_an_unknown_host_is_one_line(tmp_path, capsys):
+    pairs = write_jsonl(tmp_path / "p.jsonl", text_pairs(1))
+    serve_args = ["annotate", "serve", "--db", str(tmp_path / "a.sqlite"), "--pairs", str(pairs)]
+    assert main([*serve_args, "--port", "70000"]) == ConfigError.exit_code
+    assert capsys.readouterr().err == ("preftune: --port 70000: a port is a number from 1 to 65535 (0 picks a free "
+                                       "one); e.g. --port 8765\n")
+    assert not (tmp_path / "a.sqlite").exists()  # refused before anything was loaded
+    assert main([*serve_args, "--host", "no-such-host.invalid", "--token", TOKEN, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("preftune: --host no-such-host.invalid: not an address of this machine (")
+    assert err.endswith("give one of its addresses or names, e.g. --host 127.0.0.1 (this machine only) or --host "
+                        "0.0.0.0 (every network interface)\n") and "--port" not in err
+
+
+def test_lone_surrogates_and_huge_ids_are_refused_by_field(serve, tmp_path, capsys):
+    rows = text_pairs(2)
+    rows[1]["rejected"] = " broken \ud800 text"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json.dumps writes the escape \ud800
+    assert main(["annotate", "load", "--db", str(tmp_path / "b.sqlite"), "--pairs", str(bad)]) == 3
+    assert capsys.readouterr().err == (
+        f"preftune: {bad}, line 2, field 'rejected': holds a lone UTF-16 surrogate (an escape \\ud800–\\udfff that is "
+        "not part of a pair), which is not text; fix the file's text (it must be valid UTF-8 once decoded)\n")
+    assert query(tmp_path / "b.sqlite", "SELECT COUNT(*) FROM items") == [(0,)]  # not even the good row
+
+    server = serve("--pairs", str(write_jsonl(tmp_path / "p.jsonl", text_pairs(2))))
+    client = server.client
+    item = client.next("x")["item"]["id"]
+    base = {"task": "pairs", "annotator": "x", "item": item, "choice": "left"}
+    surrogate = "field '{}' holds a lone UTF-16 surrogate (\\ud800–\\udfff), which is not text; send UTF-8 text"
+    for body, error in [
+        ({"task": "pairs", "annotator": "x\ud800"}, surrogate.format("annotator")),
+        ({**base, "note": "fine \udfff"}, surrogate.format("note")),
+        ({**base, "item": 10**30}, "field 'item' must be an id from /api/next (0 to 9223372036854775807), got a "
+                                   "number out of that range"),
+    ]:
+        path = "/api/next" if "item" not in body else "/api/vote"
+        assert client.request("POST", path, body)[:2] == (400, {"error": error})
+    assert votes_in(server.db) == []
+    assert client.vote("x", item, "left")["recorded"] is True  # the server still answers

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +110,50 @@ def test_a_missing_file_is_a_data_error_and_still_a_file_not_found_error(tmp_pat
     with pytest.raises(DataError, match="no such file or folder") as info:
         formats.load_rows(str(path))
     assert isinstance(info.value, FileNotFoundError)
+
+
+def deeply_nested(levels: int) -> str:
+    return '{"prompt": "q", "chosen": "a", "rejected": "b", "meta": ' + "[" * levels + "]" * levels + "}"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_deeply_nested_json_is_refused_by_its_line_before_parsing(tmp_path, suffix):
+    path = tmp_path / f"deep{suffix}"
+    if suffix == ".jsonl":
+        path.write_text(jsonl(ROWS[:2]) + deeply_nested(5_000) + "\n")
+    else:  # a JSON document over several lines: the depth carries from line to line
+        path.write_text("[\n" + ",\n".join(json.dumps(r) for r in ROWS[:2]) + ",\n" + deeply_nested(5_000) + "\n]\n")
+    line = 3 if suffix == ".jsonl" else 4
+    assert refused(path) == (f"{path}: line {line}: JSON nested more than {formats.MAX_JSON_DEPTH} levels deep; a row "
+                             "holds strings, numbers and lists of {role, content} messages: flatten or drop the deep "
+                             "field")
+
+
+def test_brackets_and_escaped_quotes_inside_strings_do_not_count_as_nesting(tmp_path):
+    rows = [dict(ROWS[0], prompt="[" * 500 + ' \\" {{{ \\\\'), dict(ROWS[1], chosen='"]]]]"' + "\\" * 3)]
+    path = tmp_path / "brackets.jsonl"
+    path.write_text(jsonl(rows))
+    assert formats.load_rows(str(path))["prompt"][0] == rows[0]["prompt"]
+
+
+LOAD_IN_A_PROCESS = """
+import sys
+from preftune.data import formats
+from preftune.errors import DataError
+try:
+    formats.load_rows(sys.argv[1])
+except DataError as err:
+    sys.exit(f"refused: {err}")
+"""
+
+
+def test_fifty_thousand_levels_end_in_a_message_not_a_crash(tmp_path):
+    """At 50,000 levels `datasets` crashed the process (a segmentation fault): loaded in a process of its own."""
+    path = tmp_path / "deep.jsonl"
+    path.write_text(jsonl(ROWS) + deeply_nested(50_000) + "\n")
+    done = subprocess.run([sys.executable, "-c", LOAD_IN_A_PROCESS, str(path)], capture_output=True, text=True,
+                          timeout=120, env=os.environ | {"PYTHONPATH": str(Path(formats.__file__).parents[2])})
+    assert done.returncode == 1, done.stderr[-2000:]  # sys.exit(message): not -11, a segmentation fault
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"refused: {path}: line {len(ROWS) + 1}: JSON nested more than {formats.MAX_JSON_DEPTH} levels deep; a row "
+        "holds strings, numbers and lists of {role, content} messages: flatten or drop the deep field")

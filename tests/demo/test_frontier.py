@@ -91,3 +91,48 @@ def test_every_run_has_a_family_and_the_rounds_methods_share_one():
     assert {family(label) for label in ("Iterative DPO β=0.5", "SPPO η=50", "RSO γ=0.5 β_rso=0.5")} == {
         "rounds (RSO, SPPO, iterative DPO)"}
     assert family("DPO β=0.1") == "DPO β sweep" != family("IPO β=0.1") and family(BEST_OF_N) != family("PPO")
+
+
+def _never_trained(*args, **kwargs):
+    raise AssertionError("the frontier went past its folder check")
+
+
+def test_frontier_refuses_a_folder_of_someone_elses_results(tmp_path, monkeypatch, capsys):
+    """`preftune experiment frontier --output-dir X` where X holds a user's frontier.md and points.json: refused
+    before any work (with or without --resume), both files as they were."""
+    from preftune import cli
+    from preftune.errors import RunDirError
+    from preftune.experiments import frontier
+
+    monkeypatch.setattr(frontier, "build_world", _never_trained)
+    (tmp_path / "frontier.md").write_text("# my notes on the frontier\n")
+    (tmp_path / "points.json").write_text("[[0.1, 0.5], [1.0, 0.7]]\n")
+    for resume in ([], ["--resume"]):
+        code = cli.main(["experiment", "frontier", "--quick", "--output-dir", str(tmp_path), *resume])
+        assert code == RunDirError.exit_code
+        assert f"preftune: {tmp_path} is not a frontier folder (it holds frontier.md, points.json)" in \
+            capsys.readouterr().err
+    assert (tmp_path / "frontier.md").read_text() == "# my notes on the frontier\n"
+    assert (tmp_path / "points.json").read_text() == "[[0.1, 0.5], [1.0, 0.7]]\n"
+
+
+def test_frontier_resume_over_a_points_json_it_did_not_write_is_a_message(tmp_path, monkeypatch):
+    from preftune.experiments import frontier
+
+    monkeypatch.setattr(frontier, "build_world", _never_trained)
+    settings = FrontierSettings.quick(str(tmp_path))
+    (tmp_path / ".preftune-frontier").write_text("")  # the frontier's folder, whose points.json was replaced since
+    (tmp_path / "points.json").write_text('{"points": []}\n')
+    settings.resume = True
+    with pytest.raises(ConfigError, match="points.json is not the points.json the frontier writes"):
+        run_frontier(settings)
+
+
+def test_frontier_results_from_before_the_marker_are_its_own(tmp_path, monkeypatch):
+    from preftune.experiments import frontier
+
+    settings = FrontierSettings.quick(str(tmp_path))
+    (tmp_path / "points.json").write_text(json.dumps({"settings": {}, "points": [], "costs": {}}))
+    (tmp_path / "frontier.md").write_text("table\n")
+    assert frontier.claim_frontier_folder(settings) == tmp_path
+    assert (tmp_path / frontier.FRONTIER_MARKER).exists()

@@ -161,5 +161,5 @@ def test_bad_arguments_fail_before_any_model_loads(no_pad_world, tmp_path):
         eval_command("no/such/model", "no/such/ref", prompts, judge="gold", pairs=str(tmp_path / "none.jsonl"))
     with pytest.raises(ModelError, match="no/such/judge"):
         pairs_command("no/such/model", prompts, str(tmp_path / "o.jsonl"), judge="no/such/judge")
-    with pytest.raises(ModelError, match="model no/such/model: cannot load"):
+    with pytest.raises(ModelError, match="--model 'no/such/model' is not a folder and not a Hub name"):
         pairs_command("no/such/model", prompts, str(tmp_path / "o.jsonl"), judge="gold")

@@ -124,6 +124,18 @@ def render(html_path, tmp_path, width: int = 1400) -> tuple[Image.Image, dict]:
     return Image.open(shot).convert("RGB"), {name: (x, y, w, h) for name, x, y, w, h in layout["rects"]}
 
 
+@pytest.mark.parametrize("step, shown", [('"ten"', "'ten'"), ("2.5", "2.5"), ("[3]", "[3]")])
+def test_a_record_whose_step_is_not_a_whole_number_is_named_by_its_line(run_dir, capsys, step, shown):
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    lines[2] = lines[2].replace('"step": ', f'"step": {step}, "was": ', 1)
+    metrics.write_text("\n".join(lines) + "\n")
+    assert main(["report", str(run_dir)]) == RunDirError.exit_code
+    err = capsys.readouterr().err
+    assert err == (f"preftune: {metrics}, line 3: 'step' must be a whole number, got {shown}; fix or remove the "
+                   "line\n")
+
+
 def drawn(image: Image.Image, rect) -> tuple[int, float]:
     """Distinct colours in a plot's region and the fraction of its pixels that are not near-white."""
     x, y, w, h = (round(v) for v in rect)

@@ -17,6 +17,7 @@ from preftune import train
 from preftune.data.builtin import builtin_preferences
 from preftune.errors import DataError, ModelError, ResumeError, RunDirError, TrainingError
 from preftune.modeling.tiny import build_tiny_model, build_tokenizer, default_tokenizer
+from preftune.training.checkpoint import write_checksums
 from preftune.training.rundir import RunLock
 
 ROWS = builtin_preferences(24, seed=5)
@@ -174,12 +175,14 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs(tmp_path, tok):
 
     checkpoint = tmp_path / "run" / "checkpoint-1"
     (checkpoint / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Exploit()))
+    write_checksums(checkpoint)  # past the checksums (whoever planted the pickle rewrote them): the loaders' own guard
     with pytest.raises(ResumeError, match="the training state does not load"):  # a state preftune never writes
         run(tmp_path, tok, max_steps=2, save_steps=1, resume_from_checkpoint=str(checkpoint))
     assert not marker.exists()
     (checkpoint / "custom_checkpoint_0.pkl").unlink()
     # A random-number state that does not load safely fails the resume instead of being skipped.
     torch.save({"random_state": Exploit()}, checkpoint / "random_states_0.pkl")
+    write_checksums(checkpoint)
     with pytest.raises(ResumeError, match="random-number state does not load safely"):
         run(tmp_path, tok, max_steps=2, save_steps=1, resume_from_checkpoint=str(checkpoint))
     assert not marker.exists()

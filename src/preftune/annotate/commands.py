@@ -9,7 +9,8 @@ from pathlib import Path
 
 from preftune.annotate.items import read_items
 from preftune.annotate.results import annotation_report, export_preferences, format_report
-from preftune.annotate.store import AnnotationStore
+from preftune.annotate.store import AnnotationStore, database_path, is_postgres
+from preftune.errors import ConfigError
 
 TOKEN_ENV = "PREFTUNE_ANNOTATE_TOKEN"
 
@@ -23,8 +24,6 @@ def load_files(store: AnnotationStore, pairs: Sequence[str] = (), samples: Seque
 
 def load_command(db: str, pairs: Sequence[str] = (), samples: Sequence[str] = ()) -> str:
     if not pairs and not samples:
-        from preftune.errors import ConfigError
-
         raise ConfigError("give files to load: --pairs FILE (as `preftune pairs` writes) and/or --samples FILE "
                           "(as `preftune eval --samples-out` writes)")
     with AnnotationStore(db) as store:
@@ -48,9 +47,28 @@ def serve_command(db: str, pairs: Sequence[str] = (), samples: Sequence[str] = (
               votes_per_item=votes_per_item, announce=lambda line: print(line, flush=True))
 
 
-def export_command(db: str, out: str, task: str = "pairs", source: str | None = None) -> str:
+def export_command(db: str, out: str, task: str = "pairs", source: str | None = None, overwrite: bool = False
+                   ) -> str:
+    check_export_target(db, out, overwrite)
     with AnnotationStore(db, create=False) as store:
         return str(export_preferences(store, out, task, source))
+
+
+def check_export_target(db: str, out: str, overwrite: bool = False) -> None:
+    """Refuse, before anything is read or written, an ``--out`` that is a folder, that is the annotation database
+    (or one of SQLite's files beside it), or that exists (without ``overwrite``): each would lose a user's file."""
+    target = Path(out).expanduser()
+    if target.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the path of the JSON Lines file to write (e.g. "
+                          f"{Path(out) / 'preferences.jsonl'})")
+    if not is_postgres(db):
+        database = database_path(db).expanduser().resolve()
+        beside = {database, *(database.with_name(database.name + end) for end in ("-wal", "-shm", "-journal"))}
+        if target.resolve() in beside:
+            raise ConfigError(f"--out {out} is the annotation database (--db {db}); exporting there would replace "
+                              "every vote with the exported rows: give another --out")
+    if target.exists() and not overwrite:
+        raise ConfigError(f"--out {out} exists; pass --overwrite to replace it, or give another --out")
 
 
 def report_command(db: str, out: str | None = None) -> str:

@@ -23,6 +23,7 @@ Safety, each a check in :class:`Guard` before any route runs:
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 import json
@@ -33,13 +34,14 @@ from importlib import resources
 from urllib.parse import urlsplit
 
 from preftune.annotate.items import TASKS
-from preftune.annotate.store import CHOICES, AnnotationStore, Refused
+from preftune.annotate.store import CHOICES, AnnotationStore, Refused, has_lone_surrogate
 from preftune.errors import ConfigError
 
 MAX_BODY = 16 * 1024  # bytes of one request body
 MAX_NAME = 64  # characters of an annotator's name
 MAX_NOTE = 2000  # characters of a note
 MIN_TOKEN = 16  # characters of an access token given by hand
+MAX_ID = 2**63 - 1  # the largest id a database row can have
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -60,6 +62,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def check_port(port: int) -> None:
+    """A TCP port: 0 (any free one) to 65535."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: a port is a number from 1 to 65535 (0 picks a free one); e.g. --port 8765")
 
 
 def check_bind(host: str, token: str | None) -> str:
@@ -180,7 +188,15 @@ def _field(payload: dict, name: str, kind: type, *, required: bool = True):
     value = payload[name]
     if not isinstance(value, kind) or isinstance(value, bool):
         raise Refused(400, f"field '{name}' must be {'an integer' if kind is int else 'a string'}")
+    if kind is int and not 0 <= value <= MAX_ID:  # the databases store 64-bit integers
+        raise Refused(400, f"field '{name}' must be an id from /api/next (0 to {MAX_ID}), got a number out of that "
+                      "range")
+    if kind is str and has_lone_surrogate(value):  # JSON's "\ud800" escape: no UTF-8 text, no database takes it
+        raise Refused(400, f"field '{name}' holds a lone UTF-16 surrogate (\\ud800–\\udfff), which is not text; "
+                      "send UTF-8 text")
     return value
+
+
 
 
 def annotator_name(value: str) -> str:
@@ -196,7 +212,7 @@ def annotator_name(value: str) -> str:
 def _payload(raw: bytes, allowed: set[str]) -> dict:
     try:
         payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise Refused(400, "the body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise Refused(400, "the body must be a JSON object")
@@ -286,6 +302,7 @@ def serve(store: AnnotationStore, *, host: str = "127.0.0.1", port: int = 8765, 
         import uvicorn
     except ImportError as e:
         raise ConfigError("preftune annotate needs its web extra: pip install 'preftune[annotate]'") from e
+    check_port(port)
     token = check_bind(host, token)
     app = create_app(store, token=token, votes_per_item=votes_per_item, loopback_only=is_loopback(host))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -295,10 +312,28 @@ def serve(store: AnnotationStore, *, host: str = "127.0.0.1", port: int = 8765, 
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
+        raise _bind_error(host, port, e) from e
     sock.listen(128)
     port = sock.getsockname()[1]
     announce(f"annotating at {page_url(host, port, token)}  (Ctrl-C stops; votes are saved as they come)")
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none", http="h11",
                             server_header=False, timeout_keep_alive=5)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _bind_error(host: str, port: int, err: OSError) -> ConfigError:
+    """Why the server cannot listen on ``host:port``, and which option to change."""
+    if isinstance(err, socket.gaierror):
+        return ConfigError(f"--host {host}: not an address of this machine ({err.strerror}); give one of its "
+                           "addresses or names, e.g. --host 127.0.0.1 (this machine only) or --host 0.0.0.0 (every "
+                           "network interface)")
+    if err.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"--host {host}: not an address of this machine; give one of its addresses, e.g. --host "
+                           "127.0.0.1 (this machine only) or --host 0.0.0.0 (every network interface)")
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return ConfigError(f"cannot listen on {host}:{port} ({err.strerror}): ports below 1024 need administrator "
+                           "rights; choose another --port, e.g. --port 8765")
+    if err.errno == errno.EADDRINUSE:
+        return ConfigError(f"cannot listen on {host}:{port}: the port is in use; choose another --port (0 picks a "
+                           "free one)")
+    return ConfigError(f"cannot listen on {host}:{port} ({err.strerror}); check --host and --port")

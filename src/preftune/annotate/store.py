@@ -27,6 +27,7 @@ starts); every query and rule is written once:
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import sqlite3
 import threading
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from preftune.annotate.items import TASKS, Item
+from preftune.annotate.items import FIELDS, TASKS, Item
 from preftune.errors import ConfigError, DataError
 
 SCHEMA_VERSION = "1"
@@ -169,8 +170,11 @@ class _SQLite(_Dialect):
     errors = (sqlite3.DatabaseError,)
 
     def __init__(self, db: str | Path):
-        self.path = database_path(db)
+        self.path = database_path(db).expanduser()
         self.name = str(self.path)
+        if self.path.is_dir():
+            raise ConfigError(f"--db {db} is a folder; give the annotation database's file (e.g. "
+                              f"{self.path / 'annotations.sqlite'})")
 
     def connect(self, create: bool) -> sqlite3.Connection:
         if not create and not self.path.is_file():
@@ -310,6 +314,8 @@ class AnnotationStore:
     def add_items(self, items: Iterable[Item]) -> LoadReport:
         """Insert items not yet present (by :attr:`Item.key`); one transaction for the whole file."""
         items = list(items)
+        for item in items:  # before the transaction: a bad row leaves the database as it was
+            _check_encodable(item)
         report = LoadReport(source=items[0].source if items else "", task=items[0].task if items else "")
         now = time.time()
         with self._transaction() as conn:
@@ -460,6 +466,25 @@ class AnnotationStore:
 _ELIGIBLE = ("i.task = ? AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.item_id = i.id AND v.annotator = ?) "
              "AND NOT EXISTS (SELECT 1 FROM assignments s WHERE s.item_id = i.id AND s.annotator = ?) "
              "AND (SELECT COUNT(*) FROM votes v WHERE v.item_id = i.id) < ?")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a code point U+D800–U+DFFF: JSON's ``\\ud800`` escapes give them, but they are not
+    text, UTF-8 cannot encode them and no database stores them."""
+    return _SURROGATE.search(text) is not None
+
+
+def _check_encodable(item: Item) -> None:
+    """Refuse an item whose text holds a lone surrogate, naming its file, line and field."""
+    prompt_f, a_f, b_f, *_ = FIELDS[item.task]
+    for field, value in ((prompt_f, item.prompt), (a_f, item.a), (b_f, item.b), ("judge", item.judge)):
+        if value is not None and has_lone_surrogate(json.dumps(value, ensure_ascii=False)):
+            raise DataError(f"{item.source}, line {item.line}, field '{field}': holds a lone UTF-16 surrogate "
+                            "(an escape \\ud800–\\udfff that is not part of a pair), which is not text; fix the "
+                            "file's text (it must be valid UTF-8 once decoded)")
 
 
 def _check_task(task: str) -> None:

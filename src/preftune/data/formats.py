@@ -49,8 +49,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value
 
+from preftune import digest
 from preftune.errors import DataError
 
 # Bump when normalisation output changes: it is part of the fingerprint that `datasets` caches under.
@@ -180,15 +182,21 @@ def _load_file(path: Path, source: str) -> Dataset:
                         f"{', '.join(sorted(_FILE_BUILDERS))} or a folder written by Dataset.save_to_disk")
     if builder in ("json", "csv"):
         _check_text_file(path, source, builder)
+    content = digest.file_digest(path)
     try:
         with _builder_errors_unlogged(builder):
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            # The builder caches by path and modification time: a file rewritten with the same size and mtime
+            # would load the old rows. Its config's description keys that cache by the content too.
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                       description=f"preftune content {content}")
     except Exception as e:  # the builders raise many types; the user needs the file name, the line and the cause
         if builder == "json":
             problem = _json_problem(path, source)
             if problem is not None:
                 raise problem from e
         raise DataError(source, None, None, f"could not be read as {builder}: {_root_cause(e)}") from e
+    ds._fingerprint = _derived_fingerprint(builder, content)  # the rows' identity: content, not path or time
+    return ds
 
 
 class _DropErrors(logging.Filter):
@@ -231,7 +239,7 @@ def _check_text_file(path: Path, source: str, builder: str) -> None:
     stream = _open_binary(path)
     if stream is None:
         return
-    lines_before, content = 0, False
+    lines_before, content, depth = 0, False, 0
     with stream:
         while block := stream.read(_SCAN_BLOCK):
             block += stream.readline()
@@ -243,10 +251,43 @@ def _check_text_file(path: Path, source: str, builder: str) -> None:
                 raise DataError(source, None, None, f"line {line}: byte 0x{block[err.start]:02x} (byte {offset + 1} "
                                 "of the line) is not UTF-8 text; save the file as UTF-8 (from Latin-1: "
                                 "iconv -f latin1 -t utf-8)") from None
+            if builder == "json":
+                depth = _check_json_depth(block, depth, lines_before, source)
             content = content or bool(block.strip())
             lines_before += block.count(b"\n")
     if not content:
         raise DataError(source, None, None, f"the file is empty (no rows); expected {_EXPECTED[builder]}")
+
+
+# Nesting deeper than this is refused before any parser sees it: Python's json and `datasets`' type inference
+# recurse once per level (a RecursionError at a few thousand levels, a crash of the process at tens of thousands).
+# Preference rows nest a few levels (a conversation: list → message → content).
+MAX_JSON_DEPTH = 100
+_JSON_STRING = re.compile(rb'"[^"\n]*"')
+_STRUCTURE = bytes(range(256)).translate(None, b'"[]{}\n')  # the bytes that never change the nesting
+
+
+def _check_json_depth(block: bytes, depth: int, lines_before: int, source: str) -> int:
+    """Refuse JSON text nested more than :data:`MAX_JSON_DEPTH` levels, naming its line; return the depth open at
+    the end of ``block`` (whole lines; a JSON document may span blocks). Brackets inside strings do not count.
+    Escaped quotes dropped, then every byte but quotes, brackets and newlines, then the strings: a cumulative sum
+    over what is left (a few ms per MiB)."""
+    # Backslashes pair up from the left (\\\\ is one backslash): once the pairs are dropped, \\" is a quote inside a
+    # string.
+    unescaped = block.replace(b"\\\\", b"").replace(b'\\"', b"")
+    skeleton = _JSON_STRING.sub(b"", unescaped.translate(None, _STRUCTURE))
+    text = np.frombuffer(skeleton, np.uint8)
+    if len(text) == 0:
+        return depth
+    levels = depth + np.cumsum((text == ord("[")) | (text == ord("{")), dtype=np.int64) \
+        - np.cumsum((text == ord("]")) | (text == ord("}")), dtype=np.int64)
+    deepest = int(np.argmax(levels))
+    if levels[deepest] > MAX_JSON_DEPTH:
+        line = lines_before + int(np.count_nonzero(text[:deepest] == ord("\n"))) + 1
+        raise DataError(source, None, None, f"line {line}: JSON nested more than {MAX_JSON_DEPTH} levels deep; a "
+                        "row holds strings, numbers and lists of {role, content} messages: flatten or drop the deep "
+                        "field")
+    return max(int(levels[-1]), 0)
 
 
 def _json_problem(path: Path, source: str) -> DataError | None:
@@ -315,7 +356,9 @@ def _load_saved_folder(path: Path, source: str, split: str) -> Dataset:
     if isinstance(loaded, DatasetDict):
         if split not in loaded:
             raise DataError(source, None, None, f"has no split {split!r}; it has {sorted(loaded)}")
-        return loaded[split]
+        loaded = loaded[split]
+    # state.json's fingerprint survives arrow files replaced in place; the rows' identity is their bytes.
+    loaded._fingerprint = _derived_fingerprint("arrow", [digest.file_digest(f["filename"]) for f in loaded.cache_files])
     return loaded
 
 

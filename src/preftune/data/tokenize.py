@@ -148,7 +148,10 @@ def tokenize_rows(
         raise ValueError("the tokenizer has no eos_token; completions must end with one")
     conversational = is_conversational(ds)
     if conversational and not tokenizer.chat_template:
-        raise ValueError("the rows are conversations but the tokenizer has no chat_template")
+        raise DataError(source or "the dataset", None, None, "the rows are conversations (lists of {role, content} "
+                        "messages) but the tokenizer has no chat template to render them; set the config key "
+                        "chat_template to a Jinja file or the template text (chat_template: template.jinja), or use a "
+                        "tokenizer that has one")
 
     if kl_completions and is_paired(ds):
         raise ValueError("kl_completions is for unpaired rows (prompt, completion, label); these rows are paired")

@@ -100,8 +100,14 @@ FINISHED = "demo.json"
 
 def claim_demo_folder(settings: DemoSettings) -> Path:
     """The demo's output folder, marked as a demo's; refused when it holds anything else, or a finished demo
-    (unless ``overwrite``). An unfinished demo (a crash, an interrupt) is simply run again."""
-    out = Path(settings.output_dir)
+    (unless ``overwrite``). An unfinished demo (a crash, an interrupt) is simply run again.
+
+    ``~`` is expanded here, once, and ``settings.output_dir`` becomes the expanded path: the folder checked is the
+    folder every stage writes to (a literal ``./~`` checked while the stages wrote to the home folder)."""
+    out = Path(settings.output_dir).expanduser()
+    settings.output_dir = str(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--output-dir {out} is a file; give the demo a new or empty folder")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if entries and DEMO_MARKER not in entries:
         shown = ", ".join(entries[:4]) + (", …" if len(entries) > 4 else "")
@@ -181,7 +187,6 @@ def sample_monitor(world: World, settings: DemoSettings, judge=None):
 def run_demo(settings: DemoSettings) -> dict:
     """Run the pipeline; returns the evaluation of SFT and DPO and writes everything under ``output_dir``."""
     started = last = time.perf_counter()
-    out = Path(settings.output_dir)
     timings: dict[str, float] = {}
 
     def lap(name: str) -> None:
@@ -191,6 +196,7 @@ def run_demo(settings: DemoSettings) -> dict:
         last = time.perf_counter()
 
     world = build_world(settings, lap)
+    out = Path(settings.output_dir)  # as the folder's claim expanded it
     tokenizer, sft, eval_prompts, pair_report = world.tokenizer, world.sft, world.eval_prompts, world.pair_report
     judge = GoldSentimentJudge()
     dpo_dir = train_stage(settings, "dpo", method="dpo", beta=settings.beta,

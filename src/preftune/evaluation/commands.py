@@ -83,13 +83,23 @@ def read_pairs(path: str | Path) -> list[dict]:
 def _load_policy(path: str, role: str):
     from transformers import AutoModelForCausalLM
 
-    from preftune.modeling.loading import load_tokenizer
+    from preftune.modeling.loading import load_tokenizer, refuse_pickled_weights
+    from preftune.training.setup import check_model_path
 
+    check_model_path(f"--{role}", path)  # a missing folder, not transformers' "Repo id must use …"
+    refuse_pickled_weights(path, role)
     try:
         return AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
     except (OSError, ValueError) as e:
         raise ModelError(f"{role} {path}: cannot load a causal LM and its tokenizer ({type(e).__name__}: {e}); "
                          "give a local folder with config.json, weights and tokenizer files") from e
+
+
+def _check_output_file(path: str | None, flag: str, example: str) -> None:
+    """Refuse an output file that cannot be written (a folder) before any work is done."""
+    if path is not None and Path(path).expanduser().is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give the path of the file to write (e.g. "
+                          f"{Path(path) / example})")
 
 
 def pairs_command(model: str, prompts: str, out: str, judge: str, k: int = 4, mode: str = "all",
@@ -99,6 +109,7 @@ def pairs_command(model: str, prompts: str, out: str, judge: str, k: int = 4, mo
     rows for conversation prompts); returns the report line, which names the judge."""
     if k < 2:
         raise ConfigError(f"--k must be at least 2 to form pairs (k completions per prompt), got {k}")
+    _check_output_file(out, "--out", "pairs.jsonl")  # before the minutes of sampling, not after
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=k,
                             seed=seed, batch_size=batch_size)
     rows_in = read_prompts(prompts)
@@ -119,6 +130,8 @@ def eval_command(model: str, reference: str, prompts: str, judge: str, pairs: st
     samples (:func:`save_eval_samples`), for a blind human evaluation (``preftune annotate serve --samples``)."""
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
+    for path, flag, example in ((out, "--out", "eval.json"), (samples_out, "--samples-out", "samples.jsonl")):
+        _check_output_file(path, flag, example)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             n=num_samples, seed=seed, batch_size=batch_size)
     prompt_rows = read_prompts(prompts)

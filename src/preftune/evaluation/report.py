@@ -424,10 +424,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, thresho
     if not metrics.is_file():
         raise RunDirError(f"{run_dir}: no metrics.jsonl here; give the folder of a run (output_dir of "
                           "`preftune train`, e.g. runs/demo/dpo)")
-    try:
-        records = read_metrics(metrics)
-    except json.JSONDecodeError as err:
-        raise RunDirError(f"{metrics}, line {err.lineno}: not valid JSON ({err.msg})") from err
+    records = _read_records(metrics)
     if not records:
         raise RunDirError(f"{metrics} holds no records yet; run again once the run has logged (logging_steps)")
     out_dir = Path(out_dir) if out_dir is not None else run_dir
@@ -486,6 +483,34 @@ def health_markdown(results, title: str, meta: str, verdict: str) -> str:
     lines += [f"| {r.title} | {r.status} | {cell(r.evidence)} | {cell(r.suggestion) if r.warning else ''} |"
               for r in results]
     return "\n".join(lines) + "\n"
+
+
+def _read_records(metrics: Path) -> list[dict]:
+    """The records of ``metrics.jsonl``, each a JSON object whose ``step`` (when given) is a whole number; a line that
+    is not is a RunDirError naming it (the checks and plots order records by step)."""
+    from preftune.config import shown
+    from preftune.errors import RunDirError
+
+    records = []
+    with open(metrics, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as err:
+                raise RunDirError(f"{metrics}, line {number}: not valid JSON ({getattr(err, 'msg', err)}); each line "
+                                  "is one JSON object as training logs it") from None
+            if not isinstance(record, dict):
+                raise RunDirError(f"{metrics}, line {number}: expected a JSON object of metrics, got "
+                                  f"{type(record).__name__}")
+            step = record.get("step")
+            if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float))
+                                     or not math.isfinite(step) or step != int(step)):
+                raise RunDirError(f"{metrics}, line {number}: 'step' must be a whole number, got {shown(step)}; fix "
+                                  "or remove the line")
+            records.append(record)
+    return records
 
 
 def _read_json(path: Path) -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from preftune.demo.pipeline import DemoSettings, World, build_world, sample_record, train_stage
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, RunDirError
 from preftune.evaluation.metrics import evaluate_policy
 from preftune.evaluation.report import plot_frontier
 from preftune.methods.registry import get_method
@@ -161,9 +161,45 @@ class FrontierSettings:
                                                 "GRPO G=4 β=0.04", "Iterative DPO β=0.5", BEST_OF_N])
 
 
+FRONTIER_MARKER = ".preftune-frontier"
+RESULTS = ("points.json", "frontier.md", "frontier.png")
+
+
+def claim_frontier_folder(settings: FrontierSettings) -> Path:
+    """The frontier's output folder (``~`` expanded once, into ``settings``, as the demo's claim does), marked as
+    the frontier's. A folder is the frontier's when it holds the marker or a ``points.json`` the frontier wrote
+    (results from before the marker); any other folder that holds anything is refused, so a user's
+    ``frontier.md`` or ``points.json`` is never replaced."""
+    out = Path(settings.output_dir).expanduser()
+    settings.output_dir = str(out)
+    settings.world.output_dir = str(Path(settings.world.output_dir).expanduser())
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--output-dir {out} is a file; give the frontier a new or empty folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and FRONTIER_MARKER not in entries and not _is_frontier_record(out / "points.json"):
+        shown = ", ".join(entries[:4]) + (", …" if len(entries) > 4 else "")
+        raise RunDirError(f"{out} is not a frontier folder (it holds {shown}); the frontier writes "
+                          f"{', '.join(RESULTS)} and work/ there, so give it an empty or new --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FRONTIER_MARKER).write_text("written by `preftune experiment frontier`: its results here may be "
+                                       "rewritten by the next frontier\n")
+    return out
+
+
+def _is_frontier_record(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(record, dict) and isinstance(record.get("settings"), dict)
+            and isinstance(record.get("points"), list) and isinstance(record.get("costs"), dict))
+
+
 def run_frontier(settings: FrontierSettings) -> list[Point]:
-    """Train every run with periodic evaluation; write points, plot and table under ``output_dir``."""
+    """Train every run with periodic evaluation; write points, plot and table under ``output_dir`` (claimed first:
+    :func:`claim_frontier_folder`)."""
     started = time.perf_counter()
+    claim_frontier_folder(settings)
     points, costs = _earlier_results(settings) if settings.resume else ([], {})
     world = build_world(settings.world)
     judge = GoldSentimentJudge()
@@ -238,10 +274,17 @@ def _earlier_results(settings: FrontierSettings) -> tuple[list[Point], dict[str,
     path = Path(settings.output_dir) / "points.json"
     if not path.is_file():
         return [], {}
+    if not _is_frontier_record(path):
+        raise ConfigError(f"{path} is not the points.json the frontier writes (a JSON object with settings, points "
+                          "and costs), so --resume cannot continue from it: move it away, or resume in another "
+                          "--output-dir")
     earlier = json.loads(path.read_text())
-    ignored = ("runs", "resume")
+    ignored = ("runs", "resume", "output_dir")  # where the results are is not how they were measured
     mine = {k: v for k, v in _settings_dict(settings).items() if k not in ignored}
     theirs = {k: v for k, v in earlier["settings"].items() if k not in ignored}
+    for world in (mine.get("world"), theirs.get("world")):
+        if isinstance(world, dict):
+            world.pop("output_dir", None)
     if mine != theirs:
         changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         raise ConfigError(f"{path} was written under other settings ({', '.join(changed)} differ): resume in "

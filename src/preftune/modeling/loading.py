@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from preftune import digest
 from preftune.config import TrainConfig
 from preftune.errors import ModelError
 
@@ -49,6 +50,8 @@ def _loading(path: str, kind: str) -> Iterator[None]:
         if not any((local / name).is_file() for name in _MARKERS[kind]):
             raise ModelError(f"{path} is not a {kind} folder: it holds none of {', '.join(_MARKERS[kind])}; give "
                              "a folder written by save_pretrained, or a Hub id such as 'org/name'")
+        if kind == "model":
+            refuse_pickled_weights(path)
     elif local.exists():
         raise ModelError(f"{path} is a file, not a {noun} folder; give the folder written by save_pretrained "
                          "(config.json and the weights), or a Hub id such as 'org/name'")
@@ -63,6 +66,50 @@ def _loading(path: str, kind: str) -> Iterator[None]:
         cause = " ".join(str(err).split())
         raise ModelError(f"{path}: could not load the {kind} ({cause}); give a local folder written by "
                          "save_pretrained, or a Hub id that can be downloaded or is in the Hugging Face cache") from err
+
+
+def refuse_pickled_weights(path: str | Path, role: str = "model") -> None:
+    """ModelError when the local folder ``path`` holds its weights only as pickles (``pytorch_model.bin``): unpickling
+    can run code, and a pickle that does not load safely surfaces as a bare UnpicklingError. preftune loads
+    safetensors only; the message says how to convert."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    # What transformers and PEFT would read with torch.load (a pickle) when no safetensors file is beside it.
+    pickled = sorted(f.name for f in folder.glob("*.bin") if f.name.startswith(("pytorch_model", "adapter_model")))
+    if pickled:
+        raise ModelError(
+            f"{role} {path}: its weights are pickled ({pickled[0]}), and preftune loads safetensors only (unpickling "
+            "can run code). If you trust the file, convert it once: python -c \"from transformers import "
+            f"AutoModel; AutoModel.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" (a causal LM: "
+            "AutoModelForCausalLM; a reward model: AutoModelForSequenceClassification; an adapter: peft's "
+            "PeftModel.save_pretrained(..., safe_serialization=True)), then give the new folder")
+
+
+# Files of a model folder that no loader reads: hidden files (.gitattributes, .cache/) and documentation (README.md).
+def _read_by_loaders(file: Path) -> bool:
+    return file.is_file() and not file.name.startswith(".") and file.suffix.lower() != ".md"
+
+
+def folder_digests(path: str | Path) -> dict[str, str]:
+    """The content digest of every file a model or tokenizer loads from the local folder ``path`` (its top-level
+    files, see :func:`_read_by_loaders`), by name; a PEFT adapter's local base model folder is included under
+    ``base/``. Empty for a Hub id or a path that is not a folder (a Hub snapshot is named by its revision)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return {}
+    digests = {f.name: digest.file_digest(f) for f in sorted(folder.iterdir()) if _read_by_loaders(f)}
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        import json
+
+        try:
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            base = None  # loading the adapter names the problem
+        if isinstance(base, str) and Path(base).expanduser().resolve() != folder.resolve():
+            digests |= {f"base/{name}": value for name, value in folder_digests(base).items()}
+    return digests
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -115,13 +162,27 @@ def load_causal_lm(path: str, cfg: TrainConfig) -> PreTrainedModel:
     safetensors and refuses pickled code; ``trust_remote_code`` stays off unless asked for. With
     ``load_in_4bit`` / ``load_in_8bit`` its linear layers are quantized (:func:`quantization_config`)."""
     with _loading(path, "model"):
-        return AutoModelForCausalLM.from_pretrained(path, **_loading_kwargs(cfg))
+        return one_4bit_kernel(AutoModelForCausalLM.from_pretrained(path, **_loading_kwargs(cfg)))
 
 
 def load_reward_model(path: str, cfg: TrainConfig) -> PreTrainedModel:
     """A one-output sequence classifier (a causal LM checkpoint gets a new ``score`` head)."""
     with _loading(path, "model"):
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_loading_kwargs(cfg))
+        return one_4bit_kernel(AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
+                                                                                  **_loading_kwargs(cfg)))
+
+
+def one_4bit_kernel(model: nn.Module) -> nn.Module:
+    """``model`` with its bitsandbytes 4-bit layers kept on one kernel for the whole run.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight for another kernel at its first forward
+    in evaluation mode without gradients, and computes every later forward (training included) with it: a run's
+    numbers would then depend on whether a reference or evaluation pass came before the first step (a resumed run,
+    a reference read from the cache: 0.047 apart after 4 QLoRA steps of a tiny Llama). Elsewhere a no-op."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -24,14 +24,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from preftune.config import TrainConfig, is_template_text
+from preftune.config import TrainConfig, is_template_text, shown
 from preftune.data import formats, tokenize
 from preftune.data.batching import PreferenceCollator
 from preftune.errors import ConfigError, DataError, ModelError
 from preftune.methods.registry import get_method, run_data, run_extras
 from preftune.modeling import loading, reference
 from preftune.modeling.fused_mlp import fuse_gated_mlps
-from preftune.modeling.logprobs import LogProbModel, attention_implementation, model_inputs, unwrap_causal_lm
+from preftune.modeling.logprobs import (
+    LogProbModel,
+    attention_implementation,
+    max_positions,
+    model_inputs,
+    unwrap_causal_lm,
+)
 from preftune.training.objective import LossSpec
 
 log = logging.getLogger("preftune")
@@ -108,9 +114,30 @@ def uses_embedded_model(cfg: TrainConfig, model) -> bool:
     return model is None and not cfg.model_name_or_path
 
 
+def check_model_path(key: str, path: str) -> None:
+    """Refuse a model path that is neither on disk nor a Hub name, naming its config key (transformers would
+    answer "Repo id must be in the form …", naming neither)."""
+    if Path(path).expanduser().exists():
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+        return
+    except HFValidationError:
+        pass
+    raise ModelError(f"{key} {shown(path)} is not a folder and not a Hub name (org/name): no such folder (relative "
+                     f"paths start at {Path.cwd()}); give a folder written by save_pretrained, or a Hub id such as "
+                     "'Qwen/Qwen2.5-0.5B'")
+
+
 def _load_tokenizer(cfg: TrainConfig, tokenizer, builtin_rows):
     if tokenizer is None:
         if cfg.tokenizer_name_or_path or cfg.model_name_or_path:
+            if cfg.model_name_or_path:  # the model's path first: a missing model is the first thing to fix
+                check_model_path("model_name_or_path", cfg.model_name_or_path)
+            if cfg.tokenizer_name_or_path:
+                check_model_path("tokenizer_name_or_path", cfg.tokenizer_name_or_path)
             tokenizer = loading.load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
                                                cfg.trust_remote_code)
         else:
@@ -147,6 +174,7 @@ def _load_model(cfg: TrainConfig, model, tokenizer, reward: bool):
         log.info("no model_name_or_path: using the embedded tiny Llama with random weights")
         model = default_model(tokenizer, seed=cfg.seed)
     elif model is None:
+        check_model_path("model_name_or_path", cfg.model_name_or_path)
         model = (loading.load_reward_model if reward else loading.load_causal_lm)(cfg.model_name_or_path, cfg)
     if reward and not hasattr(model, "score"):
         log.info("reward modelling: the causal LM's body gets a new one-output score head")
@@ -183,7 +211,10 @@ def _rows_for(kind: str, normalised: datasets.Dataset, source: str, cfg: TrainCo
 def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokenizer, kind: str, reports,
                    name: str) -> datasets.Dataset:
     normalised, report = formats.normalise(rows, source, skip_invalid=cfg.skip_invalid_rows)
-    reports[f"{name}/rows"] = str(report)
+    extras = () if cfg.is_online else run_extras(cfg.methods)
+    if extras:  # columns the loss reads (SPPO's win probabilities) are not ignored: attach_extras carries them
+        report.ignored_columns = [c for c in report.ignored_columns if c not in extras]
+    reports[f"{name}/rows"] = str(report) + (f"; read by the loss: {', '.join(extras)}" if extras else "")
     if report.rows_out == 0:  # only under skip_invalid_rows: otherwise the first bad row has raised
         first = "; ".join(report.first_problem.values())
         raise formats.DataError(source, None, None, f"kept 0 of {report.rows_in} rows: every row is invalid "
@@ -199,7 +230,6 @@ def _prepare_split(cfg: TrainConfig, rows: datasets.Dataset, source: str, tokeni
     if len(tokenized) == 0:
         raise formats.DataError(source, None, None, f"no row is left to train on: {tok_report}; raise max_length "
                                 "or set max_prompt_length so that long prompts are cut instead of dropped")
-    extras = () if cfg.is_online else run_extras(cfg.methods)
     if extras:
         tokenized = attach_extras(tokenized, rows, extras, source, cfg.methods)
     keep = [c for c in tokenized.column_names
@@ -262,6 +292,11 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
             evaluation = _prepare_split(cfg, eval_rows, str(cfg.eval_dataset or "eval_dataset"), tokenizer,
                                         kind, reports, "eval")
     if evaluation is None and cfg.eval_split_size > 0:
+        held_out = math.ceil(cfg.eval_split_size * len(train))  # as train_test_split rounds it
+        if held_out >= len(train):
+            raise formats.DataError(train_source, None, None, f"eval_split_size={cfg.eval_split_size} of its "
+                                    f"{len(train)} rows (after tokenization) holds out {held_out}, leaving none to "
+                                    "train on; give more rows, a smaller eval_split_size, or an eval_dataset")
         split = train.train_test_split(test_size=cfg.eval_split_size, seed=cfg.seed)
         train, evaluation = split["train"], split["test"]
     data_fingerprints = {"train": train._fingerprint} | ({"eval": evaluation._fingerprint} if evaluation else {})
@@ -335,8 +370,7 @@ def check_model_fits(model: nn.Module, tokenizer, splits: list[tuple[str, datase
     if len(tokenizer) > vocabulary:
         raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {vocabulary}; use the "
                          "model's own tokenizer (or resize its embeddings before training)")
-    config = unwrap_causal_lm(model).config
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    positions = max_positions(model)
     if not positions:
         return
     for source, data in splits:
@@ -418,6 +452,7 @@ def choose_reference(cfg: TrainConfig, model: nn.Module, ref_model: nn.Module | 
     if not any(needs_reference(get_method(m), cfg) for m in cfg.methods):
         return ReferencePlan("none", None, chunk, "none")
     if ref_model is None and cfg.ref_model_name_or_path:
+        check_model_path("ref_model_name_or_path", cfg.ref_model_name_or_path)
         ref_model = loading.load_causal_lm(cfg.ref_model_name_or_path, cfg)
     precompute = cfg.precompute_ref_log_probs
     if precompute is None:  # online methods score completions that do not exist before training
