@@ -222,6 +222,38 @@ def test_k3_penalty_in_the_loss():
     close(torch.autograd.grad(loss, logp)[0], [0.1 * (1 - math.exp(-x)) / 6 for x in u])
 
 
+def test_the_bias_corrected_k3_keeps_its_value_and_adds_the_score_function_term():
+    """ρ·k3 (DeepSeek-V3.2, arXiv 2512.02556; TRL's use_bias_correction_kl) at π_old = π: the value is β·mean(k3)
+    as without it, the gradient β(1 − e^{−u} + k3)/M — the extra k3·∇log π of the reverse-KL gradient."""
+    token_seq, seq_tokens = layout(*LENGTHS)
+    u = [0.5, -1.0, 0.0, 0.2, -0.3, 1.0]
+    logp = f64(LOGP).requires_grad_()
+    ref = f64([lp - x for lp, x in zip(LOGP, u)])
+    loss, metrics = rl.policy_loss(logp, logp.detach(), torch.zeros(6, dtype=torch.float64), token_seq, seq_tokens,
+                                   ref_logp=ref, beta=0.1, kl_importance_weight=True)
+    k3 = [math.exp(-x) - 1 + x for x in u]
+    close(loss, 0.1 * sum(k3) / 6)
+    close(metrics["kl"], sum(k3) / 6)
+    close(torch.autograd.grad(loss, logp)[0], [0.1 * (1 - math.exp(-x) + k) / 6 for x, k in zip(u, k3)])
+
+
+def test_micro_batch_shares_of_a_generation_batch_sum_to_its_loss():
+    """Split into shares with the generation batch's counts / n (num_tokens, num_sequences, batch_std), the mean of
+    the n micro-batch losses is the whole batch's loss for every aggregation, and the advantages are the batch's."""
+    lengths, per_token = (3, 1, 2, 4), f64([0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 3.0, 1.0, -2.0, 0.75])
+    token_seq, seq_tokens = layout(*lengths)
+    halves = [(layout(3, 1), per_token[:4]), (layout(2, 4), per_token[4:])]
+    for loss_type in ("grpo", "dr_grpo", "dapo"):
+        whole = rl.aggregate(per_token, token_seq, seq_tokens, loss_type, max_completion_length=5)
+        shares = [rl.aggregate(values, ts, st, loss_type, max_completion_length=5, num_tokens=10 / 2,
+                               num_sequences=4 / 2) for (ts, st), values in halves]
+        close(sum(shares) / 2, whole.item())
+    rewards, group = f64([1.0, 3.0, 0.0, 4.0]), long([0, 0, 1, 1])
+    whole = rl.grpo_advantages(rewards, group, scale="batch")
+    first = rl.grpo_advantages(rewards[:2], long([0, 0]), scale="batch", batch_std=rewards.std())
+    close(first, whole[:2].tolist())
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 def test_one_step_per_generation_is_the_plain_policy_gradient(loss_type):
     """With π_old = π (``old_logp = logp.detach()``) ρ = 1: the loss is −agg(A) and its gradient −agg(A·∇log π)."""

@@ -5,6 +5,7 @@ computations; a user's function is a judge; a checkpoint without a trained score
 from __future__ import annotations
 
 import copy
+import json
 import math
 import textwrap
 
@@ -15,7 +16,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from preftune.data.batching import PreferenceCollator
 from preftune.data.tokenize import tokenize_rows
-from preftune.errors import ConfigError, ModelError
+from preftune.errors import ConfigError, DataError, ModelError
 from preftune.modeling.loading import as_reward_model
 from preftune.modeling.logprobs import model_inputs
 from preftune.modeling.reward import RewardModel
@@ -268,3 +269,126 @@ def test_load_judge_finds_a_users_function(tmp_path, monkeypatch, gold):
         load_judge("no_such_module:f")
     with pytest.raises(ModelError, match="neither 'gold'"):
         load_judge("no/such/folder")
+
+
+# ------------------------------------------------------------------------------------ the judge's positions
+
+
+def gpt2_reward_model(tokenizer, positions: int):
+    """A GPT-2 sequence classifier with a learned table of ``positions`` positions (IndexError past it)."""
+    model = as_reward_model(build_tiny_model(tokenizer, arch="gpt2", n_positions=positions)).eval()
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    return model
+
+
+def test_a_reward_model_judge_scores_a_long_completion_as_training_scores_the_row_cut_to_its_positions(
+        tokenizer, tmp_path, caplog):
+    """Item 4 of issue 20: a text longer than the judge's positions is cut as training cuts it at max_length (the
+    completion keeps its start), not sent into GPT-2's position table (IndexError)."""
+    model = gpt2_reward_model(tokenizer, positions=64)
+    long = " The movie was good and the acting was great." * 12
+    rows = [{"prompt": "The movie was", "chosen": long, "rejected": " no."},
+            {"prompt": "What", "chosen": " is it?", "rejected": long}]
+    data, _ = tokenize_rows(Dataset.from_list(rows), tokenizer, max_length=64, max_prompt_length=None,
+                            cache_dir=tmp_path)
+    batch = PreferenceCollator(tokenizer.pad_token_id)(list(data))
+    with torch.no_grad():
+        trained = RewardModel(model)(**model_inputs(batch))["logps"].tolist()
+    judge = RewardModelJudge(model, tokenizer, name="rm")
+    with caplog.at_level("INFO", logger="preftune"):
+        scored = judge.score([r["prompt"] for r in rows] * 2,
+                             [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+        judge.score(["The movie was"], [long])
+    assert scored == pytest.approx(trained, abs=1e-5)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("judge rm")]
+    assert len(said) == 1 and "64 positions: 2 of 4 completions cut" in said[0]
+
+
+def test_a_prompt_that_fills_the_judges_positions_is_refused_by_row(tokenizer):
+    judge = RewardModelJudge(gpt2_reward_model(tokenizer, positions=16), tokenizer, name="rm")
+    with pytest.raises(DataError, match=r"judge rm, row 1, field 'prompt': the prompt \('The movie was good.*takes "
+                                        r"\d+ tokens of the model's 16 positions"):
+        judge.score(["What", " ".join(["The movie was good."] * 4)], [" yes", " no"])
+
+
+def test_the_implicit_reward_judge_reads_at_most_its_models_positions(tiny_model, tokenizer):
+    policy, reference = tiny_model("gpt2", n_positions=32, seed=1), tiny_model("gpt2", n_positions=32)
+    judge = ImplicitRewardJudge(policy, reference, tokenizer, beta=0.5)
+    long = " The movie was good and the acting was great." * 6
+    prompt_ids, completion_ids = encode_completions(tokenizer, ["What"], [long])
+    cut = completion_ids[0][: 32 - len(prompt_ids[0])]
+    expected = 0.5 * (naive_logp(policy, prompt_ids[0], cut) - naive_logp(reference, prompt_ids[0], cut))
+    assert judge.score(["What"], [long]) == pytest.approx([expected], abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------ what a judge returns
+
+
+@pytest.fixture(scope="module")
+def judged_world(tmp_path_factory, tokenizer):
+    """A saved tiny policy, two prompts and a module of judges, for `preftune pairs` as a user runs it."""
+    folder = tmp_path_factory.mktemp("judged")
+    build_tiny_model(tokenizer).save_pretrained(folder / "policy")
+    tokenizer.save_pretrained(folder / "policy")
+    (folder / "prompts.txt").write_text("The movie was\nWhat\n")
+    (folder / "issue20_judges.py").write_text(textwrap.dedent("""
+        import numpy as np
+        import torch
+
+        def as_dict(prompts, completions):
+            return {i: 0.5 for i in range(len(completions))}
+
+        def as_string(prompts, completions):
+            return "7" * len(completions)
+
+        def as_text_numbers(prompts, completions):
+            return ["0.5"] * len(completions)
+
+        def nothing(prompts, completions):
+            return None
+
+        def raises(prompts, completions):
+            raise ValueError("my judge cannot read this")
+
+        def as_tensor(prompts, completions):
+            return torch.arange(len(completions), dtype=torch.float32)
+
+        def as_array_tuple(prompts, completions):
+            return tuple(np.arange(len(completions), dtype=np.float64))
+    """))
+    return folder
+
+
+def run_pairs(folder, judge: str) -> int:
+    from preftune.cli import main
+
+    return main(["pairs", "--model", str(folder / "policy"), "--prompts", str(folder / "prompts.txt"), "--judge", judge,
+                 "--k", "2", "--max-new-tokens", "3", "--out", str(folder / "pairs.jsonl")])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("issue20_judges:as_dict", "judge 'issue20_judges:as_dict' returned a dict ({0: 0.5, 1: 0.5, 2: 0.5, 3: 0.5}); "
+                               "a judge returns one real number per completion, as a list of 4 numbers"),
+    ("issue20_judges:as_string", "judge 'issue20_judges:as_string' returned a str ('7777'); a judge returns one real "
+                                 "number per completion"),
+    ("issue20_judges:as_text_numbers", "judge 'issue20_judges:as_text_numbers' returned a list (['0.5', '0.5', "),
+    ("issue20_judges:nothing", "judge 'issue20_judges:nothing' returned None; a judge returns one real number per "
+                               "completion"),
+    ("issue20_judges:raises", "judge 'issue20_judges:raises' raised ValueError: my judge cannot read this"),
+])
+def test_a_judge_that_returns_anything_but_one_real_number_per_completion_is_named(judged_world, monkeypatch, capsys,
+                                                                                  spec, message):
+    """Item 17 of issue 20: a dict was scored by its keys (reward 7.5), a string digit by digit; None and a judge's
+    own exception ended in a traceback that did not name the judge."""
+    monkeypatch.chdir(judged_world)
+    assert run_pairs(judged_world, spec) == ModelError.exit_code
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["issue20_judges:as_tensor", "issue20_judges:as_array_tuple"])
+def test_a_judge_may_return_a_tensor_or_a_sequence_of_numpy_numbers(judged_world, monkeypatch, spec):
+    monkeypatch.chdir(judged_world)
+    assert run_pairs(judged_world, spec) == 0
+    rows = [json.loads(line) for line in (judged_world / "pairs.jsonl").read_text().splitlines()]
+    # Scores 0, 1 (first prompt) and 2, 3 (second): the later sample is chosen, by exactly 1.
+    assert [(r["score_chosen"], r["score_rejected"]) for r in rows] == [(1.0, 0.0), (3.0, 2.0)]

@@ -149,3 +149,49 @@ def test_text_pairs_round_trip_as_standard_text_rows(tmp_path):
     assert str(normalised.format) == "standard, text"
     assert canonical[0]["prompt"] == "Human: hi\n\nAssistant:" and canonical[0]["chosen"] == " hello"
     assert Dataset.from_list(rows).column_names == ["prompt", "chosen", "rejected", "score_chosen", "score_rejected"]
+
+
+def test_pairs_from_a_short_context_gpt2_judged_by_its_reward_model_end_to_end(tokenizer, tmp_path, monkeypatch,
+                                                                               caplog, capsys):
+    """Issue 20, items 4 and 18: a GPT-2-style policy (128 positions, no pad token) judged by a reward model of the
+    same shape, through `preftune pairs` with 200 new tokens: sampling stops at the policy's last position and the
+    judge reads at most its own, where both ended in GPT-2's `IndexError: index out of range in self`."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from preftune.cli import main
+    from preftune.modeling.tiny import build_tiny_model
+    from preftune.rollout import pairs, sampling
+
+    gpt2_tokenizer = copy.deepcopy(tokenizer)
+    gpt2_tokenizer.pad_token = None  # GPT-2 style
+    policy = build_tiny_model(gpt2_tokenizer, arch="gpt2", n_positions=128)
+    policy.save_pretrained(tmp_path / "GPT2")
+    gpt2_tokenizer.save_pretrained(tmp_path / "GPT2")
+    torch.manual_seed(1)
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "RM" / "final")
+    gpt2_tokenizer.save_pretrained(tmp_path / "RM" / "final")
+    prompts = [" ".join(["The movie was good."] * 8), "What is the capital of France?"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "pairs.jsonl"
+    sampled = []  # the rollout `pairs` judges, to read its token counts
+    monkeypatch.setattr(pairs, "generate", lambda *a, **k: sampled.append(sampling.generate(*a, **k)) or sampled[-1])
+
+    with caplog.at_level("INFO", logger="preftune"):
+        code = main(["pairs", "--model", str(tmp_path / "GPT2"), "--prompts", str(tmp_path / "prompts.txt"),
+                     "--judge", str(tmp_path / "RM" / "final"), "--k", "2", "--max-new-tokens", "200",
+                     "--out", str(out), "--seed", "0"])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts  # one pair per prompt: two random samples never tie
+    (rollout,) = sampled
+    totals = [len(p) + len(c) for p, c in zip(rollout.sample_prompt_ids, rollout.completion_ids)]
+    assert max(totals) == 128 and all(len(c) < 200 for c in rollout.completion_ids)
+    assert "samples hit the length budget" in capsys.readouterr().out
+    # The judge re-encodes the decoded text (random byte soup re-encodes to more tokens) and cuts it to its 128.
+    assert any(r.getMessage().startswith("judge reward_model:") and "at most 128 positions" in r.getMessage()
+               for r in caplog.records)

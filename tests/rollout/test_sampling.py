@@ -326,3 +326,46 @@ def test_each_prompt_is_prefilled_once_for_its_group(tiny_model, tokenizer):
     assert calls[0] == (len(PROMPTS), width)  # the prefill: 3 prompts, not 12 copies
     assert all(shape == (4 * len(PROMPTS), 1) for shape in calls[1:])  # then one token per sample and step
     assert len(calls) == max(rollout.lengths)
+
+
+# --------------------------------------------------------------------------- the model's positions cap the budget
+
+
+def test_generation_stops_at_the_models_positions_and_says_so_once(tiny_model, tokenizer, caplog):
+    """Item 18 of issue 20: a 128-position GPT-2 asked for 200 new tokens after a long prompt samples up to its last
+    position, never past it (GPT-2's position embedding would raise IndexError); each row has its own room."""
+    model = with_logit_bias(tiny_model("gpt2", n_positions=128), tokenizer.eos_token_id, bias=-1e4)  # never ends
+    prompts = [" ".join(["The movie was good."] * 12), "What"]
+    lengths = [len(ids) for ids in sampling.encode_prompts(tokenizer, prompts)]
+    assert lengths[0] > 40
+    sampling._log_capped_budget.cache_clear()
+    with caplog.at_level("INFO", logger="preftune"):
+        rollout = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=200, n=2, seed=0))
+        generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=200, n=2, seed=1))
+    assert rollout.lengths == [128 - lengths[0]] * 2 + [128 - lengths[1]] * 2
+    assert not any(rollout.ended_with_eos)
+    capped = [r.getMessage() for r in caplog.records if "positions" in r.getMessage()]
+    assert len(capped) == 1 and "128 positions" in capped[0] and "max_new_tokens=200" in capped[0]
+    # Within the positions the budget is the one asked for, and nothing is logged.
+    caplog.clear()
+    assert generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=8, seed=0)).lengths == [8, 8]
+    assert not caplog.records
+
+
+def test_the_cap_holds_on_the_lean_path_and_through_generate(tiny_model, tokenizer):
+    """The Llama fast decoder and Hugging Face's generate (models the lean loop refuses) stop there too."""
+    prompt = [" ".join(["The movie was good."] * 5)]
+    width = len(sampling.encode_prompts(tokenizer, prompt)[0])
+    assert 20 < width < 64
+    llama = with_logit_bias(tiny_model("llama", max_position_embeddings=64), tokenizer.eos_token_id, bias=-1e4)
+    assert generate(llama, tokenizer, prompt, SamplingParams(max_new_tokens=200)).lengths == [64 - width]
+    gpt2 = with_logit_bias(tiny_model("gpt2", n_positions=64), tokenizer.eos_token_id, bias=-1e4)
+    with mock.patch.object(sampling, "_lean_decoding", return_value=False):
+        assert generate(gpt2, tokenizer, prompt, SamplingParams(max_new_tokens=200)).lengths == [64 - width]
+
+
+def test_a_prompt_that_fills_the_models_positions_is_refused_by_row(tiny_model, tokenizer):
+    model = tiny_model("gpt2", n_positions=32)
+    prompts = ["What", " ".join(["The movie was good."] * 12)]
+    with pytest.raises(DataError, match=r"the held-out prompts, row 1, field 'prompt': .* tokens .* 32 positions"):
+        generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=4), source="the held-out prompts")

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from preftune.data.batching import pad_sequences
+from preftune.errors import ModelError
 from preftune.modeling.lm_head import head_logits
-from preftune.modeling.logprobs import flat_hidden_states, unwrap_causal_lm
+from preftune.modeling.logprobs import flat_hidden_states, max_positions, unwrap_causal_lm
 from preftune.rollout.encoding import Prompt, length_sorted_batches
 from preftune.rollout.judges import Judge, compare, judge_scores
 from preftune.rollout.record import Rollout
@@ -86,6 +87,18 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
+def _check_reference_reads(reference: nn.Module, rollout: Rollout) -> None:
+    """The KL reads the policy's samples with the reference: refuse, by sample, one longer than its positions."""
+    positions = max_positions(reference)
+    if positions is None:
+        return
+    for k, (prompt_ids, completion_ids) in enumerate(zip(rollout.sample_prompt_ids, rollout.completion_ids)):
+        if len(prompt_ids) + len(completion_ids) > positions:
+            raise ModelError(f"the reference reads at most {positions} positions but the policy's sample {k} (prompt "
+                             f"{k // rollout.group_size}) takes {len(prompt_ids) + len(completion_ids)}; evaluate with "
+                             "a smaller max_new_tokens or a reference with as many positions as the policy")
+
+
 def evaluate_policy(
     policy: nn.Module,
     reference: nn.Module,
@@ -117,6 +130,7 @@ def evaluate_policy(
     rewards = judge_scores(judge, rollout.sample_prompts, rollout.completions)
     reference_rewards = judge_scores(judge, reference_rollout.sample_prompts, reference_rollout.completions)
     rollout.scores, rollout.judge = rewards, judge.name
+    _check_reference_reads(reference, rollout)
     kls = sequence_kl(policy, reference, rollout)
     reward, reward_std = _mean_std(rewards)
     kl, kl_std = _mean_std(kls.tolist())

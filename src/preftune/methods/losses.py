@@ -415,6 +415,10 @@ class GroupLogps:
     scores (missing-EOS penalty applied), ``group`` the prompt each completion answers.
     ``max_completion_length`` is the generation budget (Dr. GRPO's normaliser). The sampler is the policy of
     this step, so π_old = π (one gradient step per generation): the ratio is 1 and its gradient ∇log π.
+    When these S completions are one of n micro-batches of a generation batch (gradient accumulation, several
+    processes), the batch's statistics come with them as 0-dim tensors: ``batch_reward_std`` (std of all its
+    rewards), ``num_tokens`` and ``num_sequences`` (its completion tokens and completions divided by n), so
+    that the mean of the n micro-batch losses is the generation batch's loss; None: these S are the batch.
     """
 
     token_logps: Tensor
@@ -424,6 +428,9 @@ class GroupLogps:
     group: Tensor
     ref_token_logps: Tensor | None = None
     max_completion_length: int | None = None
+    batch_reward_std: Tensor | None = None
+    num_tokens: Tensor | None = None
+    num_sequences: Tensor | None = None
 
 
 def _per_sequence(loss: Tensor, lp: GroupLogps) -> Tensor:
@@ -432,21 +439,25 @@ def _per_sequence(loss: Tensor, lp: GroupLogps) -> Tensor:
 
 
 def grpo(lp: GroupLogps, beta: float, epsilon: float, epsilon_high: float, scale_rewards: str,
-         grpo_loss_type: str) -> LossOutput:
+         grpo_loss_type: str, use_bias_correction_kl: bool) -> LossOutput:
     """GRPO (Shao et al. 2024, arXiv 2402.03300, Eq. 3): group-normalised advantages
     A_i = (r_i − mean_group r)/(std_group r + 1e-4) (``scale_rewards``: group | batch | none — Dr. GRPO's
     mean-centring, arXiv 2503.20783), the clipped surrogate per token with β·k3 KL to the reference in the loss,
     aggregated by ``grpo_loss_type`` (grpo: per-sequence token mean; dr_grpo: Σ/(max_completion_length·S);
-    dapo: Σ/total tokens, arXiv 2503.14476). ``epsilon_high`` ≤ 0 means ε_high = ε. At π = π_ref with one
-    step per generation: loss −agg(A) (0 under grpo/dapo up to length effects), KL 0.
+    dapo: Σ/total tokens, arXiv 2503.14476, Eq. 8), each over the whole generation batch (``lp.num_tokens``,
+    ``lp.num_sequences``, ``lp.batch_reward_std``). ``epsilon_high`` ≤ 0 means ε_high = ε.
+    ``use_bias_correction_kl``: the KL term is ρ·k3 (DeepSeek-V3.2, arXiv 2512.02556; TRL's default), whose
+    gradient is the unbiased reverse-KL gradient (:func:`preftune.methods.rl.policy_loss`). At π = π_ref with
+    one step per generation: loss −agg(A) (0 under grpo/dapo up to length effects), KL 0.
     Rewards logged: mean score of the group's completions; ``metrics`` holds the clip fractions and the KL.
     """
-    advantages = rl.grpo_advantages(lp.rewards, lp.group, scale=scale_rewards)
+    advantages = rl.grpo_advantages(lp.rewards, lp.group, scale=scale_rewards, batch_std=lp.batch_reward_std)
     old = lp.token_logps.detach()
     loss, metrics = rl.policy_loss(
         lp.token_logps, old, advantages[lp.token_seq], lp.token_seq, lp.tokens, eps_low=epsilon,
         eps_high=epsilon_high if epsilon_high > 0 else None, ref_logp=lp.ref_token_logps if beta else None,
-        beta=beta, loss_type=grpo_loss_type, max_completion_length=lp.max_completion_length)
+        beta=beta, loss_type=grpo_loss_type, max_completion_length=lp.max_completion_length,
+        num_tokens=lp.num_tokens, num_sequences=lp.num_sequences, kl_importance_weight=bool(use_bias_correction_kl))
     metrics["advantage_std"] = advantages.std(unbiased=False) if advantages.numel() > 1 else advantages.sum() * 0
     return LossOutput(_per_sequence(loss, lp), lp.rewards, lp.rewards[:0], metrics=metrics)
 
@@ -456,17 +467,21 @@ def rloo(lp: GroupLogps, beta: float, epsilon: float) -> LossOutput:
     r̃_i = r_i − β·Σ_t (log π − log π_ref)(y_t) (k1 summed, detached), the baseline is the mean of the
     other completions of the prompt, A_i = r̃_i − mean_{j≠i} r̃_j, and the loss is the sequence-level clipped
     surrogate with ratio exp(Σ log π − Σ log π_old) = 1 here, so ∇ℓ = −mean_i A_i ∇log π(y_i).
-    Rewards logged: the KL-penalised rewards r̃; ``metrics`` the mean sequence KL used in them.
+    Rewards logged: the KL-penalised rewards r̃; ``metrics`` the KL to the reference under the names every online
+    method logs (:func:`preftune.methods.rl.kl_to_reference`): ``kl`` per token, and ``objective/kl`` the
+    per-completion Σ_t (log π − log π_ref) that enters r̃.
     """
     seq_logps = rl.seq_sum(lp.token_logps, lp.token_seq, lp.tokens)
     if lp.ref_token_logps is None or not beta:
-        shaped, kl = lp.rewards, torch.zeros_like(lp.rewards)
+        shaped = lp.rewards
     else:
         ref = rl.seq_sum(lp.ref_token_logps, lp.token_seq, lp.tokens)
-        shaped, kl = rl.kl_penalised_rewards(lp.rewards, seq_logps.detach(), ref, beta), (seq_logps - ref).detach()
+        shaped = rl.kl_penalised_rewards(lp.rewards, seq_logps.detach(), ref, beta)
     advantages = rl.rloo_advantages(shaped, lp.group)
     loss, metrics = rl.sequence_policy_loss(seq_logps, seq_logps.detach(), advantages, eps_low=epsilon)
-    metrics["kl"] = kl.mean()
+    if lp.ref_token_logps is not None:
+        kls = rl.kl_to_reference(lp.token_logps, lp.ref_token_logps, lp.token_seq, lp.tokens)
+        metrics |= {"kl": kls["kl"], "objective/kl": kls["objective/kl"].mean()}
     return LossOutput(_per_sequence(loss, lp), shaped.detach(), shaped[:0].detach(), metrics=metrics)
 
 

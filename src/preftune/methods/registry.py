@@ -297,7 +297,7 @@ register(Method("rloo", "rloo", data="groups", online=True, num_generations=2, r
                 papers=("2402.14740",)))
 register(Method("grpo", "grpo", data="groups", online=True, num_generations=8, reference_weight="beta",
                 defaults={"beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.0, "scale_rewards": "group",
-                          "grpo_loss_type": "dapo"},
+                          "grpo_loss_type": "dapo", "use_bias_correction_kl": True},
                 summary="GRPO: group-normalised advantages, clipped ratio, β·k3 KL in the loss (β=0: no reference) "
                         "(Shao et al. 2024, 2402.03300)",
                 papers=("2402.03300",)))

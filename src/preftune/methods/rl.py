@@ -89,6 +89,22 @@ def token_kl(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k1", clam
     return kl if clamp is None else kl.clamp(-clamp, clamp)
 
 
+def kl_to_reference(logp: Tensor, ref_logp: Tensor, token_seq: Tensor, seq_tokens: Tensor) -> dict[str, Tensor]:
+    """The KL to the reference every online method logs on its samples y ~ π (detached), one definition each:
+
+    * ``kl`` — per token: mean over the completion tokens of k3 = e^{−u} − 1 + u, u = log π(y_t) − log π_ref(y_t)
+      (:func:`token_kl`; TRL's GRPO ``kl``), 0-dim;
+    * ``objective/kl`` — per completion: Σ_t u_t, the sequence-level k1 (TRL's Online DPO, RLOO and PPO
+      ``objective/kl``), ``[S]``.
+
+    Both estimate KL(π‖π_ref) without bias, one per token, the other per completion; both are 0 at π = π_ref.
+    Shapes: ``logp``, ``ref_logp``, ``token_seq`` ``[M]``, ``seq_tokens`` ``[S]``.
+    """
+    logp, ref_logp = logp.detach(), ref_logp.detach()
+    return {"kl": token_kl(logp, ref_logp, "k3").mean(),
+            "objective/kl": seq_sum(logp - ref_logp, token_seq, seq_tokens)}
+
+
 def best_of_n_kl(n: int) -> float:
     """KL(π_bon‖π) = log n − (n−1)/n of best-of-n sampling (Gao et al. 2022, arXiv 2210.10760, §2).
 
@@ -153,13 +169,15 @@ def zero_spread_fraction(rewards: Tensor, group: Tensor) -> Tensor:
     return (hi == lo).to(rewards.dtype).mean()
 
 
-def grpo_advantages(rewards: Tensor, group: Tensor, scale: RewardScale = "group", eps: float = 1e-4) -> Tensor:
+def grpo_advantages(rewards: Tensor, group: Tensor, scale: RewardScale = "group", eps: float = 1e-4,
+                    batch_std: Tensor | float | None = None) -> Tensor:
     """Group-normalised advantages (GRPO, Shao et al. 2024, arXiv 2402.03300, §4.1.2), ``[S]`` → ``[S]``.
 
     A_i = (r_i − mean_g r) / (σ + eps), σ the **unbiased** std of the group (``scale="group"``, TRL's default) or
     of the whole batch (``"batch"``); ``"none"`` keeps A_i = r_i − mean_g r (Dr. GRPO, arXiv 2503.20783, §3.1).
     A group with zero spread gets exactly 0 (no NaN, no rounding residue). Σ_g A = 0 within each group. Pass
-    whole groups (and, for ``"batch"``, the rewards gathered over processes, as TRL does).
+    whole groups; for ``"batch"``, ``batch_std`` is the std of the whole generation batch's rewards (all
+    micro-batches, gathered over processes, as TRL computes it) when ``rewards`` are only part of it.
     """
     r = rewards.detach()
     total, count = _group_sums(r, group)
@@ -168,7 +186,7 @@ def grpo_advantages(rewards: Tensor, group: Tensor, scale: RewardScale = "group"
         var = r.new_zeros(count.shape[0]).index_add(0, group, centred.square()) / (count - 1)
         centred = centred / (var.sqrt()[group] + eps)
     elif scale == "batch":
-        centred = centred / (r.std() + eps)
+        centred = centred / ((r.std() if batch_std is None else batch_std) + eps)
     elif scale != "none":
         raise ValueError(f"unknown reward scale {scale!r}; use 'group', 'batch' or 'none'")
     return torch.where(zero_spread(r, group), torch.zeros_like(centred), centred)
@@ -198,20 +216,24 @@ def aggregate(
     loss_type: LossType,
     max_completion_length: int | None = None,
     num_tokens: float | Tensor | None = None,
+    num_sequences: float | Tensor | None = None,
 ) -> Tensor:
     """Reduce a per-token loss ``[M]`` to a scalar.
 
     ``grpo``: mean over each sequence's tokens, then over sequences (arXiv 2402.03300, Eq. 3) — a long
     completion's tokens weigh less. ``dr_grpo``: Σ / (max_completion_length·S) (arXiv 2503.20783, §3.1) — no
-    length bias. ``dapo``: Σ / total tokens (arXiv 2503.14476, §3.3; PPO's token mean); ``num_tokens``
-    overrides the count, e.g. with the token count of all micro-batches of one optimizer step (as TRL does).
+    length bias. ``dapo``: Σ / total tokens (arXiv 2503.14476, Eq. 8; PPO's token mean). ``num_tokens`` and
+    ``num_sequences`` override the token count T and the sequence count S: a micro-batch that is one of n equal
+    shares of a generation batch passes T_gen/n and S_gen/n, so that the mean of the n shares is the generation
+    batch's loss (DAPO's token mean is over the whole batch, Eq. 8).
     """
+    sequences = seq_tokens.shape[0] if num_sequences is None else num_sequences
     if loss_type == "grpo":
-        return seq_mean(per_token, token_seq, seq_tokens).mean()
+        return seq_mean(per_token, token_seq, seq_tokens).sum() / sequences
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("loss_type 'dr_grpo' divides by max_completion_length: pass it")
-        return per_token.sum() / (max_completion_length * seq_tokens.shape[0])
+        return per_token.sum() / (max_completion_length * sequences)
     if loss_type == "dapo":
         return per_token.sum() / (max(per_token.shape[0], 1) if num_tokens is None else num_tokens)
     raise ValueError(f"unknown loss_type {loss_type!r}; use 'grpo', 'dr_grpo' or 'dapo'")
@@ -231,11 +253,17 @@ def policy_loss(
     loss_type: LossType = "dapo",
     max_completion_length: int | None = None,
     num_tokens: float | Tensor | None = None,
+    num_sequences: float | Tensor | None = None,
+    kl_importance_weight: bool = False,
 ) -> tuple[Tensor, Metrics]:
     """Clipped surrogate per token (PPO, arXiv 1707.06347, Eq. 7; GRPO, arXiv 2402.03300, Eq. 3).
 
     ρ_t = exp(log π(y_t) − log π_old(y_t));  ℓ_t = −min(ρ_t·A_t, clip(ρ_t, 1−ε_low, 1+ε_high)·A_t) + β·k3_t,
-    k3 against ``ref_logp`` when given (GRPO's KL in the loss); aggregated by :func:`aggregate`. ε_high defaults
+    k3 against ``ref_logp`` when given (GRPO's KL in the loss); with ``kl_importance_weight`` the k3 term is
+    ρ_t·k3_t (the DeepSeek-V3.2 correction, arXiv 2512.02556; TRL's ``use_bias_correction_kl``): on-policy
+    its value is unchanged but its gradient gains k3_t·∇log π, the score-function term that makes it the unbiased
+    gradient of the reverse KL(π‖π_ref); without it, E_π[∇k3] = −Σ_y π_ref(y)∇log π(y), the gradient of the
+    forward KL(π_ref‖π). Aggregated by :func:`aggregate`. ε_high defaults
     to ε_low (DAPO's clip-higher sets it larger, arXiv 2503.14476, §3.1). Where the clip is active (ρ > 1+ε_high
     with A > 0, ρ < 1−ε_low with A < 0) the token's gradient is 0. With π_old = π (``old_logp = logp.detach()``,
     one step per generation) ρ = 1: value −agg(A), gradient −agg(A·∇log π), the plain policy gradient.
@@ -256,9 +284,10 @@ def policy_loss(
     metrics["approx_kl"] = 0.5 * log_ratio.detach().square().mean()
     if ref_logp is not None:
         kl = token_kl(logp, ref_logp.detach(), "k3")
-        per_token = per_token + beta * kl
+        per_token = per_token + beta * (kl * ratio if kl_importance_weight else kl)
         metrics["kl"] = kl.detach().mean()
-    return aggregate(per_token, token_seq, seq_tokens, loss_type, max_completion_length, num_tokens), metrics
+    loss = aggregate(per_token, token_seq, seq_tokens, loss_type, max_completion_length, num_tokens, num_sequences)
+    return loss, metrics
 
 
 def sequence_policy_loss(
@@ -493,6 +522,7 @@ __all__ = [
     "token_positions",
     "last_token_index",
     "token_kl",
+    "kl_to_reference",
     "best_of_n_kl",
     "missing_eos_penalty",
     "kl_penalised_rewards",

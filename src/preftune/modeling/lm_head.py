@@ -20,6 +20,10 @@ once per chunk. Forward and backward of 512 positions of a 32k × 256 head took 
 980 → 730 ms; medians of 12 interleaved runs on 2 AVX2 cores; 256-row chunks before, 1024 with 1024-entry tiles
 now), with a 4 MB buffer instead of 33 MB.
 
+A ``logit_scale`` s multiplies the (soft-capped) logits before the softmax, ``log p(y) = s·z_y − logsumexp(s·z)``:
+``s = 1/T`` scores the distribution a sampler drew from at temperature T (TRL divides the logits by T the same way);
+its gradient is ``∂ log p(y) / ∂z = s·(onehot(y) − softmax(s·z))``.
+
 Matmuls run in the autocast dtype under mixed precision (as every other matmul of the model, and as TRL does)
 and in the weights' dtype otherwise; the softmax is always fp32 (fp64 for fp64 models). Gemma-style soft-capping
 ``z ← c·tanh(z / c)`` is applied as the model's own forward does.
@@ -63,16 +67,19 @@ def _matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
         out.copy_(a @ b)
 
 
-def _project(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, softcap: float | None) -> Tensor | None:
-    """``out[:] = z`` for hidden rows ``h``; returns ``tanh(z_raw / c)`` when soft-capping (backward needs it)."""
+def _project(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, softcap: float | None,
+             scale: float = 1.0) -> Tensor | None:
+    """``out[:] = s·z`` for hidden rows ``h``; returns ``tanh(z_raw / c)`` when soft-capping (backward needs it)."""
     _matmul_into(out, h.to(weight.dtype), weight.t(), accumulate=False)
     if bias is not None:
         out.add_(bias.to(out.dtype))
-    if softcap is None:
-        return None
-    out.div_(softcap).tanh_()
-    tanh = out.clone()
-    out.mul_(softcap)
+    tanh = None
+    if softcap is not None:
+        out.div_(softcap).tanh_()
+        tanh = out.clone()
+        out.mul_(softcap)
+    if scale != 1.0:
+        out.mul_(scale)
     return tanh
 
 
@@ -90,13 +97,14 @@ def _target_column(targets: Tensor, start: int, width: int) -> tuple[Tensor, Ten
     return (targets - start).clamp_(0, width - 1)[:, None], inside
 
 
-def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
+def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                logit_scale: float = 1.0) -> Tensor:
     """Logits ``[k, V]`` of hidden states ``[k, H]``, in fp32 (fp64 for fp64 models), multiplied in the dtype
     :class:`LMHeadLogProbs` uses; for callers that need whole distributions (the KL metric), a few rows at a time."""
     w = weight.to(_matmul_dtype(hidden, weight))
     out = hidden.new_empty(hidden.shape[0], weight.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
     with torch.autocast(hidden.device.type, enabled=False):
-        _project(hidden, w, bias, out, softcap)
+        _project(hidden, w, bias, out, softcap, logit_scale)
     return out
 
 
@@ -104,11 +112,12 @@ class LMHeadLogProbs(torch.autograd.Function):
     """``(hidden [M, H], weight [V, H], bias [V] | None, targets [M])`` → ``log p(targets) [M]``; with
     ``with_sq_norm`` WPO's ``log Σ_v p_v² [M]``; and, read off the tiles while they are in cache (no gradient): the
     mean logit ``mean_v z_v [M]`` (TRL's ``logits/*`` metrics) and whether the target is the argmax,
-    ``z_y = max_v z_v [M]`` (token accuracy). See the module docstring."""
+    ``z_y = max_v z_v [M]`` (token accuracy). Every z is the logit times ``logit_scale`` (1/T). See the module
+    docstring."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                softcap: float | None, chunk_size: int, with_sq_norm: bool, vocab_block: int
+                softcap: float | None, chunk_size: int, with_sq_norm: bool, vocab_block: int, logit_scale: float = 1.0
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         matmul_dtype = _matmul_dtype(hidden, weight)
         out_dtype = torch.promote_types(hidden.dtype, torch.float32)
@@ -131,7 +140,7 @@ class LMHeadLogProbs(torch.autograd.Function):
                 for first in range(0, vocab, vocab_block):
                     columns = slice(first, first + vocab_block)
                     z = tile(h.shape[0], w[columns].shape[0])
-                    _project(h, w[columns], None if bias is None else bias[columns], z, softcap)
+                    _project(h, w[columns], None if bias is None else bias[columns], z, softcap, logit_scale)
                     column, inside = _target_column(y, first, z.shape[1])
                     target_z = torch.where(inside, z.gather(-1, column).squeeze(-1), target_z)
                     logit_sum += z.sum(-1)
@@ -151,6 +160,7 @@ class LMHeadLogProbs(torch.autograd.Function):
                     sq_norm[rows] = squares.log() - 2 * log_total
         ctx.save_for_backward(hidden, weight, bias, targets, log_z)
         ctx.softcap, ctx.chunk_size, ctx.matmul_dtype, ctx.vocab_block = softcap, chunk_size, matmul_dtype, vocab_block
+        ctx.logit_scale = logit_scale
         ctx.mark_non_differentiable(sq_norm, mean_logit, is_argmax)
         return logps, sq_norm, mean_logit, is_argmax
 
@@ -177,11 +187,14 @@ class LMHeadLogProbs(torch.autograd.Function):
                     columns = slice(first, first + block)
                     w_tile = w[columns]
                     dz = tile(h.shape[0], w_tile.shape[0])
-                    tanh = _project(h, w_tile, None if bias is None else bias[columns], dz, ctx.softcap)
-                    # ∂z = g·(onehot(y) − softmax(z)), built in place in the tile
+                    tanh = _project(h, w_tile, None if bias is None else bias[columns], dz, ctx.softcap,
+                                    ctx.logit_scale)
+                    # ∂(s·z) = g·(onehot(y) − softmax(s·z)), built in place in the tile; then ∂z = s·∂(s·z)
                     dz.sub_(log_z[rows, None]).exp_().mul_(-g)
                     column, inside = _target_column(y, first, dz.shape[1])
                     dz.scatter_add_(-1, column, g * inside[:, None])
+                    if ctx.logit_scale != 1.0:
+                        dz.mul_(ctx.logit_scale)
                     if tanh is not None:  # through z = c·tanh(z_raw / c): ∂z_raw = ∂z·(1 − tanh²)
                         dz.mul_(1 - tanh.square_())
                     if grad_b is not None:
@@ -195,17 +208,18 @@ class LMHeadLogProbs(torch.autograd.Function):
                     grad_h[rows] = dh.to(hidden.dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def head_token_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None,
-                     chunk_size: int, with_sq_norm: bool = False, vocab_block: int | None = None
-                     ) -> dict[str, Tensor]:
+                     chunk_size: int, with_sq_norm: bool = False, vocab_block: int | None = None,
+                     logit_scale: float = 1.0) -> dict[str, Tensor]:
     """Per target of hidden states ``[M, H]``: ``logps`` = log p(target) (with gradient); no gradient:
     ``mean_logit``, ``is_argmax`` and, with ``with_sq_norm``, WPO's ``sq_norm`` = log Σ p²; each ``[M]``.
-    ``vocab_block``: the tile width (default :func:`vocab_block_for` the device)."""
+    ``vocab_block``: the tile width (default :func:`vocab_block_for` the device). ``logit_scale`` s: the
+    distribution is ``softmax(s·z)`` (s = 1/T: temperature T), and ``mean_logit`` is that of ``s·z``."""
     vocab_block = vocab_block or vocab_block_for(hidden.device)
     logps, sq_norm, mean_logit, is_argmax = LMHeadLogProbs.apply(hidden, weight, bias, targets, softcap, chunk_size,
-                                                                with_sq_norm, vocab_block)
+                                                                with_sq_norm, vocab_block, float(logit_scale))
     out = {"logps": logps, "mean_logit": mean_logit, "is_argmax": is_argmax}
     return out | ({"sq_norm": sq_norm} if with_sq_norm else {})

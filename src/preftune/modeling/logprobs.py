@@ -26,6 +26,14 @@ def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
     return get_base() if callable(get_base) else model
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The most positions ``model`` reads (``max_position_embeddings``, GPT-2's ``n_positions``), None when its
+    config names none. A learned position table (GPT-2) raises IndexError past it; rotary models read on, untrained."""
+    config = getattr(unwrap_causal_lm(model), "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
+
+
 def flex_block_mask(mask: Tensor) -> BlockMask:
     """A boolean ``[R, 1, L, L]`` mask as a FlexAttention ``BlockMask``: blocks with no allowed pair are
     skipped, and the attention never sees a dense ``L × L`` mask. transformers passes any 4D mask through."""
@@ -88,6 +96,7 @@ def completion_logps(
     chunk_size: int = 1024,
     with_wpo: bool = False,
     seq_last_index: Tensor | None = None,  # part of every batch; reward models read it, log-probs do not
+    logit_scale: Tensor | float | None = None,
 ) -> dict[str, Tensor]:
     """Summed completion log-probs of S sequences laid out in R rows (see ``preftune.data.batching``).
 
@@ -100,13 +109,15 @@ def completion_logps(
     token-level objectives (GRPO's clipped ratio and KL) read; and, without gradient, per sequence ``[S]``:
     ``mean_logits`` = mean over its tokens of the mean logit over the vocabulary (TRL's ``logits/*``) and
     ``token_accuracy`` = the fraction of its tokens that are the argmax of their distribution.
+    ``logit_scale`` s (a 0-dim tensor or a number; online batches carry s = 1/T): every probability above is
+    that of ``softmax(s·z)``, the distribution a sampler at temperature T draws from before any top-k/top-p cut.
     """
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
     hidden = flat_hidden_states(lm, input_ids, attention_mask, position_ids, head.weight.dtype)
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     stats = head_token_logps(hidden[score_index], head.weight, head.bias, score_target, softcap, chunk_size,
-                             with_sq_norm=with_wpo)
+                             with_sq_norm=with_wpo, logit_scale=1.0 if logit_scale is None else float(logit_scale))
     token_logps = stats["logps"]
 
     n = seq_tokens.shape[0]
@@ -124,7 +135,7 @@ def completion_logps(
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "score_index", "score_target", "score_seq",
-                "seq_tokens", "seq_last_index")
+                "seq_tokens", "seq_last_index", "logit_scale")
 
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -156,8 +167,10 @@ class LogProbModel(nn.Module):
         token_weights: Tensor | None = None,
         seq_last_index: Tensor | None = None,
         with_wpo: bool = False,
+        logit_scale: Tensor | float | None = None,
     ) -> dict[str, Tensor]:
         return completion_logps(
             self.model, input_ids, attention_mask, score_index, score_target, score_seq, seq_tokens,
             position_ids=position_ids, token_weights=token_weights, chunk_size=self.chunk_size, with_wpo=with_wpo,
+            logit_scale=logit_scale,
         )

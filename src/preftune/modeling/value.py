@@ -33,9 +33,10 @@ def token_values(critic: nn.Module, input_ids: Tensor, attention_mask: Tensor, s
     return sequence_rewards(critic, input_ids, attention_mask, score_index, seq_tokens, position_ids)["logps"]
 
 
-def token_entropy(hidden: Tensor, lm: PreTrainedModel, chunk_size: int = 256) -> Tensor:
+def token_entropy(hidden: Tensor, lm: PreTrainedModel, chunk_size: int = 256, logit_scale: float = 1.0) -> Tensor:
     """Exact entropy H(π(·|x, y_<t)) = −Σ_v p_v log p_v at each hidden state ``[M, H]`` → fp32 ``[M]``, with
-    gradient. Each chunk's ``[chunk, V]`` logits are kept for backward, so this costs M·V floats in all."""
+    gradient (p = softmax(s·z), s = ``logit_scale``). Each chunk's ``[chunk, V]`` logits are kept for backward, so
+    this costs M·V floats in all."""
     head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     parts = []
@@ -45,7 +46,7 @@ def token_entropy(hidden: Tensor, lm: PreTrainedModel, chunk_size: int = 256) ->
             logits = logits + head.bias.float()
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
-        logp = logits.log_softmax(-1)
+        logp = (logits * logit_scale).log_softmax(-1)
         parts.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
@@ -74,12 +75,14 @@ class PolicyAndValue(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, score_index: Tensor, score_target: Tensor,
                 score_seq: Tensor, seq_tokens: Tensor, position_ids: Tensor | None = None,
                 seq_last_index: Tensor | None = None, token_weights: Tensor | None = None,
-                with_entropy: bool = False) -> dict[str, Tensor]:
+                with_entropy: bool = False, logit_scale: Tensor | float | None = None) -> dict[str, Tensor]:
+        scale = 1.0 if logit_scale is None else float(logit_scale)  # 1/T: scored at the sampling temperature
         lm = unwrap_causal_lm(self.model)
         head = lm.get_output_embeddings()
         hidden = flat_hidden_states(lm, input_ids, attention_mask, position_ids, head.weight.dtype)[score_index]
         softcap = getattr(lm.config, "final_logit_softcapping", None)
-        token_logps = head_token_logps(hidden, head.weight, head.bias, score_target, softcap, self.chunk_size)["logps"]
+        token_logps = head_token_logps(hidden, head.weight, head.bias, score_target, softcap, self.chunk_size,
+                                       logit_scale=scale)["logps"]
         if self.shared:
             with torch.autocast(device_type=hidden.device.type, enabled=False):
                 values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
@@ -89,7 +92,7 @@ class PolicyAndValue(nn.Module):
         out = {"token_logps": token_logps, "values": values, "tokens": seq_tokens.to(token_logps.dtype),
                "logps": token_logps.new_zeros(seq_tokens.shape[0]).index_add(0, score_seq, weighted)}
         if with_entropy:
-            out["entropy"] = token_entropy(hidden, lm, self.chunk_size)
+            out["entropy"] = token_entropy(hidden, lm, self.chunk_size, scale)
         return out
 
 

@@ -101,6 +101,26 @@ def encode_completions(
     return prompt_ids, encoded["completion"]
 
 
+def fit_positions(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], positions: int | None,
+                  source: str, prompts: Sequence[Prompt] | None = None) -> tuple[list[list[int]], int]:
+    """Completions cut to the room ``positions`` leaves after their prompt, keeping their start (as training cuts a
+    row at ``max_length``: the EOS is lost); returns them and how many were cut. A prompt that leaves no room is
+    refused with :class:`DataError` naming ``source`` and its index (and the prompt's start, given ``prompts``)."""
+    if positions is None:
+        return [list(c) for c in completion_ids], 0
+    out, cut = [], 0
+    for i, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+        room = positions - len(prompt)
+        if room < 1:
+            shown = f" ({prompt_text(prompts[i])[:60]!r}…)" if prompts is not None else ""
+            raise DataError(source, i, "prompt", f"the prompt{shown} takes {len(prompt)} tokens of the model's "
+                            f"{positions} positions, leaving no room for the completion; shorten the prompt or use "
+                            "a model with more positions")
+        cut += len(completion) > room
+        out.append(list(completion[:room]))
+    return out, cut
+
+
 def prompt_text(prompt: Prompt) -> str:
     """A conversation as plain text for judges that read text only (a lexicon, a user's function): the
     messages' contents joined by blank lines; a string prompt as it is."""

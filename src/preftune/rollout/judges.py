@@ -18,35 +18,43 @@
 * :func:`load_judge` — ``gold``, a reward-model folder, or ``module:function``.
 
 Text is turned into ids the way training does (:mod:`preftune.rollout.encoding`): the prompt with BOS or
-through the chat template, the completion after it, ending with one EOS.
+through the chat template, the completion after it, ending with one EOS. A model judge reads at most its
+positions: a longer completion is cut to fit, keeping its start, as training cuts a row at ``max_length``
+(said once in the log), and a prompt that leaves no room is refused by row.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
+import numbers
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from preftune.data.batching import pad_sequences
-from preftune.errors import ConfigError, ModelError
-from preftune.modeling.logprobs import completion_logps, model_inputs, unwrap_causal_lm
+from preftune.errors import ConfigError, ModelError, PreftuneError
+from preftune.modeling.logprobs import completion_logps, max_positions, model_inputs, unwrap_causal_lm
 from preftune.modeling.reward import sequence_rewards
 from preftune.rollout.encoding import (
     Prompt,
     check_aligned,
     check_prompts,
     encode_completions,
+    fit_positions,
     length_sorted_batches,
     prompt_text,
 )
 from preftune.rollout.record import Rollout
+
+log = logging.getLogger("preftune")
 
 
 @runtime_checkable
@@ -59,13 +67,21 @@ class Judge(Protocol):
 
 
 def judge_scores(judge: Judge, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
-    """``judge.score`` checked: one finite number per completion, else :class:`ModelError` naming the judge."""
+    """``judge.score`` checked: a sequence (list, tuple, 1-D tensor or array) of one finite real number per
+    completion, nothing else (a dict would be read by its keys, a string digit by digit); else :class:`ModelError`
+    naming the judge. A judge that raises is named too (a :class:`PreftuneError` it raises passes as it is)."""
     check_aligned(prompts, completions)
-    scores = judge.score(prompts, completions)
     try:
-        scores = [float(s) for s in scores]
-    except (TypeError, ValueError) as e:
-        raise ModelError(f"judge {judge.name!r} must return numbers, got {type(scores).__name__}: {e}") from e
+        returned = judge.score(prompts, completions)
+    except PreftuneError:
+        raise
+    except Exception as e:
+        raise ModelError(f"judge {judge.name!r} raised {type(e).__name__}: {e}") from e
+    scores = _real_numbers(returned)
+    if scores is None:
+        shown = "None" if returned is None else f"a {type(returned).__name__} ({_short(returned)})"
+        raise ModelError(f"judge {judge.name!r} returned {shown}; a judge returns one real number per completion, "
+                         f"as a list of {len(completions)} numbers")
     if len(scores) != len(completions):
         raise ModelError(f"judge {judge.name!r} returned {len(scores)} scores for {len(completions)} completions")
     bad = next((i for i, s in enumerate(scores) if not math.isfinite(s)), None)
@@ -73,6 +89,29 @@ def judge_scores(judge: Judge, prompts: Sequence[Prompt], completions: Sequence[
         raise ModelError(f"judge {judge.name!r} returned {scores[bad]} for completion {bad} "
                          f"({completions[bad][:60]!r}); scores must be finite")
     return scores
+
+
+def _real_numbers(returned) -> list[float] | None:
+    """``returned`` as floats when it is a sequence of real numbers (or a 1-D tensor / array), else None."""
+    if isinstance(returned, (Tensor, np.ndarray)):
+        if returned.ndim != 1:
+            return None
+        returned = returned.tolist()
+    if not isinstance(returned, Sequence) or isinstance(returned, (str, bytes)):
+        return None
+    values = []
+    for value in returned:
+        if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 0:
+            value = value.item()
+        if not isinstance(value, numbers.Real):
+            return None
+        values.append(float(value))
+    return values
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def score_rollout(judge: Judge, rollout: Rollout) -> Rollout:
@@ -94,8 +133,9 @@ class CallableJudge:
         self.fn = fn
         self.name = name or getattr(fn, "__qualname__", None) or repr(fn)
 
-    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
-        return list(self.fn(list(prompts), list(completions)))
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> Sequence[float]:
+        # As the function returns it: judge_scores checks it (list() would turn a dict into its keys).
+        return self.fn(list(prompts), list(completions))
 
 
 def load_callable(spec: str) -> Callable:
@@ -209,6 +249,19 @@ def sequence_logps(
     return out
 
 
+def _fit_judge_positions(judge, prompts: Sequence[Prompt], prompt_ids: list, completion_ids: list,
+                         positions: int | None) -> list[list[int]]:
+    """``completion_ids`` cut to the judge's ``positions`` (:func:`~preftune.rollout.encoding.fit_positions`); the
+    first time a judge cuts any, the log says so."""
+    fitted, cut = fit_positions(prompt_ids, completion_ids, positions, f"judge {judge.name}", prompts)
+    if cut and not getattr(judge, "_said_cut", False):
+        judge._said_cut = True
+        log.info("judge %s reads at most %d positions: %d of %d completions cut to fit, keeping their start (as "
+                 "training cuts a row at max_length); later cuts are not logged", judge.name, positions, cut,
+                 len(fitted))
+    return fitted
+
+
 class ImplicitRewardJudge:
     """DPO's implicit reward r̂(x, y) = β · (log π(y|x) − log π_ref(y|x)), summed over completion tokens
     (EOS included), both models sharing the policy's tokenizer."""
@@ -221,6 +274,8 @@ class ImplicitRewardJudge:
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
         prompt_ids, completion_ids = encode_completions(self.tokenizer, prompts, completions)
+        positions = [p for p in (max_positions(self.policy), max_positions(self.reference)) if p is not None]
+        completion_ids = _fit_judge_positions(self, prompts, prompt_ids, completion_ids, min(positions, default=None))
         policy = sequence_logps(self.policy, prompt_ids, completion_ids, batch_size=self.batch_size)
         reference = sequence_logps(self.reference, prompt_ids, completion_ids, batch_size=self.batch_size)
         return (self.beta * (policy - reference)).tolist()
@@ -259,6 +314,9 @@ class RewardModelJudge:
         random ``score`` head, so scores — and pairs — would differ between identical runs) is refused."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from preftune.modeling.loading import refuse_pickled_weights
+
+        refuse_pickled_weights(path, "judge")
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, output_loading_info=True, **({"dtype": dtype} if dtype is not None else {}))
@@ -310,6 +368,7 @@ class RewardModelJudge:
 
     def _score_last_token(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
         prompt_ids, completion_ids = self._encode(prompts, completions)
+        completion_ids = _fit_judge_positions(self, prompts, prompt_ids, completion_ids, max_positions(self.model))
         lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
         order = list(length_sorted_batches(lengths, self.batch_size))
         # One row per sequence, right-padded: the pads come after the EOS and are never read.

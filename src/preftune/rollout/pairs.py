@@ -47,7 +47,7 @@ class PairReport:
     tied: int = 0  # different completions with equal scores
     identical: int = 0  # the same completion text twice
     with_empty: int = 0  # a pair involving an empty completion (immediate EOS)
-    without_eos: int = 0  # samples cut at max_new_tokens (kept; training appends EOS to every completion)
+    without_eos: int = 0  # samples cut at max_new_tokens or the model's positions (kept; training appends EOS)
     prompts_without_pairs: int = 0
     mean_score_gap: float = 0.0  # mean score_chosen − score_rejected over written pairs
     judge: str | None = None
@@ -60,7 +60,7 @@ class PairReport:
         return (f"{self.pairs} pairs from {self.prompts} prompts × {self.samples // max(self.prompts, 1)} samples, "
                 f"judged by {self.judge}; dropped {self.dropped} of {self.candidate_pairs} candidates ({self.tied} "
                 f"tied scores, {self.identical} identical completions, {self.with_empty} with an empty completion); "
-                f"{self.prompts_without_pairs} prompts gave no pair; {self.without_eos} samples hit max_new_tokens; "
+                f"{self.prompts_without_pairs} prompts gave no pair; {self.without_eos} samples hit the length budget; "
                 f"mean score gap {self.mean_score_gap:.3f}")
 
     def to_dict(self) -> dict:

@@ -23,7 +23,9 @@ standard ``DynamicCache`` (and encoder–decoders) go through ``generate`` itsel
 Generation stops at **every** end-of-sequence id: the tokenizer's EOS and each id of the model's
 ``generation_config.eos_token_id`` (an int or a list: Llama 3 ends turns with ``<|eot_id|>``, Qwen with
 ``<|im_end|>``). A completion is cut after the first of them and ``ended_with_eos`` records that it ended
-with any; one that never did ran to ``max_new_tokens``.
+with any; one that never did ran to ``max_new_tokens`` — or to the model's last position: a completion never
+runs past ``max_position_embeddings`` (GPT-2's ``n_positions``), so its budget is ``min(max_new_tokens,
+positions − prompt tokens)``, row by row (said once in the log), and a prompt that leaves no room is refused.
 
 The sampled distribution is exactly the one named by the parameters: nothing a checkpoint's
 ``generation_config`` may switch on (repetition penalty, ``min_new_tokens``, ``top_k=50``, …) is applied, and
@@ -39,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,11 +51,13 @@ from torch import Tensor, nn
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from preftune.errors import ConfigError
-from preftune.modeling.logprobs import unwrap_causal_lm
+from preftune.errors import ConfigError, DataError
+from preftune.modeling.logprobs import max_positions, unwrap_causal_lm
 from preftune.rollout import fast_decode
 from preftune.rollout.encoding import Prompt, encode_prompts
 from preftune.rollout.record import Rollout
+
+log = logging.getLogger("preftune")
 
 # Logits processors a checkpoint's generation_config may switch on; the rollout samples from the distribution
 # its SamplingParams name, nothing else.
@@ -231,17 +236,19 @@ def _lean_decoding(lm: nn.Module) -> bool:
 
 
 def _decode(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams, stops: Tensor,
-            pad_id: int) -> tuple[Tensor, Tensor]:
+            pad_id: int, budgets: Tensor) -> tuple[Tensor, Tensor]:
     """Sample ``params.n`` continuations of each left-padded prompt row: prefill once per prompt, repeat the cache.
 
-    ``input_ids``, ``attention_mask`` ``[P, W]`` → ``generated [P·n, T]`` (pad id after a row's stop token) and the
-    sampler's log-probs ``[P·n, T]`` (fp32), ``T ≤ max_new_tokens`` (the loop ends once every row has stopped).
+    ``input_ids``, ``attention_mask`` ``[P, W]``, ``budgets [P]`` (each prompt's most new tokens) →
+    ``generated [P·n, T]`` (pad id after a row's stop token or budget) and the sampler's log-probs ``[P·n, T]``
+    (fp32), ``T ≤ max(budgets)`` (the loop ends once every row has stopped).
 
     Per step: ``s = warpers(float(z_t))``; ``y_t ~ softmax(s)`` over all rows at once by :func:`draw` (greedy:
     ``argmax s``); a finished row gets the pad id; recorded ``log softmax(s)[y_t]``.
     """
     cache_key, logits_to_keep = _forward_keywords(type(lm))
     n = params.n
+    steps = int(budgets.max())
     warpers = _warpers(params)
     width = input_ids.shape[1]
     # Positions from the mask, as generate derives them (left padding does not shift a prompt's positions).
@@ -257,22 +264,25 @@ def _decode(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, params: Sa
         logits = logits.repeat_interleave(n, dim=0)
         attention_mask = attention_mask.repeat_interleave(n, dim=0)
         positions = positions.repeat_interleave(n, dim=0)
+        budgets = budgets.repeat_interleave(n, dim=0)
     rows = logits.shape[0]
-    if fast_decode.supports(lm, width + params.max_new_tokens):
+    if fast_decode.supports(lm, width + steps):
         # The same forward on the model's own weights, without Hugging Face's per-step overhead (fast_decode).
-        decoder = fast_decode.LlamaDecoder(lm, cache, attention_mask, params.max_new_tokens)
+        decoder = fast_decode.LlamaDecoder(lm, cache, attention_mask, steps)
         del cache
     else:
         decoder = None
         # The mask grows by one column per step: preallocated, each step passes a prefix of it.
-        full_mask = attention_mask.new_ones((rows, width + params.max_new_tokens))
+        full_mask = attention_mask.new_ones((rows, width + steps))
         full_mask[:, :width] = attention_mask
     position = positions[:, -1:]
+    # A row past its budget is fed pads at its last position, never past it, while the others go on.
+    last_position = position + budgets[:, None]
     unfinished = torch.ones(rows, dtype=torch.bool, device=logits.device)
     pad = torch.tensor(pad_id, dtype=torch.long, device=logits.device)
     tokens: list[Tensor] = []
     logprobs: list[Tensor] = []
-    for step in range(params.max_new_tokens):
+    for step in range(steps):
         scores = logits
         for warp in warpers:
             scores = warp(None, scores)
@@ -280,10 +290,10 @@ def _decode(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, params: Sa
         logprobs.append(logprob)
         token = torch.where(unfinished, token, pad)
         tokens.append(token)
-        unfinished &= ~torch.isin(token, stops)
-        if step + 1 == params.max_new_tokens or not bool(unfinished.any()):
+        unfinished &= ~torch.isin(token, stops) & (budgets > step + 1)
+        if step + 1 == steps or not bool(unfinished.any()):
             break
-        position = position + 1
+        position = torch.minimum(position + 1, last_position)
         if decoder is not None:
             logits = decoder.step(token, position).float()
             continue
@@ -337,16 +347,41 @@ def draw(scores: Tensor, greedy: bool = False) -> tuple[Tensor, Tensor]:
 
 
 def _hf_decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams,
-               stops: list[int], pad_id: int) -> tuple[Tensor, Tensor]:
-    """:func:`_decode`'s contract through Hugging Face's ``generate`` (models :func:`_lean_decoding` refuses)."""
+               stops: list[int], pad_id: int, budgets: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_decode`'s contract through Hugging Face's ``generate`` (models :func:`_lean_decoding` refuses); one
+    budget for the batch, its smallest."""
     recorder = SampledLogProbs()
     sequences = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_new_tokens,
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=int(budgets.min()),
         num_return_sequences=params.n, eos_token_id=stops, pad_token_id=pad_id, use_cache=True,
         logits_processor=_processors(params, recorder), **NEUTRAL_PROCESSORS, do_sample=not params.greedy,
     )
     generated = sequences[:, input_ids.shape[1] :]
     return generated, recorder.token_logprobs(generated)
+
+
+def _budgets(model: nn.Module, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, source: str) -> list[int]:
+    """Each prompt's most new tokens: ``min(max_new_tokens, positions − len(prompt))``, so that no sample reads past
+    the model's last position; a prompt that leaves no room is refused by row."""
+    positions = max_positions(model)
+    if positions is None:
+        return [max_new_tokens] * len(prompt_ids)
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) >= positions:
+            raise DataError(source, i, "prompt", f"has {len(ids)} tokens but the model reads at most {positions} "
+                            "positions, which leaves no room for a completion; shorten the prompt or use a model "
+                            "with more positions")
+    budgets = [min(max_new_tokens, positions - len(ids)) for ids in prompt_ids]
+    if min(budgets) < max_new_tokens:
+        _log_capped_budget(positions, max_new_tokens)
+    return budgets
+
+
+@functools.cache
+def _log_capped_budget(positions: int, max_new_tokens: int) -> None:
+    # Once per process and setting: online runs sample at every step.
+    log.info("sampling: the model reads at most %d positions, so a completion stops at %d minus its prompt's tokens "
+             "where that comes before max_new_tokens=%d", positions, positions, max_new_tokens)
 
 
 @torch.no_grad()
@@ -365,6 +400,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Prompt], params: Sam
         if len(prompt_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt_ids")
         prompt_ids = [list(ids) for ids in prompt_ids]
+    budgets = _budgets(model, prompt_ids, params.max_new_tokens, source)
     stops = stop_token_ids(model, tokenizer)
     stop_set = set(stops)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -381,13 +417,15 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Prompt], params: Sam
         with _seeded(params.seed, device):
             for start in range(0, len(prompt_ids), per_call):
                 input_ids, attention_mask = _left_padded(prompt_ids[start : start + per_call], pad_id, device)
+                room = torch.tensor(budgets[start : start + per_call], dtype=torch.long, device=device)
                 if lean:
-                    generated, logprobs = _decode(lm, input_ids, attention_mask, params, stop_tensor, pad_id)
+                    generated, logprobs = _decode(lm, input_ids, attention_mask, params, stop_tensor, pad_id, room)
                 else:
-                    generated, logprobs = _hf_decode(model, input_ids, attention_mask, params, stops, pad_id)
+                    generated, logprobs = _hf_decode(model, input_ids, attention_mask, params, stops, pad_id, room)
                 logprobs = logprobs.cpu().tolist()
                 for row, ids in enumerate(generated.cpu().tolist()):
-                    length = _cut_at_stop(ids, stop_set)
+                    # A row cut at its budget is followed by pads: they are no part of it.
+                    length = min(_cut_at_stop(ids, stop_set), budgets[start + row // params.n])
                     out.completion_ids.append(ids[:length])
                     out.logprobs.append(logprobs[row][:length])
                     out.ended_with_eos.append(length > 0 and ids[length - 1] in stop_set)

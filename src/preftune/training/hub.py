@@ -2,10 +2,12 @@
 
 Config keys as in transformers' ``TrainingArguments``: ``push_to_hub``, ``hub_model_id`` ("name" or "org/name"),
 ``hub_private_repo`` and ``hub_token`` (by default the ``HF_TOKEN`` environment variable, else the token saved by
-``hf auth login``). :func:`check_push` runs before training, so that a run that cannot upload — offline mode, no
-token, no network, a refused token — fails in seconds rather than after hours of training; :func:`push_final` runs
-after the export. Every failure is a :class:`~preftune.errors.HubError` saying what to do; after training it also
-says where the local copy is and how to upload it by hand.
+``hf auth login``). The Hub is the one at ``HF_ENDPOINT`` when set (read at each call: a mirror, or a local stand-in
+set after import). :func:`check_push` runs before training (``PreferenceTrainer.train``, every method), so that a run
+that cannot upload — offline mode, no token, no network, a read-only token — fails in seconds rather than after hours
+of training; :func:`push_final` runs after the export (the end of ``PreferenceTrainer._finish``; a run of rounds
+pushes its last round's model once). Every failure is a :class:`~preftune.errors.HubError` saying what to do; after
+training it also says where the local copy is and how to upload it by hand.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from preftune.config import TrainConfig
 from preftune.errors import HubError
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 log = logging.getLogger("preftune")
 
@@ -59,13 +65,26 @@ def _ready(cfg: TrainConfig, final_dir: Path | None) -> str:
     return token
 
 
+def endpoint() -> str:
+    """The Hub's URL: ``HF_ENDPOINT`` as set now (huggingface_hub reads it once, at import), else its default."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or constants.ENDPOINT
+
+
+def _api(token: str) -> HfApi:
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint(), token=token)
+
+
 def _failed(cfg: TrainConfig, what: str, err: Exception, final_dir: Path | None) -> HubError:
     cause = " ".join(str(err).split())[:300]
     status = getattr(getattr(err, "response", None), "status_code", None)
     if status in (401, 403):
         advice = "the token was refused: use a token with write access to that namespace"
     elif status is None:
-        advice = "the Hub could not be reached: check the network connection"
+        advice = f"the Hub at {endpoint()} could not be reached: check the network connection (and HF_ENDPOINT)"
     else:
         advice = f"the Hub answered HTTP {status}"
     return HubError(f"push_to_hub: {what} {cfg.hub_model_id} failed ({type(err).__name__}: {cause}); {advice}; "
@@ -78,24 +97,25 @@ def check_push(cfg: TrainConfig) -> None:
     if not cfg.push_to_hub:
         return
     token = _ready(cfg, None)
-    from huggingface_hub import HfApi
-
     try:
-        user = HfApi().whoami(token=token)
+        user = _api(token).whoami()
     except Exception as err:  # network errors (httpx), HTTP errors: all mean the upload would fail too
         raise _failed(cfg, "checking the token for", err, None) from None
+    user = user if isinstance(user, dict) else {}
+    role = ((user.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":  # a fine-grained token's rights per repository are not known before it writes
+        raise HubError(f"push_to_hub: the Hugging Face token of {user.get('name', '?')} is read-only, so nothing can "
+                       f"be uploaded to {cfg.hub_model_id}; use a token with write access (HF_TOKEN, `hf auth "
+                       "login` or hub_token), or set push_to_hub: false")
     log.info("push_to_hub: final/ will be uploaded to %s as %s at the end of the run", cfg.hub_model_id,
-             user.get("name", "?") if isinstance(user, dict) else "?")
+             user.get("name", "?"))
 
 
 def push_final(cfg: TrainConfig, final_dir: str | Path) -> str:
     """Create ``hub_model_id`` (if needed; ``hub_private_repo``) and upload ``final_dir`` to it as one commit; the
     URL of that commit. Call it on the main process, after ``export_final``."""
     final_dir = Path(final_dir)
-    token = _ready(cfg, final_dir)
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
+    api = _api(_ready(cfg, final_dir))
     try:
         repo = api.create_repo(cfg.hub_model_id, private=cfg.hub_private_repo, exist_ok=True, repo_type="model")
     except Exception as err:

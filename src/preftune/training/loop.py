@@ -33,13 +33,13 @@ from preftune.modeling.logprobs import LogProbModel
 from preftune.modeling.reward import RewardModel
 from preftune.rollout.judges import CallableJudge, load_judge
 from preftune.schedules import build_scheduler
-from preftune.training import checkpoint, memory
+from preftune.training import checkpoint, hub, memory
 from preftune.training.fsdp import fsdp_on_cpu
 from preftune.training.health import HealthCallback
 from preftune.training.objective import LossSpec, NonFiniteLoss, batch_loss
 from preftune.training.online import OnlineBatches
 from preftune.training.online import summary as online_summary
-from preftune.training.rundir import open_run_folder
+from preftune.training.rundir import on_main_process, open_run_folder
 from preftune.training.setup import RunInputs, prepare_inputs, uses_embedded_model
 from preftune.training.tracking import MetricsLog, MetricWindow
 
@@ -161,6 +161,17 @@ def own_loop(config: TrainConfig) -> type | None:
     return None if loop is None else importlib.import_module(f"preftune.training.{loop}").Trainer
 
 
+def default_judge(cfg: TrainConfig, judge, embedded_world: bool, needs_judge: bool) -> bool:
+    """Whether a run that needs a judge (online methods, PPO) and names none gets the embedded world's gold reward:
+    only when model and data are both the embedded default, whose chosen replies are kind and rejected ones rude;
+    the log says so."""
+    if not needs_judge or judge is not None or cfg.judge or not embedded_world:
+        return False
+    log.info("no judge: the embedded default (tiny Llama, built-in preferences) is judged by its gold reward, "
+             "judge=gold (VADER sentiment of prompt + completion); set judge to use another")
+    return True
+
+
 @dataclass
 class Session:
     """Everything a trainer prepared once, which ``train``, ``evaluate`` and ``save_model`` share."""
@@ -209,6 +220,9 @@ class PreferenceTrainer:
                           train_dataset=train_dataset, eval_dataset=eval_dataset)
         self.callbacks = list(callbacks)
         self.judge = judge  # online methods: a Judge or a function (prompts, completions) -> scores; else cfg.judge
+        if default_judge(self.cfg, judge, embedded and train_dataset is None and self.cfg.dataset is None,
+                         needs_judge=self.cfg.is_online):
+            self.cfg.judge = "gold"  # written into config.yaml, so the run records what judged it
         if self.cfg.is_online and judge is None and not self.cfg.judge:
             raise ConfigError("online methods (online_dpo, rloo, grpo, online=true) score their samples with a judge: "
                               "set judge to a reward-model folder, 'module:function' or 'gold' (the demo world), "
@@ -252,7 +266,9 @@ class PreferenceTrainer:
     # ------------------------------------------------------------------------------------------------
     def train(self) -> RunResult:
         """One run of the loop; a method trained in rounds (RSO, SPPO, iterative DPO) runs its rounds above the
-        loop, one run of it per round (:mod:`preftune.training.rounds`)."""
+        loop, one run of it per round (:mod:`preftune.training.rounds`). With ``push_to_hub``, what would stop the
+        upload at the end (offline mode, no token, no network) stops the run now, before anything is loaded."""
+        on_main_process(self.accelerator, lambda: hub.check_push(self.cfg))
         if self.cfg.rounds is not None:
             from preftune.training.rounds import train_rounds
 
@@ -337,9 +353,9 @@ class PreferenceTrainer:
                 budget.set_epoch(epoch)
             skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
             batches = acc.skip_first_batches(train_dl, skip) if skip else train_dl
+            if online is not None:  # fetch batch: sample each step's prompts from the current policy, judge, collate
+                batches = online.batches(batches, acc.unwrap_model(policy).model, window, epoch, skip)
             for batch_index, batch in enumerate(batches, start=skip):
-                if online is not None:  # fetch batch: sample from the current policy, judge, collate
-                    batch = online.batch(batch, acc.unwrap_model(policy).model, window, online.seed(epoch, batch_index))
                 window_rows += batch["source_rows"].tolist() if "source_rows" in batch else []
                 with acc.accumulate(policy):
                     try:
@@ -406,7 +422,8 @@ class PreferenceTrainer:
                 moving_reference: nn.Module | None = None) -> RunResult:
         """The end of a run, shared by the one loop and PPO's: the last evaluation (unless one just ran), the check
         for non-finite weights, the last checkpoint, ``final/`` with its model card in one atomic write, and
-        ``summary.json`` (``extra``: the loop's own entries), then the callbacks' ``on_train_end``."""
+        ``summary.json`` (``extra``: the loop's own entries), the upload of ``final/`` (``push_to_hub``), then the
+        callbacks' ``on_train_end``."""
         cfg, acc, inputs = self.cfg, self.accelerator, session.inputs
         if inputs.eval is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
             result.eval_metrics = self._evaluate(session, step, metrics_log)
@@ -429,6 +446,8 @@ class PreferenceTrainer:
             summary["final_dir"] = str(result.final_dir)
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.end_training()
+        if cfg.push_to_hub and acc.is_main_process:  # a failure leaves final/ as it is, and says how to upload it
+            hub.push_final(cfg, result.final_dir)
         self._train_end(result)
         return result
 

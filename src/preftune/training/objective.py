@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from preftune.config import TrainConfig
 from preftune.errors import TrainingError
-from preftune.methods import losses
+from preftune.methods import losses, rl
 from preftune.methods.registry import compute_loss, get_method, run_data, run_extras
 from preftune.modeling.logprobs import model_inputs
 from preftune.training.tracking import MetricWindow
@@ -78,10 +78,29 @@ def _non_finite_parts(policy_logps: Tensor, ref_logps: Tensor | None, terms: dic
     return "; ".join(parts)
 
 
+def _log_online_kl(window: MetricWindow, token_logps: Tensor, ref_token_logps: Tensor, batch: dict[str, Tensor],
+                   tokens: Tensor, spec: LossSpec) -> None:
+    """Online DPO's samples, every one of them (tied pairs too), under TRL's Online DPO names: ``kl`` and
+    ``objective/kl`` (:func:`preftune.methods.rl.kl_to_reference`), ``objective/scores`` (the judge's, ``scores
+    [2B]`` in the batch's order), ``objective/non_score_reward`` = −β·objective/kl and ``objective/rlhf_reward`` =
+    score − β·objective/kl, per completion."""
+    kls = rl.kl_to_reference(token_logps, ref_token_logps, batch["score_seq"], tokens)
+    beta = spec.hparams.get("beta", get_method(spec.methods[0]).defaults.get("beta", 0.0))
+    non_score = -beta * kls["objective/kl"]
+    window.add("kl", kls["kl"].reshape(1))
+    window.add("objective/kl", kls["objective/kl"])
+    window.add("objective/scores", batch["scores"])
+    window.add("objective/non_score_reward", non_score)
+    window.add("objective/rlhf_reward", batch["scores"] + non_score)
+
+
 def batch_loss(
     policy: nn.Module, reference, batch: dict[str, Tensor], spec: LossSpec, window: MetricWindow
 ) -> Tensor:
     """Mean loss of one micro-batch; per-example metrics go into ``window`` (TRL's names).
+
+    An online batch's ``logit_scale`` (1/temperature) reaches the policy's and the reference's forward with the
+    other model inputs: both score the completions under the distribution they were sampled from.
 
     A batch may weigh its examples (``example_weights [B]``: Online DPO gives tied pairs weight 0); the loss is
     then Σ w·ℓ / max(Σ w, 1) and only examples of positive weight are logged."""
@@ -97,9 +116,11 @@ def batch_loss(
     elif spec.kind == "unpaired":
         logps = losses.UnpairedLogps(s_a, t_a, batch["desirable"], r_a, s_b.detach(), r_b)
     elif spec.kind == "groups":  # completions sampled together, in groups of one prompt (RLOO, GRPO)
+        # the generation batch's statistics (over every micro-batch of the step, every process) come with it
         logps = losses.GroupLogps(out["token_logps"], batch["score_seq"], out["tokens"], batch["rewards"],
                                   batch["group"], None if ref_out is None else ref_out["token_logps"],
-                                  spec.max_completion_length)
+                                  spec.max_completion_length, batch.get("batch_reward_std"),
+                                  batch.get("loss_num_tokens"), batch.get("loss_num_sequences"))
     else:  # SFT rows: one sequence per row, every one a target
         logps = losses.UnpairedLogps(out["logps"], out["tokens"], torch.ones_like(out["tokens"], dtype=torch.bool),
                                      ref)
@@ -129,6 +150,8 @@ def batch_loss(
     if spec.paired:
         window.add("rewards/margins", (result.chosen_rewards - result.rejected_rewards)[keep])
         window.add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float()[keep])
+    if "scores" in batch and ref_out is not None:  # Online DPO's samples: the KL to the reference, TRL's objective/*
+        _log_online_kl(window, out["token_logps"], ref_out["token_logps"], batch, out["tokens"], spec)
     if spec.model == "reward":  # a reward head's "logps" are its scores, already logged as rewards
         return loss
     logits_a, logits_b = split(out["mean_logits"])

@@ -1,18 +1,29 @@
 """Batches sampled from the current policy: the data source of Online DPO, RLOO and GRPO.
 
 The loop's prompt loader (sharded over processes by Accelerate, resumed by skipping batches like any other)
-yields rows ``{prompt, prompt_ids, source_row}``; :meth:`OnlineBatches.batch` turns one micro-batch of them into
-a training batch:
+yields micro-batches of rows ``{prompt, prompt_ids, source_row}``; :meth:`OnlineBatches.batches` turns them into
+training micro-batches, one *generation batch* at a time: the ``gradient_accumulation_steps`` micro-batches of
+prompts of one optimizer step (TRL's ``steps_per_generation``), on every process:
 
-1. sample ``num_generations`` completions of each prompt from the current policy
+1. sample ``num_generations`` completions of each of its prompts from the current policy, in one call
    (:func:`preftune.rollout.sampling.generate`, the prompt ids as the data layer encoded and truncated them),
-   seeded by (seed, epoch, batch, process): a resumed run samples exactly what the uninterrupted one did;
+   seeded by (seed, epoch, step, process): a resumed run samples exactly what the uninterrupted one did, and
+   accumulation k × batch B samples what accumulation 1 × batch k·B does;
 2. score them with the judge; a completion that never ended loses ``missing_eos_penalty``;
-3. build the experience, from the sampled ids themselves (never re-tokenised text):
+3. take the generation batch's statistics over all its micro-batches and processes (the std of its rewards, its
+   completion and token counts) — group statistics are never per micro-batch (DAPO's token mean is over the
+   whole batch, Yu et al. 2025, arXiv 2503.14476, Eq. 8) — and attach them to each micro-batch so that its loss
+   is its share of the generation batch's loss (:class:`preftune.methods.losses.GroupLogps`);
+4. build the experience, from the sampled ids themselves (never re-tokenised text):
    * groups (RLOO, GRPO): all completions of a prompt form one unit — with prefix sharing the prompt is encoded
      once for its group — with ``rewards [S]`` and ``group [S]`` for the loss;
    * pairs (Online DPO, Guo et al. 2024, arXiv 2402.04792): of each prompt's two completions the higher-scored is
      chosen; a tie carries no preference, so its pair is kept with weight 0 (``example_weights``) and counted.
+
+Every online batch carries ``logit_scale`` = 1/``temperature``: the policy, the reference and the old policy
+score the completions under softmax(z/T), the distribution they were drawn from (as TRL does), so the ratio and
+the KL are on-policy at any temperature. ``top_p``/``top_k`` are not applied when scoring (nor by TRL): with them
+the ratio and the KL refer to the tempered, untruncated policy, not to the truncated sampler.
 
 What a user needs to trust an online run goes into the metric window under TRL's names: ``reward``,
 ``reward_std``, ``frac_reward_zero_std`` (groups whose completions all scored the same: no signal),
@@ -25,7 +36,7 @@ Time spent sampling and judging is kept apart from the rest, for the summary.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -39,6 +50,12 @@ from preftune.rollout.judges import Judge, judge_scores
 from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate
 from preftune.training.tracking import MetricWindow
+
+
+def logit_scale(cfg: TrainConfig) -> Tensor:
+    """The ``logit_scale`` an online batch carries: 1/T, so that every log-prob of its completions is scored at the
+    sampling temperature T. A 0-dim host tensor: the LM head reads it as a number (no device sync)."""
+    return torch.tensor(1.0 / cfg.temperature, dtype=torch.float64)
 
 
 def num_generations(cfg: TrainConfig) -> int:
@@ -95,25 +112,74 @@ class OnlineBatches:
         self.seconds["judging"] += time.perf_counter() - started
         return out
 
-    def batch(self, rows: Sequence[dict], model: nn.Module, window: MetricWindow, seed: int) -> dict[str, Tensor]:
-        """The training batch of one micro-batch of prompt rows, on the accelerator's device."""
+    def batches(self, prompt_batches: Iterable[Sequence[dict]], model: nn.Module, window: MetricWindow, epoch: int,
+                first_index: int = 0) -> Iterator[dict[str, Tensor]]:
+        """The training micro-batches of an epoch's prompt micro-batches (the first one numbered ``first_index``
+        when a resumed run skips some), sampled one generation batch of ``gradient_accumulation_steps``
+        micro-batches at a time: lazily, so each generation batch is sampled from the policy of its step."""
+        k, state = self.cfg.gradient_accumulation_steps, self.accelerator.gradient_state
+        prompts, index = iter(prompt_batches), first_index
+        while True:
+            parts: list[Sequence[dict]] = []
+            # Stop pulling at the loader's last batch: pulling past it would close the loader, and Accelerate would
+            # no longer see the end of the epoch (where it takes the optimizer step of a short last step).
+            while len(parts) < k and not (parts and state.end_of_dataloader):
+                try:
+                    parts.append(next(prompts))
+                except StopIteration:
+                    break
+            if not parts:
+                return
+            at_end = state.end_of_dataloader
+            micro_batches = self.generation_batch(parts, model, window, self.seed(epoch, index // k))
+            index += len(parts)
+            for i, batch in enumerate(micro_batches):
+                if at_end:  # the loader already says "end" while the step's earlier micro-batches are trained: only
+                    # the last one may end it (Accelerate steps the optimizer at the end of the loader)
+                    state.active_dataloader.end_of_dataloader = i == len(micro_batches) - 1
+                yield batch
+
+    def generation_batch(self, parts: Sequence[Sequence[dict]], model: nn.Module, window: MetricWindow,
+                         seed: int) -> list[dict[str, Tensor]]:
+        """The training micro-batches of one generation batch (``parts``: its micro-batches of prompt rows), on the
+        accelerator's device; sampled and judged once, its statistics over all micro-batches and processes."""
+        acc, g = self.accelerator, self.group_size
+        rows = [r for part in parts for r in part]
         out = self.rollout(rows, model, self.sampling(seed))
         rewards = torch.tensor(out.scores, dtype=torch.float32)
-        group = torch.arange(len(out)) // self.group_size
         log_samples(window, out)
-        window.add("reward_std", rewards.std(unbiased=False).reshape(1))
-        window.add("frac_reward_zero_std", rl.zero_spread(rewards, group)[:: self.group_size].float())
+        micro_batches, start = [], 0
+        for part in parts:
+            end = start + len(part)
+            sub = _prompts(out, start, end)
+            sub_rewards = rewards[start * g : end * g]
+            window.add("reward_std", sub_rewards.std(unbiased=False).reshape(1))
+            group = torch.arange(len(sub)) // g
+            window.add("frac_reward_zero_std", rl.zero_spread(sub_rewards, group)[::g].float())
+            if self.kind == "groups":
+                batch = self.collator.groups(sub.prompt_ids, sub.completion_ids, g)
+                batch |= {"rewards": sub_rewards, "group": group}
+            else:
+                batch = self._pairs(sub, sub_rewards)
+            if SOURCE_ROW in part[0]:  # the prompts' rows, for reports that name them
+                batch["source_rows"] = torch.tensor([r[SOURCE_ROW] for r in part], dtype=torch.long)
+            micro_batches.append({k: v.to(acc.device) for k, v in batch.items()})
+            start = end
         if self.kind == "groups":
-            batch = self.collator.groups(out.prompt_ids, out.completion_ids, self.group_size)
-            batch |= {"rewards": rewards, "group": group}
-        else:
-            batch = self._pairs(out, rewards)
-        if SOURCE_ROW in rows[0]:  # the prompts' rows, for reports that name them
-            batch["source_rows"] = torch.tensor([r[SOURCE_ROW] for r in rows], dtype=torch.long)
-        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            # Accelerate divides each micro-batch's loss by gradient_accumulation_steps and DDP averages over the
+            # processes, so a micro-batch normalises by 1/(k·P) of the generation batch's counts.
+            shares = self.cfg.gradient_accumulation_steps * acc.num_processes
+            counts = torch.stack([sum(b["seq_tokens"].sum() for b in micro_batches).double(),
+                                  torch.tensor(float(len(out)), dtype=torch.float64, device=acc.device)])
+            counts = acc.reduce(counts, "sum") if acc.num_processes > 1 else counts
+            all_rewards = acc.gather(rewards.to(acc.device)) if acc.num_processes > 1 else rewards.to(acc.device)
+            stats = {"batch_reward_std": all_rewards.std(), "loss_num_tokens": (counts[0] / shares).float(),
+                     "loss_num_sequences": (counts[1] / shares).float()}
+            micro_batches = [b | stats for b in micro_batches]
+        return [b | {"logit_scale": logit_scale(self.cfg)} for b in micro_batches]
 
     def _pairs(self, out: Rollout, rewards: Tensor) -> dict[str, Tensor]:
-        rows, weights = [], []
+        rows, weights, order = [], [], []
         for i, prompt_ids in enumerate(out.prompt_ids):
             a, b = 2 * i, 2 * i + 1
             first_wins = rewards[a] >= rewards[b]
@@ -121,12 +187,22 @@ class OnlineBatches:
             rows.append({"prompt_ids": prompt_ids, "chosen_ids": out.completion_ids[chosen],
                          "rejected_ids": out.completion_ids[rejected]})
             weights.append(0.0 if rewards[a] == rewards[b] else 1.0)
-        return self.collator(rows) | {"example_weights": torch.tensor(weights)}
+            order.append((chosen, rejected))
+        scores = rewards[[c for c, _ in order] + [r for _, r in order]]  # [chosen; rejected], for the KL metrics
+        return self.collator(rows) | {"example_weights": torch.tensor(weights), "scores": scores}
 
     @torch.no_grad()
     def evaluate(self, rows: Sequence[dict], model: nn.Module, window: MetricWindow, seed: int) -> None:
         """One sample of each held-out prompt, judged: its reward, length and ending go into ``window``."""
         log_samples(window, self.rollout(rows, model, self.sampling(seed, n=1)))
+
+
+def _prompts(out: Rollout, start: int, end: int) -> Rollout:
+    """Prompts ``start:end`` of a rollout with their samples (sample k of prompt i sits at i·n + k)."""
+    a, b = start * out.group_size, end * out.group_size
+    return Rollout(out.prompts[start:end], out.prompt_ids[start:end], out.group_size, out.completion_ids[a:b],
+                   out.logprobs[a:b], out.ended_with_eos[a:b], out.completions[a:b],
+                   None if out.scores is None else out.scores[a:b], out.judge)
 
 
 def log_samples(window: MetricWindow, out: Rollout) -> None:

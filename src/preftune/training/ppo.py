@@ -12,8 +12,9 @@ updates, as TRL's PPO does; ``max_steps``, ``logging_steps``, ``save_steps`` and
    the decoded text, re-encoded with its own), a user's function, or the gold judge; minus ``missing_eos_penalty``
    for completions that never ended; then optional running scaling / normalisation and clipping;
 3. experience — with no gradient, in micro-batches of the rollout: log π_old, log π_ref and V_old of every
-   completion token; KL_t by ``kl_estimator``, r_t = −c·KL_t with the score added at the last token, GAE
-   advantages (whitened over the rollout) and returns — one :class:`Experience`;
+   completion token (log-probs at the sampling temperature, as every later log π: the logits divided by T);
+   KL_t by ``kl_estimator``, r_t = −c·KL_t with the score added at the last token, GAE advantages (whitened over
+   the rollout) and returns — one :class:`Experience`;
 4. optimise — ``num_ppo_epochs`` passes over the experience in a new random order, ``num_mini_batches`` optimizer
    steps each, a step being ``gradient_accumulation_steps`` micro-batches: clipped policy loss + ``vf_coef`` ×
    clipped value loss (− ``entropy_coef`` × entropy), a mean over the step's completion tokens;
@@ -50,7 +51,7 @@ from preftune.errors import ConfigError, DataError, TrainingError
 from preftune.methods import rl
 from preftune.methods.registry import get_method
 from preftune.modeling import loading
-from preftune.modeling.logprobs import model_inputs
+from preftune.modeling.logprobs import max_positions, model_inputs
 from preftune.modeling.value import PolicyAndValue, critic_from_policy, value_head
 from preftune.rollout.judges import Judge, RewardModelJudge
 from preftune.rollout.record import Rollout
@@ -61,14 +62,15 @@ from preftune.training.loop import (
     RunResult,
     Session,
     build_optimizer,
+    default_judge,
     effective_config,
     make_scheduler,
     open_metrics,
 )
 from preftune.training.objective import LossSpec
-from preftune.training.online import OnlineBatches, log_samples
+from preftune.training.online import OnlineBatches, log_samples, logit_scale
 from preftune.training.online import summary as online_summary
-from preftune.training.setup import RunInputs, check_same_vocabulary, prepare_inputs
+from preftune.training.setup import RunInputs, check_same_vocabulary, prepare_inputs, uses_embedded_model
 from preftune.training.tracking import MetricWindow
 
 log = logging.getLogger("preftune")
@@ -238,6 +240,10 @@ class Trainer(PreferenceTrainer):
 
     def __init__(self, config: TrainConfig, model=None, ref_model=None, tokenizer=None, train_dataset=None,
                  eval_dataset=None, callbacks=(), judge=None):
+        embedded_world = uses_embedded_model(config, model) and train_dataset is None and config.dataset is None
+        if default_judge(config, judge, embedded_world, needs_judge=True):
+            config = copy.deepcopy(config)
+            config.judge = "gold"  # written into config.yaml, so the run records what judged it
         if judge is None and not config.judge:
             raise ConfigError("PPO optimises a reward: set reward_model_path (or judge) to a reward-model folder, "
                               "judge to 'module:function' or 'gold' (the demo world), or pass judge= to the trainer")
@@ -407,11 +413,12 @@ class Trainer(PreferenceTrainer):
         return math.ceil(per_epoch * cfg.num_train_epochs), math.ceil(cfg.num_train_epochs)
 
     def _collate(self, collator: PreferenceCollator, sampled: Rollout) -> list[dict[str, Tensor]]:
-        """The rollout as forward batches of ``per_device_train_batch_size`` sequences, in rollout order."""
+        """The rollout as forward batches of ``per_device_train_batch_size`` sequences, in rollout order, scored at
+        the sampling temperature (``logit_scale``)."""
         size, device = self.cfg.per_device_train_batch_size, self.accelerator.device
         return [{k: v.to(device) for k, v in collator.groups(sampled.prompt_ids[i : i + size],
                                                              sampled.completion_ids[i : i + size], 1).items()}
-                for i in range(0, len(sampled), size)]
+                | {"logit_scale": logit_scale(self.cfg)} for i in range(0, len(sampled), size)]
 
     @torch.no_grad()
     def _scores(self, online: OnlineBatches, sampled: Rollout, batches: list[dict[str, Tensor]], on_ids: bool,
@@ -419,7 +426,10 @@ class Trainer(PreferenceTrainer):
         """The score of each completion ``[S]``: judged (a reward model on the sampled ids, or the judge on the
         text), minus the missing-EOS penalty (kept in ``sampled.scores``, logged as ``reward``), then scaled."""
         raw = None
-        if on_ids:
+        # The sampled ids as they are when they fit the reward model's positions, else the text path, which cuts them.
+        positions = max_positions(online.judge.model) if on_ids else None
+        longest = max(len(p) + len(c) for p, c in zip(sampled.sample_prompt_ids, sampled.completion_ids))
+        if on_ids and (positions is None or longest <= positions):
             raw = online.judge.score_batches(batches)
             if not bool(torch.isfinite(raw).all()):
                 raise TrainingError(f"the reward model {online.judge.name} gave non-finite scores to "
@@ -483,7 +493,7 @@ class Trainer(PreferenceTrainer):
         ppo, device = self.settings, self.accelerator.device
         batch = collator.groups([experience.prompt_ids[i] for i in seqs],
                                 [experience.completion_ids[i] for i in seqs], 1)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items()} | {"logit_scale": logit_scale(self.cfg)}
         tokens = experience.token_index(seqs)
         token_seq, seq_tokens = batch["score_seq"], batch["seq_tokens"]
         out = model(**model_inputs(batch), with_entropy=ppo.entropy_coef > 0)

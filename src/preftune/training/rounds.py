@@ -69,12 +69,13 @@ from preftune.errors import ConfigError, DataError, ResumeError, RunDirError
 from preftune.methods import rl
 from preftune.methods.registry import Rounds
 from preftune.modeling import loading
+from preftune.modeling.logprobs import max_positions
 from preftune.rollout.judges import CallableJudge, PairwiseJudge, judge_scores, load_judge, sequence_logps, win_rate
 from preftune.rollout.pairs import PairReport, pairs_from_rollout, save_pairs
 from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate
-from preftune.training import checkpoint
-from preftune.training.rundir import RunLock, open_run_folder
+from preftune.training import checkpoint, hub
+from preftune.training.rundir import RunLock, open_run_folder, record_entries
 from preftune.training.setup import _as_dataset, _load_model, _load_tokenizer, cache_root
 
 log = logging.getLogger("preftune")
@@ -95,8 +96,35 @@ def _unique_prompts(rows: datasets.Dataset) -> list[Any]:
     """Each distinct prompt once, in first-seen order (a preference file repeats a prompt per pair)."""
     seen: dict[str, Any] = {}
     for prompt in rows["prompt"]:
-        seen.setdefault(json.dumps(prompt, sort_keys=True), prompt)
+        seen.setdefault(_prompt_key(prompt), prompt)
     return list(seen.values())
+
+
+def _prompt_key(prompt: Any) -> str:
+    return json.dumps(prompt, sort_keys=True)
+
+
+def _first_rows(rows: datasets.Dataset) -> dict[str, int]:
+    """Each distinct prompt's first source row (its position when the rows carry none)."""
+    numbers = rows[formats.SOURCE_ROW] if formats.SOURCE_ROW in rows.column_names else range(len(rows))
+    first: dict[str, int] = {}
+    for prompt, row in zip(rows["prompt"], numbers):
+        first.setdefault(_prompt_key(prompt), row)
+    return first
+
+
+def check_prompts_fit(model: nn.Module, prompts: Sequence[dict]) -> None:
+    """Refuse, before round 1 samples, a prompt that leaves the model no position for a completion, naming the
+    prompt's file and row (the sampler would name only its place in a round)."""
+    positions = max_positions(model)
+    if positions is None:
+        return
+    for prompt in prompts:
+        if len(prompt["prompt_ids"]) >= positions:
+            raise DataError(prompt["source"], prompt["row"], "prompt", f"has {len(prompt['prompt_ids'])} tokens but "
+                            f"the model reads at most {positions} positions, which leaves no room for a completion; "
+                            f"set max_prompt_length below {positions} (long prompts keep their end), shorten the "
+                            "prompt, or use a model with more positions")
 
 
 def load_prompts(cfg: TrainConfig, tokenizer, train_dataset=None, eval_dataset=None
@@ -113,14 +141,17 @@ def load_prompts(cfg: TrainConfig, tokenizer, train_dataset=None, eval_dataset=N
             log.info("rounds: %s holds %d distinct prompts in %d rows; each is sampled once per round", source,
                      len(prompts), len(normalised))
         data = datasets.Dataset.from_list([{"prompt": p} for p in prompts])
+        # Each prompt's first row in the file, for messages that name it (keyed as the tokenized rows give it back).
+        first = _first_rows(normalised)
+        file_rows = {_prompt_key(read_back): first[_prompt_key(p)] for p, read_back in zip(prompts, data["prompt"])}
         tokenized, tok_report = tokenize.tokenize_rows(
             data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
             cache_dir=cache_root(cfg) / "tokenized", source=source)
         log.info("rounds: %s", tok_report)
         if len(tokenized) == 0:
             raise DataError(source, None, None, f"no prompt is left to sample for: {tok_report}")
-        return [{"prompt": p, "prompt_ids": ids} for p, ids in zip(tokenized["prompt"], tokenized["prompt_ids"])], \
-            tokenized._fingerprint
+        return [{"prompt": p, "prompt_ids": ids, "source": source, "row": file_rows.get(_prompt_key(p))}
+                for p, ids in zip(tokenized["prompt"], tokenized["prompt_ids"])], tokenized._fingerprint
 
     if isinstance(train_dataset, datasets.DatasetDict) and eval_dataset is None and cfg.eval_dataset is None:
         eval_dataset = train_dataset.get(cfg.eval_split)
@@ -383,6 +414,8 @@ def train_rounds(trainer) -> Any:
                                     "generated_tokens": run.generated_tokens}}
             summary.pop("run")
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            if cfg.push_to_hub:  # the last round's model, once
+                hub.push_final(cfg, result.final_dir)
         for callback in trainer.callbacks:  # once for the whole run, not once per round
             if hasattr(callback, "on_train_end"):
                 callback.on_train_end(result)
@@ -404,6 +437,7 @@ def _builtin_rows_if_needed(cfg: TrainConfig, given: dict) -> list[dict]:
 def _prepare(trainer, cfg: TrainConfig, tokenizer, prompts, held_out, out: Path, state: PartialState) -> RoundsRun:
     """π_0 (the given model, the config's, or the embedded one), the fixed reference, the judge."""
     initial = _load_model(cfg, trainer.given["model"], tokenizer, reward=False)
+    check_prompts_fit(initial, [*prompts, *held_out])
     device = state.device
     initial.to(device).eval()
     spec = cfg.rounds
@@ -475,6 +509,9 @@ def _run_round(run: RoundsRun, k: int, offset: int, initial_rollout: Rollout | N
     record: dict[str, Any] = {"round": k}
     if state.is_main_process:
         rdir.mkdir(parents=True, exist_ok=True)
+        # The run's own files in the round's folder, which the loop's run there does not record: an overwrite
+        # deletes them, and nothing else a user may have put there.
+        record_entries(run.out, [f"{rdir.name}/{name}" for name in (PAIRS_FILE, "sampling.json", ROUND_RECORD)])
         if pairs_path.exists():  # an interrupted round: its data is kept
             info = json.loads((rdir / "sampling.json").read_text())
             log.info("rounds: round %d reuses its pairs %s", k, pairs_path)
@@ -522,7 +559,7 @@ def _train(run: RoundsRun, k: int, offset: int, rows: list[dict], previous: nn.M
         cfg, output_dir=str(rdir), dataset=None, eval_dataset=None, eval_split_size=0.0,
         resume_from_checkpoint=True if resume else None, overwrite_output_dir=not resume,
         ref_model_name_or_path=cfg.ref_model_name_or_path if fixed else None,
-        save_merged_model=cfg.save_merged_model or cfg.use_peft,
+        save_merged_model=cfg.save_merged_model or cfg.use_peft, push_to_hub=False,  # the run pushes its last round
         run_name=f"{cfg.run_name or run.out.name}-round-{k}")
     if resume:
         log.info("rounds: round %d resumes its training from %s", k, checkpoint.list_checkpoints(rdir)[-1])
