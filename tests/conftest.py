@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -19,6 +20,17 @@ CORPUS = [
     "Human: tell me a joke. Assistant: Why did the chicken cross the road?",
     "A terrible film with a wonderful score, not bad at all.",
 ] * 20
+
+
+@pytest.fixture(autouse=True)
+def _own_log_handlers():
+    """``preftune.cli.main`` adds a handler on the stderr of its test (``logging.basicConfig``): later tests must
+    not write to a closed stream."""
+    before = list(logging.root.handlers)
+    yield
+    for handler in logging.root.handlers[:]:
+        if handler not in before:
+            logging.root.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -38,16 +37,6 @@ def user_files(tmp_path_factory):
         f"eval_split_size: 0.25\ncache_dir: {root / 'cache'}\n"
     )
     return root
-
-
-@pytest.fixture(autouse=True)
-def _own_log_handlers():
-    """main() adds a handler on the stderr of its test (logging.basicConfig); later tests must not write to it."""
-    before = list(logging.root.handlers)
-    yield
-    for handler in logging.root.handlers[:]:
-        if handler not in before:
-            logging.root.removeHandler(handler)
 
 
 def test_train_from_yaml_with_overrides_writes_a_loadable_run(user_files, capsys):

@@ -21,16 +21,6 @@ from preftune.modeling.tiny import build_tiny_model, default_tokenizer
 ROWS = builtin_preferences(8, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _own_log_handlers():
-    """main() adds a handler on the stderr of its test (logging.basicConfig); later tests must not write to it."""
-    before = list(logging.root.handlers)
-    yield
-    for handler in logging.root.handlers[:]:
-        if handler not in before:
-            logging.root.removeHandler(handler)
-
-
 def fails(capsys, *argv: str) -> tuple[int, str]:
     """``preftune *argv`` → (exit code, the error line); the error is one line and no traceback."""
     code = main(list(argv))

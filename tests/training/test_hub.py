@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import re
 import socket
 import threading
@@ -273,21 +272,11 @@ def user_files(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def _own_log_handlers():
-    """cli.main() adds a handler on this test's stderr (logging.basicConfig); later tests must not write to it."""
-    before = list(logging.root.handlers)
-    yield
-    for handler in logging.root.handlers[:]:
-        if handler not in before:
-            logging.root.removeHandler(handler)
-
-
 def files_of(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_preftune_train_uploads_final_with_its_card(stand_in, user_files, tmp_path, _own_log_handlers):
+def test_preftune_train_uploads_final_with_its_card(stand_in, user_files, tmp_path):
     out = tmp_path / "run"
     assert main(["train", str(user_files / "run.yaml"), f"output_dir={out}"]) == 0
     assert stand_in.created["me/my-dpo"]["visibility"] == "private"
@@ -317,7 +306,7 @@ def stop_case(case: str, monkeypatch, user_files) -> tuple[list[str], str]:
 
 @pytest.mark.parametrize("case", ["offline", "no token", "read-only token", "unreachable"])
 def test_a_run_that_could_not_upload_stops_before_its_first_step(case, stand_in, user_files, tmp_path, monkeypatch,
-                                                                 capsys, _own_log_handlers):
+                                                                 capsys):
     overrides, advice = stop_case(case, monkeypatch, user_files)
     out = tmp_path / "run"
     start = time.perf_counter()
@@ -332,7 +321,7 @@ def test_a_run_that_could_not_upload_stops_before_its_first_step(case, stand_in,
 
 
 def test_a_failed_upload_after_training_keeps_final_and_says_how_to_upload_it(stand_in, user_files, tmp_path,
-                                                                              capsys, _own_log_handlers):
+                                                                              capsys):
     out = tmp_path / "run"  # the token is valid, but another namespace refuses it: known only when uploading
     code = main(["train", str(user_files / "run.yaml"), f"output_dir={out}", "hub_model_id=their-org/my-dpo"])
     assert code == HubError.exit_code
