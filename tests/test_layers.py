@@ -12,7 +12,7 @@ PACKAGE = ROOT / "src" / "preftune"
 # Lowest first. A module may import its own layer's package and any layer below it, never one above;
 # packages that share a position are listed in the order they may import each other.
 LAYERS = ["errors", "digest", "data", "methods", "schedules", "config", "modeling", "rollout", "training", "evaluation",
-          "annotate", "demo", "experiments", "cli"]
+          "annotate", "demo", "experiments", "trl", "cli"]
 
 
 def _layer(module: str) -> str:

@@ -157,7 +157,7 @@ def test_an_sppo_prompt_with_no_room_to_sample_is_refused_by_its_row_before_samp
     positions = model.config.max_position_embeddings
     with pytest.raises(DataError) as info:
         PreferenceTrainer(config, model=model, tokenizer=tok, train_dataset=rows, judge=judge).train()
-    assert str(info.value).startswith("train_dataset, row 3, field 'prompt': has ")
+    assert str(info.value).startswith("train_dataset, row 3 (0-based), field 'prompt': has ")
     assert f"but the model reads at most {positions} positions" in str(info.value)
     assert f"set max_prompt_length below {positions}" in str(info.value)
     assert not (tmp_path / "run" / "round-1" / "pairs.jsonl").exists()

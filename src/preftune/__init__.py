@@ -17,12 +17,37 @@ _EXPORTS = {
     "PreferenceTrainer": "preftune.training.loop",
     "RunResult": "preftune.training.loop",
     "train": "preftune.training.loop",
+    # TRL's trainer signatures onto the one trainer (``from trl import`` → ``from preftune import``)
+    "DPOConfig": "preftune.trl",
+    "DPOTrainer": "preftune.trl",
+    "GRPOConfig": "preftune.trl",
+    "GRPOTrainer": "preftune.trl",
+    "KTOConfig": "preftune.trl",
+    "KTOTrainer": "preftune.trl",
+    "RLOOConfig": "preftune.trl",
+    "RLOOTrainer": "preftune.trl",
+    "RewardConfig": "preftune.trl",
+    "RewardTrainer": "preftune.trl",
 }
-__all__ = ["TrainConfig", "build_config", "load_config", "PreferenceTrainer", "RunResult", "train"]
+__all__ = ["TrainConfig", "build_config", "load_config", "PreferenceTrainer", "RunResult", "train", "DPOConfig",
+           "DPOTrainer", "GRPOConfig", "GRPOTrainer", "KTOConfig", "KTOTrainer", "RLOOConfig", "RLOOTrainer",
+           "RewardConfig", "RewardTrainer"]
 
 if TYPE_CHECKING:
     from preftune.config import TrainConfig, build_config, load_config
     from preftune.training.loop import PreferenceTrainer, RunResult, train
+    from preftune.trl import (
+        DPOConfig,
+        DPOTrainer,
+        GRPOConfig,
+        GRPOTrainer,
+        KTOConfig,
+        KTOTrainer,
+        RewardConfig,
+        RewardTrainer,
+        RLOOConfig,
+        RLOOTrainer,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,10 @@
 """``preftune`` command line: ``preftune train [CONFIG.yaml] [key=value …]`` and friends.
 
 A user error ends with one line on stderr, ``preftune: <what is wrong, where, what to do>``, and an exit
-code per kind (:data:`EXIT_CODES`); anything else is a bug and keeps its traceback. ``--debug`` (or
-``PREFTUNE_DEBUG=1``) shows the traceback of user errors too. Nothing heavy is imported before a command
+code per kind (:data:`EXIT_CODES`); anything else is a bug and keeps its traceback. The log holds preftune's own
+lines and other libraries' errors; ``--debug`` (or ``PREFTUNE_DEBUG=1``) adds the libraries' warnings and
+information (Accelerate's checkpoint notes, transformers' FutureWarnings, …) and the traceback of user errors.
+Nothing heavy is imported before a command
 runs, so ``preftune --help`` answers at once.
 """
 
@@ -15,6 +17,7 @@ import os
 import sys
 import textwrap
 import traceback
+import warnings
 from pathlib import Path
 
 from preftune import errors
@@ -37,7 +40,11 @@ EXIT_CODES = {
     "file not found": EXIT_NOT_FOUND,
     "interrupted": EXIT_INTERRUPTED,
 }
-DEBUG_HELP = "show the Python traceback of user errors too (or set PREFTUNE_DEBUG=1)"
+DEBUG_HELP = ("show other libraries' warnings and notes, and the Python traceback of user errors too (or set "
+              "PREFTUNE_DEBUG=1)")
+# Libraries that log through handlers of their own, and the variables that set their level when first imported.
+LIBRARY_LOGGERS = {"transformers": "TRANSFORMERS_VERBOSITY", "datasets": "DATASETS_VERBOSITY",
+                   "huggingface_hub": "HF_HUB_VERBOSITY"}
 
 EPILOG = """examples:
   preftune demo                                    # SFT → on-policy pairs → DPO → evaluation, embedded world
@@ -125,21 +132,41 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="a run's health report: HTML page with plots and a markdown summary")
     report.add_argument("run_dir", help="a run folder (metrics.jsonl, config.yaml)")
     report.add_argument("--out", help="folder for report.html and report.md (default: the run folder)")
-    exp = sub.add_parser("experiment", help="reproducible experiments: frontier (the DPO paper's reward–KL plot), "
-                         "scorer (the DPO policy's implicit reward against a reward model, on held-out pairs)")
-    exp.add_argument("name", choices=["frontier", "scorer"])
-    exp.add_argument("--output-dir", help="default: experiments/NAME")
-    exp.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
-    exp.add_argument("--runs", nargs="+", metavar="LABEL", help="frontier: only these runs (labels as in its table)")
-    exp.add_argument("--resume", action="store_true",
-                     help="frontier: keep the runs points.json already holds (same settings), run the others")
+    experiments = _experiment_parser(sub)
     annotate_actions = _annotate_parser(sub)
     sub.add_parser("methods", help="list the registered methods")
     sub.add_parser("config", help="list every config key with its default")
     # `preftune train run.yaml --debug` as well as `preftune --debug train …`
-    for command in [*sub.choices.values(), *annotate_actions]:
+    for command in [*sub.choices.values(), *experiments, *annotate_actions]:
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+def _experiment_parser(sub) -> list[argparse.ArgumentParser]:
+    """``preftune experiment frontier | scorer``, each with its own options. Results go to a run folder (runs/NAME,
+    ignored by git), never over the committed ones in experiments/NAME unless --output-dir names them."""
+    exp = sub.add_parser("experiment", help="reproducible experiments: frontier (the DPO paper's reward–KL plot), "
+                         "scorer (the DPO policy's implicit reward against a reward model, on held-out pairs)")
+    names = exp.add_subparsers(dest="name", required=True, metavar="{frontier,scorer}")
+    frontier = names.add_parser("frontier", help="the DPO paper's reward–KL frontier (Fig. 2 left) on the demo world, "
+                                "for every method, with each run's cost",
+                                description="Every run starts from the demo's SFT model; every few steps its policy "
+                                "samples held-out prompts and gives one point (KL to the SFT model, mean gold "
+                                "reward). Writes points.json, frontier.png and frontier.md.")
+    frontier.add_argument("--output-dir", default="runs/frontier",
+                          help="where points.json, frontier.png, frontier.md and work/ go (default: runs/frontier)")
+    frontier.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
+    frontier.add_argument("--runs", nargs="+", metavar="LABEL", help="only these runs (labels as in its table)")
+    frontier.add_argument("--resume", action="store_true",
+                          help="keep the runs points.json already holds (same settings), run the others")
+    scorer = names.add_parser("scorer", help="the DPO policy's implicit reward against a reward model, on held-out "
+                              "pairs", description="Ranks held-out demo pairs with the DPO policy's implicit reward, "
+                              "the SFT model's log-likelihood and a Bradley–Terry reward model trained on the same "
+                              "pairs. Writes results.json and scorer.md.")
+    scorer.add_argument("--output-dir", default="runs/scorer",
+                        help="where results.json, scorer.md and work/ go (default: runs/scorer)")
+    scorer.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
+    return [frontier, scorer]
 
 
 def _annotate_parser(sub) -> list[argparse.ArgumentParser]:
@@ -169,6 +196,10 @@ def _annotate_parser(sub) -> list[argparse.ArgumentParser]:
                        "random one is made and printed in the page's URL")
     serve.add_argument("--votes-per-item", type=int, default=1,
                        help="labels wanted per item (2 or more gives annotator agreement)")
+    serve.add_argument("--guidelines", metavar="FILE", help="the task's guidelines, a Markdown file shown on the page "
+                       "(headings, lists, **bold**, *italic*, `code`; HTML is shown as text)")
+    serve.add_argument("--admin-token", help="token of the read-only overview page (>= 16 characters; or "
+                       "PREFTUNE_ANNOTATE_ADMIN_TOKEN); by default a random one, printed in the overview's URL")
     export = actions.add_parser("export", help="write the labelled pairs as preference JSONL for preftune train")
     export.add_argument("--db", default="annotations.sqlite", help=db_help)
     export.add_argument("--out", required=True, help="output JSONL of {prompt, chosen, rejected, votes}")
@@ -192,6 +223,7 @@ def _split_config_and_overrides(config: str | None, overrides: list[str]) -> tup
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     debug = vars(args).pop("debug") or os.environ.get("PREFTUNE_DEBUG", "") not in ("", "0")
+    _configure_logging(debug)
     try:
         return _run(args)
     except errors.PreftuneError as err:
@@ -203,6 +235,41 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(*explained, debug)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED, debug)
+
+
+class _PreftuneAndErrors(logging.Filter):
+    """The default log: preftune's own lines, and other libraries' errors (their warnings and notes are --debug's:
+    Accelerate's "Removed shared tensor" on every checkpoint of a tied model, a CPU kernel bitsandbytes lacks)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.partition(".")[0] == "preftune" or record.levelno >= logging.ERROR
+
+
+def _configure_logging(debug: bool) -> None:
+    """One line per thing a user must know at the default level; everything else under ``--debug``. A host that set
+    up logging itself (pytest, a notebook calling :func:`main`) keeps its own, as with ``logging.basicConfig``."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "preftune_cli", False)]:  # main() run again in one process
+        root.removeHandler(old)
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    handler.preftune_cli = True  # type: ignore[attr-defined]
+    if debug:
+        warnings.simplefilter("default")  # every warning, once where it is raised
+    else:
+        handler.addFilter(_PreftuneAndErrors())
+        # FutureWarnings and DeprecationWarnings speak to the authors of the code that calls a library, not to its user.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    level = "warning" if debug else "error"
+    for name, variable in LIBRARY_LOGGERS.items():
+        os.environ[variable] = level  # read when the library is first imported (nothing heavy is yet) …
+        logging.getLogger(name).setLevel(level.upper())  # … and here if it already is (a second main())
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("preftune").setLevel(logging.DEBUG if debug else logging.NOTSET)
 
 
 def _fail(message: str, code: int, debug: bool) -> int:
@@ -254,8 +321,6 @@ def _file_in_the_way(path: Path) -> Path | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
     if args.command == "demo":
         from preftune.demo.pipeline import DemoSettings, run_demo
 
@@ -264,7 +329,7 @@ def _run(args: argparse.Namespace) -> int:
         run_demo(settings)
         return 0
     if args.command == "experiment":
-        output_dir = args.output_dir or f"experiments/{args.name}"
+        output_dir = args.output_dir
         if args.name == "scorer":
             from preftune.demo.pipeline import DemoSettings
             from preftune.experiments.scorer import ScorerSettings, run_scorer_experiment, scorer_table
@@ -275,7 +340,7 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         from preftune.experiments.frontier import FrontierSettings, check_runs, frontier_table, run_frontier
 
-        settings = FrontierSettings.quick(output_dir) if args.quick else FrontierSettings(output_dir=output_dir)
+        settings = FrontierSettings.quick(output_dir) if args.quick else FrontierSettings.full(output_dir)
         if args.runs:
             check_runs(args.runs)
             settings.runs = args.runs
@@ -308,7 +373,8 @@ def _run(args: argparse.Namespace) -> int:
 
             check_port(args.port)  # before the files load: a wrong --port is refused at once
             annotate.serve_command(args.db, args.pairs, args.samples, host=args.host, port=args.port,
-                                   token=args.token, votes_per_item=args.votes_per_item)
+                                   token=args.token, votes_per_item=args.votes_per_item,
+                                   admin_token=args.admin_token, guidelines=args.guidelines)
         elif args.action == "export":
             print(annotate.export_command(args.db, args.out, args.task, args.source, args.overwrite))
         else:

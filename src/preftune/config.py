@@ -173,6 +173,33 @@ TRL_KEYS: dict[str, TrlKey] = {
     "activation_offloading": TrlKey("not supported; use gradient_checkpointing"),
     "pad_to_multiple_of": TrlKey("batches are packed without padding (padding_free) or padded to their longest row"),
     "tools": TrlKey("not supported"),
+    # --- GRPO / RLOO (TRL's GRPOConfig, RLOOConfig) ---------------------------------------------------------------
+    "use_vllm": TrlKey("online methods sample with the policy itself (no vLLM server or colocated engine): remove "
+                       "use_vllm, or set it false", _is(False)),
+    **{key: TrlKey("online methods sample with the policy itself, without vLLM: remove it") for key in (
+        "vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_server_base_url", "vllm_gpu_memory_utilization",
+        "vllm_tensor_parallel_size", "vllm_model_impl", "vllm_importance_sampling_correction")},
+    "num_iterations": TrlKey("each generation batch is used for one update (1 is accepted)", _is(1)),
+    "steps_per_generation": TrlKey("each optimizer step samples its own prompts (null is accepted)", _is(None)),
+    "generation_batch_size": TrlKey("each optimizer step samples its own prompts: per_device_train_batch_size × "
+                                    "gradient_accumulation_steps completions (null is accepted)", _is(None)),
+    "reward_weights": TrlKey("pass the reward functions and their weights to preftune.GRPOTrainer (reward_funcs=, "
+                             "GRPOConfig(reward_weights=…)), or write one judge function that combines them"),
+    "rloo_k": TrlKey("set num_generations (completions per prompt)"),
+    "log_completions": TrlKey("`preftune eval` samples and judges held-out prompts; false is accepted", _is(False)),
+    "num_completions_to_print": TrlKey("`preftune eval` samples and judges held-out prompts; remove it"),
+    "mask_truncated_completions": TrlKey("set missing_eos_penalty to score completions that never ended lower; "
+                                         "false is accepted", _is(False)),
+    "repetition_penalty": TrlKey("sampling uses temperature, top_p and top_k; 1.0 is accepted", _is(1.0)),
+    "min_p": TrlKey("sampling uses temperature, top_p and top_k; null is accepted", _is(None, 0, 0.0)),
+    "generation_kwargs": TrlKey("sampling uses temperature, top_p and top_k; set those keys", _is(None, {})),
+    "importance_sampling_level": TrlKey("the policy ratio is per token (GSPO's sequence level is not implemented); "
+                                        "'token' is accepted", _is("token")),
+    "top_entropy_quantile": TrlKey("every completion token is trained on; 1.0 is accepted", _is(1.0)),
+    "ds3_gather_for_generation": TrlKey("give DeepSpeed to Accelerate (examples/accelerate/deepspeed_zero3.yaml); "
+                                        "true is accepted", _is(True)),
+    "shuffle_dataset": TrlKey("training prompts are always shuffled (seed); true is accepted", _is(True)),
+    "use_liger_loss": TrlKey("the LM head is already chunked (logprob_chunk_size); false is accepted", _is(False)),
 }
 
 # report_to names: Accelerate's trackers → (modules, any of which makes it available; the package to install).

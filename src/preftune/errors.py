@@ -8,6 +8,14 @@ This module imports nothing from preftune: every layer may raise these.
 
 from __future__ import annotations
 
+import bz2
+import csv
+import functools
+import gzip
+import io
+import lzma
+from pathlib import Path
+
 
 class PreftuneError(Exception):
     """A problem the user can fix; the message says what, where and what to do."""
@@ -22,11 +30,13 @@ class ConfigError(PreftuneError, ValueError):
 
 
 class DataError(PreftuneError, ValueError):
-    """Bad input data, named precisely: ``source, row N, field 'x': problem``.
+    """Bad input data, named precisely: ``source, line N, field 'x': problem``.
 
     ``row`` is the 0-based row index in the source and ``field`` the column; both are None for
-    problems of the whole dataset (unknown columns, unreadable file). ``DataError("whole message")``
-    (no ``problem``) takes an already complete message.
+    problems of the whole dataset (unknown columns, unreadable file). The message names the row where the user
+    can find it: by its line (1-based, as editors show) in a JSON Lines or CSV file (:func:`line_of_row`), by its
+    0-based index elsewhere (``row 5 (0-based)``: a Hub dataset, Parquet, a list in memory).
+    ``DataError("whole message")`` (no ``problem``) takes an already complete message.
     """
 
     exit_code = 3
@@ -40,7 +50,8 @@ class DataError(PreftuneError, ValueError):
             return
         where = [str(source)]
         if row is not None:
-            where.append(f"row {row}")
+            line = line_of_row(source, row)
+            where.append(f"line {line}" if line is not None else f"row {row} (0-based)")
         if field is not None:
             where.append(f"field '{field}'")
         super().__init__(f"{', '.join(where)}: {problem}")
@@ -48,6 +59,55 @@ class DataError(PreftuneError, ValueError):
     def __reduce__(self):
         # Default exception pickling replays only the message; `datasets` workers (num_proc) pickle errors.
         return (type(self), (self.source, self.row, self.field, self.problem))
+
+
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def line_of_row(source: str, row: int) -> int | None:
+    """The 1-based line where row ``row`` (0-based, as ``datasets`` reads the file) starts, for a JSON Lines, CSV or
+    text (one prompt a line) file, also ``.gz``, ``.bz2``, ``.xz``; None for any other source, or a row the file
+    does not hold.
+
+    Blank lines are not rows (``datasets`` skips them), nor is a CSV's header line; a quoted CSV field may span lines.
+    """
+    try:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            return None
+        stat = path.stat()
+        starts = _row_lines(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    except (OSError, ValueError, csv.Error):  # an unreadable file: the 0-based index still names the row
+        return None
+    return starts[row] if 0 <= row < len(starts) else None
+
+
+@functools.lru_cache(maxsize=4)  # one read per file version, however many rows a skip report names
+def _row_lines(path: str, size: int, mtime_ns: int) -> tuple[int, ...]:
+    """The first line of each row of a line-based file (empty for a file whose rows are not lines)."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    opener = _OPENERS.get(suffixes[-1] if suffixes else "")
+    kind = suffixes[-2] if opener is not None and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
+    if kind not in (".jsonl", ".json", ".csv", ".txt"):
+        return ()
+    with (opener or open)(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
+        if kind == ".csv":
+            reader, starts, line, header = csv.reader(text), [], 0, False
+            for record in reader:
+                if record:  # pandas skips blank lines, and the first record is the header, not a row
+                    if header:
+                        starts.append(line + 1)
+                    header = True
+                line = reader.line_num
+            return tuple(starts)
+        starts = []
+        for n, line in enumerate(text, start=1):
+            if not line.strip():
+                continue
+            if not starts and kind == ".json" and line.lstrip().startswith("["):  # a JSON list: rows are not lines
+                return ()
+            starts.append(n)
+        return tuple(starts)
 
 
 class RunDirError(PreftuneError):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 URL_LINE = re.compile(r"annotating at (http://127\.0\.0\.1:(\d+))/#token=(\S+)")
+OVERVIEW_LINE = re.compile(r"overview at http://127\.0\.0\.1:\d+/overview#token=(\S+)")
 
 
 def python_path() -> str:
@@ -99,6 +100,7 @@ class Server:
     client: Client
     db: Path | str
     output: list[str]
+    admin_token: str = ""  # of the overview, from the line after the page's URL
 
     def stop(self, sig: int = signal.SIGINT) -> int:
         if self.process.poll() is None:
@@ -121,6 +123,10 @@ def start_server(db: Path | str, *args: str, env: dict | None = None) -> Server:
         output.append(line.rstrip("\n"))
         found = URL_LINE.search(line)
         if found:
-            return Server(process, Client("127.0.0.1", int(found.group(2)), found.group(3)), db, output)
+            admin = process.stdout.readline()
+            output.append(admin.rstrip("\n"))
+            admin_token = OVERVIEW_LINE.search(admin)
+            return Server(process, Client("127.0.0.1", int(found.group(2)), found.group(3)), db, output,
+                          admin_token.group(1) if admin_token else "")
     process.kill()
     raise AssertionError("the server did not start:\n" + "\n".join(output) + (process.stdout.read() or ""))

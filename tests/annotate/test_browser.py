@@ -217,5 +217,87 @@ def test_a_blind_evaluation_in_the_browser(server, browser, tmp_path):
     assert judge["value"] == pytest.approx(2 / 3) and judge["judge"] == "gold"
 
 
+GUIDE = ("# How to judge\n\nPrefer **honest** answers over *flowery* ones.\n"
+         "<script>window.pwned = 3</script><img src=x onerror=\"window.pwned = 4\">\n\n- read both\n- then vote\n")
+
+
+@pytest.fixture(scope="module")
+def team_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("team")
+    (root / "guide.md").write_text(GUIDE, encoding="utf-8")
+    server = start_server(root / "annotations.sqlite", "--pairs", str(write_jsonl(root / "pairs.jsonl", PAIRS)),
+                          "--guidelines", str(root / "guide.md"))
+    yield server
+    server.process.kill()
+    server.process.wait(timeout=20)
+    server.process.stdout.close()
+
+
+def test_guidelines_undo_and_skip_in_the_browser(team_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    client = team_server.client
+    browser.get(f"{client.origin}/?task=pairs#token={client.token}")
+    _wait_for_text(browser, "guidelines", "How to judge")
+    # The Markdown's own markup is made (a heading, bold, a list); the HTML in it is text, and never ran.
+    guide = browser.find_element(By.ID, "guidelines")
+    assert [e.text for e in guide.find_elements(By.CSS_SELECTOR, "h3, strong, em, li")] == [
+        "How to judge", "honest", "flowery", "read both", "then vote"]
+    assert '<script>window.pwned = 3</script><img src=x onerror="window.pwned = 4">' in _text(browser, "guidelines")
+    assert guide.find_elements(By.CSS_SELECTOR, "script, img") == []
+    assert browser.execute_script("return window.pwned === undefined")
+
+    _sign_in(browser, "carol")
+    first = _wait_for_item(browser, None)
+    assert browser.find_element(By.ID, "undo").get_attribute("disabled") is not None  # nothing to undo yet
+    browser.find_element(By.ID, "note").send_keys("first thoughts", Keys.ESCAPE)
+    _press(browser, "1")
+    second = _wait_for_item(browser, first)
+    browser.find_element(By.ID, "undo").click()  # back to the first item, its note restored
+    _wait_for_text(browser, "status", "Your last vote (A is better) is withdrawn")
+    assert _wait_for_item(browser, second) == first
+    assert browser.find_element(By.ID, "note").get_attribute("value") == "first thoughts"
+    _wait_for_text(browser, "progress-text", "0 of 3 done by you")
+    _press(browser, "3")  # voted anew: a tie
+    assert _wait_for_item(browser, first) == second
+    _press(browser, "s")  # skip the second: the third comes, the second after it
+    _wait_for_text(browser, "status", "Skipped")
+    third = _wait_for_item(browser, second)
+    _press(browser, "2")
+    assert _wait_for_item(browser, third) == second
+    _press(browser, "1")
+    _wait_for_text(browser, "done-text", "All done, carol: you labelled 3 items here.")
+    _press(browser, "u")  # the last vote can be undone from the end screen too
+    assert _wait_for_item(browser, None) == second
+    _press(browser, "4")
+    _wait_for_text(browser, "done-text", "All done, carol")
+    assert _console_errors(browser) == []
+
+    with AnnotationStore(team_server.db, create=False) as store:
+        votes = store.votes("pairs")
+        prompts = {i["id"]: i["prompt"] for i in store.items("pairs")}
+        assert [(prompts[v["item_id"]], v["choice"]) for v in votes] == [(first, "tie"), (third, "right"),
+                                                                         (second, "both_bad")]
+        assert store.changes("pairs") == {"carol": {"retracted": 2, "skipped": 1}}
+
+
+def test_the_overview_in_the_browser(team_server, browser):
+    from selenium.webdriver.common.by import By
+
+    client = team_server.client
+    browser.get(f"{client.origin}/overview#token={team_server.admin_token}")
+    _wait_for_text(browser, "overview-pairs", "carol")
+    rows = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+            for tr in browser.find_elements(By.CSS_SELECTOR, "#overview-pairs tr")][1:2]
+    assert rows == [["carol", "3", "2", "1"]]
+    assert "3 of 3 items have 1 vote · 3 votes" in _text(browser, "overview-pairs")
+    assert "#token" not in browser.current_url
+    browser.get("about:blank")  # a new load (a change of fragment alone would not reload the page)
+    browser.get(f"{client.origin}/overview#token={client.token}")  # the annotators' token does not open it
+    _wait_for_text(browser, "status", "missing or wrong admin token")
+    assert all("status of 401" in e for e in _console_errors(browser))  # the refused request, nothing else
+
+
 def test_the_browser_tests_use_the_system_chromium():
     assert shutil.which("chromium") == CHROMIUM or os.path.isfile(CHROMIUM)

@@ -63,7 +63,8 @@ def test_pairs_annotated_in_the_app_train(serve, tmp_path, tokenizer, tiny_model
 
     # preftune train reads both exports as it reads `preftune pairs` output, in the same formats …
     canonical, report = normalise(load_rows(str(out)), str(out))
-    assert str(report.format) == "standard, text" and report.rows_out == 8 and report.ignored_columns == ["votes"]
+    assert str(report.format) == "standard, text" and report.rows_out == 8
+    assert report.ignored_columns == ["notes", "votes"]  # the annotators' notes travel along, unused by training
     chat_rows, chat_report = normalise(load_rows(str(chat_out)), str(chat_out))
     assert str(chat_report.format) == "standard, conversational" and chat_report.rows_out == 4
     assert chat_rows[0]["prompt"] == chat_prompts[0]

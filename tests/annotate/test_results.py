@@ -57,9 +57,12 @@ def test_export_keeps_decided_pairs_and_counts_the_rest(store, tmp_path):
     assert str(report).startswith("exported 3 of 7 pairs items as preference rows to ")
     written = [json.loads(line) for line in (tmp_path / "out" / "prefs.jsonl").read_text().splitlines()]
     assert written == [
-        {"prompt": rows[0]["prompt"], "chosen": rows[0]["chosen"], "rejected": rows[0]["rejected"], "votes": 1},
-        {"prompt": rows[1]["prompt"], "chosen": rows[1]["rejected"], "rejected": rows[1]["chosen"], "votes": 1},
-        {"prompt": rows[6]["prompt"], "chosen": rows[6]["chosen"], "rejected": rows[6]["rejected"], "votes": 3},
+        {"prompt": rows[0]["prompt"], "chosen": rows[0]["chosen"], "rejected": rows[0]["rejected"], "votes": 1,
+         "notes": []},
+        {"prompt": rows[1]["prompt"], "chosen": rows[1]["rejected"], "rejected": rows[1]["chosen"], "votes": 1,
+         "notes": []},
+        {"prompt": rows[6]["prompt"], "chosen": rows[6]["chosen"], "rejected": rows[6]["rejected"], "votes": 3,
+         "notes": []},
     ]
 
 
@@ -72,14 +75,14 @@ def test_conversations_export_as_conversations_and_kinds_are_not_mixed(store, tm
     cast(store, "x", 1, "b")
     cast(store, "x", 2, "a")
     rows, report = preference_rows(store)
-    assert rows == [{**chat[0], "chosen": chat[0]["rejected"], "rejected": chat[0]["chosen"], "votes": 1},
-                    {**chat[1], "votes": 1}]
+    assert rows == [{**chat[0], "chosen": chat[0]["rejected"], "rejected": chat[0]["chosen"], "votes": 1,
+                     "notes": []}, {**chat[1], "votes": 1, "notes": []}]
     # Eval samples hold text completions of a conversation: exported as one assistant message each.
     samples = write_jsonl(tmp_path / "samples.jsonl", [{"prompt": chat[0]["prompt"], "policy": "Yes.",
                                                         "reference": "No."}])
     store.add_items(read_items(samples, "eval"))
     cast(store, "x", 3, "a")
-    assert preference_rows(store, "eval")[0] == [{"prompt": chat[0]["prompt"], "votes": 1,
+    assert preference_rows(store, "eval")[0] == [{"prompt": chat[0]["prompt"], "votes": 1, "notes": [],
                                                   "chosen": [{"role": "assistant", "content": "Yes."}],
                                                   "rejected": [{"role": "assistant", "content": "No."}]}]
     text_file = write_jsonl(tmp_path / "text.jsonl", text_pairs(1))
@@ -109,7 +112,8 @@ def test_agreement_and_position_in_the_report(store, tmp_path):
     assert report["position"]["decisive_votes"] == len(decisive) == 7
     assert report["position"]["left_rate"] == pytest.approx(decisive.count("left") / 7)
     low, high = report["position"]["ci95"]
-    assert low < report["position"]["left_rate"] < high
+    assert low <= report["position"]["left_rate"] <= high  # the sides are drawn at random: 0 of 7 left may happen
+    assert low < high
     assert report["labels"] == {"a": 4, "b": 3, "tie": 2, "both_bad": 0} and report["notes"] == 1
     assert report["decisions"] == {"a": 2, "split": 1, "b": 1, "tie": 1}
     # The file's scores make a the judge's pick: items decided a or b are 1, 3 and 5; humans side with a on 1 and 5.

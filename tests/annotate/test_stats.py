@@ -69,6 +69,14 @@ def test_wilson_interval_by_hand():
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
 
 
+def test_a_wilson_interval_at_zero_or_all_holds_its_estimate_exactly():
+    # p̂ = 0: the centre and the spread are both z²/2n, so the lower end is 0, not a rounding error above it
+    # (3.6e-17 for 0 of 7); p̂ = 1 likewise ends at 1 (not 0.9999999999999999 for 10 of 10).
+    for n in range(1, 60):
+        assert wilson_interval(0, n)[0] == 0.0 < wilson_interval(0, n)[1], n
+        assert wilson_interval(n, n)[0] < 1.0 == wilson_interval(n, n)[1], n
+
+
 def test_bootstrap_matches_the_normal_interval_and_keeps_columns_paired():
     n, p = 400, 0.7
     values = [1.0] * int(n * p) + [0.0] * int(n * (1 - p))

@@ -142,7 +142,7 @@ def test_a_template_that_changes_earlier_turns_names_the_row_and_the_turn(tokeni
     with pytest.raises(DataError) as caught:
         tokenized(rows, tokenizer, tmp_path)
     message = str(caught.value)
-    assert message.startswith("chats.jsonl, row 1, field 'completion': assistant turn 2 ")
+    assert message.startswith("chats.jsonl, row 1 (0-based), field 'completion': assistant turn 2 ")
     assert "(earlier)" in message and "Sure! The weather is lovely." in message
     assert (caught.value.row, caught.value.field) == (1, "completion")
 

@@ -198,7 +198,7 @@ def test_bad_row_names_file_row_and_field(case, tmp_path):
     with pytest.raises(DataError) as caught:
         normalise(load_rows(source), source)
     message = str(caught.value)
-    assert "prefs.jsonl" in message and "row 2" in message and f"field '{field}'" in message
+    assert "prefs.jsonl" in message and "line 3" in message and f"field '{field}'" in message
     assert detail in message
     assert (caught.value.row, caught.value.field) == (2, field)
 
@@ -214,7 +214,7 @@ def test_skip_invalid_drops_exactly_the_bad_rows_and_counts_them(tmp_path):
     assert ds["prompt"][:] == [f"Q{i}?" for i in (0, 1, 2, 4, 5, 6, 9)]
     assert report.skipped == {"identical chosen/rejected": 2, "empty completion": 1}
     assert "skipped 3 of 10 rows: 2 identical chosen/rejected, 1 empty completion" in str(report)
-    assert "row 3" in report.first_problem["identical chosen/rejected"]
+    assert "line 4" in report.first_problem["identical chosen/rejected"]
 
 
 def test_unknown_columns_list_what_was_found_and_what_is_accepted(tmp_path):
@@ -260,7 +260,8 @@ def save_as(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "parquet", "saved dataset", "saved dataset dict"])
 def test_every_local_source_loads_the_same_rows(kind, tmp_path):
     source = save_as(kind, tmp_path)
-    rows = load_rows(source, split="test")
+    # A file is one split, "train" (all its rows); the saved dict holds ROWS under "test".
+    rows = load_rows(source, split="test" if kind == "saved dataset dict" else "train")
     assert rows.select_columns(["prompt", "chosen", "rejected"]).to_list() == ROWS
 
 

@@ -157,3 +157,56 @@ def test_fifty_thousand_levels_end_in_a_message_not_a_crash(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (
         f"refused: {path}: line {len(ROWS) + 1}: JSON nested more than {formats.MAX_JSON_DEPTH} levels deep; a row "
         "holds strings, numbers and lists of {role, content} messages: flatten or drop the deep field")
+
+
+# ------------------------------------------------------------------------------------ a bad row, where to find it
+
+
+def bad_row_message(path) -> str:
+    with pytest.raises(DataError) as info:
+        formats.normalise(formats.load_rows(str(path)), str(path))  # what `preftune train` does with a dataset
+    return str(info.value)
+
+
+def rows_with_row_5_bad() -> list[dict]:
+    rows = [dict(r) for r in ROWS]
+    rows[5]["rejected"] = rows[5]["chosen"]
+    return rows
+
+
+def test_a_bad_row_of_a_json_lines_file_is_named_by_the_line_an_editor_shows(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(jsonl(rows_with_row_5_bad()))
+    assert bad_row_message(path).startswith(f"{path}, line 6, field 'rejected': identical")  # row 5 is line 6
+    # Blank lines are not rows: with two of them before it, row 5 sits on line 8.
+    lines = jsonl(rows_with_row_5_bad()).splitlines()
+    path.write_text("\n".join(lines[:2] + ["", "  "] + lines[2:]) + "\n")
+    assert bad_row_message(path).startswith(f"{path}, line 8, field 'rejected'")
+    gz = tmp_path / "prefs.jsonl.gz"
+    gz.write_bytes(gzip.compress(jsonl(rows_with_row_5_bad()).encode()))
+    assert bad_row_message(gz).startswith(f"{gz}, line 6, field 'rejected'")
+
+
+def test_a_bad_row_of_a_csv_file_counts_the_header_and_multi_line_fields(tmp_path):
+    import csv
+
+    rows = rows_with_row_5_bad()
+    rows[1]["chosen"] = "first line\nsecond line"  # a quoted field over two lines
+    path = tmp_path / "prefs.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["prompt", "chosen", "rejected"])
+        writer.writeheader()
+        writer.writerows(rows)
+    # Line 1 the header, rows 0-4 on lines 2-7 (row 1 takes two), row 5 on line 8.
+    assert bad_row_message(path).startswith(f"{path}, line 8, field 'rejected'")
+
+
+def test_a_bad_row_of_a_file_without_lines_is_named_by_its_0_based_index(tmp_path):
+    import datasets
+
+    parquet = tmp_path / "prefs.parquet"
+    datasets.Dataset.from_list(rows_with_row_5_bad()).to_parquet(str(parquet))
+    assert bad_row_message(parquet).startswith(f"{parquet}, row 5 (0-based), field 'rejected'")
+    document = tmp_path / "prefs.json"  # a JSON list of objects, one object over several lines
+    document.write_text(json.dumps(rows_with_row_5_bad(), indent=2))
+    assert bad_row_message(document).startswith(f"{document}, row 5 (0-based), field 'rejected'")

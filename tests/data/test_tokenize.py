@@ -103,7 +103,7 @@ def test_template_that_changes_the_prompt_raises_data_error_with_both_token_list
     with pytest.raises(DataError) as caught:
         tokenize(ds, tokenizer, tmp_path, source="prefs.jsonl")
     message = str(caught.value)
-    assert message.startswith("prefs.jsonl, row 0, field 'chosen': ")
+    assert message.startswith("prefs.jsonl, row 0 (0-based), field 'chosen': ")
     assert str(list(prompt_ids)) in message and str(list(full_ids)) in message
     assert "<|assistant|><think>" in message and "<|assistant|>yes<|eos|>" in message
     assert not list((tmp_path / "cache").iterdir())  # nothing half-written left behind

@@ -136,3 +136,39 @@ def test_frontier_results_from_before_the_marker_are_its_own(tmp_path, monkeypat
     (tmp_path / "frontier.md").write_text("table\n")
     assert frontier.claim_frontier_folder(settings) == tmp_path
     assert (tmp_path / frontier.FRONTIER_MARKER).exists()
+
+
+def test_frontier_writes_to_a_run_folder_by_default_never_over_the_committed_results(tmp_path, monkeypatch, capsys):
+    """`preftune experiment frontier` from the repository's root: its results and demo world go to runs/frontier
+    (ignored by git), not to the committed experiments/frontier."""
+    from preftune import cli
+    from preftune.experiments import frontier
+
+    given = []
+    monkeypatch.setattr(frontier, "run_frontier", lambda settings: given.append(settings) or [])
+    monkeypatch.setattr(frontier, "frontier_table", lambda points: "table")
+    monkeypatch.chdir(tmp_path)
+    for quick in ([], ["--quick"]):
+        assert cli.main(["experiment", "frontier", *quick]) == 0
+    assert [(s.output_dir, s.world.output_dir) for s in given] == [("runs/frontier", "runs/frontier/work")] * 2
+    assert (FrontierSettings().output_dir, FrontierSettings().world.output_dir) == ("runs/frontier",
+                                                                                    "runs/frontier/work")
+    assert FrontierSettings.full("elsewhere").world.output_dir == "elsewhere/work"  # --output-dir moves it all
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_each_experiment_has_its_own_help(capsys):
+    from preftune import cli
+
+    helps = {}
+    for name in ("frontier", "scorer"):
+        with pytest.raises(SystemExit) as done:
+            cli.main(["experiment", name, "--help"])
+        assert done.value.code == 0
+        helps[name] = " ".join(capsys.readouterr().out.split())
+    assert helps["frontier"].startswith("usage: preftune experiment frontier")
+    assert "--runs LABEL" in helps["frontier"] and "--resume" in helps["frontier"]
+    assert "(default: runs/frontier)" in helps["frontier"]
+    assert helps["scorer"].startswith("usage: preftune experiment scorer")
+    assert "--runs" not in helps["scorer"] and "--resume" not in helps["scorer"]
+    assert "(default: runs/scorer)" in helps["scorer"]

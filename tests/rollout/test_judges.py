@@ -306,8 +306,8 @@ def test_a_reward_model_judge_scores_a_long_completion_as_training_scores_the_ro
 
 def test_a_prompt_that_fills_the_judges_positions_is_refused_by_row(tokenizer):
     judge = RewardModelJudge(gpt2_reward_model(tokenizer, positions=16), tokenizer, name="rm")
-    with pytest.raises(DataError, match=r"judge rm, row 1, field 'prompt': the prompt \('The movie was good.*takes "
-                                        r"\d+ tokens of the model's 16 positions"):
+    with pytest.raises(DataError, match=r"judge rm, row 1 \(0-based\), field 'prompt': the prompt "
+                                        r"\('The movie was good.*takes \d+ tokens of the model's 16 positions"):
         judge.score(["What", " ".join(["The movie was good."] * 4)], [" yes", " no"])
 
 

@@ -5,6 +5,7 @@ reproduces the samples without touching the global RNG, and bad parameters are r
 from __future__ import annotations
 
 import copy
+import dataclasses
 from unittest import mock
 
 import pytest
@@ -163,6 +164,41 @@ def test_seeded_sampling_is_deterministic_and_leaves_global_rng_alone(tiny_model
     assert a.completion_ids != c.completion_ids
     # The samples of one prompt differ from each other (the seed is not reset per sample).
     assert len({tuple(ids) for ids in a.completion_ids[:3]}) > 1
+
+
+@pytest.mark.parametrize("path", ["llama", "gpt2", "generate"])
+def test_a_prompts_samples_under_its_own_seed_do_not_depend_on_the_prompts_beside_it(tiny_model, tokenizer, path):
+    """With ``prompt_seeds`` a prompt's n samples are the same sampled alone, in one batch with the others, or in
+    another order and batch size (llama: the fast decoder; gpt2: the plain loop; generate: Hugging Face's, for
+    models the loop does not drive). With an EOS bias the rows end at different steps, so the batch runs on after
+    a prompt's samples ended."""
+    model = with_logit_bias(tiny_model("gpt2" if path == "generate" else path), tokenizer.eos_token_id, 3.0).double()
+    seeds = (11, 22, 33)
+    params = SamplingParams(max_new_tokens=10, n=3, seed=None, batch_size=9, prompt_seeds=seeds)
+    state = torch.random.get_rng_state()
+    with mock.patch.object(sampling, "_lean_decoding", return_value=path != "generate"):
+        together = generate(model, tokenizer, PROMPTS, params)
+        reordered = generate(model, tokenizer, PROMPTS[::-1],
+                             dataclasses.replace(params, prompt_seeds=seeds[::-1], batch_size=3))
+        alone = [generate(model, tokenizer, [prompt], dataclasses.replace(params, prompt_seeds=(seed,)))
+                 for prompt, seed in zip(PROMPTS, seeds)]
+        other = generate(model, tokenizer, PROMPTS[:1], dataclasses.replace(params, prompt_seeds=(12,)))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
+    assert 0 < sum(together.ended_with_eos) < len(together)
+    for i, single in enumerate(alone):
+        mine, theirs = slice(3 * i, 3 * i + 3), slice(3 * (2 - i), 3 * (2 - i) + 3)
+        assert together.completion_ids[mine] == single.completion_ids == reordered.completion_ids[theirs]
+        for a, b in zip(together.logprobs[mine], single.logprobs):
+            assert a == pytest.approx(b, abs=1e-9)
+    assert len({tuple(ids) for ids in alone[0].completion_ids}) > 1  # the group's samples are not one draw repeated
+    assert other.completion_ids != alone[0].completion_ids  # another seed, other samples
+
+
+def test_prompt_seeds_are_checked_by_name(tiny_model, tokenizer):
+    with pytest.raises(ConfigError, match="prompt_seeds must be integers in \\[0, 2\\*\\*63\\), got -1"):
+        SamplingParams(prompt_seeds=(1, -1))
+    with pytest.raises(ValueError, match="3 prompts but 2 prompt_seeds"):
+        generate(tiny_model(), tokenizer, PROMPTS, SamplingParams(max_new_tokens=2, prompt_seeds=(1, 2)))
 
 
 def test_samples_stop_at_the_first_eos(tiny_model, tokenizer):
@@ -367,5 +403,6 @@ def test_the_cap_holds_on_the_lean_path_and_through_generate(tiny_model, tokeniz
 def test_a_prompt_that_fills_the_models_positions_is_refused_by_row(tiny_model, tokenizer):
     model = tiny_model("gpt2", n_positions=32)
     prompts = ["What", " ".join(["The movie was good."] * 12)]
-    with pytest.raises(DataError, match=r"the held-out prompts, row 1, field 'prompt': .* tokens .* 32 positions"):
+    with pytest.raises(DataError, match=r"the held-out prompts, row 1 \(0-based\), field 'prompt': .* tokens .* "
+                                        r"32 positions"):
         generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=4), source="the held-out prompts")

@@ -157,3 +157,53 @@ def test_a_training_run_writes_its_card_in_final(tmp_path, tok):
     assert "| `beta` | 0.5 |" in text
     assert f"| `loss` | {summary['train']['loss']:.4g} |" in text
     assert summary["final_dir"] == str(result.final_dir)
+
+
+def test_a_preftune_train_card_holds_no_local_path_the_epochs_run_and_the_full_repository(tmp_path, tok, monkeypatch):
+    """`preftune train` with a local base model, data, cache and output folder: the card names none of their paths
+    (nor the home folder); max_steps drove the run, so the epochs shown are those run, not num_train_epochs; a
+    hub_model_id without a namespace loads as "<namespace>/name" until the upload resolves it to the token user's."""
+    from pathlib import Path
+
+    from huggingface_hub import CommitInfo, HfApi, RepoUrl, constants
+
+    from preftune import cli
+    from preftune.training import hub
+
+    base, data = tmp_path / "models" / "base", tmp_path / "data" / "prefs.jsonl"
+    build_tiny_model(tok, seed=0).save_pretrained(base)
+    tok.save_pretrained(base)
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:8]))
+    run = tmp_path / "run"
+    # 8 rows, 4 per step: 2 steps an epoch, so max_steps=4 runs 2 epochs (num_train_epochs stays at its 1).
+    assert cli.main(["train", f"model_name_or_path={base}", f"dataset={data}", f"cache_dir={tmp_path / 'cache'}",
+                     f"output_dir={run}", "max_steps=4", "per_device_train_batch_size=4", "hub_model_id=my-dpo",
+                     "disable_tqdm=true", "bf16=false", "max_length=64", "max_prompt_length=32"]) == 0
+    text = (run / "final" / "README.md").read_text()
+    for private in {str(tmp_path), str(tmp_path.resolve()), str(Path.home())}:
+        assert private not in text
+    assert "This model is a fine-tuned version of `base`" in text
+    assert "- training data: `prefs.jsonl` (all its rows)" in text and "- train/rows: prefs.jsonl: kept 8 of 8" in text
+    assert json.loads((run / "summary.json").read_text())["train"]["epoch"] == 2
+    assert "| `epochs run (max_steps decides)` | 2 |" in text and "| `max_steps` | 4 |" in text
+    assert "`num_train_epochs`" not in text
+    assert 'AutoModelForCausalLM.from_pretrained("<namespace>/my-dpo")' in text
+    assert "`hub_model_id` is `my-dpo`, without a namespace" in text
+
+    # The upload resolves the namespace (the Hub answers the repository's URL): the card published names it.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    sent = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/me/{repo_id}"))
+
+    def upload_folder(self, **kwargs):
+        sent["card"] = (Path(kwargs["folder_path"]) / "README.md").read_text()
+        return CommitInfo(commit_url="https://huggingface.co/me/my-dpo/commit/abc", commit_message="",
+                          commit_description="", oid="abc")
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    hub.push_final(build_config({"push_to_hub": True, "hub_model_id": "my-dpo"}), run / "final")
+    assert 'AutoModelForCausalLM.from_pretrained("me/my-dpo")' in sent["card"]
+    assert "<namespace>" not in sent["card"] and "without a namespace" not in sent["card"]

@@ -384,3 +384,72 @@ def test_a_correlation_with_a_constant_side_is_left_out():
     window.add("loss", torch.ones(2))
     one_process = type("OneProcess", (), {"device": torch.device("cpu"), "reduce": lambda self, t, reduction: t})()
     assert window.values(one_process) == {"loss": 1.0}
+
+
+# ------------------------------------------------------------------------------------ advice that fits the method
+
+DPO_ONLY_ADVICE = ("ld_alpha", "ipo", "simpo", "method=rpo", "label_smoothing")
+
+
+def test_a_grpo_run_is_told_what_grpo_can_change():
+    from preftune.config import build_config
+
+    # GRPO's training samples grow 9 → 13 tokens and stop ending (clipped ratio 0 → 0.5).
+    records = [{"step": s, "loss": 0.01, "grad_norm": 1.0, "completions/mean_length": 9.0 + 4.0 * s / 200,
+                "completions/clipped_ratio": 0.5 * s / 200} for s in STEPS]
+    monitor = HealthMonitor.from_config(build_config({"method": "grpo"}))
+    warned = {w.name: w for record in records for w in monitor.update(record)}
+    assert set(warned) == {"verbosity", "eos"}
+    for result in warned.values():
+        assert not any(option in result.suggestion for option in DPO_ONLY_ADVICE), result.suggestion
+        assert "add a KL penalty (beta=0.04)" in result.suggestion  # GRPO's default β = 0: no KL term yet
+    assert "judge rewards length" in warned["verbosity"].suggestion
+    ppo = RunContext.from_config(build_config({"method": "ppo", "kl_coef": 0.05}))
+    assert "raise kl_coef (0.05 → 0.1)" in verdicts(records, ppo)["verbosity"].suggestion
+
+
+def test_a_reward_model_is_told_what_a_reward_model_can_change():
+    from preftune.config import build_config
+
+    ctx = RunContext.from_config(build_config({"method": "reward"}))
+    records = [{"step": s, "loss": 0.1, "rewards/accuracies": 0.99, "rewards/margins": 2.0 + s / 100,
+                "lengths/chosen": 12.0, "lengths/rejected": 8.0, "lengths/margin_corr": 0.8} for s in STEPS]
+    results = verdicts(records, ctx)
+    saturation, verbosity = results["saturation"], results["verbosity"]
+    assert saturation.status == verbosity.status == WARNING
+    assert "num_train_epochs=1" in saturation.suggestion and "Bradley–Terry loss" in saturation.evidence
+    assert "balance the pairs' lengths" in verbosity.suggestion
+    for result in (saturation, verbosity):
+        assert not any(option in result.suggestion for option in DPO_ONLY_ADVICE), result.suggestion
+        assert "beta" not in result.suggestion  # a reward model has no β
+    # Checks about a policy's likelihoods or samples do not speak about a reward model.
+    assert {results[name].status for name in ("likelihood", "dispersion", "over_optimisation", "eos")} == {NO_DATA}
+
+
+def test_a_loss_with_a_finite_optimum_is_not_said_to_push_margins_on_nor_told_to_switch_to_one():
+    records = healthy(**{"rewards/accuracies": lambda t: 0.99})
+    ipo = verdicts(records, RunContext(beta=BETA, methods=("ipo",)))["saturation"]
+    assert ipo.status == WARNING and "finite optimum" not in ipo.suggestion and "method=ipo" not in ipo.suggestion
+    assert "pushes the margins further" not in ipo.evidence
+    dpo = verdicts(records)["saturation"]  # a DPO run is told both
+    assert "method=ipo" in dpo.suggestion and "the dpo loss only pushes the margins further" in dpo.evidence
+
+
+def test_the_margin_is_said_to_grow_only_when_it_does():
+    shrinking = verdicts(healthy(**{"rewards/accuracies": lambda t: 0.99,
+                                    "rewards/margins": lambda t: 1.95 - 0.07 * (t - 0.05) / 0.95}))
+    evidence = shrinking["saturation"].evidence
+    assert "the margin did not grow, 1.95 → 1.88" in evidence and "kept growing" not in evidence
+    growing = verdicts(healthy(**{"rewards/accuracies": lambda t: 0.99, "rewards/margins": lambda t: 10 * t}))
+    assert "the margin kept growing, 0.50 → 10.00" in growing["saturation"].evidence
+
+
+def test_tiny_gradient_norms_near_a_zero_loss_are_not_spikes():
+    # At loss ~0 the norms are ~1e-4: 0.0015 is 7.5× a median of 0.0002, and still no spike (the median's floor).
+    records = healthy(loss=lambda t: 1e-4, grad_norm=lambda t: 0.0015 if t == 0.6 else 0.0002)
+    assert verdicts(records)["grad_spikes"].status == OK
+    monitor = HealthMonitor(CTX)
+    assert not [w for record in records for w in monitor.update(record) if w.name == "grad_spikes"]
+    # Above the floor the same rule still warns: 0.06 against a median of 0.0002 is 5 × more than 0.01.
+    spiked = verdicts(healthy(grad_norm=lambda t: 0.06 if t == 0.6 else 0.0002))["grad_spikes"]
+    assert spiked.status == WARNING and spiked.step == 120

@@ -164,10 +164,11 @@ def generation(tok, tmp_path_factory):
             sampled = []
             rollout = online.rollout
             online.rollout = lambda *a, **k: sampled.append(rollout(*a, **k)) or sampled[-1]
-            rows = [{"prompt": r["prompt"], "prompt_ids": tok(r["prompt"])["input_ids"]} for r in ROWS[:4]]
+            rows = [{"prompt": r["prompt"], "prompt_ids": tok(r["prompt"])["input_ids"], "source_row": i}
+                    for i, r in enumerate(ROWS[:4])]
             parts = [rows[i : i + 4 // steps] for i in range(0, 4, 4 // steps)]
             with torch.no_grad():
-                batches = online.generation_batch(parts, model, MetricWindow(), seed=5)
+                batches = online.generation_batch(parts, model, MetricWindow(), epoch=5)
             made[temperature, steps] = (cfg, batches, sampled[0], LogProbModel(model),
                                         build_tiny_model(tok, seed=3).double().eval())
         return made[temperature, steps]
@@ -272,6 +273,30 @@ def test_two_accumulated_micro_batches_train_as_one_batch_twice_as_large(tmp_pat
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
 
 
+def _coarse(prompts, completions):
+    """A judge with few values, so that some of Online DPO's pairs tie (weight 0) and micro-batches differ in
+    how many pairs count."""
+    return [float(c.count(" ") > 2) for c in completions]
+
+
+def test_online_dpo_with_ties_trains_as_one_batch_however_the_generation_batch_is_split(tmp_path, tok):
+    """Online DPO's loss is the weighted mean over the whole generation batch's pairs (ties weigh 0): accumulation
+    2 × batch 2 gives the loss, gradient norm and weights of accumulation 1 × batch 4 even when the two
+    micro-batches hold different numbers of untied pairs (a per-micro-batch mean would weigh their pairs
+    unequally)."""
+    settings = dict(rows=PROMPTS[:8], judge=_coarse, max_steps=2, learning_rate=0.1, adam_epsilon=0.1, beta=0.1)
+    one = trainer(tmp_path, tok, "online_dpo", name="one", per_device_train_batch_size=4, **settings).train()
+    two = trainer(tmp_path, tok, "online_dpo", name="two", per_device_train_batch_size=2,
+                  gradient_accumulation_steps=2, **settings).train()
+    a, b = records(one), records(two)
+    assert 0 < a[0]["frac_reward_zero_std"] < 1  # some pairs tie, some do not
+    for name in ("grad_norm", "loss", "reward", "frac_reward_zero_std"):
+        assert [r[name] for r in b] == pytest.approx([r[name] for r in a], rel=1e-5, abs=1e-7), name
+    wa, wb = load_file(one.final_dir / "model.safetensors"), load_file(two.final_dir / "model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
+
+
 def test_ppo_scores_its_samples_at_the_sampling_temperature(tmp_path, tok, monkeypatch):
     """PPO's experience (log π_old and log π_ref of every sampled token, at rollout time) is log softmax(z/T) of
     the model that sampled, at T = 0.7."""
@@ -315,9 +340,9 @@ acc = Accelerator(cpu=True)
 judge = CallableJudge(lambda prompts, completions: [float(len(c) % 7) for c in completions])
 online = OnlineBatches(cfg, "groups", tok, PreferenceCollator(tok.pad_token_id), judge, acc)
 first = 4 * acc.process_index
-mine = [{"prompt": r["prompt"], "prompt_ids": tok(r["prompt"])["input_ids"]} for r in rows[first : first + 4]]
-batches = online.generation_batch([mine[:2], mine[2:]], build_tiny_model(tok, seed=0), MetricWindow(),
-                                  seed=acc.process_index)
+mine = [{"prompt": r["prompt"], "prompt_ids": tok(r["prompt"])["input_ids"], "source_row": first + i}
+        for i, r in enumerate(rows[first : first + 4])]
+batches = online.generation_batch([mine[:2], mine[2:]], build_tiny_model(tok, seed=0), MetricWindow(), epoch=0)
 names = ("batch_reward_std", "loss_num_tokens", "loss_num_sequences")
 with open(f"{sys.argv[1]}/p{acc.process_index}.json", "w") as f:
     json.dump({"rewards": torch.cat([b["rewards"] for b in batches]).tolist(),

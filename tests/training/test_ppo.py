@@ -188,6 +188,7 @@ def test_memory_ppo_holds_four_models_and_dpo_with_a_precomputed_reference_one(y
     rm = as_reward_model(build_tiny_model(tok, seed=5))
     assert roles["reward"]["weights"] == roles["value"]["weights"] == 4 * sum(p.numel() for p in rm.parameters())
     assert roles["reward"]["optimizer"] == 0 and roles["value"]["optimizer"] > 0  # the critic trains, the RM not
+    assert roles["reward"]["trainable_parameters"] == roles["reward"]["gradients"] == 0  # frozen, as it is
 
     dpo = train(dict(method="dpo", output_dir=str(tmp_path / "dpo"), cache_dir=str(tmp_path / "cache"), max_steps=1,
                      per_device_train_batch_size=4, disable_tqdm=True, bf16=False),
@@ -196,6 +197,24 @@ def test_memory_ppo_holds_four_models_and_dpo_with_a_precomputed_reference_one(y
     assert held["models_held"] == 1 and held["roles"]["reference"]["kind"] == "cache"
     assert held["roles"]["reference"]["other"] == len(ROWS) * 2 * 8  # two float64 log-probs per pair
     assert held["roles"]["policy"]["weights"] == 4 * n
+
+
+def test_the_reward_model_is_frozen_and_gets_no_gradient_while_its_copy_the_critic_trains(tok, tmp_path):
+    rm = as_reward_model(build_tiny_model(tok, seed=5))
+    start = {k: v.clone() for k, v in rm.state_dict().items()}
+    trainer = PreferenceTrainer(
+        build_config(dict(method="ppo", max_steps=1, per_device_train_batch_size=4, max_completion_length=6,
+                          bf16=False, disable_tqdm=True, output_dir=str(tmp_path / "run"),
+                          cache_dir=str(tmp_path / "cache"))),
+        model=build_tiny_model(tok, seed=0), tokenizer=tok, train_dataset=[{"prompt": r["prompt"]} for r in ROWS],
+        judge=RewardModelJudge(rm, tok))
+    trainer.train()
+    assert not any(p.requires_grad for p in rm.parameters())
+    assert all(p.grad is None for p in rm.parameters())  # scored without a graph: no backward reaches it
+    assert all(torch.equal(v, start[k]) for k, v in rm.state_dict().items())
+    critic = trainer.accelerator.unwrap_model(trainer.session.policy).critic  # the reward model's copy trains
+    assert all(p.requires_grad for p in critic.parameters())
+    assert any(not torch.equal(v, start[k]) for k, v in critic.state_dict().items())
 
 
 def test_a_value_head_on_the_policys_trunk_and_a_users_function_as_the_reward(tok, tmp_path):

@@ -295,7 +295,7 @@ def test_a_reference_with_another_vocabulary_is_refused(tmp_path, tok):
 
 def test_a_row_longer_than_the_models_positions_is_named(tmp_path, tok):
     rows = ROWS[:8] + [{"prompt": "Tell me about the weather.", "chosen": " Sure!" * 40, "rejected": " No."}]
-    with pytest.raises(DataError, match=r"train_dataset, row 8: needs \d+ positions .* the model has 64"):
+    with pytest.raises(DataError, match=r"train_dataset, row 8 \(0-based\): needs \d+ positions .* the model has 64"):
         run(tmp_path, tok, rows=rows, model=build_tiny_model(tok, seed=0, max_position_embeddings=64),
             max_length=None, max_prompt_length=None)
 

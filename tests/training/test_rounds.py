@@ -77,7 +77,7 @@ def test_a_row_without_the_columns_a_loss_reads_is_refused_by_name(tmp_path, tok
     rows[2]["rejected_win_prob"] = None
     config = build_config(dict(method="sppo", output_dir=str(tmp_path / "x"), cache_dir=str(tmp_path / "cache"),
                                max_steps=1, disable_tqdm=True, bf16=False))
-    with pytest.raises(DataError, match="row 2, field 'rejected_win_prob': must be a finite number"):
+    with pytest.raises(DataError, match=r"row 2 \(0-based\), field 'rejected_win_prob': must be a finite number"):
         PreferenceTrainer(config, model=build_tiny_model(tok), tokenizer=tok, train_dataset=rows).train_once()
     with pytest.raises(DataError, match="has no column 'chosen_win_prob', 'rejected_win_prob'"):
         PreferenceTrainer(config, model=build_tiny_model(tok), tokenizer=tok, train_dataset=ROWS[:4]).train_once()

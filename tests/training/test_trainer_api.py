@@ -67,6 +67,7 @@ def test_evaluate_save_model_and_callbacks(tmp_path, tok):
     assert [r["eval_loss"] for r in recorder.evaluated] == pytest.approx(
         [before["eval_loss"], final_eval["eval_loss"], after["eval_loss"]])
     assert recorder.ended is result
+    assert before["step"] == 0 and after["step"] == result.global_step > 0  # the policy's steps, not None
     saved = trainer.save_model(tmp_path / "exported")
     assert isinstance(trainer.model, torch.nn.Module) and not hasattr(trainer.model, "score_index")
     exported, final = load_file(saved / "model.safetensors"), load_file(result.final_dir / "model.safetensors")

@@ -7,12 +7,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from preftune.annotate.guidelines import read_guidelines
 from preftune.annotate.items import read_items
 from preftune.annotate.results import annotation_report, export_preferences, format_report
 from preftune.annotate.store import AnnotationStore, database_path, is_postgres
 from preftune.errors import ConfigError
 
 TOKEN_ENV = "PREFTUNE_ANNOTATE_TOKEN"
+ADMIN_TOKEN_ENV = "PREFTUNE_ANNOTATE_ADMIN_TOKEN"
 
 
 def load_files(store: AnnotationStore, pairs: Sequence[str] = (), samples: Sequence[str] = ()) -> list[str]:
@@ -33,10 +35,12 @@ def load_command(db: str, pairs: Sequence[str] = (), samples: Sequence[str] = ()
 
 
 def serve_command(db: str, pairs: Sequence[str] = (), samples: Sequence[str] = (), host: str = "127.0.0.1",
-                  port: int = 8765, token: str | None = None, votes_per_item: int = 1) -> None:
-    """Load the given files, then serve until interrupted."""
+                  port: int = 8765, token: str | None = None, votes_per_item: int = 1, admin_token: str | None = None,
+                  guidelines: str | None = None) -> None:
+    """Read the guidelines (if any) and load the given files, then serve until interrupted."""
     from preftune.annotate.server import serve
 
+    blocks = read_guidelines(guidelines) if guidelines else None  # before the database: a wrong file changes nothing
     with AnnotationStore(db) as store:
         for line in load_files(store, pairs, samples):
             print(line, flush=True)
@@ -44,7 +48,8 @@ def serve_command(db: str, pairs: Sequence[str] = (), samples: Sequence[str] = (
         print(f"{store.name}: {counts['pairs']} pairs items, {counts['eval']} evaluation items; {votes_per_item} "
               "vote(s) wanted per item", flush=True)
         serve(store, host=host, port=port, token=token or os.environ.get(TOKEN_ENV) or None,
-              votes_per_item=votes_per_item, announce=lambda line: print(line, flush=True))
+              admin_token=admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None, votes_per_item=votes_per_item,
+              guidelines=blocks, announce=lambda line: print(line, flush=True))
 
 
 def export_command(db: str, out: str, task: str = "pairs", source: str | None = None, overwrite: bool = False

@@ -44,6 +44,15 @@ def decide(labels: list[str]) -> str:
     return counts[0][0]
 
 
+def _notes_by_item(votes: list[dict]) -> dict[int, list[dict]]:
+    """Each item's notes, ``[{"annotator", "note"}]`` in the order cast (votes without a note left out)."""
+    by_item: dict[int, list[dict]] = defaultdict(list)
+    for vote in votes:
+        if vote["note"]:
+            by_item[vote["item_id"]].append({"annotator": vote["annotator"], "note": vote["note"]})
+    return by_item
+
+
 def _labels_by_item(votes: list[dict]) -> dict[int, list[str]]:
     by_item: dict[int, list[str]] = defaultdict(list)
     for vote in votes:
@@ -94,8 +103,9 @@ def _response(prompt, value):
 
 def preference_rows(store: AnnotationStore, task: str = "pairs", source: str | None = None
                     ) -> tuple[list[dict], ExportReport]:
-    """Rows ``{prompt, chosen, rejected, votes}`` of the items decided a or b (see the module docstring), in
-    load order, with prompts and responses as loaded (conversational rows stay conversational)."""
+    """Rows ``{prompt, chosen, rejected, votes, notes}`` of the items decided a or b (see the module docstring),
+    in load order, with prompts and responses as loaded (conversational rows stay conversational); ``notes`` are
+    the annotators' notes on the item's live votes, ``[{"annotator", "note"}]`` (``preftune train`` ignores them)."""
     items = [i for i in store.items(task) if source is None or i["source"] == source]
     if source is not None and not items:
         raise DataError(source, None, None, f"no {task} items were loaded from this file; give --source as "
@@ -105,7 +115,8 @@ def preference_rows(store: AnnotationStore, task: str = "pairs", source: str | N
         sources = sorted({i["source"] for i in items})
         raise DataError(store.name, None, None, f"the {task} items mix text and conversation prompts (from "
                         f"{', '.join(sources)}); a training file holds one kind, so export each with --source FILE")
-    labels = _labels_by_item(store.votes(task))
+    votes_cast = store.votes(task)
+    labels, notes = _labels_by_item(votes_cast), _notes_by_item(votes_cast)
     report, rows = ExportReport(task=task, items=len(items)), []
     for item in items:
         votes = labels.get(item["id"], [])
@@ -119,7 +130,8 @@ def preference_rows(store: AnnotationStore, task: str = "pairs", source: str | N
         chosen, rejected = (item["a"], item["b"]) if decision == "a" else (item["b"], item["a"])
         report.against_file_order += decision == "b"
         rows.append({"prompt": item["prompt"], "chosen": _response(item["prompt"], chosen),
-                     "rejected": _response(item["prompt"], rejected), "votes": len(votes)})
+                     "rejected": _response(item["prompt"], rejected), "votes": len(votes),
+                     "notes": notes.get(item["id"], [])})
     report.exported = len(rows)
     return rows, report
 
@@ -189,6 +201,7 @@ def _task_report(store: AnnotationStore, task: str) -> dict:
         "agreement": _agreement(votes),
         "position": _position(votes),
         "notes": sum(bool(v["note"]) for v in votes),
+        "changes": store.changes(task),  # per annotator: votes undone (not counted above) and skips
     }
     judged = {i["id"]: _judge_label(i) if task == "eval" or i["a_score"] is not None else "a" for i in items}
     decided = [i for i, d in decisions.items() if d in ("a", "b") and judged.get(i) in ("a", "b")]
@@ -229,6 +242,32 @@ def _win_rates(items: list[dict], labels: dict[int, list[str]]) -> dict:
     }
 
 
+def overview(store: AnnotationStore, votes_per_item: int = 1) -> dict:
+    """What whoever runs the task watches (``GET /api/overview``), counts only, for each task with items:
+    ``{task: {items, complete, votes, annotators: {name: {votes, retracted, skipped}}, agreement: {items,
+    krippendorff_alpha}, split: [{id, source, line, labels: {label: count}}]}}``. No one's individual votes."""
+    shown = {}
+    for task, n in store.count_items().items():
+        if not n:
+            continue
+        items = {i["id"]: i for i in store.items(task)}
+        votes = store.votes(task)
+        labels = _labels_by_item(votes)
+        annotators: dict[str, dict[str, int]] = {}
+        for name, changed in store.changes(task).items():
+            annotators[name] = {"votes": 0, **changed}
+        for vote in votes:
+            annotators.setdefault(vote["annotator"], {"votes": 0, "retracted": 0, "skipped": 0})["votes"] += 1
+        several = [v for v in labels.values() if len(v) >= 2]
+        split = [{"id": i, "source": items[i]["source"], "line": items[i]["line"], "labels": dict(Counter(v))}
+                 for i, v in sorted(labels.items()) if decide(v) == "split"]
+        shown[task] = {"items": n, "complete": sum(len(v) >= votes_per_item for v in labels.values()),
+                       "votes": len(votes), "annotators": dict(sorted(annotators.items())),
+                       "agreement": {"items": len(several), "krippendorff_alpha": krippendorff_alpha(several)},
+                       "split": split}
+    return shown
+
+
 def annotation_report(store: AnnotationStore) -> dict:
     """Everything :func:`format_report` prints, as JSON-ready data, for each task with items."""
     counts = store.count_items()
@@ -259,7 +298,9 @@ def format_report(report: dict) -> str:
         lines += [
             "",
             f"{title}: {r['items']} items, {r['labelled_items']} labelled, {r['votes']} votes ({labels}); "
-            f"{r['notes']} notes",
+            f"{r['notes']} notes"
+            + "".join(f"; {name} undid {c['retracted']} and skipped {c['skipped']}"
+                      for name, c in sorted(r["changes"].items())),
             f"  annotators: {annotators}; median {_num(r['median_seconds_per_vote'], 1)} s per vote",
             f"  agreement on {agreement['items_with_several_labels']} items with several labels: Krippendorff's α "
             f"{_num(agreement['krippendorff_alpha'])}"

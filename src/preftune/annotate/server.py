@@ -1,23 +1,30 @@
 """The annotation web server: Starlette on uvicorn, one HTML page, a small JSON API, safe by default.
 
-Routes: ``GET /`` (the page), ``GET /static/app.js|app.css``, and under ``/api/`` (all need the token):
-``GET /api/status`` (items per task), ``POST /api/next`` ``{task, annotator}`` → ``{item, progress}`` (``item``
+Routes: ``GET /`` (the page), ``GET /overview`` (the read-only overview page), ``GET /static/<file>``, and under
+``/api/`` (all need the annotators' token): ``GET /api/status`` (items per task, the guidelines' blocks —
+:mod:`preftune.annotate.guidelines`), ``POST /api/next`` ``{task, annotator}`` → ``{item, progress}`` (``item``
 is ``{id, prompt, left, right}`` or null when nothing is left), ``POST /api/vote`` ``{task, item, annotator,
-choice, note}`` → ``{recorded, progress}``. The API never says which side is which (no scores, no judge, no
-label), so an evaluation stays blind.
+choice, note, session}`` → ``{recorded, progress}``, ``POST /api/undo`` ``{task, annotator, session}`` →
+``{item, choice, note, progress}`` (the annotator's last vote, cast from this page ``session``, retracted and its
+item shown again), ``POST /api/skip`` ``{task, item, annotator, session}`` → ``{progress}``. The API never says
+which side is which (no scores, no judge, no label), so an evaluation stays blind. ``GET /api/overview`` needs
+the **admin** token instead (the annotators' token is refused there): counts per task and annotator, agreement
+so far and the items with split votes (:func:`preftune.annotate.results.overview`), never who voted what.
 
 Safety, each a check in :class:`Guard` before any route runs:
 
 * binds 127.0.0.1 by default; any other address needs an explicit access token (:func:`check_bind`); on a
   loopback address the Host header must name loopback too (no DNS rebinding);
-* every ``/api/`` request carries ``Authorization: Bearer <token>`` (compared in constant time); the page reads
-  the token from the URL's fragment (never sent to the server, never in logs) and keeps it in sessionStorage;
+* every ``/api/`` request carries ``Authorization: Bearer <token>`` (compared in constant time): the admin token
+  for ``/api/overview``, the annotators' token for the rest; the pages read it from the URL's fragment (never
+  sent to the server, never in logs) and keep it in sessionStorage;
 * every write (POST) is same-origin — its Origin (or, without one, its Referer) names this Host — and is JSON
   (``Content-Type: application/json``, which a cross-site form cannot send without a CORS preflight this server
   never answers), so no other site can make a browser write (CSRF);
 * request bodies are at most :data:`MAX_BODY` bytes, names :data:`MAX_NAME` characters, notes :data:`MAX_NOTE`;
-* the page renders every text with ``textContent`` (never as HTML), and a Content-Security-Policy allows only
-  this server's own script and style, so a response holding ``<script>`` is shown as text, never run;
+* the pages render every text with ``textContent`` (never as HTML; the guidelines' Markdown arrives as plain
+  data), and a Content-Security-Policy allows only this server's own script and style, so a response holding
+  ``<script>`` is shown as text, never run;
 * a vote is answered only after its transaction committed (:meth:`AnnotationStore.vote`).
 """
 
@@ -27,6 +34,7 @@ import errno
 import hmac
 import ipaddress
 import json
+import re
 import secrets
 import socket
 import unicodedata
@@ -34,6 +42,7 @@ from importlib import resources
 from urllib.parse import urlsplit
 
 from preftune.annotate.items import TASKS
+from preftune.annotate.results import overview
 from preftune.annotate.store import CHOICES, AnnotationStore, Refused, has_lone_surrogate
 from preftune.errors import ConfigError
 
@@ -42,6 +51,7 @@ MAX_NAME = 64  # characters of an annotator's name
 MAX_NOTE = 2000  # characters of a note
 MIN_TOKEN = 16  # characters of an access token given by hand
 MAX_ID = 2**63 - 1  # the largest id a database row can have
+SESSION = re.compile(r"[A-Za-z0-9_-]{16,64}")  # a page session id: the page draws 128 random bits
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -52,7 +62,9 @@ SECURITY_HEADERS = [
     (b"cross-origin-opener-policy", b"same-origin"),
     (b"cross-origin-resource-policy", b"same-origin"),
 ]
-STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8",
+          "overview.js": "text/javascript; charset=utf-8"}
+ADMIN_PATHS = ("/api/overview",)
 
 
 def is_loopback(host: str) -> bool:
@@ -89,8 +101,9 @@ class Guard:
     """ASGI middleware: host, token, same-origin, content type and size checks (see the module docstring), and
     security headers on every response."""
 
-    def __init__(self, app, *, token: str, loopback_only: bool, max_body: int = MAX_BODY):
+    def __init__(self, app, *, token: str, admin_token: str, loopback_only: bool, max_body: int = MAX_BODY):
         self.app, self.token, self.loopback_only, self.max_body = app, token.encode(), loopback_only, max_body
+        self.admin_token = admin_token.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -120,7 +133,12 @@ class Guard:
         if not scope["path"].startswith("/api/"):
             return None
         given = headers.get("authorization", "")
-        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip().encode(), self.token):
+        admin = scope["path"] in ADMIN_PATHS
+        wanted = self.admin_token if admin else self.token
+        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip().encode(), wanted):
+            if admin:
+                return 401, ("missing or wrong admin token (Authorization: Bearer <token>); open the overview URL "
+                             "the server printed")
             return 401, "missing or wrong access token (Authorization: Bearer <token>); open the URL the server printed"
         if scope["method"] in ("GET", "HEAD"):
             return None
@@ -199,6 +217,17 @@ def _field(payload: dict, name: str, kind: type, *, required: bool = True):
 
 
 
+def session_id(payload: dict, *, required: bool) -> str:
+    """The page's session id (``session``: 16 to 64 letters, digits, ``-`` or ``_``), or '' when absent and not
+    required."""
+    value = _field(payload, "session", str, required=required)
+    if value is None:
+        return ""
+    if not SESSION.fullmatch(value):
+        raise Refused(400, "field 'session' must be 16 to 64 letters, digits, '-' or '_' (the page draws it)")
+    return value
+
+
 def annotator_name(value: str) -> str:
     """An annotator's name: 1 to :data:`MAX_NAME` characters once trimmed, no control characters."""
     name = value.strip()
@@ -229,8 +258,11 @@ def _payload(raw: bytes, allowed: set[str]) -> dict:
 # ------------------------------------------------------------------------------------ the app
 
 
-def create_app(store: AnnotationStore, *, token: str, votes_per_item: int = 1, loopback_only: bool = True):
-    """The ASGI app over ``store``, wrapped in :class:`Guard`."""
+def create_app(store: AnnotationStore, *, token: str, admin_token: str | None = None, votes_per_item: int = 1,
+               loopback_only: bool = True, guidelines: list[dict] | None = None):
+    """The ASGI app over ``store``, wrapped in :class:`Guard`; ``guidelines`` are the blocks of
+    :func:`preftune.annotate.guidelines.read_guidelines`; without an ``admin_token`` the overview takes a random
+    one (unknown to anyone: closed)."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import Response
@@ -239,15 +271,16 @@ def create_app(store: AnnotationStore, *, token: str, votes_per_item: int = 1, l
     if votes_per_item < 1:
         raise ConfigError(f"--votes-per-item must be at least 1, got {votes_per_item}")
     static = resources.files("preftune.annotate") / "static"
-    files = {name: (static / name).read_bytes() for name in ("index.html", *STATIC)}
+    files = {name: (static / name).read_bytes() for name in ("index.html", "overview.html", *STATIC)}
 
     def answer(payload: dict, status: int = 200) -> Response:
         return Response(json_bytes(payload), status_code=status, media_type="application/json",
                         headers={"cache-control": "no-store"})
 
-    async def page(request):
-        return Response(files["index.html"], media_type="text/html; charset=utf-8",
-                        headers={"cache-control": "no-store"})
+    def html(name: str):
+        async def page(request):
+            return Response(files[name], media_type="text/html; charset=utf-8", headers={"cache-control": "no-store"})
+        return page
 
     async def asset(request):
         name = request.path_params["name"]
@@ -256,7 +289,12 @@ def create_app(store: AnnotationStore, *, token: str, votes_per_item: int = 1, l
         return Response(files[name], media_type=STATIC[name], headers={"cache-control": "no-cache"})
 
     async def status(request):
-        return answer({"tasks": await run_in_threadpool(store.count_items), "votes_per_item": votes_per_item})
+        return answer({"tasks": await run_in_threadpool(store.count_items), "votes_per_item": votes_per_item,
+                       "guidelines": guidelines or []})
+
+    async def admin_overview(request):
+        return answer({"database": store.name, "votes_per_item": votes_per_item,
+                       "tasks": await run_in_threadpool(overview, store, votes_per_item)})
 
     async def next_item(request):
         try:
@@ -270,7 +308,7 @@ def create_app(store: AnnotationStore, *, token: str, votes_per_item: int = 1, l
 
     async def vote(request):
         try:
-            payload = _payload(await request.body(), {"task", "annotator", "item", "choice", "note"})
+            payload = _payload(await request.body(), {"task", "annotator", "item", "choice", "note", "session"})
             item_id = _field(payload, "item", int)
             choice = _field(payload, "choice", str)
             if choice not in CHOICES:
@@ -278,15 +316,41 @@ def create_app(store: AnnotationStore, *, token: str, votes_per_item: int = 1, l
             note = _field(payload, "note", str, required=False) or ""
             if len(note) > MAX_NOTE:
                 raise Refused(400, f"field 'note' holds {len(note)} characters, at most {MAX_NOTE}")
-            done = await run_in_threadpool(store.vote, item_id, payload["annotator"], choice, note.strip())
+            session = session_id(payload, required=False)
+            done = await run_in_threadpool(store.vote, item_id, payload["annotator"], choice, note.strip(),
+                                           session=session)
             progress = await run_in_threadpool(store.progress, payload["task"], payload["annotator"], votes_per_item)
         except Refused as e:
             return answer({"error": str(e)}, e.status)
         return answer({"recorded": done["recorded"], "progress": progress})  # the label would unblind: not sent
 
-    routes = [Route("/", page), Route("/static/{name}", asset), Route("/api/status", status),
-              Route("/api/next", next_item, methods=["POST"]), Route("/api/vote", vote, methods=["POST"])]
-    return Guard(Starlette(routes=routes), token=token, loopback_only=loopback_only)
+    async def undo(request):
+        try:
+            payload = _payload(await request.body(), {"task", "annotator", "session"})
+            session = session_id(payload, required=True)
+            undone = await run_in_threadpool(store.undo, payload["task"], payload["annotator"], session)
+            progress = await run_in_threadpool(store.progress, payload["task"], payload["annotator"], votes_per_item)
+        except Refused as e:
+            return answer({"error": str(e)}, e.status)
+        return answer({**undone, "progress": progress})  # their own click and note: nothing that unblinds
+
+    async def skip(request):
+        try:
+            payload = _payload(await request.body(), {"task", "annotator", "item", "session"})
+            item_id = _field(payload, "item", int)
+            session = session_id(payload, required=False)
+            await run_in_threadpool(store.skip, item_id, payload["annotator"], session)
+            progress = await run_in_threadpool(store.progress, payload["task"], payload["annotator"], votes_per_item)
+        except Refused as e:
+            return answer({"error": str(e)}, e.status)
+        return answer({"progress": progress})
+
+    routes = [Route("/", html("index.html")), Route("/overview", html("overview.html")), Route("/static/{name}", asset),
+              Route("/api/status", status), Route("/api/overview", admin_overview),
+              Route("/api/next", next_item, methods=["POST"]), Route("/api/vote", vote, methods=["POST"]),
+              Route("/api/undo", undo, methods=["POST"]), Route("/api/skip", skip, methods=["POST"])]
+    return Guard(Starlette(routes=routes), token=token, admin_token=admin_token or secrets.token_urlsafe(24),
+                 loopback_only=loopback_only)
 
 
 def page_url(host: str, port: int, token: str) -> str:
@@ -294,17 +358,40 @@ def page_url(host: str, port: int, token: str) -> str:
     return f"http://{shown}:{port}/#token={token}"
 
 
+def overview_url(host: str, port: int, admin_token: str) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/overview#token={admin_token}"
+
+
+def check_admin_token(admin_token: str | None, token: str) -> str:
+    """The overview's token: ``admin_token`` as given (at least :data:`MIN_TOKEN` characters, not the annotators'
+    token), or a fresh random one."""
+    if admin_token is None:
+        return secrets.token_urlsafe(24)
+    if len(admin_token) < MIN_TOKEN:
+        raise ConfigError(f"--admin-token: at least {MIN_TOKEN} characters, got {len(admin_token)}; e.g. "
+                          "python -c 'import secrets; print(secrets.token_urlsafe(24))'")
+    if hmac.compare_digest(admin_token.encode(), token.encode()):
+        raise ConfigError("--admin-token is the annotators' --token: give the overview its own token, or leave "
+                          "--admin-token out for a random one")
+    return admin_token
+
+
 def serve(store: AnnotationStore, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-          votes_per_item: int = 1, announce=print) -> None:
+          admin_token: str | None = None, votes_per_item: int = 1, guidelines: list[dict] | None = None,
+          announce=print) -> None:
     """Serve the page until interrupted (Ctrl-C): checks the address (:func:`check_bind`), binds, announces the
-    URL with its token, then runs uvicorn on the bound socket."""
+    annotators' URL with its token and the overview's with the admin token, then runs uvicorn on the bound
+    socket."""
     try:
         import uvicorn
     except ImportError as e:
         raise ConfigError("preftune annotate needs its web extra: pip install 'preftune[annotate]'") from e
     check_port(port)
     token = check_bind(host, token)
-    app = create_app(store, token=token, votes_per_item=votes_per_item, loopback_only=is_loopback(host))
+    admin_token = check_admin_token(admin_token, token)
+    app = create_app(store, token=token, admin_token=admin_token, votes_per_item=votes_per_item,
+                     loopback_only=is_loopback(host), guidelines=guidelines)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -316,6 +403,8 @@ def serve(store: AnnotationStore, *, host: str = "127.0.0.1", port: int = 8765, 
     sock.listen(128)
     port = sock.getsockname()[1]
     announce(f"annotating at {page_url(host, port, token)}  (Ctrl-C stops; votes are saved as they come)")
+    announce(f"overview at {overview_url(host, port, admin_token)}  (read-only counts, for whoever runs the task: "
+             "keep this token from annotators)")
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none", http="h11",
                             server_header=False, timeout_keep_alive=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -69,14 +69,18 @@ def krippendorff_alpha(units: Sequence[Sequence[Hashable]]) -> float | None:
 def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float] | None:
     """The Wilson score interval of the proportion ``successes / n`` (95% for the default z); None for n = 0.
 
-    (p̂ + z²/2n ± z·√(p̂(1 − p̂)/n + z²/4n²)) / (1 + z²/n)."""
+    (p̂ + z²/2n ± z·√(p̂(1 − p̂)/n + z²/4n²)) / (1 + z²/n). At p̂ = 0 the centre and the spread are both z²/2n, so
+    the lower end is exactly 0 (and at p̂ = 1 the upper end exactly 1): set, not left to rounding (3.6e-17 for 0 of
+    7, an interval that would not contain its own estimate)."""
     if n <= 0:
         return None
     p = successes / n
     centre = p + z * z / (2 * n)
     spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     scale = 1 + z * z / n
-    return max(0.0, (centre - spread) / scale), min(1.0, (centre + spread) / scale)
+    low = 0.0 if successes <= 0 else max(0.0, (centre - spread) / scale)
+    high = 1.0 if successes >= n else min(1.0, (centre + spread) / scale)
+    return low, high
 
 
 def bootstrap_mean_intervals(columns: Sequence[Sequence[float]], *, confidence: float = 0.95, resamples: int = 4000,

@@ -56,7 +56,7 @@ from preftune import digest
 from preftune.errors import DataError
 
 # Bump when normalisation output changes: it is part of the fingerprint that `datasets` caches under.
-NORMALISE_VERSION = "preftune-normalise-2"
+NORMALISE_VERSION = "preftune-normalise-3"  # 3: skipped rows named by their line
 
 COLUMN_SETS: dict[str, tuple[str, ...]] = {
     "standard": ("prompt", "chosen", "rejected"),
@@ -150,8 +150,12 @@ class NormaliseReport:
 # ------------------------------------------------------------------------------------ loading
 
 
-def load_rows(source: str, split: str = "train") -> Dataset:
+def load_rows(source: str, split: str = "train", key: str = "split") -> Dataset:
     """Load raw rows from a local file, a ``save_to_disk`` folder, or (otherwise) the Hugging Face Hub.
+
+    ``split`` names a split of a saved ``DatasetDict`` or a Hub dataset. A file holds one split, ``train`` (all
+    its rows), as ``datasets.load_dataset`` reads it: any other split is a DataError naming ``key`` (the setting
+    that asked for it), so that a test split asked of a file never silently reads the training rows.
 
     Files are read by extension (``.json``, ``.jsonl``, ``.parquet``, ``.csv``, optionally compressed,
     e.g. ``.jsonl.gz``). A name that looks like a path (starts with ``/``, ``.`` or ``~``, has two or more
@@ -164,6 +168,11 @@ def load_rows(source: str, split: str = "train") -> Dataset:
     if path.is_dir():
         return _load_saved_folder(path, source, split)
     if path.is_file():
+        if split != "train":
+            raise DataError(source, None, None, f"{key} is {split!r}, but a file has one split, 'train' (all its "
+                            "rows). Evaluation rows go in a file of their own (eval_dataset), or eval_split_size "
+                            f"holds out a share of the training rows; a {split!r} split needs a folder written by "
+                            "DatasetDict.save_to_disk")
         return _load_file(path, source)
     if _looks_like_path(source):
         raise MissingDataError(source, None, None, f"no such file or folder (relative paths start at {Path.cwd()}); "

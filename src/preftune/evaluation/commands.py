@@ -46,23 +46,16 @@ def read_prompts(path: str | Path) -> list[Prompt]:
                         f"file (one {{\"prompt\": …}} object per line), got a '{path.suffix}' file")
     if path.suffix == ".txt":
         prompts: list[Prompt] = [line for _, line in nonblank_lines(path)]
-        line_of = list(range(len(prompts)))
     else:
         rows = _json_rows(path)
-        for i, (n, row) in enumerate(rows):
+        for i, (_, row) in enumerate(rows):
             if "prompt" not in row:
-                raise DataError(str(path), i, "prompt", f"missing (line {n}, keys {sorted(row)}); each row needs "
+                raise DataError(str(path), i, "prompt", f"missing (keys {sorted(row)}); each row needs "
                                 "a 'prompt': a string or a list of {role, content} messages")
         prompts = [row["prompt"] for _, row in rows]
-        line_of = [n for n, _ in rows]
     if not prompts:
         raise DataError(str(path), None, None, "the file holds no prompts")
-    try:
-        check_prompts(prompts, str(path))
-    except DataError as e:
-        if e.row is None or path.suffix == ".txt":
-            raise
-        raise DataError(str(path), e.row, e.field, f"{e.problem} (line {line_of[e.row]})") from e
+    check_prompts(prompts, str(path))  # a bad prompt's DataError names its line
     return prompts
 
 
@@ -70,11 +63,10 @@ def read_pairs(path: str | Path) -> list[dict]:
     """Held-out preference rows (JSON Lines with ``prompt``, ``chosen``, ``rejected``, text or conversational)."""
     path = Path(path)
     rows = _json_rows(path)
-    for i, (n, row) in enumerate(rows):
+    for i, (_, row) in enumerate(rows):
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
         if missing:
-            raise DataError(str(path), i, missing[0], f"missing (line {n}); held-out pairs need prompt, chosen "
-                            "and rejected")
+            raise DataError(str(path), i, missing[0], "missing; held-out pairs need prompt, chosen and rejected")
     if not rows:
         raise DataError(str(path), None, None, "the file holds no pairs")
     return [row for _, row in rows]

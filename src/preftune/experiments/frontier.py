@@ -139,19 +139,28 @@ def best_of_n(world: World, settings: FrontierSettings, sizes: tuple[int, ...] =
     return points, sum(rollout.lengths)
 
 
+# A run folder (ignored by git): the committed results in experiments/frontier are replaced only on purpose.
+DEFAULT_OUTPUT_DIR = "runs/frontier"
+
+
 @dataclass
 class FrontierSettings:
-    world: DemoSettings = field(default_factory=lambda: DemoSettings(output_dir="experiments/frontier/work"))
+    world: DemoSettings = field(default_factory=lambda: DemoSettings(output_dir=f"{DEFAULT_OUTPUT_DIR}/work"))
     steps: int = 200
     eval_every: int = 20
     batch_size: int = 64
     learning_rate: float = 3e-4
     eval_prompts: int = 128
-    output_dir: str = "experiments/frontier"
+    output_dir: str = DEFAULT_OUTPUT_DIR
     runs: list[str] = field(default_factory=lambda: [*RUNS, BEST_OF_N, *RUNNERS])
     # Keep the runs an earlier invocation wrote to points.json under the same settings, and run only the others (an
     # interrupted frontier continues; a new method joins without rerunning the rest).
     resume: bool = False
+
+    @classmethod
+    def full(cls, output_dir: str = DEFAULT_OUTPUT_DIR) -> FrontierSettings:
+        """The full size, its demo world in ``output_dir/work``."""
+        return cls(world=DemoSettings(output_dir=str(Path(output_dir) / "work")), output_dir=output_dir)
 
     @classmethod
     def quick(cls, output_dir: str) -> FrontierSettings:

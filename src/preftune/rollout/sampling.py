@@ -31,7 +31,10 @@ The sampled distribution is exactly the one named by the parameters: nothing a c
 ``generation_config`` may switch on (repetition penalty, ``min_new_tokens``, ``top_k=50``, …) is applied, and
 temperature, top-k and top-p are applied in that order (Hugging Face's warpers), followed by the record of the
 per-token log-probs (see :class:`preftune.rollout.record.Rollout`).
-With a seed the samples are reproducible for a given ``batch_size`` and the global torch RNG is untouched.
+With a seed the samples are reproducible for a given ``batch_size`` and the global torch RNG is untouched. With
+``prompt_seeds`` each prompt draws from a generator of its own (:func:`_prompt_uniforms`), so its samples are the
+same whether it is sampled alone, in a batch with any other prompts, or on any process of a distributed run (up to
+float rounding of its logits in another batch, which moves a token only when a number falls on a boundary).
 Left padding with an attention mask: position ids are derived from the mask (as ``generate`` derives them), so
 padding does not shift positions.
 """
@@ -83,6 +86,9 @@ class SamplingParams:
     * ``n`` — samples per prompt (a group).
     * ``seed`` — an int for reproducible samples (the global RNG is left alone), None to draw from the
       global torch RNG.
+    * ``prompt_seeds`` — one int per prompt (or None): prompt ``i``'s ``n`` samples draw from a generator of their
+      own, seeded with ``prompt_seeds[i]``, so they do not depend on which other prompts share the call, its
+      batches or its process; ``seed`` is then not used.
     * ``batch_size`` — sequences per ``generate`` call: ``max(1, batch_size // n)`` prompts, ``n`` samples each.
     """
 
@@ -93,6 +99,7 @@ class SamplingParams:
     n: int = 1
     seed: int | None = 0
     batch_size: int = 64
+    prompt_seeds: tuple[int, ...] | None = None
 
     def __post_init__(self):
         for name in ("max_new_tokens", "n", "batch_size"):
@@ -108,6 +115,11 @@ class SamplingParams:
             raise ConfigError(f"sampling: top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ConfigError(f"sampling: seed must be an integer or None, got {self.seed!r}")
+        if self.prompt_seeds is not None:
+            object.__setattr__(self, "prompt_seeds", tuple(self.prompt_seeds))  # hashable, like the rest
+            bad = [s for s in self.prompt_seeds if not _is_int(s) or not 0 <= s < 2**63]
+            if bad:
+                raise ConfigError(f"sampling: prompt_seeds must be integers in [0, 2**63), got {bad[0]!r}")
         if self.temperature == 0 and self.n > 1:
             raise ConfigError(f"sampling: temperature=0 is greedy decoding, so the n={self.n} samples of a prompt "
                               "would all be the same; use temperature > 0 or n = 1")
@@ -196,6 +208,16 @@ def _seeded(seed: int | None, device: torch.device):
         yield
 
 
+def _prompt_uniforms(seeds: Sequence[int], n: int, steps: int, device: torch.device) -> Tensor:
+    """The draw's numbers for prompts with seeds of their own: ``[steps, P·n]`` fp64 in [0, 1), column ``i·n + j``
+    (sample ``j`` of prompt ``i``) from prompt ``i``'s generator. One call per prompt, not per step; a CPU generator,
+    so the numbers are the same on every device, and a fixed shape (``max_new_tokens × n``), so they do not depend
+    on the budgets of the prompts that share the batch."""
+    columns = [torch.rand((steps, n), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+               for seed in seeds]
+    return torch.cat(columns, dim=1).to(device)
+
+
 def _left_padded(prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """``input_ids`` and ``attention_mask`` ``[B, W]``, each prompt right-aligned (generation appends on the right)."""
     width = max(len(ids) for ids in prompt_ids)
@@ -236,7 +258,7 @@ def _lean_decoding(lm: nn.Module) -> bool:
 
 
 def _decode(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams, stops: Tensor,
-            pad_id: int, budgets: Tensor) -> tuple[Tensor, Tensor]:
+            pad_id: int, budgets: Tensor, uniforms: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sample ``params.n`` continuations of each left-padded prompt row: prefill once per prompt, repeat the cache.
 
     ``input_ids``, ``attention_mask`` ``[P, W]``, ``budgets [P]`` (each prompt's most new tokens) →
@@ -244,7 +266,9 @@ def _decode(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, params: Sa
     (fp32), ``T ≤ max(budgets)`` (the loop ends once every row has stopped).
 
     Per step: ``s = warpers(float(z_t))``; ``y_t ~ softmax(s)`` over all rows at once by :func:`draw` (greedy:
-    ``argmax s``); a finished row gets the pad id; recorded ``log softmax(s)[y_t]``.
+    ``argmax s``); a finished row gets the pad id; recorded ``log softmax(s)[y_t]``. ``uniforms [≥ T, P·n]``
+    (fp64 in [0, 1)), when given, are the draw's numbers, step ``t`` using row ``t`` (see :func:`_prompt_uniforms`);
+    else the draw takes them from torch's RNG.
     """
     cache_key, logits_to_keep = _forward_keywords(type(lm))
     n = params.n
@@ -286,7 +310,7 @@ def _decode(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, params: Sa
         scores = logits
         for warp in warpers:
             scores = warp(None, scores)
-        token, logprob = draw(scores, params.greedy)
+        token, logprob = draw(scores, params.greedy, None if uniforms is None else uniforms[step])
         logprobs.append(logprob)
         token = torch.where(unfinished, token, pad)
         tokens.append(token)
@@ -307,9 +331,11 @@ def _decode(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, params: Sa
 DRAW_BLOCK = 256  # vocabulary entries per block of the two-level draw
 
 
-def draw(scores: Tensor, greedy: bool = False) -> tuple[Tensor, Tensor]:
+def draw(scores: Tensor, greedy: bool = False, uniform: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One token per row from ``softmax(scores)`` and its log-prob: ``scores [rows, V]`` fp32 (``-inf`` where a
-    warper filtered a token) → ``token [rows]`` (long), ``log p(token) [rows]`` (fp32).
+    warper filtered a token) → ``token [rows]`` (long), ``log p(token) [rows]`` (fp32). ``uniform [rows]`` (fp64 in
+    [0, 1)) are the rows' random numbers when the caller draws them (one generator per prompt); else
+    ``torch.rand``.
 
     Inverse-CDF sampling, one uniform number per row (``torch.multinomial`` draws one exponential per vocabulary
     entry: on a CPU that alone cost as much as a small model's decoding step, 4 ms for 16 rows of an 8k
@@ -336,7 +362,9 @@ def draw(scores: Tensor, greedy: bool = False) -> tuple[Tensor, Tensor]:
         token = scores.argmax(-1)
     else:
         cumulative = block_sums.double().cumsum(-1)
-        u = (1 - torch.rand((rows, 1), dtype=torch.float64, device=scores.device)) * cumulative[:, -1:]
+        if uniform is None:
+            uniform = torch.rand(rows, dtype=torch.float64, device=scores.device)
+        u = (1 - uniform[:, None]) * cumulative[:, -1:]
         block = torch.searchsorted(cumulative, u)  # [rows, 1]
         before = torch.where(block > 0, cumulative.gather(1, (block - 1).clamp_min(0)), 0.0)
         within = ((u - before) / block_sums.gather(1, block).double()).clamp_max(1.0)
@@ -406,22 +434,32 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Prompt], params: Sam
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     lm = unwrap_causal_lm(model)
     device = next(lm.parameters()).device
-    per_call = max(1, params.batch_size // params.n)
     lean = _lean_decoding(lm)
+    seeds = params.prompt_seeds
+    if seeds is not None and len(seeds) != len(prompt_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(seeds)} prompt_seeds")
+    # generate draws from torch's RNG: there a prompt with a seed of its own is sampled alone, under it.
+    per_call = 1 if seeds is not None and not lean else max(1, params.batch_size // params.n)
     stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
     out = Rollout(prompts=list(prompts), prompt_ids=prompt_ids, group_size=params.n)
 
     was_training = model.training
     model.eval()
     try:
-        with _seeded(params.seed, device):
+        with _seeded(params.seed if seeds is None else None, device):
             for start in range(0, len(prompt_ids), per_call):
-                input_ids, attention_mask = _left_padded(prompt_ids[start : start + per_call], pad_id, device)
-                room = torch.tensor(budgets[start : start + per_call], dtype=torch.long, device=device)
+                end = start + per_call
+                input_ids, attention_mask = _left_padded(prompt_ids[start:end], pad_id, device)
+                room = torch.tensor(budgets[start:end], dtype=torch.long, device=device)
                 if lean:
-                    generated, logprobs = _decode(lm, input_ids, attention_mask, params, stop_tensor, pad_id, room)
+                    uniforms = (None if seeds is None or params.greedy
+                                else _prompt_uniforms(seeds[start:end], params.n, params.max_new_tokens, device))
+                    generated, logprobs = _decode(lm, input_ids, attention_mask, params, stop_tensor, pad_id, room,
+                                                  uniforms)
                 else:
-                    generated, logprobs = _hf_decode(model, input_ids, attention_mask, params, stops, pad_id, room)
+                    with _seeded(None if seeds is None else seeds[start], device):
+                        generated, logprobs = _hf_decode(model, input_ids, attention_mask, params, stops, pad_id,
+                                                         room)
                 logprobs = logprobs.cpu().tolist()
                 for row, ids in enumerate(generated.cpu().tolist()):
                     # A row cut at its budget is followed by pads: they are no part of it.

@@ -55,6 +55,34 @@ def hub_base_model(path: str | None) -> str | None:
     return path if _HUB_ID.match(path) else None
 
 
+# An absolute path (or one from the home folder) in free text: a slash not inside a word, a URL or a unit (tokens/s).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:<>-])~?/[^\s:;,'\"`()\[\]<>|]+")
+_PATH_KEYS = ("dataset", "eval_dataset", "model_name_or_path", "ref_model_name_or_path", "cache_dir", "output_dir",
+              "judge", "value_model", "chat_template")
+
+
+def public_text(text: str, config: dict[str, Any]) -> str:
+    """``text`` with nothing of the local file system: each local path the config names (data, models, cache and
+    output folders), and any other absolute path, shown by its last component (``/home/me/data/prefs.jsonl`` →
+    ``prefs.jsonl``). Hub ids ("org/name") are kept."""
+    for path in sorted(_local_paths(config), key=len, reverse=True):
+        text = text.replace(path, Path(path).name or path)
+    return _ABSOLUTE_PATH.sub(lambda m: Path(m.group(0).rstrip("/")).name or m.group(0), text)
+
+
+def _local_paths(config: dict[str, Any]) -> set[str]:
+    """The config's path values that are on this machine, as given and as resolved (``~`` and ``..`` spelled out)."""
+    paths = set()
+    for key in _PATH_KEYS:
+        value = config.get(key)
+        if not isinstance(value, str) or not value or "\n" in value:
+            continue
+        local = Path(value).expanduser()
+        if local.exists() or local.is_absolute() or value.startswith(("~", ".")):
+            paths |= {value.rstrip("/"), str(local), str(local.resolve())}
+    return {p for p in paths if p not in ("", ".", "/")}
+
+
 def _local_license(path: str | None) -> str | None:
     """The ``license`` of a local base model's own card (its README.md metadata), when it has one."""
     if not path:
@@ -143,7 +171,8 @@ def render_card(config: dict[str, Any], summary: dict[str, Any], adapter: bool, 
     and ``eval`` metrics, ``data`` reports, ``reference``, ``parameters``, ``layout``, and ``processes`` when
     given). ``adapter``: the folder holds a PEFT adapter; ``merged``: adapters merged into the base weights."""
     methods = _methods(config)
-    base = config.get("model_name_or_path") or "the embedded tiny Llama (random weights; preftune.modeling.tiny)"
+    base = public_text(config.get("model_name_or_path") or "", config) or \
+        "the embedded tiny Llama (random weights; preftune.modeling.tiny)"
     name = config.get("hub_model_id") or Path(str(config.get("output_dir", "model"))).name
     front = yaml.safe_dump(metadata(config, adapter and not merged), sort_keys=False, allow_unicode=True)
     what = ("a LoRA adapter (PEFT) for" if adapter and not merged
@@ -158,8 +187,8 @@ def render_card(config: dict[str, Any], summary: dict[str, Any], adapter: bool, 
                   "base in 16 or 32 bits to use the adapter, or quantized in the same way.", ""]
     lines += _loading_section(config, adapter and not merged)
     lines += _methods_section(config, methods)
-    lines += _hyperparameters_section(config, summary, adapter)
-    lines += _data_section(config, summary)
+    lines += [public_text(line, config) for line in _hyperparameters_section(config, summary, adapter)]
+    lines += [public_text(line, config) for line in _data_section(config, summary)]
     lines += _results_section(summary)
     lines += ["## Software", ""]
     extra = ("bitsandbytes",) if config.get("load_in_4bit") or config.get("load_in_8bit") or \
@@ -169,8 +198,19 @@ def render_card(config: dict[str, Any], summary: dict[str, Any], adapter: bool, 
     return "\n".join(lines).rstrip() + "\n"
 
 
+NAMESPACE = "<namespace>"  # in a card whose hub_model_id has none, until the upload names it (name_repository)
+
+
 def _loading_section(config: dict[str, Any], adapter: bool) -> list[str]:
-    where = config.get("hub_model_id") or "path/to/final"
+    """Code that loads the model: from the Hub by its full id ("namespace/name"), else from its folder. A
+    ``hub_model_id`` without a namespace goes, when pushed, to the token user's namespace: the card says so, and
+    :func:`name_repository` writes the id the upload resolved."""
+    repo = config.get("hub_model_id")
+    note = []
+    if repo and "/" not in repo:
+        note = [_namespace_note(repo), ""]
+        repo = f"{NAMESPACE}/{repo}"
+    where = repo or "path/to/final"
     reward = any(get_method(m).model == "reward" for m in _methods(config))
     kind = "SequenceClassification" if reward else "CausalLM"
     auto = f"AutoPeftModelFor{kind}" if adapter else f"AutoModelFor{kind}"
@@ -178,7 +218,25 @@ def _loading_section(config: dict[str, Any], adapter: bool) -> list[str]:
         [f"from transformers import {auto}, AutoTokenizer"]
     code = [*imports, "", f'model = {auto}.from_pretrained("{where}")',
             f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
-    return ["## How to load", "", "```python", *code, "```", ""]
+    return ["## How to load", "", *note, "```python", *code, "```", ""]
+
+
+def _namespace_note(name: str) -> str:
+    return (f"`hub_model_id` is `{name}`, without a namespace: `push_to_hub` uploads it under the namespace of the "
+            f"token's user (`hf auth whoami` names it), `{NAMESPACE}` below. A local copy loads from its folder's "
+            "path.")
+
+
+def name_repository(folder: str | Path, repo_id: str) -> None:
+    """Once the upload has resolved a bare ``hub_model_id`` to ``repo_id`` ("namespace/name"), write that id into
+    the card of ``folder`` (its "How to load" code), in place of the note and the placeholder namespace."""
+    path = Path(folder) / CARD_FILE
+    if "/" not in repo_id or not path.is_file():
+        return
+    name = repo_id.split("/", 1)[1]
+    text = path.read_text(encoding="utf-8")
+    text = text.replace(_namespace_note(name) + "\n\n", "").replace(f"{NAMESPACE}/{name}", repo_id)
+    path.write_text(text, encoding="utf-8")
 
 
 def _methods_section(config: dict[str, Any], methods: list[str]) -> list[str]:
@@ -196,7 +254,7 @@ def _hyperparameters_section(config: dict[str, Any], summary: dict[str, Any], ad
     loss_keys = list(dict.fromkeys(k for m in methods for k in get_method(m).hparams))
     loss_keys += [k for k in ("ld_alpha", "use_weighting") if config.get(k)]
     rows = [(key, config.get(key)) for key in loss_keys]
-    rows += [(key, config.get(key)) for key in _TRAINING_KEYS if key in config]
+    rows += _length_rows([(key, config.get(key)) for key in _TRAINING_KEYS if key in config], config, summary)
     processes = summary.get("processes")
     if processes:
         batch = config.get("per_device_train_batch_size", 0) * processes * config.get("gradient_accumulation_steps", 1)
@@ -223,11 +281,35 @@ def _hyperparameters_section(config: dict[str, Any], summary: dict[str, Any], ad
     return lines + (extras + [""] if extras else [])
 
 
+def _length_rows(rows: list[tuple[str, Any]], config: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The run's length as it was decided: ``max_steps`` when positive (then ``num_train_epochs`` did not count, and
+    the epochs shown are those run, the last logged step's ``epoch``), else ``num_train_epochs``."""
+    by_steps = (config.get("max_steps") or 0) > 0
+    epochs_run = (summary.get("train") or {}).get("epoch")
+    shown = []
+    for key, value in rows:
+        if key == "max_steps" and not by_steps:
+            continue
+        if key == "num_train_epochs" and by_steps:
+            if epochs_run is not None:
+                shown.append(("epochs run (max_steps decides)", epochs_run))
+            continue
+        shown.append((key, value))
+    return shown
+
+
+def _split_shown(source: str, split: Any) -> str:
+    """A file has one split, all its rows; a saved DatasetDict or a Hub dataset has the split the run read."""
+    return "all its rows" if Path(source).expanduser().is_file() else f"split `{split}`"
+
+
 def _data_section(config: dict[str, Any], summary: dict[str, Any]) -> list[str]:
-    dataset = config.get("dataset") or "preftune's built-in pairs, or rows passed in memory"
-    lines = ["## Data", "", f"- training data: `{dataset}` (split `{config.get('dataset_split', 'train')}`)"]
+    dataset = config.get("dataset") or "preftune's built-in pairs, or rows passed in memory"  # paths: public_text
+    split = _split_shown(dataset, config.get("dataset_split", "train"))
+    lines = ["## Data", "", f"- training data: `{dataset}` ({split})"]
     if config.get("eval_dataset"):
-        lines.append(f"- evaluation data: `{config['eval_dataset']}` (split `{config.get('eval_split', 'test')}`)")
+        eval_dataset = config["eval_dataset"]
+        lines.append(f"- evaluation data: `{eval_dataset}` ({_split_shown(eval_dataset, config.get('eval_split'))})")
     elif config.get("eval_split_size"):
         lines.append(f"- evaluation data: {config['eval_split_size']:.0%} of the training rows held out")
     reports = summary.get("data") or {}

@@ -69,29 +69,61 @@ class Thresholds:
     eos_drop: float = 0.2  # EOS rate at least this much below the reference's
     length_collapse: float = 0.5  # sampled length at most this fraction of the reference's
     grad_spike_factor: float = 5.0  # gradient norm this many times the median of the earlier ones …
-    grad_spike_history: int = 3  # … once at least this many were logged
+    grad_spike_history: int = 3  # … once at least this many were logged …
+    # … with the median taken as at least this: near a zero loss the norms are ~1e-4 and their ratios are noise
+    # (0.0015 against a median of 0.0002 is no spike)
+    grad_spike_floor: float = 0.01
+
+
+# What a run trains decides what a check can say about it and what the run can change: a reward model has no
+# β and no samples; GRPO, RLOO and PPO have no pairs and no DPO options, their lever on drift is the KL coefficient.
+PREFERENCE = "preference"  # the DPO family, KTO, Online DPO and the rounds methods: a loss over (pairs of) log-probs
+REWARD_MODEL = "reward model"  # a Bradley–Terry head scoring pairs
+POLICY_GRADIENT = "policy gradient"  # GRPO, RLOO, PPO: sampled completions, a judge's reward, a KL term
+SFT = "sft"
+# Methods whose loss has a finite optimum in the margin (a target, a hinge, smoothed labels; Azar et al. 2023, arXiv
+# 2310.12036): saturated accuracy does not drive their margins on forever.
+FINITE_OPTIMUM = frozenset({"ipo", "cdpo", "robust", "hinge", "rso_hinge", "slic", "sppo", "sppo_hard"})
 
 
 @dataclass(frozen=True)
 class RunContext:
-    """What checks need to know about the run, and what their suggestions quote."""
+    """What checks need to know about the run, and what their suggestions quote.
+
+    ``kind``: what the run trains (:data:`PREFERENCE`, :data:`REWARD_MODEL`, :data:`POLICY_GRADIENT`, :data:`SFT`);
+    each check speaks about some kinds and suggests, for each, what that kind of run can change. ``kl_name`` and
+    ``kl_coef``: a policy-gradient method's KL coefficient (``beta`` for GRPO and RLOO, ``kl_coef`` for PPO)."""
 
     beta: float | None = None  # rewards/* = β·log π/π_ref (reference-based methods); None: read logps/* instead
     learning_rate: float | None = None
     methods: tuple[str, ...] = ()
     ld_alpha: float | None = None
+    kind: str = PREFERENCE
+    kl_name: str | None = None
+    kl_coef: float | None = None
 
     @classmethod
     def from_config(cls, cfg) -> RunContext:
         """From a :class:`preftune.config.TrainConfig`: β only when the first method's logged rewards are β times
-        the summed log-ratio (every reference-based method)."""
+        the summed log-ratio (every reference-based preference method)."""
         from preftune.methods.registry import get_method
 
         first = get_method(cfg.methods[0])
-        beta = None
-        if first.needs_reference and first.model == "causal_lm" and "beta" in first.defaults:
+        kind = (REWARD_MODEL if first.model == "reward" else POLICY_GRADIENT if first.data in ("groups", "experience")
+                else SFT if first.data == "sft" else PREFERENCE)
+        beta = kl_name = kl_coef = None
+        if kind == PREFERENCE and first.needs_reference and "beta" in first.defaults:
             beta = cfg.beta if cfg.beta is not None else first.defaults["beta"]
-        return cls(beta=beta, learning_rate=cfg.learning_rate, methods=tuple(cfg.methods), ld_alpha=cfg.ld_alpha)
+        if kind == POLICY_GRADIENT:
+            kl_name = first.reference_weight or "kl_coef"
+            value = getattr(cfg, kl_name, None)
+            kl_coef = value if value is not None else first.defaults.get(kl_name)
+        return cls(beta=beta, learning_rate=cfg.learning_rate, methods=tuple(cfg.methods), ld_alpha=cfg.ld_alpha,
+                   kind=kind, kl_name=kl_name, kl_coef=kl_coef)
+
+    @property
+    def method(self) -> str:
+        return self.methods[0] if self.methods else "DPO"
 
 
 @dataclass
@@ -172,7 +204,18 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 
 def _beta_advice(ctx: RunContext) -> str:
+    """How to hold the policy nearer the reference: β for a preference loss, the KL coefficient for policy
+    gradients (GRPO's default β = 0 has no KL term at all: 0.04 was TRL's default before)."""
+    if ctx.kind == POLICY_GRADIENT:
+        name = ctx.kl_name or "the KL coefficient"
+        if not ctx.kl_coef:
+            return f"add a KL penalty ({name}=0.04)" if ctx.kl_name else "add a KL penalty"
+        return f"raise {name} ({ctx.kl_coef:g} → {2 * ctx.kl_coef:g})"
     return f"raise beta ({ctx.beta:g} → {2 * ctx.beta:g})" if ctx.beta else "raise beta"
+
+
+def _not_about(name: str, title: str, ctx: RunContext, what: str) -> CheckResult:
+    return CheckResult(name, title, NO_DATA, f"not a check for a {ctx.kind} run ({ctx.method}): it reads {what}")
 
 
 def _lr_advice(ctx: RunContext) -> str:
@@ -186,6 +229,8 @@ def _lr_advice(ctx: RunContext) -> str:
 def check_likelihood(series: Series, ctx: RunContext, th: Thresholds) -> CheckResult:
     """Chosen (and rejected) log-likelihood on training pairs, relative to the reference."""
     name, title = "likelihood", "Chosen and rejected likelihoods (3D properties)"
+    if ctx.kind != PREFERENCE:
+        return _not_about(name, title, ctx, "a preference loss's chosen and rejected log-likelihoods")
     chosen, how = _log_ratio(series, "chosen", ctx)
     rejected, _ = _log_ratio(series, "rejected", ctx)
     if not chosen:
@@ -211,6 +256,8 @@ def check_likelihood(series: Series, ctx: RunContext, th: Thresholds) -> CheckRe
 def check_dispersion(series: Series, ctx: RunContext, th: Thresholds) -> CheckResult:
     """Log-likelihood of held-out (unseen) responses at each evaluation, relative to the reference."""
     name, title = "dispersion", "Held-out responses' likelihood (dispersion)"
+    if ctx.kind != PREFERENCE:
+        return _not_about(name, title, ctx, "a preference loss's log-likelihoods of held-out responses")
     chosen, how = _log_ratio(series, "chosen", ctx, "eval_")
     rejected, _ = _log_ratio(series, "rejected", ctx, "eval_")
     if not chosen or not rejected:
@@ -243,6 +290,8 @@ def _best_eval_step(series: Series) -> int | None:
 def check_saturation(series: Series, ctx: RunContext, th: Thresholds) -> CheckResult:
     """Reward accuracy on training pairs: near 1 on consecutive records means the margins only grow from there."""
     name, title = "saturation", "Reward accuracy on training pairs (saturation)"
+    if ctx.kind not in (PREFERENCE, REWARD_MODEL):
+        return _not_about(name, title, ctx, "the reward accuracy on training pairs")
     accuracy = _finite(series, "rewards/accuracies")
     if not accuracy:
         return CheckResult(name, title, NO_DATA, "no rewards/accuracies records (unpaired or SFT run)")
@@ -262,14 +311,27 @@ def check_saturation(series: Series, ctx: RunContext, th: Thresholds) -> CheckRe
                            f"{th.saturated_accuracy:.2f} on {th.saturation_records} consecutive logs)", values=values)
     margin_growth = ""
     if start in margins and last_step in margins:
-        margin_growth = f"; the margin kept growing, {margins[start]:.2f} → {margins[last_step]:.2f}"
+        first_margin, last_margin = margins[start], margins[last_step]
+        grew = "kept growing" if last_margin > first_margin else "did not grow"
+        margin_growth = f"; the margin {grew}, {first_margin:.2f} → {last_margin:.2f}"
     best = _best_eval_step(series)
     stop = best if best is not None else start
     why = "lowest eval_loss" if best is not None else "where accuracy saturated"
+    stop_earlier = f"stop earlier at step {stop} ({why}; max_steps={stop})"
+    if ctx.kind == REWARD_MODEL:
+        # Ouyang et al. 2022 (arXiv 2203.02155) train the reward model one epoch: it overfits after that.
+        loss = "the Bradley–Terry loss"
+        suggestion = (f"{stop_earlier}, train one epoch (num_train_epochs=1: reward models overfit past it), or "
+                      f"{_lr_advice(ctx)}; judge the reward model by its held-out accuracy (eval_split_size)")
+    else:
+        # A loss with a target margin (IPO, hinge, smoothed labels) stops pushing once it is met; DPO's never does.
+        loss = None if set(ctx.methods) & FINITE_OPTIMUM else f"the {ctx.method} loss"
+        finite = [] if loss is None else ["method=ipo", "cdpo with label_smoothing=0.1"]
+        suggestion = f"{stop_earlier}, {_beta_advice(ctx)}" + (
+            f", or use a loss with a finite optimum ({', or '.join(finite)})" if finite else "")
     evidence = (f"training accuracy ≥ {th.saturated_accuracy:.2f} since step {start} ({last:.2f} at step "
-                f"{last_step}){margin_growth}{held}: the pairs are separated, and DPO only pushes the margins further")
-    suggestion = (f"stop earlier at step {stop} ({why}; max_steps={stop}), {_beta_advice(ctx)}, or use a loss "
-                  "with a finite optimum (method=ipo, or cdpo with label_smoothing=0.1)")
+                f"{last_step}){margin_growth}{held}: the pairs are separated"
+                + (f", and {loss} only pushes the margins further" if loss else ""))
     return CheckResult(name, title, WARNING, evidence, suggestion, stop, values)
 
 
@@ -289,9 +351,7 @@ def check_verbosity(series: Series, ctx: RunContext, th: Thresholds) -> CheckRes
         values["margin_corr"] = correlation
         context.append(f"correlation of the reward margin with the length difference r = {correlation:+.2f}")
     detail = ("; " + "; ".join(context)) if context else ""
-    suggestion = ("use LD-DPO (ld_alpha=0.5: tokens past the shorter response count less) or a length-normalised "
-                  f"method (ipo, simpo), {_beta_advice(ctx)}, and check whether your chosen responses are simply "
-                  "longer")
+    suggestion = _verbosity_advice(ctx)
     if sampled:
         reference = _last(series, "ref_length")
         base, base_name = (reference, "π_ref") if reference else (sampled[0][1], f"step {sampled[0][0]}")
@@ -313,6 +373,21 @@ def check_verbosity(series: Series, ctx: RunContext, th: Thresholds) -> CheckRes
                            values=values)
     tripped = _first_step(_finite(series, "lengths/margin_corr"), lambda v: v >= th.margin_length_corr)
     return CheckResult(name, title, WARNING, f"the implicit reward follows length{detail}", suggestion, tripped, values)
+
+
+def _verbosity_advice(ctx: RunContext) -> str:
+    """What each kind of run can do about a length bias."""
+    if ctx.kind == REWARD_MODEL:
+        # A reward model that pays for length teaches the policy to ramble (Singhal et al. 2023, arXiv 2310.03716).
+        return ("check whether your chosen responses are simply longer and balance the pairs' lengths: a policy "
+                "trained on this reward model will learn to write longer")
+    if ctx.kind == POLICY_GRADIENT:
+        return (f"check whether your judge rewards length (add a length penalty to its reward), {_beta_advice(ctx)}, "
+                "or lower max_completion_length")
+    if ctx.kind == SFT:
+        return "check whether your SFT targets are longer than the responses you want"
+    return ("use LD-DPO (ld_alpha=0.5: tokens past the shorter response count less) or a length-normalised "
+            f"method (ipo, simpo), {_beta_advice(ctx)}, and check whether your chosen responses are simply longer")
 
 
 @dataclass
@@ -367,6 +442,8 @@ def gold_points(series: Series) -> list[tuple[int, float, float]]:
 def check_over_optimisation(series: Series, ctx: RunContext, th: Thresholds) -> CheckResult:
     """Gold reward against √KL: a peak followed by a lasting fall is Gao et al.'s over-optimisation hump."""
     name, title = "over_optimisation", "Gold reward against √KL (over-optimisation)"
+    if ctx.kind == REWARD_MODEL:
+        return _not_about(name, title, ctx, "a policy's samples, scored by a gold reward")
     points = gold_points(series)
     if len(points) < 2:
         return CheckResult(name, title, NO_DATA, "fewer than 2 sample evaluations with gold_reward and kl_to_ref "
@@ -414,6 +491,8 @@ def check_over_optimisation(series: Series, ctx: RunContext, th: Thresholds) -> 
 def check_eos(series: Series, ctx: RunContext, th: Thresholds) -> CheckResult:
     """EOS rate of samples against the reference's, and responses collapsing to (almost) nothing."""
     name, title = "eos", "EOS rate (responses that end)"
+    if ctx.kind == REWARD_MODEL:
+        return _not_about(name, title, ctx, "a policy's samples")
     eos = _finite(series, "eos_rate") or [(s, 1.0 - v) for s, v in _finite(series, "completions/clipped_ratio")]
     if not eos:
         return CheckResult(name, title, NO_DATA, "no eos_rate records (a step callback that samples logs them, as in "
@@ -423,8 +502,13 @@ def check_eos(series: Series, ctx: RunContext, th: Thresholds) -> CheckResult:
     last_step, last = eos[-1]
     values = {"eos_rate": last, "reference_eos_rate": base}
     evidence = f"EOS rate {base:.2f} ({base_name}) → {last:.2f} at step {last_step}"
-    suggestion = (f"{_lr_advice(ctx)}, {_beta_advice(ctx)}, or stop earlier; check that training completions end "
-                  "with EOS (preftune appends one to every completion)")
+    if ctx.kind == POLICY_GRADIENT:
+        suggestion = (f"{_lr_advice(ctx)}, {_beta_advice(ctx)}, or stop earlier; check whether your judge rewards "
+                      "responses that never end, and whether max_completion_length leaves room to finish")
+    else:
+        beta = "" if ctx.kind == SFT else f", {_beta_advice(ctx)}"  # SFT has no reference to hold it
+        suggestion = (f"{_lr_advice(ctx)}{beta}, or stop earlier; check that training completions end with EOS "
+                      "(preftune appends one to every completion)")
     if last <= base - th.eos_drop:
         tripped = _first_step(eos, lambda v: v <= base - th.eos_drop)
         return CheckResult(name, title, WARNING, evidence + f": {1 - last:.0%} of samples run to max_new_tokens",
@@ -440,12 +524,13 @@ def check_eos(series: Series, ctx: RunContext, th: Thresholds) -> CheckResult:
 
 
 def grad_spikes(points: Sequence[tuple[int, float]], th: Thresholds) -> list[tuple[int, float, float]]:
-    """``(step, norm, median before)`` of every logged norm above ``grad_spike_factor`` × the median before it."""
+    """``(step, norm, median before)`` of every logged norm above ``grad_spike_factor`` × the median before it (the
+    median taken as at least ``grad_spike_floor``)."""
     spikes, before = [], []  # before: the earlier norms, sorted (one insertion per point, not a sort per point)
     for i, (step, value) in enumerate(points):
         if i >= th.grad_spike_history:
             median = _sorted_median(before)
-            if median > 0 and value > th.grad_spike_factor * median:
+            if value > th.grad_spike_factor * max(median, th.grad_spike_floor):
                 spikes.append((step, value, median))
         bisect.insort(before, value)
     return spikes
@@ -466,12 +551,13 @@ def check_grad_spikes(series: Series, ctx: RunContext, th: Thresholds) -> CheckR
     median = statistics.median(v for _, v in norms)
     if not spikes:
         return CheckResult(name, title, OK, f"largest gradient norm {max(v for _, v in norms):.3g}, median "
-                           f"{median:.3g} (warns at {th.grad_spike_factor:g}× the median before)",
+                           f"{median:.3g} (warns at {th.grad_spike_factor:g}× the median before, never below "
+                           f"{th.grad_spike_factor * th.grad_spike_floor:g})",
                            values={"spikes": 0.0, "median": median})
     step, value, before = spikes[0]
     more = f" ({len(spikes)} spikes, at steps {', '.join(str(s) for s, _, _ in spikes[:6])})" if len(spikes) > 1 else ""
-    evidence = (f"gradient norm {value:.3g} at step {step}, {value / before:.0f}× the median {before:.3g} before "
-                f"it{more}")
+    ratio = f"{value / before:.0f}× " if before > 0 else ""
+    evidence = f"gradient norm {value:.3g} at step {step}, {ratio}the median {before:.3g} before it{more}"
     suggestion = (f"{_lr_advice(ctx)} or lengthen the warm-up (warmup_ratio); max_grad_norm clips the update, the "
                   "logged norm is before clipping; look at the rows trained at those steps")
     return CheckResult(name, title, WARNING, evidence, suggestion, step, {"spikes": float(len(spikes)),
@@ -564,8 +650,9 @@ class HealthMonitor:
         spike, norm = False, values.get("grad_norm")
         if norm is not None and math.isfinite(norm):
             before = self._norms  # the finite gradient norms logged so far, sorted
-            spike = (len(before) >= self.thresholds.grad_spike_history
-                     and norm > self.thresholds.grad_spike_factor * _sorted_median(before))
+            th = self.thresholds
+            spike = (len(before) >= th.grad_spike_history
+                     and norm > th.grad_spike_factor * max(_sorted_median(before), th.grad_spike_floor))
             bisect.insort(before, norm)
 
         th, beta = self.thresholds, self.context.beta

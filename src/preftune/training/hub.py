@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from preftune.config import TrainConfig
 from preftune.errors import HubError
+from preftune.training import card
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -120,6 +121,7 @@ def push_final(cfg: TrainConfig, final_dir: str | Path) -> str:
         repo = api.create_repo(cfg.hub_model_id, private=cfg.hub_private_repo, exist_ok=True, repo_type="model")
     except Exception as err:
         raise _failed(cfg, "creating the repository", err, final_dir) from None
+    card.name_repository(final_dir, repo.repo_id)  # a bare hub_model_id: the namespace is known now
     try:
         commit = api.upload_folder(repo_id=repo.repo_id, folder_path=str(final_dir), repo_type="model",
                                    commit_message=f"preftune: {'+'.join(cfg.methods)} ({final_dir.parent.name})")

@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,12 +37,13 @@ from preftune.schedules import build_scheduler
 from preftune.training import checkpoint, hub, memory
 from preftune.training.fsdp import fsdp_on_cpu
 from preftune.training.health import HealthCallback
+from preftune.training.hf_callbacks import adapt_callbacks
 from preftune.training.objective import LossSpec, NonFiniteLoss, batch_loss
 from preftune.training.online import OnlineBatches
 from preftune.training.online import summary as online_summary
 from preftune.training.rundir import on_main_process, open_run_folder
 from preftune.training.setup import RunInputs, prepare_inputs, uses_embedded_model
-from preftune.training.tracking import MetricsLog, MetricWindow
+from preftune.training.tracking import MetricsLog, MetricWindow, obeys_disable_tqdm
 
 log = logging.getLogger("preftune")
 
@@ -119,13 +121,27 @@ def resolve_precision(cfg: TrainConfig, embedded_model: bool) -> TrainConfig:
     return cfg
 
 
+def launched_alone(num_processes: int, env: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """What to tell a user whose ``accelerate launch --num_processes N`` started one process, else None.
+
+    Accelerate's simple launcher (taken with ``--cpu``, or without GPUs) runs the script once unless MPI is set up
+    (``--mpirun_hostfile``); it marks the process with ``ACCELERATE_USE_CPU``, and sets ``MASTER_ADDR`` when more
+    than one process was asked for, but no ``WORLD_SIZE`` (torchrun, and ``accelerate launch --multi_gpu``, set it)."""
+    if num_processes > 1 or "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env or "WORLD_SIZE" in env:
+        return None
+    return ("accelerate launch asked for several processes but started 1 (MASTER_ADDR is set, WORLD_SIZE is not): "
+            "with --cpu, or on a machine without GPUs, it runs the script once unless MPI is set up "
+            "(--mpirun_hostfile), so this run trains on 1 process. For N processes on CPUs run `accelerate launch "
+            "--multi_gpu --num_processes N ...` or `torchrun --nproc_per_node N -m preftune.cli train ...`")
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
     # Accelerate's state is a process-wide singleton; a second run in the same process (a notebook, the
     # tests) may use another precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return fsdp_on_cpu(Accelerator(
+    accelerator = fsdp_on_cpu(Accelerator(
         # On a CPU-only machine, `torchrun --nproc_per_node N` gives N data-parallel processes (gloo).
         cpu=_no_accelerator_device(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -135,6 +151,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
                                             logging_dir=str(Path(cfg.output_dir) / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     ))
+    if (alone := launched_alone(accelerator.num_processes)) is not None:
+        log.warning("%s", alone)
+    return accelerator
 
 
 def build_train_loader(cfg: TrainConfig, dataset, collate: Callable[[list[dict]], dict[str, Tensor]],
@@ -197,7 +216,9 @@ class PreferenceTrainer:
     format), or let the config name them, or leave both empty for the embedded default. ``judge`` scores online
     methods' samples (a Judge, or a function of (prompts, completions)); ``callbacks`` are functions called after
     every optimizer step with ``(step, model)`` (their returned metrics are logged) or objects with any of
-    ``on_step_end(step, model)``, ``on_log(record)``, ``on_evaluate(record)`` and ``on_train_end(result)``.
+    ``on_train_begin(max_steps, model)``, ``on_step_end(step, model)``, ``on_log(record)``, ``on_evaluate(record)``
+    and ``on_train_end(result)``; a
+    ``transformers.TrainerCallback`` is called with the ``args, state, control`` it expects (training.hf_callbacks).
     Built in (``health_checks: true``): :class:`preftune.training.health.HealthCallback`, which reads every logged
     record and warns once per failing health check (log, progress bar, ``summary.json``'s ``health``).
 
@@ -218,7 +239,7 @@ class PreferenceTrainer:
         self.accelerator = make_accelerator(resolve_precision(self.cfg, embedded_model=embedded))
         self.given = dict(model=model, ref_model=ref_model, tokenizer=tokenizer,
                           train_dataset=train_dataset, eval_dataset=eval_dataset)
-        self.callbacks = list(callbacks)
+        self.callbacks = adapt_callbacks(list(callbacks), self.cfg, self.accelerator.is_main_process)
         self.judge = judge  # online methods: a Judge or a function (prompts, completions) -> scores; else cfg.judge
         if default_judge(self.cfg, judge, embedded and train_dataset is None and self.cfg.dataset is None,
                          needs_judge=self.cfg.is_online):
@@ -229,6 +250,7 @@ class PreferenceTrainer:
                               "or pass judge= to the trainer")
         self.session: Session | None = None
         self.health: HealthCallback | None = None  # the built-in health checks of the current or last train()
+        self.global_step = 0  # optimizer steps the policy has taken in this trainer: evaluate()'s step
 
     @property
     def model(self) -> nn.Module | None:
@@ -264,6 +286,7 @@ class PreferenceTrainer:
         return self.session
 
     # ------------------------------------------------------------------------------------------------
+    @obeys_disable_tqdm
     def train(self) -> RunResult:
         """One run of the loop; a method trained in rounds (RSO, SPPO, iterative DPO) runs its rounds above the
         loop, one run of it per round (:mod:`preftune.training.rounds`). With ``push_to_hub``, what would stop the
@@ -291,16 +314,19 @@ class PreferenceTrainer:
                               "round's held-out evaluation is in output_dir/rounds.json (set eval_split_size or "
                               "eval_dataset), its model in output_dir/round-k/final, the last one in output_dir/final")
 
+    @obeys_disable_tqdm
     def evaluate(self) -> dict[str, float]:
-        """The held-out metrics of the policy as it is now (``eval_``-prefixed, with ``eval_runtime``); needs an
-        evaluation set (``eval_dataset``, or ``eval_split_size``)."""
+        """The held-out metrics of the policy as it is now (``eval_``-prefixed, with ``eval_runtime``, and ``step``:
+        the optimizer steps it has taken here, 0 before ``train()``); needs an evaluation set (``eval_dataset``, or
+        ``eval_split_size``)."""
         self._not_rounds("evaluate()")
         session = self._prepare()
         if session.inputs.eval is None:
             raise ConfigError("evaluate() needs held-out data: pass eval_dataset, or set eval_dataset or "
                               "eval_split_size in the config")
-        return self._evaluate(session, step=None, metrics_log=None)
+        return self._evaluate(session, step=self.global_step, metrics_log=None)
 
+    @obeys_disable_tqdm
     def save_model(self, path: str | Path) -> Path:
         """The policy in Hugging Face format (a PEFT adapter under LoRA) with its tokenizer, written atomically."""
         self._not_rounds("save_model()")
@@ -338,6 +364,9 @@ class PreferenceTrainer:
         if resume is not None and self.health is not None:  # the checks judge the whole run, not only this part
             self.health.replay(metrics_log.records())
         self._log_start(inputs, reference, total_steps, num_epochs, budget)
+        for callback in self.callbacks:
+            if hasattr(callback, "on_train_begin"):
+                callback.on_train_begin(total_steps, acc.unwrap_model(policy).model)
 
         window = MetricWindow()
         result = RunResult(out, None, state["global_step"])
@@ -354,7 +383,7 @@ class PreferenceTrainer:
             skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
             batches = acc.skip_first_batches(train_dl, skip) if skip else train_dl
             if online is not None:  # fetch batch: sample each step's prompts from the current policy, judge, collate
-                batches = online.batches(batches, acc.unwrap_model(policy).model, window, epoch, skip)
+                batches = online.batches(batches, acc.unwrap_model(policy).model, window, epoch)
             for batch_index, batch in enumerate(batches, start=skip):
                 window_rows += batch["source_rows"].tolist() if "source_rows" in batch else []
                 with acc.accumulate(policy):
@@ -387,6 +416,8 @@ class PreferenceTrainer:
                 if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
                     reference.sync(acc.unwrap_model(policy).model, cfg.ref_model_mixup_alpha)
                 self._run_callbacks(step, acc.unwrap_model(policy).model, metrics_log)
+                if self._stop_requested():
+                    total_steps = step  # this step is the last: logged, then the end of a run (eval, final/)
                 if step % cfg.logging_steps == 0 or step == total_steps:
                     now = time.perf_counter()
                     record = {"step": step, "epoch": round(epoch + (batch_index + 1) / len(train_dl), 4),
@@ -405,6 +436,8 @@ class PreferenceTrainer:
                     bar.set_postfix(shown | (self.health.postfix() if self.health is not None else {}))
                 if inputs.eval is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
                     result.eval_metrics = self._evaluate(session, step, metrics_log)
+                if self._stop_requested():  # asked in on_log or on_evaluate (transformers' EarlyStoppingCallback)
+                    total_steps = step
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
                     checkpoint.save_checkpoint(acc, out, step, state, cfg.save_total_limit, moving_reference)
                 if step >= total_steps:
@@ -431,7 +464,7 @@ class PreferenceTrainer:
         if cfg.save_steps:
             checkpoint.save_checkpoint(acc, out, step, {**state, "epoch": session.num_epochs, "batches_in_epoch": 0},
                                        cfg.save_total_limit, moving_reference)
-        result.global_step = step
+        result.global_step = self.global_step = step
         summary = {"global_step": step, "train_runtime_s": round(train_seconds, 3),
                    "first_loss": result.first_loss, "train": result.train_metrics,
                    "eval": result.eval_metrics, "reference": session.reference.name, "methods": cfg.methods,
@@ -464,6 +497,10 @@ class PreferenceTrainer:
         where = f" on rows {shown} of {self.cfg.dataset or 'the training data'}" if rows else ""
         return TrainingError(f"training stopped at step {step} (epoch {epoch}): {what}{where}; nothing was exported "
                              f"(learning_rate is {self.cfg.learning_rate:g}: try a lower one, or check those rows)")
+
+    def _stop_requested(self) -> bool:
+        """Whether a callback set transformers' ``control.should_training_stop`` (training.hf_callbacks)."""
+        return any(getattr(callback, "should_training_stop", False) for callback in self.callbacks)
 
     def _schedule_length(self, batches_per_epoch: int) -> tuple[int, int]:
         cfg = self.cfg
@@ -506,10 +543,9 @@ class PreferenceTrainer:
         was_training = policy.training
         policy.eval()
         window, ignored = MetricWindow(), MetricWindow()
-        for index, (rows, counted) in enumerate(self._eval_rows(session.inputs.eval)):
+        for rows, counted in self._eval_rows(session.inputs.eval):
             if online is not None:
-                online.evaluate(rows, acc.unwrap_model(policy).model, window if counted else ignored,
-                                seed=online.seed(-1 - (step or 0), index))
+                online.evaluate(rows, acc.unwrap_model(policy).model, window if counted else ignored, step or 0)
             else:
                 batch = {k: v.to(acc.device) for k, v in session.inputs.collator(rows).items()}
                 batch_loss(policy, session.reference, batch, session.spec, window if counted else ignored)

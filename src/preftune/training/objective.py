@@ -103,7 +103,9 @@ def batch_loss(
     other model inputs: both score the completions under the distribution they were sampled from.
 
     A batch may weigh its examples (``example_weights [B]``: Online DPO gives tied pairs weight 0); the loss is
-    then Σ w·ℓ / max(Σ w, 1) and only examples of positive weight are logged."""
+    then Σ w·ℓ / max(Σ w, 1) and only examples of positive weight are logged. Online DPO's micro-batches carry their
+    generation batch's share of that sum (``loss_weight_sum``, over all its micro-batches and processes), so the
+    step's loss is the weighted mean over the whole generation batch however it is split."""
     token_weights = spec.token_weights(batch)
     out = policy(**model_inputs(batch), token_weights=token_weights, with_wpo=spec.use_weighting)
     ref_out = reference.outputs(batch, token_weights)
@@ -132,7 +134,8 @@ def batch_loss(
     if weights is None:
         loss = per_example.mean()
     else:
-        loss = (per_example * weights).sum() / weights.sum().clamp(min=1)
+        total = batch.get("loss_weight_sum")
+        loss = (per_example * weights).sum() / (weights.sum().clamp(min=1) if total is None else total)
     if not torch.isfinite(loss):
         raise NonFiniteLoss(_non_finite_parts(out["logps"], ref, result.terms))
 

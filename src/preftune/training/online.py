@@ -7,13 +7,16 @@ prompts of one optimizer step (TRL's ``steps_per_generation``), on every process
 
 1. sample ``num_generations`` completions of each of its prompts from the current policy, in one call
    (:func:`preftune.rollout.sampling.generate`, the prompt ids as the data layer encoded and truncated them),
-   seeded by (seed, epoch, step, process): a resumed run samples exactly what the uninterrupted one did, and
-   accumulation k × batch B samples what accumulation 1 × batch k·B does;
+   each prompt from a generator of its own seeded by (run seed, epoch, its source row) — never by the process or
+   the step (:meth:`OnlineBatches.prompt_seeds`): a resumed run samples exactly what the uninterrupted one did,
+   accumulation k × batch B samples what accumulation 1 × batch k·B does, and P processes of batch B sample what
+   one process of batch P·B does;
 2. score them with the judge; a completion that never ended loses ``missing_eos_penalty``;
 3. take the generation batch's statistics over all its micro-batches and processes (the std of its rewards, its
-   completion and token counts) — group statistics are never per micro-batch (DAPO's token mean is over the
-   whole batch, Yu et al. 2025, arXiv 2503.14476, Eq. 8) — and attach them to each micro-batch so that its loss
-   is its share of the generation batch's loss (:class:`preftune.methods.losses.GroupLogps`);
+   completion and token counts; for Online DPO the weight of its untied pairs) — group statistics are never per
+   micro-batch (DAPO's token mean is over the whole batch, Yu et al. 2025, arXiv 2503.14476, Eq. 8) — and attach
+   them to each micro-batch so that its loss is its share of the generation batch's loss
+   (:class:`preftune.methods.losses.GroupLogps`; ``loss_weight_sum`` for pairs);
 4. build the experience, from the sampled ids themselves (never re-tokenised text):
    * groups (RLOO, GRPO): all completions of a prompt form one unit — with prefix sharing the prompt is encoded
      once for its group — with ``rewards [S]`` and ``group [S]`` for the loss;
@@ -35,6 +38,7 @@ Time spent sampling and judging is kept apart from the rest, for the summary.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -74,14 +78,25 @@ class OnlineBatches:
         self.seconds = {"generation": 0.0, "judging": 0.0}
         self.generated_tokens = 0
 
-    def sampling(self, seed: int, n: int | None = None) -> SamplingParams:
+    def sampling(self, seed: int | None, n: int | None = None,
+                 prompt_seeds: Sequence[int] | None = None) -> SamplingParams:
         cfg = self.cfg
         n = self.group_size if n is None else n
         return SamplingParams(max_new_tokens=cfg.generation_budget, temperature=cfg.temperature, top_p=cfg.top_p,
-                              top_k=cfg.top_k, n=n, seed=seed, batch_size=max(64, n))
+                              top_k=cfg.top_k, n=n, seed=seed, batch_size=max(64, n),
+                              prompt_seeds=None if prompt_seeds is None else tuple(prompt_seeds))
+
+    def prompt_seeds(self, rows: Sequence[dict], *stage: int | str) -> tuple[int, ...]:
+        """The sampling seed of each prompt row: a hash of (run seed, ``stage`` — the epoch, or ("eval", step) —,
+        the row's ``source_row``), so a prompt's samples depend on neither the process that samples it nor the
+        prompts beside it: the same global batch samples the same completions on any number of processes."""
+        if any(SOURCE_ROW not in row for row in rows):
+            raise ValueError(f"online prompt rows carry their {SOURCE_ROW!r} (it seeds their samples)")
+        return tuple(_seed_of(self.cfg.seed, *stage, row[SOURCE_ROW]) for row in rows)
 
     def seed(self, epoch: int, batch_index: int) -> int:
-        """A sampling seed of its own for every micro-batch of every process, fixed by the run's seed."""
+        """A seed of its own for every micro-batch of every process, fixed by the run's seed (PPO's rollouts and
+        minibatch order)."""
         acc = self.accelerator
         return (self.cfg.seed * 1_000_003 + epoch * 10_007 * acc.num_processes
                 + batch_index * acc.num_processes + acc.process_index) % 2**31
@@ -112,13 +127,13 @@ class OnlineBatches:
         self.seconds["judging"] += time.perf_counter() - started
         return out
 
-    def batches(self, prompt_batches: Iterable[Sequence[dict]], model: nn.Module, window: MetricWindow, epoch: int,
-                first_index: int = 0) -> Iterator[dict[str, Tensor]]:
-        """The training micro-batches of an epoch's prompt micro-batches (the first one numbered ``first_index``
-        when a resumed run skips some), sampled one generation batch of ``gradient_accumulation_steps``
-        micro-batches at a time: lazily, so each generation batch is sampled from the policy of its step."""
+    def batches(self, prompt_batches: Iterable[Sequence[dict]], model: nn.Module, window: MetricWindow,
+                epoch: int) -> Iterator[dict[str, Tensor]]:
+        """The training micro-batches of an epoch's prompt micro-batches, sampled one generation batch of
+        ``gradient_accumulation_steps`` micro-batches at a time: lazily, so each generation batch is sampled from
+        the policy of its step."""
         k, state = self.cfg.gradient_accumulation_steps, self.accelerator.gradient_state
-        prompts, index = iter(prompt_batches), first_index
+        prompts = iter(prompt_batches)
         while True:
             parts: list[Sequence[dict]] = []
             # Stop pulling at the loader's last batch: pulling past it would close the loader, and Accelerate would
@@ -131,8 +146,7 @@ class OnlineBatches:
             if not parts:
                 return
             at_end = state.end_of_dataloader
-            micro_batches = self.generation_batch(parts, model, window, self.seed(epoch, index // k))
-            index += len(parts)
+            micro_batches = self.generation_batch(parts, model, window, epoch)
             for i, batch in enumerate(micro_batches):
                 if at_end:  # the loader already says "end" while the step's earlier micro-batches are trained: only
                     # the last one may end it (Accelerate steps the optimizer at the end of the loader)
@@ -140,12 +154,13 @@ class OnlineBatches:
                 yield batch
 
     def generation_batch(self, parts: Sequence[Sequence[dict]], model: nn.Module, window: MetricWindow,
-                         seed: int) -> list[dict[str, Tensor]]:
-        """The training micro-batches of one generation batch (``parts``: its micro-batches of prompt rows), on the
-        accelerator's device; sampled and judged once, its statistics over all micro-batches and processes."""
+                         epoch: int) -> list[dict[str, Tensor]]:
+        """The training micro-batches of one generation batch of ``epoch`` (``parts``: its micro-batches of prompt
+        rows), on the accelerator's device; sampled and judged once, its statistics over all micro-batches and
+        processes."""
         acc, g = self.accelerator, self.group_size
         rows = [r for part in parts for r in part]
-        out = self.rollout(rows, model, self.sampling(seed))
+        out = self.rollout(rows, model, self.sampling(None, prompt_seeds=self.prompt_seeds(rows, epoch)))
         rewards = torch.tensor(out.scores, dtype=torch.float32)
         log_samples(window, out)
         micro_batches, start = [], 0
@@ -165,17 +180,21 @@ class OnlineBatches:
                 batch["source_rows"] = torch.tensor([r[SOURCE_ROW] for r in part], dtype=torch.long)
             micro_batches.append({k: v.to(acc.device) for k, v in batch.items()})
             start = end
+        # Accelerate divides each micro-batch's loss by gradient_accumulation_steps and DDP averages over the
+        # processes, so a micro-batch normalises by 1/(k·P) of the generation batch's counts.
+        shares = self.cfg.gradient_accumulation_steps * acc.num_processes
         if self.kind == "groups":
-            # Accelerate divides each micro-batch's loss by gradient_accumulation_steps and DDP averages over the
-            # processes, so a micro-batch normalises by 1/(k·P) of the generation batch's counts.
-            shares = self.cfg.gradient_accumulation_steps * acc.num_processes
             counts = torch.stack([sum(b["seq_tokens"].sum() for b in micro_batches).double(),
                                   torch.tensor(float(len(out)), dtype=torch.float64, device=acc.device)])
             counts = acc.reduce(counts, "sum") if acc.num_processes > 1 else counts
             all_rewards = acc.gather(rewards.to(acc.device)) if acc.num_processes > 1 else rewards.to(acc.device)
             stats = {"batch_reward_std": all_rewards.std(), "loss_num_tokens": (counts[0] / shares).float(),
                      "loss_num_sequences": (counts[1] / shares).float()}
-            micro_batches = [b | stats for b in micro_batches]
+        else:  # pairs: the weighted mean over all the generation batch's pairs (a tie weighs 0), wherever they are
+            weight = sum(b["example_weights"].sum() for b in micro_batches).double()
+            weight = acc.reduce(weight, "sum") if acc.num_processes > 1 else weight
+            stats = {"loss_weight_sum": (weight.clamp(min=1) / shares).float()}
+        micro_batches = [b | stats for b in micro_batches]
         return [b | {"logit_scale": logit_scale(self.cfg)} for b in micro_batches]
 
     def _pairs(self, out: Rollout, rewards: Tensor) -> dict[str, Tensor]:
@@ -192,9 +211,18 @@ class OnlineBatches:
         return self.collator(rows) | {"example_weights": torch.tensor(weights), "scores": scores}
 
     @torch.no_grad()
-    def evaluate(self, rows: Sequence[dict], model: nn.Module, window: MetricWindow, seed: int) -> None:
-        """One sample of each held-out prompt, judged: its reward, length and ending go into ``window``."""
-        log_samples(window, self.rollout(rows, model, self.sampling(seed, n=1)))
+    def evaluate(self, rows: Sequence[dict], model: nn.Module, window: MetricWindow, step: int) -> None:
+        """One sample of each held-out prompt (seeded by the step and its row), judged: its reward, length and
+        ending go into ``window``."""
+        params = self.sampling(None, n=1, prompt_seeds=self.prompt_seeds(rows, "eval", step))
+        log_samples(window, self.rollout(rows, model, params))
+
+
+def _seed_of(*parts: int | str) -> int:
+    """A 63-bit seed from the parts (a hash: nearby parts give unrelated seeds, and no two tuples share one in
+    practice, where a linear mix like ``seed·a + epoch·b + row`` collides)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _prompts(out: Rollout, start: int, end: int) -> Rollout:

@@ -264,6 +264,9 @@ class Trainer(PreferenceTrainer):
         spec = LossSpec.from_config(cfg)
         # The four roles: policy and critic (trained, one module, one optimizer), reference, reward (the judge).
         online = self._online_source(inputs, spec)
+        reward_model = getattr(online.judge, "model", None)
+        if isinstance(reward_model, nn.Module):  # frozen: nothing trains it, so it holds no gradients (make_critic
+            reward_model.requires_grad_(False)  # gives its copy, the critic, trainable parameters of its own)
         on_ids = reward_on_ids(online.judge, inputs.tokenizer)
         critic, head, critic_label = make_critic(ppo, cfg, inputs.model, online.judge, inputs.tokenizer)
         if critic is not None and cfg.disable_dropout:

@@ -76,7 +76,14 @@ from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate
 from preftune.training import checkpoint, hub
 from preftune.training.rundir import RunLock, open_run_folder, record_entries
-from preftune.training.setup import _as_dataset, _load_model, _load_tokenizer, cache_root
+from preftune.training.setup import (
+    _as_dataset,
+    _load_model,
+    _load_tokenizer,
+    cache_root,
+    load_eval_rows,
+    load_train_rows,
+)
 
 log = logging.getLogger("preftune")
 
@@ -158,7 +165,7 @@ def load_prompts(cfg: TrainConfig, tokenizer, train_dataset=None, eval_dataset=N
     if train_dataset is not None:
         rows, source = _as_dataset(train_dataset, cfg.dataset_split), "train_dataset"
     elif cfg.dataset is not None:
-        rows, source = formats.load_rows(cfg.dataset, cfg.dataset_split), cfg.dataset
+        rows, source = load_train_rows(cfg), cfg.dataset
     else:
         from preftune.data.builtin import builtin_preferences
 
@@ -168,7 +175,7 @@ def load_prompts(cfg: TrainConfig, tokenizer, train_dataset=None, eval_dataset=N
     held_out: list[dict] = []
     if eval_dataset is not None or cfg.eval_dataset is not None:
         eval_rows = (_as_dataset(eval_dataset, cfg.eval_split, "eval_dataset") if eval_dataset is not None
-                     else formats.load_rows(cfg.eval_dataset, cfg.eval_split))
+                     else load_eval_rows(cfg))
         held_out, fingerprints["eval_prompts"] = read(eval_rows, str(cfg.eval_dataset or "eval_dataset"))
     elif cfg.eval_split_size > 0:
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()

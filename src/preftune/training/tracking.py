@@ -1,11 +1,16 @@
-"""Metrics: a window of per-example values averaged over processes, written as ``metrics.jsonl``."""
+"""Metrics: a window of per-example values averaged over processes, written as ``metrics.jsonl``; and the progress
+bars a run shows (``disable_tqdm`` turns off the libraries' too)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -94,3 +99,45 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             for listener in self.listeners:
                 listener.on_log(dict(record))
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Every progress bar of a run on or off: preftune's own follow ``disable_tqdm`` where they are made; this turns
+    off the libraries' too — datasets' (normalising, tokenizing, saving rows), transformers' (loading and writing
+    weights) and the Hub's — and restores each as it was afterwards."""
+    if enabled:
+        yield
+        return
+    import datasets
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    was = (datasets.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled(),
+           hub_utils.are_progress_bars_disabled())
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was[0]:
+            datasets.enable_progress_bars()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
+        if not was[2]:
+            hub_utils.enable_progress_bars()
+
+
+Method = TypeVar("Method", bound=Callable)
+
+
+def obeys_disable_tqdm(method: Method) -> Method:
+    """A trainer's method run under :func:`progress_bars` as its config's ``disable_tqdm`` asks."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with progress_bars(not self.cfg.disable_tqdm):
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]

@@ -11,7 +11,17 @@
     eval: "Blind evaluation: which response is better? (A and B are in random order; their sources are hidden.)",
   };
   const $ = (id) => document.getElementById(id);
-  const state = { token: null, task: null, annotator: "", item: null, busy: false, tasks: {}, shown: 0 };
+  const state = { token: null, task: null, annotator: "", item: null, busy: false, tasks: {}, shown: 0,
+                  canUndo: false, session: newSession() };
+  // The guidelines arrive as plain data (preftune.annotate.guidelines); only these elements are ever made.
+  const BLOCKS = { h1: "h3", h2: "h4", h3: "h5", p: "p", ul: "ul", ol: "ol", pre: "pre" };
+  const STYLES = { strong: "strong", em: "em", code: "code" };
+
+  // This page's session: 128 random bits, in memory only, so an undo reaches only votes cast from this page.
+  function newSession() {
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
 
   function takeToken() {
     const fragment = new URLSearchParams(location.hash.slice(1));
@@ -68,6 +78,48 @@
     }
   }
 
+  function renderSpans(parent, spans) {
+    for (const span of spans) {
+      const element = document.createElement(STYLES[span.style] || "span");
+      element.textContent = span.text;
+      parent.appendChild(element);
+    }
+  }
+
+  function renderGuidelines(blocks) {
+    const container = $("guidelines");
+    container.replaceChildren();
+    for (const block of blocks) {
+      const tag = BLOCKS[block.kind];
+      if (!tag) continue;
+      const element = document.createElement(tag);
+      if (block.kind === "pre") {
+        element.textContent = block.text;
+      } else if (block.kind === "ul" || block.kind === "ol") {
+        for (const entry of block.items) {
+          const li = document.createElement("li");
+          renderSpans(li, entry);
+          element.appendChild(li);
+        }
+      } else {
+        renderSpans(element, block.spans);
+      }
+      container.appendChild(element);
+    }
+    $("guidelines-box").hidden = blocks.length === 0;
+  }
+
+  function showItem(item) {
+    state.item = item;
+    $("done").hidden = true;
+    $("work").hidden = false;
+    $("question").textContent = QUESTIONS[state.task];
+    render($("prompt"), item.prompt);
+    render($("left"), item.left);
+    render($("right"), item.right);
+    $("note").value = "";
+  }
+
   function showProgress(p) {
     const total = p.done + p.left;
     $("progress-row").hidden = false;
@@ -81,6 +133,7 @@
   function setBusy(busy) {
     state.busy = busy;
     for (const button of document.querySelectorAll("#choices button")) button.disabled = busy;
+    for (const id of ["undo", "undo-done"]) $(id).disabled = busy || !state.canUndo;
   }
 
   async function loadNext() {
@@ -107,13 +160,7 @@
           `item${data.progress.done === 1 ? "" : "s"} here. Thank you!`;
         return;
       }
-      $("done").hidden = true;
-      $("work").hidden = false;
-      $("question").textContent = QUESTIONS[state.task];
-      render($("prompt"), data.item.prompt);
-      render($("left"), data.item.left);
-      render($("right"), data.item.right);
-      $("note").value = "";
+      showItem(data.item);
     } catch (e) {
       if (request === state.shown) say(e.message);
     } finally {
@@ -126,8 +173,45 @@
     setBusy(true);
     try {
       const data = await api("/api/vote", { task: state.task, annotator: state.annotator, item: state.item.id,
-                                            choice: choice, note: $("note").value });
-      say(data.recorded ? "Saved." : "Already saved.", true);
+                                            choice: choice, note: $("note").value, session: state.session });
+      state.canUndo = true;
+      say(data.recorded ? "Saved. (U undoes it.)" : "Already saved.", true);
+    } catch (e) {
+      say(e.message);
+      setBusy(false);
+      return;
+    }
+    await loadNext();
+  }
+
+  const CLICKED = { left: "A is better", right: "B is better", tie: "Tie", both_bad: "Both bad" };
+
+  async function undo() {
+    if (state.busy || !state.canUndo) return;
+    setBusy(true);
+    const request = ++state.shown;  // an item still on its way must not replace the one undone
+    try {
+      const data = await api("/api/undo", { task: state.task, annotator: state.annotator, session: state.session });
+      state.canUndo = false;
+      showProgress(data.progress);
+      showItem(data.item);
+      $("note").value = data.note;
+      say(`Your last vote (${CLICKED[data.choice] || data.choice}) is withdrawn: vote again.`, true);
+    } catch (e) {
+      state.canUndo = false;
+      say(e.message);
+    } finally {
+      if (request === state.shown) setBusy(false);
+    }
+  }
+
+  async function skip() {
+    if (state.busy || !state.item) return;
+    setBusy(true);
+    try {
+      await api("/api/skip", { task: state.task, annotator: state.annotator, item: state.item.id,
+                               session: state.session });
+      say("Skipped: it goes to others first and comes back to you at the end.", true);
     } catch (e) {
       say(e.message);
       setBusy(false);
@@ -138,6 +222,7 @@
 
   function chooseTask(task) {
     state.task = task;
+    state.canUndo = false;  // an undo reaches the last vote of this task and name only
     const url = new URL(location.href);
     url.searchParams.set("task", task);
     history.replaceState(null, "", url.pathname + url.search);
@@ -152,6 +237,7 @@
     try {
       const status = await api("/api/status");
       state.tasks = status.tasks;
+      renderGuidelines(status.guidelines || []);
     } catch (e) {
       say(e.message);
       return;
@@ -180,11 +266,23 @@
       if (event.key === "Escape") event.target.blur();
       return;
     }
-    if (event.ctrlKey || event.metaKey || event.altKey || $("work").hidden) return;
+    if (event.ctrlKey || event.metaKey || event.altKey) return;
     const key = event.key.toLowerCase();
+    if (key === "u" && !$("done").hidden) {  // the last item voted: undo still reaches it
+      event.preventDefault();
+      undo();
+      return;
+    }
+    if ($("work").hidden) return;
     if (key === "n") {
       event.preventDefault();
       $("note").focus();
+    } else if (key === "s") {
+      event.preventDefault();
+      skip();
+    } else if (key === "u") {
+      event.preventDefault();
+      undo();
     } else if (KEYS[key]) {
       event.preventDefault();
       vote(KEYS[key]);
@@ -197,6 +295,7 @@
     $("annotator").value = state.annotator;
     $("annotator").addEventListener("change", () => {
       state.annotator = $("annotator").value.trim().slice(0, 64);
+      state.canUndo = false;
       localStorage.setItem(NAME_KEY, state.annotator);
       $("annotator").blur();
       say("");
@@ -208,9 +307,12 @@
       sessionStorage.setItem(TOKEN_KEY, state.token);
       start();
     });
-    for (const button of document.querySelectorAll("#choices button")) {
+    for (const button of document.querySelectorAll("#choices button[data-choice]")) {
       button.addEventListener("click", () => vote(button.dataset.choice));
     }
+    $("skip").addEventListener("click", skip);
+    $("undo").addEventListener("click", undo);
+    $("undo-done").addEventListener("click", undo);
     for (const button of document.querySelectorAll("#tasks button")) {
       button.addEventListener("click", () => chooseTask(button.dataset.task));
     }
