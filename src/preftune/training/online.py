@@ -194,8 +194,7 @@ class OnlineBatches:
             weight = sum(b["example_weights"].sum() for b in micro_batches).double()
             weight = acc.reduce(weight, "sum") if acc.num_processes > 1 else weight
             stats = {"loss_weight_sum": (weight.clamp(min=1) / shares).float()}
-        micro_batches = [b | stats for b in micro_batches]
-        return [b | {"logit_scale": logit_scale(self.cfg)} for b in micro_batches]
+        return [b | stats | {"logit_scale": logit_scale(self.cfg)} for b in micro_batches]
 
     def _pairs(self, out: Rollout, rewards: Tensor) -> dict[str, Tensor]:
         rows, weights, order = [], [], []
