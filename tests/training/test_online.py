@@ -348,6 +348,7 @@ with open(f"{sys.argv[1]}/p{acc.process_index}.json", "w") as f:
     json.dump({"rewards": torch.cat([b["rewards"] for b in batches]).tolist(),
                "tokens": sum(int(b["seq_tokens"].sum()) for b in batches),
                "stats": [{k: float(b[k]) for k in names} for b in batches]}, f)
+acc.end_training()  # both processes leave the process group together (one exiting inside it aborts the other)
 '''
 
 
@@ -355,13 +356,12 @@ def test_two_processes_share_the_generation_batch_statistics(tmp_path):
     """Under torchrun (2 CPU processes, gloo), every micro-batch of each process carries the statistics of the
     whole generation batch: the std of both processes' rewards, and their token and completion counts / (k·P)."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as free:  # a port nobody listens on now
-        free.bind(("127.0.0.1", 0))
-        port = str(free.getsockname()[1])
+    from test_distributed import free_port  # same folder (pytest puts it on sys.path)
+
+    port = free_port()
     script = tmp_path / "two.py"
     script.write_text(_TWO_PROCESSES)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
