@@ -30,7 +30,7 @@ Measured per run, after ``--warmup`` optimizer steps:
   forward/backward and the optimizer step inside), read by a step-end callback in each tool;
   completions/s = completions per step / median step time;
 * **generation time** — the time inside the sampler in that interval: preftune's own accounting
-  (``OnlineBatches.seconds['generation']``, around :func:`preftune.rollout.sampling.generate`), for TRL a timer
+  (``Sampler.seconds['generation']``, around :func:`preftune.rollout.sampling.generate`), for TRL a timer
   around the policy's ``generate``; "training" = step − generation (judging, the loss, backward, optimizer);
 * **generated tokens** per step (each completion up to and including its first EOS), to check that the two tools
   did the same amount of sampling;
@@ -257,7 +257,7 @@ def run_worker(spec: dict) -> dict:
         class StepClock:
             def on_step_end(self, step, model):
                 ends.append(time.perf_counter())
-                online = holder["trainer"].session.online
+                online = holder["trainer"].algorithm.sampler
                 gen_at_end.append(online.seconds["generation"])
                 tok_at_end.append(online.generated_tokens)
                 step_ended()

@@ -30,7 +30,7 @@ def refused(values: dict) -> ConfigError:
 
 
 # β inside the loss (DPO's σ(β·margin), IPO's 1/(2β), …) must be > 0; β as the weight of a KL penalty
-# (GRPO, RLOO) may be 0, which loads no reference.
+# (GRPO, GSPO, RLOO) may be 0, which loads no reference.
 KL_WEIGHT_BETA = sorted(name for name in USES_BETA if METHODS[name].reference_weight == "beta")
 LOSS_BETA = sorted(set(USES_BETA) - set(KL_WEIGHT_BETA))
 
@@ -50,7 +50,9 @@ def test_beta_as_a_kl_weight_may_be_zero_but_not_negative_or_nan(method):
 
 
 def test_the_kl_weight_methods_are_the_critic_free_rl_ones():
-    assert KL_WEIGHT_BETA == ["grpo", "rloo"]
+    # every method that samples groups of completions (GRPO, GSPO, RLOO, …), and only those
+    assert KL_WEIGHT_BETA == sorted(name for name, m in METHODS.items() if m.data == "groups")
+    assert {"grpo", "rloo"} <= set(KL_WEIGHT_BETA)
 
 
 def test_ipo_with_beta_zero_is_a_config_error_not_a_division_by_zero():

@@ -150,7 +150,7 @@ def test_trl_config_objects_map_trl_names_as_yaml_does():
     (lambda: GRPOConfig(per_device_train_batch_size=4), "per_device_train_batch_size=4 counts completions .* give a "
                                                         "multiple of num_generations"),
     (lambda: GRPOConfig(loss_type="bnpo"), "loss_type='bnpo' is not implemented"),
-    (lambda: GRPOConfig(num_iterations=2), "each generation batch is used for one update"),
+    (lambda: GRPOConfig(top_entropy_quantile=0.2), "every completion token is trained on"),
     (lambda: DPOConfig(lerning_rate=1e-6), "Did you mean 'learning_rate'"),
 ])
 def test_fields_preftune_cannot_honour_say_what_to_write(make, advice):

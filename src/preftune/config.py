@@ -179,10 +179,6 @@ TRL_KEYS: dict[str, TrlKey] = {
     **{key: TrlKey("online methods sample with the policy itself, without vLLM: remove it") for key in (
         "vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_server_base_url", "vllm_gpu_memory_utilization",
         "vllm_tensor_parallel_size", "vllm_model_impl", "vllm_importance_sampling_correction")},
-    "num_iterations": TrlKey("each generation batch is used for one update (1 is accepted)", _is(1)),
-    "steps_per_generation": TrlKey("each optimizer step samples its own prompts (null is accepted)", _is(None)),
-    "generation_batch_size": TrlKey("each optimizer step samples its own prompts: per_device_train_batch_size × "
-                                    "gradient_accumulation_steps completions (null is accepted)", _is(None)),
     "reward_weights": TrlKey("pass the reward functions and their weights to preftune.GRPOTrainer (reward_funcs=, "
                              "GRPOConfig(reward_weights=…)), or write one judge function that combines them"),
     "rloo_k": TrlKey("set num_generations (completions per prompt)"),
@@ -193,8 +189,8 @@ TRL_KEYS: dict[str, TrlKey] = {
     "repetition_penalty": TrlKey("sampling uses temperature, top_p and top_k; 1.0 is accepted", _is(1.0)),
     "min_p": TrlKey("sampling uses temperature, top_p and top_k; null is accepted", _is(None, 0, 0.0)),
     "generation_kwargs": TrlKey("sampling uses temperature, top_p and top_k; set those keys", _is(None, {})),
-    "importance_sampling_level": TrlKey("the policy ratio is per token (GSPO's sequence level is not implemented); "
-                                        "'token' is accepted", _is("token")),
+    "importance_sampling_level": TrlKey("GRPO's ratio is per token; for the sequence level set method: gspo "
+                                        "(GSPO, arXiv 2507.18071); 'token' is accepted", _is("token")),
     "top_entropy_quantile": TrlKey("every completion token is trained on; 1.0 is accepted", _is(1.0)),
     "ds3_gather_for_generation": TrlKey("give DeepSpeed to Accelerate (examples/accelerate/deepspeed_zero3.yaml); "
                                         "true is accepted", _is(True)),
@@ -298,7 +294,19 @@ class TrainConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     missing_eos_penalty: float | None = None  # subtracted from the score of a completion that never ended
-    # --- PPO (`method: ppo`, trained by its own loop; None: the registry's default, see `preftune methods`) -----------
+    # One generation batch (TRL's names): steps_per_generation micro-batches of prompts per process are sampled and
+    # judged at once, then trained on in num_iterations passes of gradient_accumulation_steps micro-batches per
+    # optimizer step (PPO: its own num_ppo_epochs and num_mini_batches).
+    num_iterations: int = 1  # μ of GRPO (arXiv 2402.03300, Alg. 1): passes over each generation batch
+    # micro-batches of prompts per process in one generation batch; None: gradient_accumulation_steps
+    steps_per_generation: int | None = None
+    generation_batch_size: int | None = None  # or: prompts per generation batch over all processes
+    # DAPO's dynamic sampling (arXiv 2503.14476, §3.2): groups whose completions all scored the same are dropped and
+    # more prompts sampled until the generation batch is full, at most max_num_gen_batches generation batches
+    # (0: no cap); short after that, the batch is filled with dropped groups (counted in the log).
+    dynamic_sampling: bool = False
+    max_num_gen_batches: int = 4
+    # --- PPO (`method: ppo`, an algorithm of its own; None: the registry's default, see `preftune methods`) ----------
     # One update: per_device_train_batch_size × gradient_accumulation_steps × num_mini_batches prompts per process,
     # one completion each, then num_ppo_epochs passes over them in num_mini_batches optimizer steps.
     num_ppo_epochs: int | None = None  # passes over each rollout (TRL's name; ppo_epochs is accepted too)
@@ -529,6 +537,10 @@ class TrainConfig:
             raise _invalid(("online", "method"), f"online=true samples pairs for paired methods; {self.methods} "
                            "are not paired (RLOO and GRPO are online by themselves)")
         if not self.is_online:
+            changed = [k for k in _GENERATION_KEYS if getattr(self, k) != FIELDS[k].default]
+            if changed:
+                raise _invalid(changed[0], f"{', '.join(changed)}: for online methods (a generation batch of samples); "
+                               f"{self.methods} train on a fixed dataset")
             return
         if self.precompute_ref_log_probs:
             raise _invalid("precompute_ref_log_probs", "online methods score completions sampled during training; "
@@ -536,9 +548,36 @@ class TrainConfig:
         if run_data(self.methods) == "paired" and self.num_generations not in (None, 2):
             raise _invalid("num_generations", "Online DPO compares two completions of each prompt: "
                            "num_generations must be 2 (or unset)")
+        self._check_generation_batch()
+
+    def _check_generation_batch(self) -> None:
+        ppo = any(get_method(m).algorithm == "ppo" for m in self.methods)
+        for key, default in (("num_iterations", 1), ("steps_per_generation", None), ("generation_batch_size", None)):
+            if ppo and getattr(self, key) != default:
+                raise _invalid(key, f"{key}: PPO passes over each rollout num_ppo_epochs times in num_mini_batches "
+                               "optimizer steps; set those")
+        if self.num_iterations < 1:
+            raise _invalid("num_iterations", f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.steps_per_generation is not None and self.generation_batch_size is not None:
+            raise _invalid(("steps_per_generation", "generation_batch_size"), "give steps_per_generation or "
+                           "generation_batch_size, not both (one is the other divided by the prompts of a step)")
+        steps = self.steps_per_generation
+        if steps is not None and (steps < 1 or steps % self.gradient_accumulation_steps):
+            raise _invalid(("steps_per_generation", "gradient_accumulation_steps"), f"steps_per_generation "
+                           f"({steps}) must be a positive multiple of gradient_accumulation_steps "
+                           f"({self.gradient_accumulation_steps}): each optimizer step takes that many micro-batches")
+        if self.generation_batch_size is not None and self.generation_batch_size < 1:
+            raise _invalid("generation_batch_size", f"generation_batch_size must be >= 1, got "
+                           f"{self.generation_batch_size}")
+        if self.dynamic_sampling and run_data(self.methods) != "groups":
+            raise _invalid(("dynamic_sampling", "method"), "dynamic_sampling drops groups of completions whose "
+                           f"rewards are all equal: for GRPO, GSPO and RLOO, not {self.methods}")
+        if self.max_num_gen_batches < 0:
+            raise _invalid("max_num_gen_batches", f"max_num_gen_batches must be >= 0 (0: no cap), got "
+                           f"{self.max_num_gen_batches}")
 
     def _check_ppo(self) -> None:
-        if not any(get_method(m).loop for m in self.methods):
+        if not any(get_method(m).algorithm == "ppo" for m in self.methods):
             return
         if self.num_generations is not None:
             raise _invalid("num_generations", "PPO samples one completion per prompt and learns a value for it: leave "
@@ -548,7 +587,7 @@ class TrainConfig:
                            "the scores as part of use_score_scaling: set use_score_scaling=true too")
         if self.sync_ref_model:
             raise _invalid(("sync_ref_model", "method"), "PPO's KL penalty is to a fixed reference; sync_ref_model "
-                           "(TR-DPO) is for the one loop's methods")
+                           "(TR-DPO) is for the offline methods")
     @property
     def rounds(self):
         """The run's :class:`~preftune.methods.registry.Rounds` (RSO, SPPO, iterative DPO), or None."""
@@ -706,6 +745,10 @@ def from_trl_loss_type(value: Any) -> Any:
     if isinstance(value, list):
         return [TRL_LOSS_TYPES.get(v, v) if isinstance(v, str) else v for v in value]
     return value
+
+
+_GENERATION_KEYS = ("num_iterations", "steps_per_generation", "generation_batch_size", "dynamic_sampling",
+                    "max_num_gen_batches")
 
 
 def _invalid(keys: str | tuple[str, ...], message: str) -> ConfigError:

@@ -205,9 +205,6 @@ class _TrlTrainer(PreferenceTrainer):
 
     config_class: type[_TrlConfig] = DPOConfig
 
-    def __new__(cls, *args: Any, **kwargs: Any):
-        return object.__new__(cls)  # PreferenceTrainer.__new__ picks a method's own loop from a config argument
-
     def _setup(self, model: Any, ref_model: Any, args: TrainConfig | None, train_dataset: Any, eval_dataset: Any,
                processing_class: Any, peft_config: Any, callbacks: list | None, judge: Any = None,
                **unsupported: Any) -> None:

@@ -4,7 +4,9 @@ local ``dataset_name`` must not evaluate on the training rows; evaluation rows t
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 
 from preftune import cli, train
@@ -109,3 +111,50 @@ def test_methods_in_rounds_read_the_same_splits(tmp_path):
     with pytest.raises(DataError, match=r"eval_split \(TRL: dataset_test_split\) is 'test', but a file"):
         load_prompts(build_config({"method": "rso", "dataset": str(data), "eval_dataset": str(data),
                                    "cache_dir": str(tmp_path / "cache")}), tok)
+
+
+def test_held_out_rows_depend_on_their_numbers_and_the_seed_not_on_their_order():
+    from preftune.training.setup import hold_out
+
+    held = hold_out(range(20), 0.25, 5, "rows.jsonl")
+    assert held.sum() == 5  # ceil(0.25 · 20), as datasets' train_test_split counts
+    assert hold_out(range(30), 0.1, 5, "rows.jsonl").sum() == 3  # not ceil(3.0000000000000004)
+    numbers = set(np.flatnonzero(held))
+    assert set(np.arange(20)[::-1][hold_out(range(19, -1, -1), 0.25, 5, "rows.jsonl")]) == numbers
+    dropped = min(set(range(20)) - numbers)  # a row another method's tokenization dropped: ceil(0.25 · 19) = 5
+    kept = [n for n in range(20) if n != dropped]
+    assert set(np.array(kept)[hold_out(kept, 0.25, 5, "rows.jsonl")]) == numbers
+    assert set(np.flatnonzero(hold_out(range(20), 0.25, 6, "rows.jsonl"))) != numbers  # another seed, other rows
+    pairs = hold_out([n // 2 for n in range(40)], 0.25, 5, "rows.jsonl")  # KTO reads pair n as rows 2n and 2n + 1
+    assert pairs.sum() == 10 and (pairs[0::2] == pairs[1::2]).all() and set(np.flatnonzero(pairs[0::2])) == numbers
+    with pytest.raises(DataError, match=r"^rows.jsonl: eval_split_size=0.5 of its 1 distinct prompts \(after "
+                       r"tokenization\) holds out 1, leaving none to train on; give more rows"):
+        hold_out([7], 0.5, 0, "rows.jsonl", unit="distinct prompts")
+
+
+def test_every_method_holds_out_the_same_rows_of_a_file(tmp_path):
+    """eval_split_size holds out the same prompts of a prompt file for GRPO and the rounds, and the same pairs of a
+    preference file for DPO and KTO (a pair's two KTO rows together)."""
+    from accelerate import Accelerator
+
+    from preftune.modeling.tiny import default_tokenizer
+    from preftune.training.rounds import load_prompts
+    from preftune.training.setup import prepare_inputs
+
+    distinct = list({r["prompt"]: r for r in ROWS}.values())
+    prompts = write(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in distinct])
+    pairs = write(tmp_path / "pairs.jsonl", distinct)
+    tok = default_tokenizer(ROWS)
+    common = {"eval_split_size": 0.25, "seed": 11, "cache_dir": str(tmp_path / "cache"), "max_length": 64,
+              "max_prompt_length": 32, "bf16": False, "precompute_ref_log_probs": False}
+
+    def held_rows(method, data):
+        inputs = prepare_inputs(build_config({"method": method, "dataset": str(data), **common}), Accelerator(cpu=True),
+                                tokenizer=tok)
+        return sorted(inputs.eval[formats.SOURCE_ROW])
+
+    _, held_out, _ = load_prompts(build_config({"method": "rso", "dataset": str(prompts), **common}), tok)
+    assert sorted(r["row"] for r in held_out) == held_rows("grpo", prompts)
+    assert len(held_out) == math.ceil(0.25 * len(distinct))
+    dpo = held_rows("dpo", pairs)
+    assert held_rows("kto", pairs) == sorted(dpo + dpo)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from preftune.evaluation.metrics import evaluate_policy, format_table, implicit_reward_accuracy, sequence_kl
+from preftune.evaluation.metrics import evaluate_policy, implicit_reward_accuracy, sequence_kl
 from preftune.evaluation.report import plot_frontier, plot_reward_distributions, plot_training_curves
+from preftune.evaluation.table import format_table
 from preftune.rollout.judges import ImplicitRewardJudge
 from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate

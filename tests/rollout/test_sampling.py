@@ -299,6 +299,18 @@ def test_greedy_with_several_samples_is_refused():
         SamplingParams(temperature=0, n=2)
 
 
+def test_a_runs_sampling_params_are_its_configs():
+    from preftune.config import build_config
+
+    cfg = build_config({"method": "grpo", "max_completion_length": 12, "temperature": 0.7, "top_p": 0.9, "top_k": 5})
+    assert SamplingParams.from_config(cfg, n=8, prompt_seeds=[3, 4]) == SamplingParams(
+        max_new_tokens=12, temperature=0.7, top_p=0.9, top_k=5, n=8, seed=None, batch_size=64, prompt_seeds=(3, 4))
+    unset = SamplingParams.from_config(build_config({"method": "grpo"}), n=100, seed=1)
+    assert (unset.max_new_tokens, unset.batch_size, unset.seed) == (256, 100, 1)  # a whole group per call
+    with pytest.raises(ConfigError, match="temperature=0 is greedy"):  # checked as any SamplingParams
+        SamplingParams.from_config(dataclasses.replace(cfg, temperature=0.0), n=2)
+
+
 def test_prompts_of_two_kinds_or_malformed_messages_are_refused(tiny_model, tokenizer):
     model = tiny_model()
     with pytest.raises(DataError, match="row 1.*prompt 0 is a string"):

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from preftune.training.health import (
+from preftune.health import (
     CHECKS,
     NO_DATA,
     OK,
     WARNING,
-    HealthCallback,
     HealthMonitor,
     RunContext,
     Thresholds,
     fit_gao,
     run_checks,
 )
+from preftune.training.health import HealthCallback
 
 BETA = 0.1
 CTX = RunContext(beta=BETA, learning_rate=3e-4, methods=("dpo",))

@@ -1,4 +1,4 @@
-"""Online DPO, RLOO and GRPO through the one loop: facts about their batches, their references and their runs."""
+"""Online DPO, RLOO and GRPO through the run driver: facts about their batches, their references and their runs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from preftune.errors import ConfigError, DataError
 from preftune.modeling.logprobs import completion_logps, model_inputs
 from preftune.modeling.tiny import build_tiny_model, default_tokenizer
 from preftune.rollout.record import Rollout
-from preftune.training.online import OnlineBatches
+from preftune.training.online import Sampler, online_pairs
 from preftune.training.tracking import MetricWindow
 
 ROWS = builtin_preferences(32, seed=7)
@@ -62,11 +62,9 @@ def test_a_group_shares_its_prompt_and_scores_like_separate_sequences(tok):
 
 
 def test_online_dpo_pairs_prefer_the_higher_score_and_weigh_ties_zero(tmp_path, tok):
-    source = trainer(tmp_path, tok, "online_dpo")
-    online = OnlineBatches(source.cfg, "paired", tok, PreferenceCollator(tok.pad_token_id), None, source.accelerator)
     out = Rollout(prompts=["a", "b", "c"], prompt_ids=[[1, 7], [1, 8], [1, 9]], group_size=2,
                   completion_ids=[[10], [11], [12], [13], [14], [15]])
-    batch = online._pairs(out, torch.tensor([0.1, 0.9, 0.5, 0.2, 0.3, 0.3]))
+    batch = online_pairs(PreferenceCollator(tok.pad_token_id), out, torch.tensor([0.1, 0.9, 0.5, 0.2, 0.3, 0.3]))
     chosen = batch["score_target"][batch["score_seq"] < 3].tolist()
     rejected = batch["score_target"][batch["score_seq"] >= 3].tolist()
     assert chosen == [11, 12, 14] and rejected == [10, 13, 15]
@@ -75,8 +73,7 @@ def test_online_dpo_pairs_prefer_the_higher_score_and_weigh_ties_zero(tmp_path, 
 
 def test_the_missing_eos_penalty_is_taken_from_completions_that_never_ended(tmp_path, tok):
     run = trainer(tmp_path, tok, "grpo", num_generations=4, missing_eos_penalty=2.0, max_completion_length=3)
-    online = OnlineBatches(run.cfg, "groups", tok, PreferenceCollator(tok.pad_token_id), _constant(1.0),
-                           run.accelerator)
+    online = Sampler(run.cfg, tok, _constant(1.0), run.accelerator)
     rows = [{"prompt": r["prompt"], "prompt_ids": tok(r["prompt"])["input_ids"]} for r in ROWS[:6]]
     out = online.rollout(rows, build_tiny_model(tok, seed=3), online.sampling(seed=0))
     assert len(out.scores) == 24 and not all(out.ended_with_eos)  # 3 tokens rarely reach EOS
@@ -120,7 +117,7 @@ def test_an_online_run_resumes_as_if_never_interrupted(tmp_path, tok):
 
 
 def test_online_methods_need_a_judge_and_offline_methods_need_completions(tmp_path, tok):
-    with pytest.raises(ConfigError, match="score their samples with a judge"):
+    with pytest.raises(ConfigError, match="method grpo needs a judge to score its samples"):
         # data of one's own (the embedded default alone is judged by its gold reward: test_online_default_judge.py)
         PreferenceTrainer(build_config({"method": "grpo", "output_dir": str(tmp_path / "x")}), train_dataset=PROMPTS)
     with pytest.raises(ConfigError, match="num_generations must be 2"):
@@ -144,9 +141,7 @@ def _lengthy(prompts, completions):
 @pytest.fixture(scope="module")
 def generation(tok, tmp_path_factory):
     """One sampled, judged generation batch of 4 prompts × 4 completions per (temperature, accumulation): the
-    OnlineBatches' micro-batches, the rollout it sampled, and the models (a policy, and a reference unlike it)."""
-    from preftune.modeling.logprobs import LogProbModel
-
+    online algorithm's micro-batches, the rollout it sampled, and the models (a policy, and a reference unlike it)."""
     made = {}
 
     def make(temperature, steps):
@@ -155,21 +150,17 @@ def generation(tok, tmp_path_factory):
                                     temperature=temperature, per_device_train_batch_size=4 // steps,
                                     gradient_accumulation_steps=steps, max_completion_length=6, seed=0, bf16=False))
             model = build_tiny_model(tok, seed=2).double()
-            accelerator = PreferenceTrainer(cfg, model=model, tokenizer=tok, train_dataset=PROMPTS,
-                                            judge=_lengthy).accelerator
-            from preftune.rollout.judges import CallableJudge
-
-            online = OnlineBatches(cfg, "groups", tok, PreferenceCollator(tok.pad_token_id), CallableJudge(_lengthy),
-                                   accelerator)
+            run = PreferenceTrainer(cfg, model=model, tokenizer=tok, train_dataset=PROMPTS, judge=_lengthy)
+            session, online = run._prepare(), run.algorithm
             sampled = []
-            rollout = online.rollout
-            online.rollout = lambda *a, **k: sampled.append(rollout(*a, **k)) or sampled[-1]
+            rollout = online.sampler.rollout
+            online.sampler.rollout = lambda *a, **k: sampled.append(rollout(*a, **k)) or sampled[-1]
             rows = [{"prompt": r["prompt"], "prompt_ids": tok(r["prompt"])["input_ids"], "source_row": i}
                     for i, r in enumerate(ROWS[:4])]
             parts = [rows[i : i + 4 // steps] for i in range(0, 4, 4 // steps)]
             with torch.no_grad():
-                batches = online.generation_batch(parts, model, MetricWindow(), epoch=5)
-            made[temperature, steps] = (cfg, batches, sampled[0], LogProbModel(model),
+                batches, _ = online.generation_batch(iter(parts), 5, MetricWindow())
+            made[temperature, steps] = (cfg, batches, sampled[0], session.policy,
                                         build_tiny_model(tok, seed=3).double().eval())
         return made[temperature, steps]
 
@@ -304,8 +295,8 @@ def test_ppo_scores_its_samples_at_the_sampling_temperature(tmp_path, tok, monke
     from preftune.training import ppo
 
     seen = []
-    experience = ppo.Trainer._experience
-    monkeypatch.setattr(ppo.Trainer, "_experience", lambda self, *a, **k: seen.append(experience(self, *a, **k))
+    experience = ppo.PPO._experience
+    monkeypatch.setattr(ppo.PPO, "_experience", lambda self, *a, **k: seen.append(experience(self, *a, **k))
                         or seen[-1])
     train(dict(method="ppo", value_model="shared", max_steps=1, per_device_train_batch_size=4, temperature=0.7,
                max_completion_length=6, bf16=False, disable_tqdm=True, output_dir=str(tmp_path / "run"),
@@ -323,26 +314,25 @@ def test_ppo_scores_its_samples_at_the_sampling_temperature(tmp_path, tok, monke
 _TWO_PROCESSES = '''
 import json, sys
 import torch
-from accelerate import Accelerator
+from preftune import PreferenceTrainer
 from preftune.config import build_config
-from preftune.data.batching import PreferenceCollator
 from preftune.data.builtin import builtin_preferences
 from preftune.modeling.tiny import build_tiny_model, default_tokenizer
-from preftune.rollout.judges import CallableJudge
-from preftune.training.online import OnlineBatches
 from preftune.training.tracking import MetricWindow
 
 rows = builtin_preferences(32, seed=7)
 tok = default_tokenizer(rows)
 cfg = build_config(dict(method="grpo", output_dir=sys.argv[1], num_generations=4, per_device_train_batch_size=2,
-                        gradient_accumulation_steps=2, max_completion_length=6, bf16=False))
-acc = Accelerator(cpu=True)
-judge = CallableJudge(lambda prompts, completions: [float(len(c) % 7) for c in completions])
-online = OnlineBatches(cfg, "groups", tok, PreferenceCollator(tok.pad_token_id), judge, acc)
+                        gradient_accumulation_steps=2, max_completion_length=6, bf16=False, disable_tqdm=True))
+judge = lambda prompts, completions: [float(len(c) % 7) for c in completions]
+run = PreferenceTrainer(cfg, model=build_tiny_model(tok, seed=0), tokenizer=tok,
+                        train_dataset=[{"prompt": r["prompt"]} for r in rows], judge=judge)
+run._prepare()
+acc = run.accelerator
 first = 4 * acc.process_index
 mine = [{"prompt": r["prompt"], "prompt_ids": tok(r["prompt"])["input_ids"], "source_row": first + i}
         for i, r in enumerate(rows[first : first + 4])]
-batches = online.generation_batch([mine[:2], mine[2:]], build_tiny_model(tok, seed=0), MetricWindow(), epoch=0)
+batches, _ = run.algorithm.generation_batch(iter([mine[:2], mine[2:]]), 0, MetricWindow())
 names = ("batch_reward_std", "loss_num_tokens", "loss_num_sequences")
 with open(f"{sys.argv[1]}/p{acc.process_index}.json", "w") as f:
     json.dump({"rewards": torch.cat([b["rewards"] for b in batches]).tolist(),

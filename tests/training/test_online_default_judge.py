@@ -33,4 +33,4 @@ def test_with_data_of_ones_own_an_online_method_still_asks_for_a_judge(tmp_path,
     data.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in builtin_preferences(8)))
     code = main(["train", "method=grpo", f"dataset={data}", f"output_dir={tmp_path / 'run'}"])
     assert code == ConfigError.exit_code
-    assert "score their samples with a judge: set judge" in capsys.readouterr().err
+    assert "method grpo needs a judge to score its samples, and none is given: set judge" in capsys.readouterr().err

@@ -268,7 +268,7 @@ def test_the_trainer_api_on_ppo_evaluate_save_model_model_and_callbacks(tok, tmp
                           output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))),
         model=policy, tokenizer=tok, train_dataset=prompts[:24], eval_dataset=prompts[24:],
         judge=lambda p, c: [1.0] * len(c), callbacks=[Recorder()])
-    assert isinstance(trainer, ppo.Trainer)
+    assert isinstance(trainer.algorithm, ppo.PPO)  # the registry names PPO's algorithm; the trainer is the driver
     before = trainer.evaluate()
     assert before["eval_reward"] == 1.0 and before["eval_runtime"] > 0  # the judge's score of every sample
     assert type(trainer.model) is type(policy)  # the policy, not the policy-and-critic module

@@ -184,8 +184,11 @@ def test_rounds_settings_are_checked(tmp_path):
         build_config({"method": "sppo", "refresh_reference": True})
     with pytest.raises(ConfigError, match="set resume_from_checkpoint=true"):
         build_config({"method": "iterative_dpo", "resume_from_checkpoint": "runs/x/round-2"})
-    with pytest.raises(ConfigError, match="judges the completions it samples"):
-        PreferenceTrainer(build_config({"method": "sppo", "output_dir": str(tmp_path / "x")})).train()
+    with pytest.raises(ConfigError, match="^method sppo needs a judge to score its samples, and none is given"):
+        # data of one's own (the embedded default alone is judged by its gold reward)
+        PreferenceTrainer(build_config({"method": "sppo", "output_dir": str(tmp_path / "x")}),
+                          train_dataset=ROWS[:8]).train()
+    assert not (tmp_path / "x").exists()  # refused before anything loads
 
 
 def test_iterative_dpo_refreshes_its_reference_only_when_asked(tmp_path, tok):

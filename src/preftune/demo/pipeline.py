@@ -23,8 +23,21 @@ from transformers import AutoModelForCausalLM
 from preftune.config import build_config
 from preftune.demo.world import review_corpus, review_prompts, world_model, world_tokenizer
 from preftune.errors import RunDirError
-from preftune.evaluation.metrics import evaluate_policy, format_table
+from preftune.evaluation.metrics import evaluate_policy
 from preftune.evaluation.report import plot_reward_distributions, plot_training_curves, write_report
+from preftune.evaluation.table import format_table
+from preftune.metric_names import (
+    EOS_RATE,
+    GOLD_REWARD,
+    KL,
+    KL_TO_REF,
+    LENGTH,
+    REF_EOS_RATE,
+    REF_GOLD_REWARD,
+    REF_LENGTH,
+    REFERENCE_REWARD,
+    REWARD,
+)
 from preftune.rollout.judges import GoldSentimentJudge, score_rollout
 from preftune.rollout.pairs import build_pairs, pairs_from_rollout, save_pairs
 from preftune.rollout.record import Rollout
@@ -160,10 +173,9 @@ def sample_record(metrics: dict, reference_rollout: Rollout) -> dict[str, float]
     mean length and EOS rate (:func:`preftune.evaluation.metrics.evaluate_policy`), and π_ref's on the same
     prompts."""
     ended = reference_rollout.ended_with_eos
-    return {"gold_reward": metrics["reward"], "kl_to_ref": metrics["kl"], "length": metrics["length"],
-            "eos_rate": metrics["eos_rate"], "ref_gold_reward": metrics["reference_reward"],
-            "ref_length": sum(reference_rollout.lengths) / len(reference_rollout),
-            "ref_eos_rate": sum(ended) / len(ended)}
+    return {GOLD_REWARD: metrics[REWARD], KL_TO_REF: metrics[KL], LENGTH: metrics[LENGTH], EOS_RATE: metrics[EOS_RATE],
+            REF_GOLD_REWARD: metrics[REFERENCE_REWARD],
+            REF_LENGTH: sum(reference_rollout.lengths) / len(reference_rollout), REF_EOS_RATE: sum(ended) / len(ended)}
 
 
 def sample_monitor(world: World, settings: DemoSettings, judge=None):

@@ -75,8 +75,7 @@ def read_pairs(path: str | Path) -> list[dict]:
 def _load_policy(path: str, role: str):
     from transformers import AutoModelForCausalLM
 
-    from preftune.modeling.loading import load_tokenizer, refuse_pickled_weights
-    from preftune.training.setup import check_model_path
+    from preftune.modeling.loading import check_model_path, load_tokenizer, refuse_pickled_weights
 
     check_model_path(f"--{role}", path)  # a missing folder, not transformers' "Repo id must use …"
     refuse_pickled_weights(path, role)

@@ -17,8 +17,11 @@ from torch import Tensor, nn
 
 from preftune.data.batching import pad_sequences
 from preftune.errors import ModelError
+from preftune.evaluation.table import format_table  # noqa: F401  (evaluation/commands.py imports it from here)
+from preftune.metric_names import EOS_RATE, KL, LENGTH, REFERENCE_REWARD, REWARD, REWARD_STD, WIN_RATE
 from preftune.modeling.lm_head import head_logits
 from preftune.modeling.logprobs import flat_hidden_states, max_positions, unwrap_causal_lm
+from preftune.modeling.modes import eval_mode
 from preftune.rollout.encoding import Prompt, length_sorted_batches
 from preftune.rollout.judges import Judge, compare, judge_scores
 from preftune.rollout.record import Rollout
@@ -56,13 +59,9 @@ def sequence_kl(
     laid out by :func:`preftune.data.batching.pad_sequences` (right padding, explicit positions).
     """
     out = torch.zeros(len(rollout))
-    models = (policy, reference)
-    was_training = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        prompt_ids = rollout.sample_prompt_ids
-        lengths = [len(p) + len(c) for p, c in zip(prompt_ids, rollout.completion_ids)]
+    prompt_ids = rollout.sample_prompt_ids
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, rollout.completion_ids)]
+    with eval_mode(policy, reference):
         for idx in length_sorted_batches(lengths, batch_size):
             batch = pad_sequences([prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx], pad_id=0)
             h_policy, h_reference = _completion_hidden(policy, batch), _completion_hidden(reference, batch)
@@ -73,9 +72,6 @@ def sequence_kl(
                 per_token.append((logp.exp() * (logp - logq)).sum(-1))
             kl = torch.cat(per_token).float().cpu()
             out[idx] = torch.zeros(len(idx)).index_add(0, batch["score_seq"], kl)
-    finally:
-        for m, training in zip(models, was_training):
-            m.train(training)
     return out
 
 
@@ -136,14 +132,14 @@ def evaluate_policy(
     kl, kl_std = _mean_std(kls.tolist())
     metrics = {
         "judge": judge.name,
-        "reward": reward,
-        "reward_std": reward_std,
-        "kl": kl,
+        REWARD: reward,
+        REWARD_STD: reward_std,
+        KL: kl,
         "kl_std": kl_std,
-        "win_rate": compare(rewards, reference_rewards),
-        "reference_reward": statistics.fmean(reference_rewards),
-        "length": statistics.fmean(rollout.lengths),
-        "eos_rate": sum(rollout.ended_with_eos) / len(rollout),
+        WIN_RATE: compare(rewards, reference_rewards),
+        REFERENCE_REWARD: statistics.fmean(reference_rewards),
+        LENGTH: statistics.fmean(rollout.lengths),
+        EOS_RATE: sum(rollout.ended_with_eos) / len(rollout),
         "n": len(rollout),
     }
     if return_per_sample:
@@ -174,29 +170,3 @@ def implicit_reward_accuracy(
         raise ValueError("implicit-reward accuracy needs paired rows (prompt, chosen, rejected)")
     return result.accuracy()["sum"]
 
-
-# ------------------------------------------------------------------------------------ table
-
-
-def _cell(value) -> str:
-    if isinstance(value, bool) or isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.4g}"
-    return "—" if value is None else str(value)
-
-
-def format_table(rows: Mapping[str, Mapping]) -> str:
-    """An aligned text table: one column per entry of ``rows`` (e.g. ``{"SFT": m1, "DPO": m2}``), one row
-    per metric (union of keys, first-seen order; non-scalar values such as ``per_sample`` are skipped)."""
-    columns = list(rows)
-    metrics: list[str] = []
-    for values in rows.values():
-        scalars = (k for k, v in values.items() if v is None or isinstance(v, (int, float, str)))
-        metrics += [k for k in scalars if k not in metrics]
-    table = [["metric", *columns]] + [[m, *(_cell(rows[c].get(m)) for c in columns)] for m in metrics]
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-             for line in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

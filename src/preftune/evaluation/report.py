@@ -12,7 +12,7 @@ Each function saves a PNG and returns the matplotlib ``Figure`` (tests read its 
 
 * :func:`write_report` — a run's health report (``preftune report RUN_DIR``): one self-contained HTML page (plots
   embedded as base64 PNG, no network) and a markdown summary, from ``metrics.jsonl`` and ``config.yaml``. Every
-  check of :mod:`preftune.training.health` with its verdict, evidence and suggestion, and the curves behind it.
+  check of :mod:`preftune.health` with its verdict, evidence and suggestion, and the curves behind it.
 """
 
 from __future__ import annotations
@@ -33,9 +33,40 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-CURVES = [("loss", "loss (nats per pair)", "Training loss"),
-          ("rewards/accuracies", "implicit-reward accuracy (fraction of pairs)", "Reward accuracy"),
-          ("rewards/margins", "reward margin β·Δlog-ratio (nats)", "Reward margin (chosen − rejected)")]
+from preftune.health import (  # noqa: E402
+    CheckResult,
+    RunContext,
+    Thresholds,
+    fit_gao,
+    gold_points,
+    grad_spikes,
+    run_checks,
+    series_from_records,
+)
+from preftune.metric_names import (  # noqa: E402
+    EOS_RATE,
+    EVAL_PREFIX,
+    GRAD_NORM,
+    LENGTH,
+    LENGTHS_CHOSEN,
+    LENGTHS_MARGIN_CORR,
+    LENGTHS_REJECTED,
+    LOGPS_CHOSEN,
+    LOGPS_REJECTED,
+    LOSS,
+    REF_EOS_RATE,
+    REF_GOLD_REWARD,
+    REF_LENGTH,
+    REWARDS_ACCURACIES,
+    REWARDS_CHOSEN,
+    REWARDS_MARGINS,
+    REWARDS_REJECTED,
+    STEP,
+)
+
+CURVES = [(LOSS, "loss (nats per pair)", "Training loss"),
+          (REWARDS_ACCURACIES, "implicit-reward accuracy (fraction of pairs)", "Reward accuracy"),
+          (REWARDS_MARGINS, "reward margin β·Δlog-ratio (nats)", "Reward margin (chosen − rejected)")]
 
 
 def read_metrics(source: str | Path | Iterable[Mapping]) -> list[dict]:
@@ -79,10 +110,10 @@ def plot_training_curves(
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
     for ax, (key, ylabel, title) in zip(axes, CURVES):
         for name, records in named.items():
-            points = [(r.get("step", i), r[key]) for i, r in enumerate(records) if r.get(key) is not None]
+            points = [(r.get(STEP, i), r[key]) for i, r in enumerate(records) if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), label=name, linewidth=1.5)
-        if key == "loss":
+        if key == LOSS:
             ax.axhline(0.6931, color="grey", linestyle=":", linewidth=1, label="ln 2 (DPO at step 0)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
@@ -182,16 +213,15 @@ class HealthReport:
 
     html: Path
     markdown: Path
-    results: list  # [preftune.training.health.CheckResult]
+    results: list[CheckResult]
     plots: list[str]  # the ids of the embedded plots, in page order
 
 
-def run_context(run_dir: Path):
-    """The :class:`~preftune.training.health.RunContext` of a run folder, from its ``config.yaml`` (β, learning
+def run_context(run_dir: Path) -> RunContext:
+    """The :class:`~preftune.health.RunContext` of a run folder, from its ``config.yaml`` (β, learning
     rate, methods); an empty one when the file is missing or no longer loads."""
     from preftune.config import load_config
     from preftune.errors import ConfigError
-    from preftune.training.health import RunContext
 
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -231,21 +261,21 @@ CHOSEN, REJECTED, HELD_OUT, REFERENCE = "tab:green", "tab:red", "tab:purple", "g
 
 
 def _plot_likelihoods(series, ctx, th):
-    if not series.get("logps/chosen"):
+    if not series.get(LOGPS_CHOSEN):
         return None
     fig, (raw, ratio, unseen) = _panels(3)
-    _line(raw, _points(series, "logps/chosen"), "chosen (training pairs)", color=CHOSEN)
-    _line(raw, _points(series, "logps/rejected"), "rejected (training pairs)", color=REJECTED)
-    _line(raw, _points(series, "eval_logps/chosen"), "chosen (held-out)", color=CHOSEN, linestyle="--")
-    _line(raw, _points(series, "eval_logps/rejected"), "rejected (held-out)", color=REJECTED, linestyle="--")
+    _line(raw, _points(series, LOGPS_CHOSEN), "chosen (training pairs)", color=CHOSEN)
+    _line(raw, _points(series, LOGPS_REJECTED), "rejected (training pairs)", color=REJECTED)
+    _line(raw, _points(series, EVAL_PREFIX + LOGPS_CHOSEN), "chosen (held-out)", color=CHOSEN, linestyle="--")
+    _line(raw, _points(series, EVAL_PREFIX + LOGPS_REJECTED), "rejected (held-out)", color=REJECTED, linestyle="--")
     _finish(raw, "log π(y|x), summed over tokens (nats)", "Log-likelihood of responses")
     if ctx.beta:
-        _line(ratio, _points(series, "rewards/chosen", 1 / ctx.beta), "chosen", color=CHOSEN)
-        _line(ratio, _points(series, "rewards/rejected", 1 / ctx.beta), "rejected", color=REJECTED)
+        _line(ratio, _points(series, REWARDS_CHOSEN, 1 / ctx.beta), "chosen", color=CHOSEN)
+        _line(ratio, _points(series, REWARDS_REJECTED, 1 / ctx.beta), "rejected", color=REJECTED)
         ratio.axhline(-th.likelihood_drop, color=REFERENCE, linestyle=":", label="warning threshold")
         _finish(ratio, "log π/π_ref (nats) = reward / β", "Training pairs, against the reference")
-        chosen = _points(series, "eval_rewards/chosen", 1 / ctx.beta)
-        rejected = dict(_points(series, "eval_rewards/rejected", 1 / ctx.beta))
+        chosen = _points(series, EVAL_PREFIX + REWARDS_CHOSEN, 1 / ctx.beta)
+        rejected = dict(_points(series, EVAL_PREFIX + REWARDS_REJECTED, 1 / ctx.beta))
         _line(unseen, chosen, "chosen", color=CHOSEN)
         _line(unseen, sorted(rejected.items()), "rejected", color=REJECTED)
         _line(unseen, [(s, (v + rejected[s]) / 2) for s, v in chosen if s in rejected], "mean (unseen responses)",
@@ -264,14 +294,15 @@ def _plot_likelihoods(series, ctx, th):
 
 
 def _plot_saturation(series, ctx, th):
-    if not series.get("rewards/margins") and not series.get("rewards/accuracies"):
+    if not series.get(REWARDS_MARGINS) and not series.get(REWARDS_ACCURACIES):
         return None
     fig, (margins, accuracy) = _panels(2)
-    _line(margins, _points(series, "rewards/margins"), "training pairs", color="tab:blue")
-    _line(margins, _points(series, "eval_rewards/margins"), "held-out pairs", color=HELD_OUT, linestyle="--")
+    _line(margins, _points(series, REWARDS_MARGINS), "training pairs", color="tab:blue")
+    _line(margins, _points(series, EVAL_PREFIX + REWARDS_MARGINS), "held-out pairs", color=HELD_OUT, linestyle="--")
     _finish(margins, "reward margin r(y_w) − r(y_l)", "Reward margin")
-    _line(accuracy, _points(series, "rewards/accuracies"), "training pairs", color="tab:blue")
-    _line(accuracy, _points(series, "eval_rewards/accuracies"), "held-out pairs", color=HELD_OUT, linestyle="--")
+    _line(accuracy, _points(series, REWARDS_ACCURACIES), "training pairs", color="tab:blue")
+    _line(accuracy, _points(series, EVAL_PREFIX + REWARDS_ACCURACIES), "held-out pairs", color=HELD_OUT,
+          linestyle="--")
     accuracy.axhline(th.saturated_accuracy, color=REFERENCE, linestyle=":", label="saturation threshold")
     accuracy.set_ylim(0, 1.02)
     _finish(accuracy, "fraction of pairs with r(y_w) > r(y_l)", "Reward accuracy (saturation)")
@@ -279,17 +310,18 @@ def _plot_saturation(series, ctx, th):
 
 
 def _plot_verbosity(series, ctx, th):
-    sampled, corr = _points(series, "length"), _points(series, "lengths/margin_corr")
-    if not sampled and not corr and not series.get("lengths/chosen"):
+    sampled, corr = _points(series, LENGTH), _points(series, LENGTHS_MARGIN_CORR)
+    if not sampled and not corr and not series.get(LENGTHS_CHOSEN):
         return None
     fig, (length, correlation) = _panels(2)
     _line(length, sampled, "policy samples", color="tab:blue", linewidth=2.5)
-    _line(length, _points(series, "ref_length"), "π_ref samples", color=REFERENCE, linestyle="--")
-    _line(length, _points(series, "lengths/chosen"), "chosen (training pairs)", color=CHOSEN, linestyle=":")
-    _line(length, _points(series, "lengths/rejected"), "rejected (training pairs)", color=REJECTED, linestyle=":")
+    _line(length, _points(series, REF_LENGTH), "π_ref samples", color=REFERENCE, linestyle="--")
+    _line(length, _points(series, LENGTHS_CHOSEN), "chosen (training pairs)", color=CHOSEN, linestyle=":")
+    _line(length, _points(series, LENGTHS_REJECTED), "rejected (training pairs)", color=REJECTED, linestyle=":")
     _finish(length, "response length (tokens)", "Length over training (verbosity)")
     _line(correlation, corr, "training pairs", color="tab:blue")
-    _line(correlation, _points(series, "eval_lengths/margin_corr"), "held-out pairs", color=HELD_OUT, linestyle="--")
+    _line(correlation, _points(series, EVAL_PREFIX + LENGTHS_MARGIN_CORR), "held-out pairs", color=HELD_OUT,
+          linestyle="--")
     correlation.axhline(0, color=REFERENCE, linewidth=0.8)
     correlation.set_ylim(-1, 1)
     _finish(correlation, "Pearson r(margin, |y_w| − |y_l|)", "Does the margin follow length?")
@@ -299,12 +331,10 @@ def _plot_verbosity(series, ctx, th):
 def _plot_gold(series, ctx, th):
     import numpy as np
 
-    from preftune.training.health import fit_gao, gold_points
-
     points = gold_points(series)
     if not points:
         return None
-    reference = _points(series, "ref_gold_reward")
+    reference = _points(series, REF_GOLD_REWARD)
     r0 = reference[-1][1] if reference else None
     fig, (frontier, proxy) = _panels(2)
     steps, d, reward = zip(*points)
@@ -325,7 +355,7 @@ def _plot_gold(series, ctx, th):
     _finish(frontier, "mean gold reward", "Gold reward against √KL (Gao et al.)", xlabel="√KL(π‖π_ref) (√nats)")
     _line(proxy, list(zip(steps, reward)), "gold reward", color="tab:blue")
     _finish(proxy, "mean gold reward", "Gold reward and the proxy over steps")
-    margins = _points(series, "rewards/margins")
+    margins = _points(series, REWARDS_MARGINS)
     if margins:
         twin = proxy.twinx()
         twin.plot(*zip(*margins), color="tab:orange", linestyle="--", label="training reward margin (proxy)")
@@ -336,21 +366,19 @@ def _plot_gold(series, ctx, th):
 
 
 def _plot_eos(series, ctx, th):
-    eos = _points(series, "eos_rate")
+    eos = _points(series, EOS_RATE)
     if not eos:
         return None
     fig, (ax,) = _panels(1)
     _line(ax, eos, "policy samples", color="tab:blue", linewidth=2.5)
-    _line(ax, _points(series, "ref_eos_rate"), "π_ref samples", color=REFERENCE, linestyle="--")
+    _line(ax, _points(series, REF_EOS_RATE), "π_ref samples", color=REFERENCE, linestyle="--")
     ax.set_ylim(0, 1.02)
     _finish(ax, "fraction of samples ending with EOS", "EOS rate")
     return fig
 
 
 def _plot_optimisation(series, ctx, th):
-    from preftune.training.health import grad_spikes
-
-    norms, loss = _points(series, "grad_norm"), series.get("loss", [])
+    norms, loss = _points(series, GRAD_NORM), series.get(LOSS, [])
     if not norms and not loss:
         return None
     fig, (grad, losses) = _panels(2)
@@ -360,7 +388,7 @@ def _plot_optimisation(series, ctx, th):
         grad.scatter([s for s, _, _ in spikes], [v for _, v, _ in spikes], color="red", zorder=3, label="spike")
     _finish(grad, "‖g‖₂", "Gradient norm")
     _line(losses, [(s, v) for s, v in loss if math.isfinite(v)], "training loss", color="tab:blue")
-    _line(losses, _points(series, "eval_loss"), "held-out loss", color=HELD_OUT, linestyle="--")
+    _line(losses, _points(series, EVAL_PREFIX + LOSS), "held-out loss", color=HELD_OUT, linestyle="--")
     bad = sorted({s for points in series.values() for s, v in points if not math.isfinite(v)})
     for i, step in enumerate(bad):
         losses.axvline(step, color="red", alpha=0.6, label="non-finite value" if i == 0 else None)
@@ -414,10 +442,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, thresho
     """Write ``report.html`` and ``report.md`` for the run in ``run_dir`` (into ``out_dir``, default the run folder).
 
     Reads ``metrics.jsonl`` (training, ``eval_`` and sample-evaluation records) and ``config.yaml`` (β, learning
-    rate, for the suggestions); runs every check of :mod:`preftune.training.health`.
+    rate, for the suggestions); runs every check of :mod:`preftune.health`.
     """
     from preftune.errors import RunDirError
-    from preftune.training.health import Thresholds, run_checks, series_from_records
 
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
@@ -504,7 +531,7 @@ def _read_records(metrics: Path) -> list[dict]:
             if not isinstance(record, dict):
                 raise RunDirError(f"{metrics}, line {number}: expected a JSON object of metrics, got "
                                   f"{type(record).__name__}")
-            step = record.get("step")
+            step = record.get(STEP)
             if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float))
                                      or not math.isfinite(step) or step != int(step)):
                 raise RunDirError(f"{metrics}, line {number}: 'step' must be a whole number, got {shown(step)}; fix "

@@ -41,10 +41,18 @@ from torch import Tensor, nn
 from preftune.data import formats, tokenize
 from preftune.data.batching import PreferenceCollator, example_lengths
 from preftune.errors import ConfigError, DataError
+from preftune.evaluation.table import format_table
 from preftune.modeling import reference as reference_cache
-from preftune.modeling.logprobs import attention_implementation, completion_logps, model_inputs, unwrap_causal_lm
+from preftune.modeling.loading import check_same_vocabulary
+from preftune.modeling.logprobs import (
+    MASK_IMPLEMENTATIONS,
+    attention_implementation,
+    completion_logps,
+    model_inputs,
+    unwrap_causal_lm,
+)
+from preftune.modeling.modes import eval_mode
 from preftune.modeling.reward import sequence_rewards
-from preftune.training.setup import MASK_IMPLEMENTATIONS, check_same_vocabulary
 
 log = logging.getLogger("preftune")
 
@@ -223,8 +231,6 @@ class ScoreResult:
 
     def table(self) -> str:
         """Readable text: accuracy per variant (rows) overall and per subset (columns), or mean scores."""
-        from preftune.evaluation.metrics import format_table
-
         if self.kind == "pairs":
             columns = {f"all (n={self.n})": self.accuracy()}
             for name, group in self.accuracy_by_subset().items():
@@ -290,9 +296,7 @@ def _run(model: nn.Module, data: ScoringData, collate: PreferenceCollator, batch
     branches = 2 if data.kind == "pairs" else 1
     n = len(data.rows)
     out: dict[str, np.ndarray] = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for idx in _batches(data.rows, batch_size):
             batch = collate([data.rows[i] for i in idx])
             scores = _sequence_scores(model, batch, want_norm, chunk_size)
@@ -301,8 +305,6 @@ def _run(model: nn.Module, data: ScoringData, collate: PreferenceCollator, batch
                     continue
                 values = scores[name].float().cpu().numpy().reshape(branches, len(idx)).T  # seq b·B + i → [i, b]
                 out.setdefault(name, np.zeros((n, branches), dtype=np.float64))[idx] = values
-    finally:
-        model.train(was_training)
     return out
 
 

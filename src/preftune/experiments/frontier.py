@@ -11,7 +11,7 @@ analytic KL log n − (n−1)/n (Gao et al. 2022, arXiv 2210.10760, §2). Every
 envelope of its points. Each run's cost is measured too: wall time (evaluations excluded), the process's peak
 resident memory above what it held before the run, and the tokens the run generated.
 
-Methods are data: :data:`RUNS` maps a label to a config of the one loop (any registered method: offline,
+Methods are data: :data:`RUNS` maps a label to a config of the run driver (any registered method: offline,
 online or in rounds). Methods that train outside it (PPO) join the same plot through :func:`register_runner`: a
 function ``(world, settings, evaluate) -> list[point]``. Each run belongs to a family (:func:`family`), one
 colour on the plot. Points, plot and tables are rewritten after every run, so an interrupted experiment keeps
@@ -37,12 +37,13 @@ from preftune.evaluation.metrics import evaluate_policy
 from preftune.evaluation.report import plot_frontier
 from preftune.methods.registry import get_method
 from preftune.methods.rl import best_of_n_kl
+from preftune.metric_names import EVAL_PREFIX, KL, LENGTH, REWARD, REWARDS_ACCURACIES
 from preftune.rollout.judges import GoldSentimentJudge, RewardModelJudge, score_rollout
 from preftune.rollout.sampling import SamplingParams, generate
 
 log = logging.getLogger("preftune")
 
-# label → config of the one loop. The paper sweeps DPO's β and compares the baselines that need no RL; every
+# label → config of the run driver. The paper sweeps DPO's β and compares the baselines that need no RL; every
 # other loss that trains on the same pairs runs at its registry defaults (the frontier's learning rate and steps).
 RUNS: dict[str, dict] = {
     **{f"DPO β={beta:g}": {"method": "dpo", "beta": beta} for beta in (0.05, 0.1, 0.5, 1.0, 5.0)},
@@ -74,7 +75,7 @@ RUNS: dict[str, dict] = {
     **{f"Unlikelihood α={a:g}": {"method": "unlikelihood", "unlikelihood_alpha": a} for a in (0.1, 1.0)},
 }
 
-# PPO, the RLHF pipeline DPO replaces (its own loop, through the same entry point), on the same training prompts.
+# PPO, the RLHF pipeline DPO replaces (its own algorithm, through the same entry point), on the same training prompts.
 # Per update 32 prompts, one completion each, 2 passes (a run of N updates makes half the sequence forward-backward
 # passes of a DPO run of N steps of 64 pairs). Scores normalised by their running mean and deviation, as the DPO
 # paper's own PPO; the adaptive KL controller toward each target KL(π‖π_ref) per completion (the paper sweeps 3, 6,
@@ -98,7 +99,7 @@ RUNNERS: dict[str, Runner] = {}
 
 
 def register_runner(label: str, runner: Runner) -> None:
-    """Add a method that trains outside the one loop (PPO, online methods) to the frontier."""
+    """Add a method that samples while it trains (PPO, online methods) to the frontier."""
     RUNNERS[label] = runner
 
 
@@ -110,7 +111,7 @@ def family(label: str) -> str:
     if label not in RUNS:
         return label.split()[0]
     method = get_method(RUNS[label]["method"])
-    if method.loop == "ppo":
+    if method.algorithm == "ppo":
         return "PPO (RLHF)"
     if method.rounds is not None:
         return "rounds (RSO, SPPO, iterative DPO)"
@@ -229,12 +230,12 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
         with PeakMemory() as memory:
             learned, summary = train_reward_model(world, settings)
         costs[REWARD_MODEL] = _cost(summary, {}, time.perf_counter() - began, time.process_time() - cpu, memory) | {
-            "eval_accuracy": summary["eval"].get("eval_rewards/accuracies")}
+            "eval_accuracy": summary["eval"].get(EVAL_PREFIX + REWARDS_ACCURACIES)}
     for label in settings.runs:
         if label in costs:
             log.info("frontier: %s kept from the earlier points.json", label)
             continue
-        run_points = [{"method": label, "step": 0, "kl": 0.0, "reward": start["reward"]}]
+        run_points = [{"method": label, "step": 0, "kl": 0.0, "reward": start[REWARD]}]
         evaluating = {"seconds": 0.0, "cpu": 0.0}
 
         def checkpoint(step: int, model, label=label, run_points=run_points, evaluating=evaluating) -> dict | None:
@@ -244,8 +245,8 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
             metrics = evaluate(model)
             evaluating["seconds"] += time.perf_counter() - began
             evaluating["cpu"] += time.process_time() - cpu
-            run_points.append({"method": label, "step": step, "kl": metrics["kl"], "reward": metrics["reward"],
-                               "length": metrics["length"]})
+            run_points.append({"method": label, "step": step, "kl": metrics[KL], "reward": metrics[REWARD],
+                               "length": metrics[LENGTH]})
             return sample_record(metrics, reference_rollout)  # what `preftune report` reads
 
         began, cpu = time.perf_counter(), time.process_time()
@@ -265,7 +266,7 @@ def run_frontier(settings: FrontierSettings) -> list[Point]:
         log.info("frontier: %s → %s (%s)", label, [(round(p["kl"], 2), round(p["reward"], 3)) for p in run_points],
                  costs[label])
         points += [{**p, "family": p.get("family", family(label))} for p in run_points]
-        _write_results(settings, points, costs, start["reward"], judge.name, time.perf_counter() - started)
+        _write_results(settings, points, costs, start[REWARD], judge.name, time.perf_counter() - started)
     return points
 
 
@@ -329,7 +330,7 @@ def _cost(summary: dict, generated: dict, seconds: float, cpu_seconds: float, me
 
 
 def train_reward_model(world: World, settings: FrontierSettings) -> tuple[Path, dict]:
-    """The Bradley–Terry reward model PPO optimises: the SFT model with a score head, trained through the one loop
+    """The Bradley–Terry reward model PPO optimises: the SFT model with a score head, trained by the run driver
     on the frontier's pairs (5% held out for its accuracy); returns its ``final/`` folder and summary.json."""
     final = train_stage(settings.world, "runs/reward_model", method="reward", eval_split_size=0.05,
                         max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
@@ -339,7 +340,7 @@ def train_reward_model(world: World, settings: FrontierSettings) -> tuple[Path, 
 
 
 def _train_run(world: World, settings: FrontierSettings, label: str, checkpoint, learned: Path | None = None) -> dict:
-    """One run of :data:`RUNS` through the one loop (PPO through its own, from the same entry point); returns its
+    """One run of :data:`RUNS` through the run driver; returns its
     summary.json. ``learned``: the reward model of runs whose judge is :data:`LEARNED_REWARD`."""
     config = dict(RUNS[label])
     if config.get("judge") == LEARNED_REWARD:

@@ -413,8 +413,9 @@ class GroupLogps:
     ``token_logps`` = log π(y_t | x, y_<t) with gradient, ``token_seq`` its sequence, ``ref_token_logps`` under
     the reference (None: no reference). Per sequence ``[S]``: ``tokens`` = |y|, ``rewards`` the judge's
     scores (missing-EOS penalty applied), ``group`` the prompt each completion answers.
-    ``max_completion_length`` is the generation budget (Dr. GRPO's normaliser). The sampler is the policy of
-    this step, so π_old = π (one gradient step per generation): the ratio is 1 and its gradient ∇log π.
+    ``max_completion_length`` is the generation budget (Dr. GRPO's normaliser). ``old_token_logps [M]`` =
+    log π_old(y_t), the sampler's, when the policy has moved since it sampled them (``num_iterations`` > 1, several
+    steps per generation); None: π_old = π (one gradient step per generation), the ratio is 1, its gradient ∇log π.
     When these S completions are one of n micro-batches of a generation batch (gradient accumulation, several
     processes), the batch's statistics come with them as 0-dim tensors: ``batch_reward_std`` (std of all its
     rewards), ``num_tokens`` and ``num_sequences`` (its completion tokens and completions divided by n), so
@@ -431,6 +432,12 @@ class GroupLogps:
     batch_reward_std: Tensor | None = None
     num_tokens: Tensor | None = None
     num_sequences: Tensor | None = None
+    old_token_logps: Tensor | None = None
+
+    @property
+    def old(self) -> Tensor:
+        """log π_old per token ``[M]``, without gradient: the sampler's, or the policy's own when they are one."""
+        return (self.token_logps if self.old_token_logps is None else self.old_token_logps).detach()
 
 
 def _per_sequence(loss: Tensor, lp: GroupLogps) -> Tensor:
@@ -452,9 +459,8 @@ def grpo(lp: GroupLogps, beta: float, epsilon: float, epsilon_high: float, scale
     Rewards logged: mean score of the group's completions; ``metrics`` holds the clip fractions and the KL.
     """
     advantages = rl.grpo_advantages(lp.rewards, lp.group, scale=scale_rewards, batch_std=lp.batch_reward_std)
-    old = lp.token_logps.detach()
     loss, metrics = rl.policy_loss(
-        lp.token_logps, old, advantages[lp.token_seq], lp.token_seq, lp.tokens, eps_low=epsilon,
+        lp.token_logps, lp.old, advantages[lp.token_seq], lp.token_seq, lp.tokens, eps_low=epsilon,
         eps_high=epsilon_high if epsilon_high > 0 else None, ref_logp=lp.ref_token_logps if beta else None,
         beta=beta, loss_type=grpo_loss_type, max_completion_length=lp.max_completion_length,
         num_tokens=lp.num_tokens, num_sequences=lp.num_sequences, kl_importance_weight=bool(use_bias_correction_kl))
@@ -462,23 +468,45 @@ def grpo(lp: GroupLogps, beta: float, epsilon: float, epsilon_high: float, scale
     return LossOutput(_per_sequence(loss, lp), lp.rewards, lp.rewards[:0], metrics=metrics)
 
 
+def gspo(lp: GroupLogps, beta: float, epsilon: float, epsilon_high: float, scale_rewards: str) -> LossOutput:
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071, Eq. 5–7): GRPO's group-normalised advantages with the importance
+    ratio of whole sequences, length-normalised, s_i = (π(y_i|x)/π_old(y_i|x))^{1/|y_i|} = exp(mean_t (log π −
+    log π_old)(y_i,t)), clipped per sequence: ℓ = −(1/S)·Σ_i min(s_i·A_i, clip(s_i, 1−ε, 1+ε_high)·A_i)
+    (+ β·s_i·mean_t k3_i,t with a reference, as GRPO's bias-corrected KL), S the generation batch's completions
+    (``lp.num_sequences``). ``epsilon_high`` ≤ 0 means ε_high = ε. At π_old = π: s = 1, value −mean(A), gradient
+    −mean_i A_i·mean_t ∇log π(y_i,t). Shapes as :class:`GroupLogps`."""
+    advantages = rl.grpo_advantages(lp.rewards, lp.group, scale=scale_rewards, batch_std=lp.batch_reward_std)
+    eps_high = epsilon_high if epsilon_high > 0 else epsilon
+    ratio = torch.exp(rl.seq_mean(lp.token_logps - lp.old, lp.token_seq, lp.tokens))  # s_i [S]
+    per_sequence = -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + eps_high) * advantages)
+    metrics = rl._clip_metrics(ratio.detach(), advantages, epsilon, eps_high)  # fractions of sequences
+    if lp.ref_token_logps is not None and beta:
+        kl = rl.seq_mean(rl.token_kl(lp.token_logps, lp.ref_token_logps.detach(), "k3"), lp.token_seq, lp.tokens)
+        per_sequence = per_sequence + beta * ratio * kl
+        metrics["kl"] = kl.detach().mean()
+    loss = per_sequence.sum() / (lp.tokens.shape[0] if lp.num_sequences is None else lp.num_sequences)
+    return LossOutput(_per_sequence(loss, lp), lp.rewards, lp.rewards[:0], metrics=metrics)
+
+
 def rloo(lp: GroupLogps, beta: float, epsilon: float) -> LossOutput:
     """RLOO (Ahmadian et al. 2024, arXiv 2402.14740; TRL's RLOOTrainer): the KL enters the reward,
     r̃_i = r_i − β·Σ_t (log π − log π_ref)(y_t) (k1 summed, detached), the baseline is the mean of the
     other completions of the prompt, A_i = r̃_i − mean_{j≠i} r̃_j, and the loss is the sequence-level clipped
-    surrogate with ratio exp(Σ log π − Σ log π_old) = 1 here, so ∇ℓ = −mean_i A_i ∇log π(y_i).
+    surrogate with ratio exp(Σ log π − Σ log π_old) (1 with one step per generation: ∇ℓ = −mean_i A_i ∇log π(y_i)),
+    the KL in the reward that of π_old, the sampler.
     Rewards logged: the KL-penalised rewards r̃; ``metrics`` the KL to the reference under the names every online
     method logs (:func:`preftune.methods.rl.kl_to_reference`): ``kl`` per token, and ``objective/kl`` the
     per-completion Σ_t (log π − log π_ref) that enters r̃.
     """
     seq_logps = rl.seq_sum(lp.token_logps, lp.token_seq, lp.tokens)
+    old_seq_logps = rl.seq_sum(lp.old, lp.token_seq, lp.tokens)
     if lp.ref_token_logps is None or not beta:
         shaped = lp.rewards
-    else:
+    else:  # the KL of the sampler, as at generation time, whichever pass this is
         ref = rl.seq_sum(lp.ref_token_logps, lp.token_seq, lp.tokens)
-        shaped = rl.kl_penalised_rewards(lp.rewards, seq_logps.detach(), ref, beta)
+        shaped = rl.kl_penalised_rewards(lp.rewards, old_seq_logps, ref, beta)
     advantages = rl.rloo_advantages(shaped, lp.group)
-    loss, metrics = rl.sequence_policy_loss(seq_logps, seq_logps.detach(), advantages, eps_low=epsilon)
+    loss, metrics = rl.sequence_policy_loss(seq_logps, old_seq_logps, advantages, eps_low=epsilon)
     if lp.ref_token_logps is not None:
         kls = rl.kl_to_reference(lp.token_logps, lp.ref_token_logps, lp.token_seq, lp.tokens)
         metrics |= {"kl": kls["kl"], "objective/kl": kls["objective/kl"].mean()}

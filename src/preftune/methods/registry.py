@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,7 +28,9 @@ class LossByName:
 
     @functools.cached_property
     def function(self) -> Callable[..., losses.LossOutput]:
-        return getattr(importlib.import_module("preftune.methods.losses"), self.name)
+        from preftune.methods import losses  # on first use: listing methods or checking a config needs no torch
+
+        return getattr(losses, self.name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> losses.LossOutput:
         return self.function(*args, **kwargs)
@@ -69,8 +70,8 @@ class Method:
     pass summed log-probs). ``uses_chosen_nll``: the loss contains an NLL term on the chosen completion.
     ``defaults`` holds a value for every hyper-parameter the loss takes. ``data="groups"``: completions of one
     prompt sampled together (:class:`~losses.GroupLogps`, RLOO and GRPO), always ``online``.
-    ``loop``: a method trained by a loop of its own (``"ppo"`` → ``preftune.training.ppo``), from prompts into an
-    experience record (``data="experience"``); it has no loss of log-probs (``loss=None``) and its
+    ``algorithm``: the driver's algorithm that trains it (``"ppo"`` → ``preftune.training.ppo.PPO``), from
+    prompts into an experience record (``data="experience"``); it has no loss of log-probs (``loss=None``) and its
     hyper-parameters are the keys of ``defaults``.
     ``extras``: per-example columns the loss reads besides log-probs (``PairLogps.extras``); every training row
     must carry them, the data layer keeps them through tokenization and the collator batches them.
@@ -78,7 +79,7 @@ class Method:
     """
 
     name: str
-    # a function, the name of one in preftune.methods.losses, or None for a method with its own loop
+    # a function, the name of one in preftune.methods.losses, or None for a method that is its algorithm's (PPO)
     loss: Callable[..., losses.LossOutput] | str | None
     data: Literal["paired", "unpaired", "sft", "groups", "experience"] = "paired"
     needs_reference: bool = True
@@ -95,7 +96,9 @@ class Method:
     defaults: Mapping[str, float | str | bool | None] = field(default_factory=dict)
     summary: str = ""
     papers: tuple[str, ...] = ()  # arXiv ids of the papers that define it (each in PAPERS)
-    loop: str | None = None  # None: the one loop (preftune.training.loop); else the module of its own loop
+    # The algorithm the run driver runs it with (preftune.training.loop.ALGORITHMS): None: "online" for online
+    # methods, else "offline"; "ppo": rollouts with a critic.
+    algorithm: Literal["offline", "online", "ppo"] | None = None
 
     def __post_init__(self):
         if isinstance(self.loss, str):
@@ -104,7 +107,7 @@ class Method:
     @property
     def hparams(self) -> tuple[str, ...]:
         """Names of the hyper-parameters the loss takes (its keyword arguments after the log-probs); for a method with
-        its own loop, the keys of its defaults."""
+        its algorithm's, the keys of its defaults."""
         if self.loss is None:
             return tuple(self.defaults)
         function = self.loss.function if isinstance(self.loss, LossByName) else self.loss
@@ -162,6 +165,7 @@ PAPERS: dict[str, Paper] = {p.arxiv: p for p in (
           "LLMs", "Ahmadian, Arash"),
     Paper("2402.03300", "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
           "Shao, Zhihong"),
+    Paper("2507.18071", "Group Sequence Policy Optimization", "Zheng, Chujie"),
     # PPO for RLHF: the algorithm, its advantage estimator, the KL-penalised reward, the implementation details.
     Paper("1909.08593", "Fine-Tuning Language Models from Human Preferences", "Ziegler, Daniel M."),
     Paper("1707.06347", "Proximal Policy Optimization Algorithms", "Schulman, John"),
@@ -186,10 +190,10 @@ def register(method: Method) -> Method:
 
     A loss given as a function is checked now; a built-in loss given by name is checked by the test
     suite (tests/methods/test_losses.py), so that registering it does not import torch. A method without a loss
-    trains in a loop of its own, named by ``loop``."""
-    if (method.loss is None) != (method.loop is not None):
-        raise ValueError(f"Method '{method.name}': a method without a loss trains in its own loop and names it "
-                         f"(loss={method.loss!r}, loop={method.loop!r})")
+    (PPO) is its algorithm's: its ``algorithm`` says so."""
+    if (method.loss is None) != (method.algorithm == "ppo"):
+        raise ValueError(f"Method '{method.name}': a method without a loss is its algorithm's (algorithm='ppo') "
+                         f"(loss={method.loss!r}, algorithm={method.algorithm!r})")
     if not isinstance(method.loss, LossByName):
         check_defaults(method)
     unknown = [p for p in method.papers if p not in PAPERS]
@@ -302,10 +306,16 @@ register(Method("grpo", "grpo", data="groups", online=True, num_generations=8, r
                         "(Shao et al. 2024, 2402.03300)",
                 papers=("2402.03300",)))
 
-# The RLHF baseline DPO replaces: PPO with a value model and a KL penalty in the reward, in its own loop
+register(Method("gspo", "gspo", data="groups", online=True, num_generations=8, reference_weight="beta",
+                defaults={"beta": 0.0, "epsilon": 3e-4, "epsilon_high": 4e-4, "scale_rewards": "group"},
+                summary="GSPO: GRPO's advantages with a length-normalised sequence-level ratio, clipped per sequence "
+                        "(Zheng et al. 2025, 2507.18071)",
+                papers=("2507.18071",)))
+
+# The RLHF baseline DPO replaces: PPO with a value model and a KL penalty in the reward, an algorithm of its own
 # (preftune.training.ppo). Defaults: TRL's PPOTrainer (num_ppo_epochs 4, cliprange 0.2, vf_coef 0.1, γ 1, λ 0.95,
 # kl_coef 0.05, k1), the adaptive controller's horizon of Ziegler et al. 2019 (arXiv 1909.08593, §2.2).
-register(Method("ppo", None, data="experience", online=True, num_generations=1, loop="ppo",
+register(Method("ppo", None, data="experience", online=True, num_generations=1, algorithm="ppo",
                 defaults={"num_ppo_epochs": 4, "num_mini_batches": 1, "cliprange": 0.2, "cliprange_value": 0.2,
                           "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95, "kl_coef": 0.05, "target_kl": None,
                           "kl_horizon": 10000, "kl_estimator": "k1", "whiten_rewards": False, "entropy_coef": 0.0,

@@ -30,6 +30,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from preftune.metric_names import KL, OBJECTIVE_KL
+
 KLEstimator = Literal["k1", "k2", "k3"]
 LossType = Literal["grpo", "dr_grpo", "dapo"]
 RewardScale = Literal["group", "batch", "none"]
@@ -101,8 +103,7 @@ def kl_to_reference(logp: Tensor, ref_logp: Tensor, token_seq: Tensor, seq_token
     Shapes: ``logp``, ``ref_logp``, ``token_seq`` ``[M]``, ``seq_tokens`` ``[S]``.
     """
     logp, ref_logp = logp.detach(), ref_logp.detach()
-    return {"kl": token_kl(logp, ref_logp, "k3").mean(),
-            "objective/kl": seq_sum(logp - ref_logp, token_seq, seq_tokens)}
+    return {KL: token_kl(logp, ref_logp, "k3").mean(), OBJECTIVE_KL: seq_sum(logp - ref_logp, token_seq, seq_tokens)}
 
 
 def best_of_n_kl(n: int) -> float:
@@ -285,7 +286,7 @@ def policy_loss(
     if ref_logp is not None:
         kl = token_kl(logp, ref_logp.detach(), "k3")
         per_token = per_token + beta * (kl * ratio if kl_importance_weight else kl)
-        metrics["kl"] = kl.detach().mean()
+        metrics[KL] = kl.detach().mean()
     loss = aggregate(per_token, token_seq, seq_tokens, loss_type, max_completion_length, num_tokens, num_sequences)
     return loss, metrics
 

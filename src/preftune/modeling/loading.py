@@ -19,8 +19,9 @@ from transformers import (
 )
 
 from preftune import digest
-from preftune.config import TrainConfig
+from preftune.config import TrainConfig, shown
 from preftune.errors import ModelError
+from preftune.modeling.logprobs import unwrap_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,23 @@ def _loading(path: str, kind: str) -> Iterator[None]:
         cause = " ".join(str(err).split())
         raise ModelError(f"{path}: could not load the {kind} ({cause}); give a local folder written by "
                          "save_pretrained, or a Hub id that can be downloaded or is in the Hugging Face cache") from err
+
+
+def check_model_path(key: str, path: str) -> None:
+    """Refuse a model path that is neither on disk nor a Hub name, naming its config key (transformers would
+    answer "Repo id must be in the form …", naming neither)."""
+    if Path(path).expanduser().exists():
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+        return
+    except HFValidationError:
+        pass
+    raise ModelError(f"{key} {shown(path)} is not a folder and not a Hub name (org/name): no such folder (relative "
+                     f"paths start at {Path.cwd()}); give a folder written by save_pretrained, or a Hub id such as "
+                     "'Qwen/Qwen2.5-0.5B'")
 
 
 def refuse_pickled_weights(path: str | Path, role: str = "model") -> None:
@@ -230,6 +248,19 @@ def add_lora(model: PreTrainedModel, cfg: TrainConfig, task: str = "CAUSAL_LM") 
 
 def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def vocabulary_size(model: nn.Module) -> int:
+    """Rows of the input embedding: the token ids the model reads."""
+    return unwrap_causal_lm(model).get_input_embeddings().weight.shape[0]
+
+
+def check_same_vocabulary(policy: nn.Module, ref: nn.Module) -> None:
+    """A reference over another vocabulary scores other tokens (or indexes out of range): refuse it up front."""
+    if vocabulary_size(policy) != vocabulary_size(ref):
+        raise ModelError(f"the reference model's vocabulary has {vocabulary_size(ref)} entries, the policy's "
+                         f"{vocabulary_size(policy)}: log-ratios need the same tokenizer and vocabulary; use a "
+                         "reference trained with the policy's tokenizer")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

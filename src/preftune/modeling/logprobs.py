@@ -55,6 +55,11 @@ def attention_implementation(lm: PreTrainedModel) -> str | None:
     return getattr(lm.config, "_attn_implementation", None)
 
 
+# The attention implementations that take the boolean [R, 1, L, L] mask of a layout other than plain padding (prefix
+# sharing, packing): flex_attention as a BlockMask built from it, the others as an additive mask (attention_mask_for).
+MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+
+
 def attention_mask_for(lm: PreTrainedModel, mask: Tensor, dtype: torch.dtype) -> Tensor | BlockMask:
     """A boolean ``[R, 1, L, L]`` mask becomes one additive mask (0 / dtype-min) in the dtype the attention
     computes in (the autocast dtype under mixed precision). SDPA would otherwise convert the boolean mask

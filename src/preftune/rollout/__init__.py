@@ -10,10 +10,12 @@ from preftune.rollout.judges import (
     GoldSentimentJudge,
     ImplicitRewardJudge,
     Judge,
+    PairPreferenceJudge,
     PairwiseJudge,
     RewardModelJudge,
     ScalarPairwiseJudge,
     load_judge,
+    resolve_judge,
     score_rollout,
     win_rate,
 )
@@ -22,7 +24,7 @@ from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate
 
 __all__ = [
-    "CallableJudge", "GoldSentimentJudge", "ImplicitRewardJudge", "Judge", "PairReport", "PairwiseJudge",
-    "RewardModelJudge", "Rollout", "SamplingParams", "ScalarPairwiseJudge", "build_pairs", "generate", "load_judge",
-    "pairs_from_rollout", "save_pairs", "score_rollout", "win_rate",
+    "CallableJudge", "GoldSentimentJudge", "ImplicitRewardJudge", "Judge", "PairPreferenceJudge", "PairReport",
+    "PairwiseJudge", "RewardModelJudge", "Rollout", "SamplingParams", "ScalarPairwiseJudge", "build_pairs", "generate",
+    "load_judge", "pairs_from_rollout", "resolve_judge", "save_pairs", "score_rollout", "win_rate",
 ]

@@ -16,6 +16,9 @@
 * :class:`PairwiseJudge` — ``prefer(prompts, a, b) -> P(a ≻ b)``; :class:`ScalarPairwiseJudge` makes one of
   any scalar judge, σ(s_a − s_b) (Bradley–Terry); :func:`win_rate` reads either kind.
 * :func:`load_judge` — ``gold``, a reward-model folder, or ``module:function``.
+* :func:`resolve_judge` — a run's judge, the one place it is decided: the object passed to a trainer (a judge, a
+  pairwise judge, a plain function) or the config's spec, :func:`default_judge` for the embedded world, and one
+  message when there is none; :class:`PairPreferenceJudge` lets a pairwise judge score the two samples of a prompt.
 
 Text is turned into ids the way training does (:mod:`preftune.rollout.encoding`): the prompt with BOS or
 through the chat template, the completion after it, ending with one EOS. A model judge reads at most its
@@ -33,7 +36,7 @@ import numbers
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -463,3 +466,107 @@ def load_judge(spec: str, *, batch_size: int = 32, device: str | torch.device | 
         raise ModelError(f"judge {spec!r} is neither 'gold', an existing reward-model folder, nor "
                          f"'module:function' ({e})") from e
 
+
+
+# ------------------------------------------------------------------------------------ a run's judge
+
+
+class PairPreferenceJudge:
+    """A pairwise judge as a scalar one over completions that come in pairs: completions ``2i`` and ``2i + 1`` are
+    two samples of one prompt (a rollout of ``n = 2``, Online DPO's layout), and each scores its probability of
+    beating the other, ``P(a ≻ b)`` and ``1 − P(a ≻ b)``. So the higher-scored completion is the one the judge
+    prefers and a tie (½) stays a tie, as with the labels 1/0; the scores keep the judge's confidence.
+
+    A single sample has no such score: completions that are not pairs of one prompt are refused by name.
+    """
+
+    def __init__(self, judge: PairwiseJudge):
+        self.judge, self.name = judge, judge.name
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        check_aligned(prompts, completions)
+        unpaired = ("got an odd number of completions" if len(completions) % 2 else next(
+            (f"completions {i} and {i + 1} answer different prompts" for i in range(0, len(prompts), 2)
+             if prompts[i] != prompts[i + 1]), None))
+        if unpaired is not None:
+            raise ConfigError(f"judge {self.name!r} is pairwise: it scores completions two at a time, two samples of "
+                              f"one prompt (Online DPO's pairs), but {unpaired}; a single sample (such as one "
+                              "per held-out prompt in evaluation) needs a scalar judge")
+        a, b = list(completions[0::2]), list(completions[1::2])
+        try:
+            returned = self.judge.prefer(list(prompts[0::2]), a, b)
+        except PreftuneError:
+            raise
+        except Exception as e:
+            raise ModelError(f"judge {self.name!r} raised {type(e).__name__}: {e}") from e
+        preferences = _real_numbers(returned)
+        if preferences is None or len(preferences) != len(a):
+            raise ModelError(f"judge {self.name!r} returned {_short(returned)} for {len(a)} pairs; a pairwise judge "
+                             "returns one P(a ≻ b) per pair")
+        bad = next((p for p in preferences if not 0 <= p <= 1), None)  # NaN fails the comparison too
+        if bad is not None:
+            raise ModelError(f"judge {self.name!r} returned {bad}; P(a ≻ b) must lie in [0, 1]")
+        return [score for p in preferences for score in (p, 1.0 - p)]
+
+
+# How a run's judging reads a pairwise judge: "keep" it (the caller calls ``prefer``: the rounds), score "pairs"
+# with it (:class:`PairPreferenceJudge`: Online DPO's two samples of a prompt), or "refuse" it (GRPO, RLOO, PPO:
+# their advantages read one score per completion).
+PairwiseUse = Literal["keep", "pairs", "refuse"]
+
+
+def default_judge(given, spec: str | None, *, embedded_world: bool) -> str | None:
+    """The judge spec of a run that needs a judge: ``spec`` as it is, or ``gold`` — the embedded world's gold reward —
+    when no judge is given (no ``judge=`` object, no config ``judge``) and model and data are both the embedded
+    default (tiny Llama, built-in preferences, whose chosen replies are kind and rejected ones rude); the log says
+    so. The caller records the result as the config's ``judge``, so config.yaml says what judged the run."""
+    if given is not None or spec or not embedded_world:
+        return spec
+    log.info("no judge: the embedded default (tiny Llama, built-in preferences) is judged by its gold reward, "
+             "judge=gold (VADER sentiment of prompt + completion); set judge to use another")
+    return "gold"
+
+
+def check_judge(given, spec: str | None, *, who: str, pairwise: PairwiseUse = "refuse") -> None:
+    """Refuse, before anything loads, a run that needs a judge and has none (one message, naming ``who`` and every
+    way to give one), a ``judge=`` that is no judge, and a pairwise judge where ``pairwise`` is ``"refuse"``."""
+    if given is None:
+        if not spec:
+            raise ConfigError(
+                f"{who} needs a judge to score its samples, and none is given: set judge to a reward-model folder "
+                "(reward_model_path, TRL's name, is the same key), to 'module:function' or 'path/to/file.py:function' "
+                "(a function (prompts, completions) -> one score per completion), or to 'gold' (the demo world's "
+                "sentiment reward); or pass judge= to the trainer (a judge, a pairwise judge, or such a function)")
+        return
+    if hasattr(given, "score"):
+        return
+    if isinstance(given, str):
+        raise ConfigError(f"judge={given!r} passed to the trainer is a spec: set it as the config's judge (so "
+                          "config.yaml records it); judge= takes a judge object or a function")
+    if isinstance(given, PairwiseJudge):
+        if pairwise == "refuse":
+            raise ConfigError(
+                f"judge {given.name!r} is pairwise (it prefers one of two completions), but {who} needs one score "
+                "per completion; give a scalar judge (a reward-model folder, or a function (prompts, completions) "
+                "-> scores), or train a method that compares pairs: online_dpo, rso, sppo or iterative_dpo")
+        return
+    if not callable(given):
+        raise ConfigError(f"judge= must be a judge (with score), a pairwise judge (with name and prefer) or a function "
+                          f"(prompts, completions) -> scores; got {_short(given)} of type {type(given).__name__}")
+
+
+def resolve_judge(given, spec: str | None, *, who: str, pairwise: PairwiseUse = "refuse",
+                  device: str | torch.device | None = None, batch_size: int = 32) -> Judge | PairwiseJudge:
+    """A run's judge: ``given`` (the object passed to the trainer) wins over ``spec`` (the config's ``judge``, read by
+    :func:`load_judge` onto ``device``). A plain function ``(prompts, completions) -> scores`` becomes a
+    :class:`CallableJudge`; a pairwise judge is kept, wrapped in :class:`PairPreferenceJudge` or refused as
+    ``pairwise`` says; no judge at all is :func:`check_judge`'s one message, naming ``who`` needs it. Apply
+    :func:`default_judge` to ``spec`` first where the embedded world may be judged by its gold reward."""
+    check_judge(given, spec, who=who, pairwise=pairwise)
+    if given is None:
+        return load_judge(spec, batch_size=batch_size, device=device)
+    if hasattr(given, "score"):
+        return given
+    if isinstance(given, PairwiseJudge):
+        return PairPreferenceJudge(given) if pairwise == "pairs" else given
+    return CallableJudge(given)

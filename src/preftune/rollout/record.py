@@ -78,6 +78,25 @@ class Rollout:
         """The prompt of sample ``k``."""
         return k // self.group_size
 
+    def select(self, prompts: Sequence[int]) -> Rollout:
+        """The rollout of prompts ``prompts`` (indices, in that order) with their samples (sample k of prompt i sits
+        at i·n + k)."""
+        n = self.group_size
+        samples = [i * n + k for i in prompts for k in range(n)]
+        pick = lambda values: [values[j] for j in samples]  # noqa: E731
+        return Rollout([self.prompts[i] for i in prompts], [self.prompt_ids[i] for i in prompts], n,
+                       pick(self.completion_ids), pick(self.logprobs), pick(self.ended_with_eos),
+                       pick(self.completions), None if self.scores is None else pick(self.scores), self.judge)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Rollout]) -> Rollout:
+        """One rollout of several with the same group size, prompts in order."""
+        first = parts[0]
+        joined = lambda name: [v for part in parts for v in getattr(part, name)]  # noqa: E731
+        scores = None if any(part.scores is None for part in parts) else joined("scores")
+        return cls(joined("prompts"), joined("prompt_ids"), first.group_size, joined("completion_ids"),
+                   joined("logprobs"), joined("ended_with_eos"), joined("completions"), scores, first.judge)
+
     @property
     def sample_prompts(self) -> list[Any]:
         """``prompts`` repeated per sample (length N), aligned with ``completions``."""

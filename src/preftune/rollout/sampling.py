@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from preftune.config import TrainConfig
 from preftune.errors import ConfigError, DataError
 from preftune.modeling.logprobs import max_positions, unwrap_causal_lm
 from preftune.rollout import fast_decode
@@ -123,6 +124,15 @@ class SamplingParams:
         if self.temperature == 0 and self.n > 1:
             raise ConfigError(f"sampling: temperature=0 is greedy decoding, so the n={self.n} samples of a prompt "
                               "would all be the same; use temperature > 0 or n = 1")
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, *, n: int, seed: int | None = None,
+                    prompt_seeds: Sequence[int] | None = None) -> SamplingParams:
+        """How a run samples (online methods, rounds): the config's ``generation_budget`` (``max_completion_length``),
+        ``temperature``, ``top_p`` and ``top_k``; ``n`` samples per prompt, ``seed`` or ``prompt_seeds`` as the caller
+        draws them, and at least 64 sequences per call (a whole group per call when ``n`` is larger)."""
+        return cls(max_new_tokens=cfg.generation_budget, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                   n=n, seed=seed, batch_size=max(64, n), prompt_seeds=prompt_seeds)
 
     @property
     def greedy(self) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from preftune.config import ALIASES, TrainConfig
+from preftune.metric_names import STEP
 
 
 def trainer_args(cfg: TrainConfig) -> types.SimpleNamespace:
@@ -67,14 +68,14 @@ class TrainerCallbackAdapter:
         self._call("on_step_end", model=model)
 
     def on_log(self, record: dict) -> None:
-        logs = {k: v for k, v in record.items() if k != "step"}
+        logs = {k: v for k, v in record.items() if k != STEP}
         if isinstance(logs.get("epoch"), (int, float)):
             self.state.epoch = logs["epoch"]
-        self.state.log_history.append({**logs, "step": record.get("step", self.state.global_step)})
+        self.state.log_history.append({**logs, "step": record.get(STEP, self.state.global_step)})
         self._call("on_log", model=self.model, logs=logs)
 
     def on_evaluate(self, record: dict) -> None:
-        self._call("on_evaluate", model=self.model, metrics={k: v for k, v in record.items() if k != "step"})
+        self._call("on_evaluate", model=self.model, metrics={k: v for k, v in record.items() if k != STEP})
 
     def on_train_end(self, result: Any) -> None:
         self.state.global_step = result.global_step

@@ -1,20 +1,24 @@
-"""The one training loop, on Accelerate, for every preference method.
+"""The run driver, on Accelerate: what every method shares, around the algorithm that makes it different.
 
-fetch batch → policy log-probs → reference log-probs → loss → step → log. Data preparation,
-the reference strategy, checkpoints and tracking are calls to small helpers.
+fetch an update's work → the algorithm's update (its losses, the driver's optimizer step) → schedule → callbacks,
+log, evaluate, checkpoint → the end of a run (last evaluation, finite check, ``final/`` with its card,
+``summary.json``, ``push_to_hub``). The algorithms (:mod:`preftune.training.algorithm`): offline pairs
+(:mod:`~preftune.training.offline`), online rollouts (:mod:`~preftune.training.online`), PPO
+(:mod:`~preftune.training.ppo`); runs in rounds (RSO, SPPO, iterative DPO) compose runs of this driver
+(:mod:`~preftune.training.rounds`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import importlib
+import functools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,76 +27,39 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from preftune.config import OPTIMIZERS, TrainConfig
-from preftune.data.batching import LengthGroupedSampler, TokenBudgetBatchSampler, example_lengths
+from preftune import metric_names as names
+from preftune.config import TrainConfig
 from preftune.errors import ConfigError, TrainingError
-from preftune.methods.registry import METHODS, get_method
-from preftune.modeling.logprobs import LogProbModel
-from preftune.modeling.reward import RewardModel
-from preftune.rollout.judges import CallableJudge, load_judge
-from preftune.schedules import build_scheduler
-from preftune.training import checkpoint, hub, memory
+from preftune.methods.registry import get_method
+from preftune.modeling.modes import eval_mode
+from preftune.rollout.judges import check_judge, default_judge
+from preftune.training import checkpoint, hub, memory, rounds
+from preftune.training.algorithm import Algorithm, Session, Update
 from preftune.training.fsdp import fsdp_on_cpu
 from preftune.training.health import HealthCallback
 from preftune.training.hf_callbacks import adapt_callbacks
-from preftune.training.objective import LossSpec, NonFiniteLoss, batch_loss
-from preftune.training.online import OnlineBatches
-from preftune.training.online import summary as online_summary
-from preftune.training.rundir import on_main_process, open_run_folder
-from preftune.training.setup import RunInputs, prepare_inputs, uses_embedded_model
+from preftune.training.objective import NonFiniteLoss
+from preftune.training.offline import Offline
+from preftune.training.online import Online
+from preftune.training.optim import build_optimizer, make_scheduler
+from preftune.training.ppo import PPO
+from preftune.training.rundir import RunResult, effective_config, on_main_process, open_run_folder
+from preftune.training.setup import judge_role, prepare_inputs, uses_embedded_model, uses_embedded_world
 from preftune.training.tracking import MetricsLog, MetricWindow, obeys_disable_tqdm
 
 log = logging.getLogger("preftune")
 
+# The algorithm of each registry entry's ``algorithm`` ("online" and "offline" when it names none).
+ALGORITHMS: dict[str, Callable[..., Algorithm]] = {"offline": Offline, "online": Online, "ppo": PPO}
 
 # Called after every optimizer step with (step, the unwrapped model); may return metrics to log.
 StepCallback = Callable[[int, nn.Module], "dict[str, float] | None"]
 
-
-@dataclass
-class RunResult:
-    output_dir: Path
-    final_dir: Path | None
-    global_step: int
-    train_metrics: dict[str, float] = field(default_factory=dict)
-    eval_metrics: dict[str, float] = field(default_factory=dict)
-    first_loss: float | None = None
-
-
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.optim`` names (transformers' names, see ``config.OPTIMIZERS``) over the trainable
-    parameters.
-
-    Optimizer state per trainable parameter: AdamW keeps m and v in fp32 (8 bytes); bitsandbytes' 8-bit AdamW
-    (Dettmers et al. 2022, arXiv 2110.02861) keeps them as 8-bit codes with one fp32 absmax per block of 256 values
-    (2 + 8/256 ≈ 2.03 bytes; tensors under 4096 values keep fp32 states), dequantized for each update; the paged
-    variants let the GPU driver move the states to CPU memory under memory pressure (plain states on a CPU);
-    torchao's 8- and 4-bit AdamW keep 8- or 4-bit codes with per-block scales."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    spec = OPTIMIZERS[cfg.optim]
-    if spec.name == "RMSprop":
-        return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                   eps=cfg.adam_epsilon)
-    adam = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                eps=cfg.adam_epsilon)
-    if spec.module == "torch.optim":
-        # The fused kernel is one pass over the parameters (≈8× faster than foreach on a 2-core CPU for 58M
-        # parameters); it exists for CPU and CUDA tensors of floating dtype.
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-        return torch.optim.AdamW(params, fused=fused, **adam)
-    return getattr(importlib.import_module(spec.module), spec.name)(params, **adam)
-
-
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: int, num_processes: int):
-    """The config's learning-rate schedule over ``steps`` steps, warming up over ``warmup_steps`` (else
-    ``warmup_ratio`` of them). Accelerate steps a prepared scheduler once per process per step, so its warm-up,
-    its length and the step counts in ``lr_scheduler_kwargs`` are scaled by ``num_processes``."""
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * steps)
-    return build_scheduler(cfg.lr_scheduler_type, optimizer, warmup * num_processes, steps * num_processes,
-                           cfg.scheduler_kwargs(num_processes))
+# What the progress bar shows of a logged record: (name, label, decimals).
+_SHOWN = ((names.LOSS, "loss", 4), (names.REWARD, "reward", 3), (names.REWARDS_ACCURACIES, "acc", 2),
+          (names.OBJECTIVE_SCORES, "score", 3), (names.OBJECTIVE_KL, "kl", 2))
 
 
 def _no_accelerator_device() -> bool:
@@ -156,58 +123,6 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def build_train_loader(cfg: TrainConfig, dataset, collate: Callable[[list[dict]], dict[str, Tensor]],
-                       ) -> tuple[DataLoader, TokenBudgetBatchSampler | None]:
-    """Training batches of ``per_device_train_batch_size`` examples (shuffled or grouped by length), or of as many
-    examples as fit in ``max_tokens_per_batch`` tokens; the token-budget sampler is returned too (or None).
-
-    A micro-batch's loss is the mean over its examples, so under a budget — where the number of examples varies —
-    every micro-batch still counts equally under gradient accumulation (and across processes)."""
-    if cfg.max_tokens_per_batch is not None:
-        budget = TokenBudgetBatchSampler(example_lengths(dataset), cfg.max_tokens_per_batch, cfg.seed)
-        return DataLoader(dataset, batch_sampler=budget, collate_fn=collate), budget
-    sampler = (LengthGroupedSampler(example_lengths(dataset), cfg.per_device_train_batch_size, cfg.seed)
-               if cfg.group_by_length else None)
-    return DataLoader(dataset, batch_size=cfg.per_device_train_batch_size, shuffle=sampler is None, sampler=sampler,
-                      collate_fn=collate), None
-
-
-def own_loop(config: TrainConfig) -> type | None:
-    """The trainer of a method trained by a loop of its own (the registry's ``loop``, e.g. ``ppo`` →
-    :class:`preftune.training.ppo.Trainer`, a :class:`PreferenceTrainer` made of the same pieces), or None."""
-    methods = config.methods
-    loop = get_method(methods[0]).loop if methods else None
-    return None if loop is None else importlib.import_module(f"preftune.training.{loop}").Trainer
-
-
-def default_judge(cfg: TrainConfig, judge, embedded_world: bool, needs_judge: bool) -> bool:
-    """Whether a run that needs a judge (online methods, PPO) and names none gets the embedded world's gold reward:
-    only when model and data are both the embedded default, whose chosen replies are kind and rejected ones rude;
-    the log says so."""
-    if not needs_judge or judge is not None or cfg.judge or not embedded_world:
-        return False
-    log.info("no judge: the embedded default (tiny Llama, built-in preferences) is judged by its gold reward, "
-             "judge=gold (VADER sentiment of prompt + completion); set judge to use another")
-    return True
-
-
-@dataclass
-class Session:
-    """Everything a trainer prepared once, which ``train``, ``evaluate`` and ``save_model`` share."""
-
-    inputs: RunInputs
-    spec: LossSpec
-    policy: nn.Module  # prepared by Accelerate
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    train_dl: DataLoader
-    budget: TokenBudgetBatchSampler | None
-    reference: Any
-    online: OnlineBatches | None
-    total_steps: int
-    num_epochs: int
-
-
 class PreferenceTrainer:
     """Train a causal LM with any registered method.
 
@@ -217,19 +132,15 @@ class PreferenceTrainer:
     methods' samples (a Judge, or a function of (prompts, completions)); ``callbacks`` are functions called after
     every optimizer step with ``(step, model)`` (their returned metrics are logged) or objects with any of
     ``on_train_begin(max_steps, model)``, ``on_step_end(step, model)``, ``on_log(record)``, ``on_evaluate(record)``
-    and ``on_train_end(result)``; a
-    ``transformers.TrainerCallback`` is called with the ``args, state, control`` it expects (training.hf_callbacks).
-    Built in (``health_checks: true``): :class:`preftune.training.health.HealthCallback`, which reads every logged
-    record and warns once per failing health check (log, progress bar, ``summary.json``'s ``health``).
+    and ``on_train_end(result)``; a ``transformers.TrainerCallback`` is called with the ``args, state, control`` it
+    expects (training.hf_callbacks). Built in (``health_checks: true``):
+    :class:`preftune.training.health.HealthCallback`, which reads every logged record and warns once per failing
+    health check (log, progress bar, ``summary.json``'s ``health``).
 
-    ``train()`` runs the loop; ``evaluate()`` gives the held-out metrics now (before, during or after training);
-    ``save_model(path)`` writes the policy in Hugging Face format with its tokenizer; ``model`` is the policy.
+    ``train()`` runs the driver; ``evaluate()`` gives the held-out metrics now (before, during or after training);
+    ``save_model(path)`` writes the policy in Hugging Face format with its tokenizer; ``model`` is the policy;
+    ``algorithm`` is what the method's registry entry names (:data:`ALGORITHMS`).
     """
-
-    def __new__(cls, config: TrainConfig, *args, **kwargs):
-        # A method with a loop of its own (PPO) is trained by its trainer, a subclass: the same arguments.
-        own = own_loop(config) if cls is PreferenceTrainer else None
-        return super().__new__(own or cls)
 
     def __init__(self, config: TrainConfig, model=None, ref_model=None, tokenizer=None,
                  train_dataset=None, eval_dataset=None, callbacks: list = (), judge=None):
@@ -240,17 +151,14 @@ class PreferenceTrainer:
         self.given = dict(model=model, ref_model=ref_model, tokenizer=tokenizer,
                           train_dataset=train_dataset, eval_dataset=eval_dataset)
         self.callbacks = adapt_callbacks(list(callbacks), self.cfg, self.accelerator.is_main_process)
-        self.judge = judge  # online methods: a Judge or a function (prompts, completions) -> scores; else cfg.judge
-        if default_judge(self.cfg, judge, embedded and train_dataset is None and self.cfg.dataset is None,
-                         needs_judge=self.cfg.is_online):
-            self.cfg.judge = "gold"  # written into config.yaml, so the run records what judged it
-        if self.cfg.is_online and judge is None and not self.cfg.judge:
-            raise ConfigError("online methods (online_dpo, rloo, grpo, online=true) score their samples with a judge: "
-                              "set judge to a reward-model folder, 'module:function' or 'gold' (the demo world), "
-                              "or pass judge= to the trainer")
+        self.judge = judge  # a Judge, a pairwise judge or a function (prompts, completions) -> scores; else cfg.judge
+        self._check_judge(judge, model, train_dataset)
+        # A method trained in rounds runs the offline algorithm once per round, on that round's pairs.
+        self.algorithm: Algorithm = ALGORITHMS[algorithm_name(self.cfg)](self.cfg, self.judge)
         self.session: Session | None = None
         self.health: HealthCallback | None = None  # the built-in health checks of the current or last train()
-        self.global_step = 0  # optimizer steps the policy has taken in this trainer: evaluate()'s step
+        self.global_step = 0  # updates the policy has taken in this trainer: evaluate()'s step
+        self._where = (0, 0)  # (step, epoch) of the update under way, for the error that stops a run
 
     @property
     def model(self) -> nn.Module | None:
@@ -258,48 +166,39 @@ class PreferenceTrainer:
         A method trained in rounds has one model per round, on disk: asking for the one policy is a ConfigError
         that says where they are (rather than the initial model it was given)."""
         self._not_rounds("trainer.model")
-        if self.session is None:
-            return self.given["model"]
-        return self.accelerator.unwrap_model(self.session.policy).model
+        return self.given["model"] if self.session is None else self.session.model
 
     def _prepare(self) -> Session:
-        """Data, model, layout, reference, optimizer, schedule: once, on first use."""
+        """Data, the algorithm's model and loader, optimizer, schedule, reference: once, on first use."""
         if self.session is not None:
             return self.session
         cfg, acc = self.cfg, self.accelerator
         set_seed(cfg.seed)
-        inputs: RunInputs = prepare_inputs(cfg, acc, **self.given)
-        spec = LossSpec.from_config(cfg)
-        policy = (RewardModel if spec.model == "reward" else LogProbModel)(inputs.model, cfg.logprob_chunk_size)
-        optimizer = build_optimizer(cfg, policy)
-        online = self._online_source(inputs, spec) if cfg.is_online else None
-        if online is not None:  # prompts in; each micro-batch is sampled, judged and collated in the loop
-            train_dl, budget = DataLoader(inputs.train, batch_size=cfg.per_device_train_batch_size, shuffle=True,
-                                          collate_fn=list), None
-        else:
-            train_dl, budget = build_train_loader(cfg, inputs.train, inputs.collator)
-        total_steps, num_epochs = self._schedule_length(len(train_dl))
-        scheduler = make_scheduler(cfg, optimizer, total_steps, acc.num_processes)
-        policy, optimizer, train_dl, scheduler = acc.prepare(policy, optimizer, train_dl, scheduler)
-        self.session = Session(inputs, spec, policy, optimizer, scheduler, train_dl, budget,
-                               inputs.make_reference(policy, acc), online, total_steps, num_epochs)
+        inputs = prepare_inputs(cfg, acc, **self.given)
+        parts = self.algorithm.prepare(inputs, acc)
+        optimizer = build_optimizer(cfg, parts.model)
+        policy, optimizer, loader = acc.prepare(parts.model, optimizer, parts.loader)
+        total_steps, num_epochs = self._schedule_length(self.algorithm.updates_per_epoch(len(loader)))
+        # The schedule steps once per update (for PPO an update is a rollout and all its optimizer steps, as in TRL).
+        scheduler = acc.prepare(make_scheduler(cfg, optimizer.optimizer, total_steps, acc.num_processes))
+        self.session = Session(inputs, policy, optimizer, scheduler, loader, inputs.make_reference(policy, acc),
+                               total_steps, num_epochs, acc)
+        self.algorithm.start(self.session)
         return self.session
 
     # ------------------------------------------------------------------------------------------------
     @obeys_disable_tqdm
     def train(self) -> RunResult:
-        """One run of the loop; a method trained in rounds (RSO, SPPO, iterative DPO) runs its rounds above the
-        loop, one run of it per round (:mod:`preftune.training.rounds`). With ``push_to_hub``, what would stop the
+        """One run of the driver; a method trained in rounds (RSO, SPPO, iterative DPO) runs its rounds above the
+        driver, one run of it per round (:mod:`preftune.training.rounds`). With ``push_to_hub``, what would stop the
         upload at the end (offline mode, no token, no network) stops the run now, before anything is loaded."""
         on_main_process(self.accelerator, lambda: hub.check_push(self.cfg))
         if self.cfg.rounds is not None:
-            from preftune.training.rounds import train_rounds
-
-            return train_rounds(self)
+            return rounds.train_rounds(self)
         return self.train_once()
 
     def train_once(self) -> RunResult:
-        """One run of the loop in ``output_dir``, whatever the method."""
+        """One run of the driver in ``output_dir``, whatever the method."""
         out, resume, lock = open_run_folder(self.cfg, self.accelerator)
         try:
             return self._train(out, resume)
@@ -310,14 +209,14 @@ class PreferenceTrainer:
     def _not_rounds(self, what: str) -> None:
         # A run of rounds holds one model per round, not one session: its records say what each round did.
         if self.cfg.rounds is not None and self.session is None:
-            raise ConfigError(f"{what} works on one run of the loop; {self.cfg.methods[0]} trains in rounds: each "
+            raise ConfigError(f"{what} works on one run of the driver; {self.cfg.methods[0]} trains in rounds: each "
                               "round's held-out evaluation is in output_dir/rounds.json (set eval_split_size or "
                               "eval_dataset), its model in output_dir/round-k/final, the last one in output_dir/final")
 
     @obeys_disable_tqdm
     def evaluate(self) -> dict[str, float]:
         """The held-out metrics of the policy as it is now (``eval_``-prefixed, with ``eval_runtime``, and ``step``:
-        the optimizer steps it has taken here, 0 before ``train()``); needs an evaluation set (``eval_dataset``, or
+        the updates it has taken here, 0 before ``train()``); needs an evaluation set (``eval_dataset``, or
         ``eval_split_size``)."""
         self._not_rounds("evaluate()")
         session = self._prepare()
@@ -333,145 +232,130 @@ class PreferenceTrainer:
         session = self._prepare()
         return checkpoint.save_pretrained(self.accelerator, session.policy, session.inputs.tokenizer, Path(path))
 
+    # ---- the driver ----------------------------------------------------------------------------------
     def _train(self, out: Path, resume: Path | None) -> RunResult:
-        cfg, acc = self.cfg, self.accelerator
-        saved = checkpoint.read_state(resume) if resume is not None else None
-        session = self._prepare()
-        inputs, spec, online = session.inputs, session.spec, session.online
-        policy, optimizer, scheduler, train_dl = session.policy, session.optimizer, session.scheduler, session.train_dl
-        budget, reference, total_steps, num_epochs = (session.budget, session.reference, session.total_steps,
-                                                      session.num_epochs)
-        fingerprint = checkpoint.run_fingerprint(effective_config(cfg), inputs.data_fingerprints)
-        if saved is not None:
-            checkpoint.check_same_run(resume, saved, fingerprint)
-        elif acc.is_main_process:  # a resumed run keeps the config.yaml it started with
-            cfg.save(out / "config.yaml")
-        moving_reference = reference.module if cfg.sync_ref_model else None  # TR-DPO's reference is state too
-        held = lambda: memory.one_loop(acc.unwrap_model(policy).model, optimizer, reference,  # noqa: E731
-                                       (inputs.train, inputs.eval))
-        if acc.is_main_process:
-            log.info("memory: %s", memory.describe(held()))
+        """The loop: each update's work from the algorithm, its update, the schedule, then what follows a step."""
+        session, algorithm = self._prepare(), self.algorithm
+        state, metrics_log, fingerprint = self._begin(session, out, resume)
+        window, result = MetricWindow(), RunResult(out, None, state["global_step"])
+        self._progress = _Progress(tqdm(total=session.total_steps, initial=state["global_step"],
+                                        desc="+".join(self.cfg.methods), dynamic_ncols=True,
+                                        disable=not self.accelerator.is_local_main_process or self.cfg.disable_tqdm))
+        session.policy.train()
+        step, started, last = state["global_step"], time.perf_counter(), state["global_step"] >= session.total_steps
+        optimizer_step = functools.partial(self._optimizer_step, window)
+        for epoch in range(state["epoch"], session.num_epochs):
+            skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
+            for work in algorithm.work(epoch, skip, window):
+                work.step, self._where = step + 1, (step + 1, epoch)
+                update = algorithm.update(work, optimizer_step, window)
+                session.scheduler.step()
+                step += 1
+                state = {"global_step": step, "epoch": epoch, "batches_in_epoch": work.consumed, "run": fingerprint,
+                         **algorithm.state()}
+                last = self._after_update(session, update, state, epoch + work.consumed / len(session.loader), window,
+                                          result, metrics_log)
+                if last:
+                    break
+            if last:
+                break
+        self._progress.bar.close()
+        return self._finish(session, out, step, state, result, time.perf_counter() - started, metrics_log)
 
+    def _begin(self, session: Session, out: Path, resume: Path | None) -> tuple[dict, MetricsLog, dict]:
+        """The run's fingerprint (checked against a resumed checkpoint's), config.yaml, the resumed state, the metrics
+        log with its listeners (the built-in health checks replay a resumed run's records), the start of the log."""
+        cfg, acc = self.cfg, self.accelerator
+        fingerprint = checkpoint.run_fingerprint(effective_config(cfg), session.inputs.data_fingerprints)
         state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
         if resume is not None:
-            state = checkpoint.load_checkpoint(acc, resume, moving_reference)
+            checkpoint.check_same_run(resume, checkpoint.read_state(resume), fingerprint)
+            state = checkpoint.load_checkpoint(acc, resume, self.algorithm.moving_reference)
+            self.algorithm.load_state(state)
             log.info("resumed from %s at step %d", resume, state["global_step"])
-
-        # Built in: the health checks see every logged record (training, eval_, step callbacks) and warn once each.
+        elif acc.is_main_process:  # a resumed run keeps the config.yaml it started with
+            cfg.save(out / "config.yaml")
         self.health = HealthCallback.from_config(cfg) if cfg.health_checks else None
         metrics_log = open_metrics(cfg, acc, out, state["global_step"], resumed=resume is not None,
                                    callbacks=[*self.callbacks, *([self.health] if self.health else [])])
         if resume is not None and self.health is not None:  # the checks judge the whole run, not only this part
             self.health.replay(metrics_log.records())
-        self._log_start(inputs, reference, total_steps, num_epochs, budget)
+        self._log_start(session)
         for callback in self.callbacks:
             if hasattr(callback, "on_train_begin"):
-                callback.on_train_begin(total_steps, acc.unwrap_model(policy).model)
+                callback.on_train_begin(session.total_steps, session.model)
+        return state, metrics_log, fingerprint
 
-        window = MetricWindow()
-        result = RunResult(out, None, state["global_step"])
-        bar = tqdm(total=total_steps, initial=state["global_step"], desc=f"{'+'.join(cfg.methods)}",
-                   disable=not acc.is_local_main_process or cfg.disable_tqdm, dynamic_ncols=True)
-        policy.train()
-        started, pairs_seen, tokens_seen, last_log = time.perf_counter(), 0, 0, time.perf_counter()
-        step = state["global_step"]
-        window_rows: list[int] = []  # source rows of the micro-batches of the step being accumulated
-        for epoch in range(state["epoch"], num_epochs):
-            train_dl.set_epoch(epoch)
-            if budget is not None:  # under several processes Accelerate's shard does not pass set_epoch on to it
-                budget.set_epoch(epoch)
-            skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
-            batches = acc.skip_first_batches(train_dl, skip) if skip else train_dl
-            if online is not None:  # fetch batch: sample each step's prompts from the current policy, judge, collate
-                batches = online.batches(batches, acc.unwrap_model(policy).model, window, epoch)
-            for batch_index, batch in enumerate(batches, start=skip):
-                window_rows += batch["source_rows"].tolist() if "source_rows" in batch else []
-                with acc.accumulate(policy):
-                    try:
-                        loss = batch_loss(policy, reference, batch, spec, window)
-                    except NonFiniteLoss as err:
-                        raise self._stopped(step + 1, epoch, window_rows, f"the loss is not finite ({err})") from None
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                        grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32).reshape(1)
-                        if not cfg.fp16 and not bool(torch.isfinite(grad_norm).all()):  # fp16: the scaler skips
-                            raise self._stopped(step + 1, epoch, window_rows,
-                                                f"the gradient norm is {grad_norm.item()}")
-                        window.add("grad_norm", grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                pairs_seen += spec.examples(batch)
-                tokens_seen += int(batch["num_input_tokens"].sum())
-                if result.first_loss is None:
-                    result.first_loss = loss.item()
-                if not acc.sync_gradients:
-                    continue
-                step += 1
-                window_rows = []
-                bar.update(1)
-                state = {"global_step": step, "epoch": epoch, "batches_in_epoch": batch_index + 1,
-                         "run": fingerprint}
-                if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
-                    reference.sync(acc.unwrap_model(policy).model, cfg.ref_model_mixup_alpha)
-                self._run_callbacks(step, acc.unwrap_model(policy).model, metrics_log)
-                if self._stop_requested():
-                    total_steps = step  # this step is the last: logged, then the end of a run (eval, final/)
-                if step % cfg.logging_steps == 0 or step == total_steps:
-                    now = time.perf_counter()
-                    record = {"step": step, "epoch": round(epoch + (batch_index + 1) / len(train_dl), 4),
-                              "learning_rate": scheduler.get_last_lr()[0], **window.values(acc),
-                              f"{spec.unit}_per_second": pairs_seen * acc.num_processes / (now - last_log),
-                              "tokens_per_second": tokens_seen * acc.num_processes / (now - last_log)}
-                    pairs_seen, tokens_seen, last_log = 0, 0, now
-                    metrics_log.write(record)
-                    result.train_metrics = record
-                    speed = record[f"{spec.unit}_per_second"]
-                    shown = {"loss": f"{record.get('loss', math.nan):.4f}", f"{spec.unit}/s": f"{speed:.1f}"}
-                    if "reward" in record:
-                        shown["reward"] = f"{record['reward']:.3f}"
-                    if "rewards/accuracies" in record:
-                        shown["acc"] = f"{record['rewards/accuracies']:.2f}"
-                    bar.set_postfix(shown | (self.health.postfix() if self.health is not None else {}))
-                if inputs.eval is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                    result.eval_metrics = self._evaluate(session, step, metrics_log)
-                if self._stop_requested():  # asked in on_log or on_evaluate (transformers' EarlyStoppingCallback)
-                    total_steps = step
-                if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                    checkpoint.save_checkpoint(acc, out, step, state, cfg.save_total_limit, moving_reference)
-                if step >= total_steps:
-                    break
-            if step >= total_steps:
-                break
-        bar.close()
-        train_seconds = time.perf_counter() - started
+    def _optimizer_step(self, window: MetricWindow, micro_batches: Sequence[Any], loss_of: Callable[[Any], Tensor],
+                        rows: list[int]) -> float:
+        """One optimizer step over ``micro_batches``: each one's loss to backward (Accelerate divides it by
+        ``gradient_accumulation_steps``; DDP all-reduces on the last one only), the gradient clipped to
+        ``max_grad_norm`` and checked finite, the step. Returns the first micro-batch's loss."""
+        acc, policy, optimizer = self.accelerator, self.session.policy, self.session.optimizer
+        first = None
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(policy):
+                try:
+                    loss = loss_of(batch)
+                except NonFiniteLoss as err:
+                    raise self._stopped(rows, f"the loss is not finite ({err})") from None
+                acc.backward(loss)
+            first = loss.item() if first is None else first
+        grad_norm = torch.as_tensor(acc.clip_grad_norm_(policy.parameters(), self.cfg.max_grad_norm),
+                                    dtype=torch.float32).reshape(1)
+        if not self.cfg.fp16 and not bool(torch.isfinite(grad_norm).all()):  # fp16: the scaler skips the step
+            raise self._stopped(rows, f"the gradient norm is {grad_norm.item()}")
+        window.add(names.GRAD_NORM, grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        return first
 
-        return self._finish(session, out, step, state, result, train_seconds, metrics_log, held(),
-                            moving_reference=moving_reference)
+    def _after_update(self, session: Session, update: Update, state: dict, epoch: float, window: MetricWindow,
+                      result: RunResult, metrics_log: MetricsLog) -> bool:
+        """What follows every update: the algorithm's own step end (TR-DPO's reference sync), callbacks, the log,
+        evaluation and checkpoint cadences. Returns whether the run ends here (its last step, or a callback asked)."""
+        cfg, step, progress = self.cfg, state["global_step"], self._progress
+        if result.first_loss is None:
+            result.first_loss = update.first_loss
+        progress.count(update)
+        self.algorithm.after_step(step)
+        self._run_callbacks(step, session.model, metrics_log)
+        last = step >= session.total_steps or self._stop_requested()
+        if step % cfg.logging_steps == 0 or last:
+            record = {names.STEP: step, "epoch": round(epoch, 4), "learning_rate": session.scheduler.get_last_lr()[0],
+                      **update.record, **window.values(self.accelerator), **progress.rates(self.algorithm.unit,
+                                                                                           self.accelerator)}
+            metrics_log.write(record)
+            result.train_metrics = record
+            progress.show(record, self.health)
+        if session.inputs.eval is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+            result.eval_metrics = self._evaluate(session, step, metrics_log)
+        last = last or self._stop_requested()  # asked in on_log or on_evaluate (transformers' EarlyStoppingCallback)
+        if cfg.save_steps and step % cfg.save_steps == 0 and not last:
+            checkpoint.save_checkpoint(self.accelerator, Path(result.output_dir), step, state, cfg.save_total_limit,
+                                       self.algorithm.moving_reference)
+        return last  # then the end of a run (eval, final/)
 
     def _finish(self, session: Session, out: Path, step: int, state: dict, result: RunResult, train_seconds: float,
-                metrics_log: MetricsLog, memory_held: dict, extra: dict | None = None,
-                moving_reference: nn.Module | None = None) -> RunResult:
-        """The end of a run, shared by the one loop and PPO's: the last evaluation (unless one just ran), the check
-        for non-finite weights, the last checkpoint, ``final/`` with its model card in one atomic write, and
-        ``summary.json`` (``extra``: the loop's own entries), the upload of ``final/`` (``push_to_hub``), then the
-        callbacks' ``on_train_end``."""
+                metrics_log: MetricsLog) -> RunResult:
+        """The end of a run: the last evaluation (unless one just ran), the check for non-finite weights, the last
+        checkpoint, ``final/`` with its model card in one atomic write, ``summary.json``, the upload of ``final/``
+        (``push_to_hub``), then the callbacks' ``on_train_end``."""
         cfg, acc, inputs = self.cfg, self.accelerator, session.inputs
         if inputs.eval is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
             result.eval_metrics = self._evaluate(session, step, metrics_log)
         check_finite_weights(acc.unwrap_model(session.policy), step)
         if cfg.save_steps:
             checkpoint.save_checkpoint(acc, out, step, {**state, "epoch": session.num_epochs, "batches_in_epoch": 0},
-                                       cfg.save_total_limit, moving_reference)
+                                       cfg.save_total_limit, self.algorithm.moving_reference)
         result.global_step = self.global_step = step
         summary = {"global_step": step, "train_runtime_s": round(train_seconds, 3),
                    "first_loss": result.first_loss, "train": result.train_metrics,
                    "eval": result.eval_metrics, "reference": session.reference.name, "methods": cfg.methods,
                    "parameters": inputs.parameter_counts, "data": inputs.data_reports,
-                   "layout": inputs.collator.describe(), "processes": acc.num_processes, "memory": memory_held,
-                   **({"online": online_summary(session.online)} if session.online is not None else {}),
-                   **(extra or {}),
+                   "layout": inputs.collator.describe(), "processes": acc.num_processes,
+                   "memory": self.algorithm.memory(), **self.algorithm.summary(),
                    **({"health": self.health.summary()} if self.health is not None else {})}
         result.final_dir = checkpoint.export_final(acc, session.policy, inputs.tokenizer, out, cfg.save_merged_model,
                                                    config=effective_config(cfg), summary=summary)
@@ -481,18 +365,24 @@ class PreferenceTrainer:
         acc.end_training()
         if cfg.push_to_hub and acc.is_main_process:  # a failure leaves final/ as it is, and says how to upload it
             hub.push_final(cfg, result.final_dir)
-        self._train_end(result)
-        return result
-
-    def _train_end(self, result: RunResult) -> None:
-        """The callbacks' ``on_train_end``, once the run is written."""
         for callback in self.callbacks:
             if hasattr(callback, "on_train_end"):
                 callback.on_train_end(result)
+        return result
 
     # ------------------------------------------------------------------------------------------------
-    def _stopped(self, step: int, epoch: int, rows: list[int], what: str) -> TrainingError:
+    def _check_judge(self, judge, model, train_dataset) -> None:
+        """A run that samples while it trains (online methods, PPO) needs a judge: the object given, else the config's
+        (the embedded world's gold reward when neither is given, recorded in config.yaml); one message when there is
+        none, before anything loads. The algorithm loads it (:func:`preftune.rollout.judges.resolve_judge`)."""
+        cfg = self.cfg
+        if cfg.is_online:
+            cfg.judge = default_judge(judge, cfg.judge, embedded_world=uses_embedded_world(cfg, model, train_dataset))
+            check_judge(judge, cfg.judge, **judge_role(cfg))
+
+    def _stopped(self, rows: list[int], what: str) -> TrainingError:
         """The report of a run stopped by a non-finite value: where, on which rows, and what to try."""
+        step, epoch = self._where
         shown = ", ".join(map(str, rows[:16])) + (", …" if len(rows) > 16 else "")
         where = f" on rows {shown} of {self.cfg.dataset or 'the training data'}" if rows else ""
         return TrainingError(f"training stopped at step {step} (epoch {epoch}): {what}{where}; nothing was exported "
@@ -502,10 +392,9 @@ class PreferenceTrainer:
         """Whether a callback set transformers' ``control.should_training_stop`` (training.hf_callbacks)."""
         return any(getattr(callback, "should_training_stop", False) for callback in self.callbacks)
 
-    def _schedule_length(self, batches_per_epoch: int) -> tuple[int, int]:
-        cfg = self.cfg
-        per_epoch = max(1, math.ceil(batches_per_epoch / self.accelerator.num_processes
-                                     / cfg.gradient_accumulation_steps))
+    def _schedule_length(self, updates_per_epoch: int) -> tuple[int, int]:
+        """Updates and epochs of the run: ``max_steps``, else ``num_train_epochs`` of the prepared loader."""
+        cfg, per_epoch = self.cfg, max(1, updates_per_epoch)
         if cfg.max_steps > 0:
             return cfg.max_steps, math.ceil(cfg.max_steps / per_epoch)
         return math.ceil(per_epoch * cfg.num_train_epochs), math.ceil(cfg.num_train_epochs)
@@ -520,7 +409,7 @@ class PreferenceTrainer:
             record = step_end(step, model)
             model.train(was_training)
             if record:
-                metrics_log.write({"step": step, **record})
+                metrics_log.write({names.STEP: step, **record})
 
     def _eval_rows(self, dataset) -> Iterator[tuple[list[dict], bool]]:
         """Every evaluation row exactly once over all processes: process p takes rows p, p+P, p+2P, …, and every
@@ -529,30 +418,24 @@ class PreferenceTrainer:
         for any batch size (Accelerate's even batches would count repeated rows instead)."""
         acc, size = self.accelerator, self.cfg.per_device_eval_batch_size
         mine = list(range(acc.process_index, len(dataset), acc.num_processes))
-        rounds = math.ceil(math.ceil(len(dataset) / acc.num_processes) / size)
-        for start in range(0, rounds * size, size):
+        rounds_ = math.ceil(math.ceil(len(dataset) / acc.num_processes) / size)
+        for start in range(0, rounds_ * size, size):
             rows = mine[start : start + size]
             yield [dataset[i] for i in (rows or [0])], bool(rows)
 
     @torch.no_grad()
     def _evaluate(self, session: Session, step: int | None, metrics_log: MetricsLog | None) -> dict[str, float]:
-        """The held-out loss and metrics; for online methods, one judged sample of each held-out prompt.
-        Written to metrics.jsonl (and the trackers) during training; returned either way."""
-        acc, policy, online = self.accelerator, session.policy, session.online
+        """The held-out metrics (the algorithm's: the loss and rewards of held-out pairs, or one judged sample of each
+        held-out prompt). Written to metrics.jsonl (and the trackers) during training; returned either way."""
         started = time.perf_counter()
-        was_training = policy.training
-        policy.eval()
         window, ignored = MetricWindow(), MetricWindow()
-        for rows, counted in self._eval_rows(session.inputs.eval):
-            if online is not None:
-                online.evaluate(rows, acc.unwrap_model(policy).model, window if counted else ignored, step or 0)
-            else:
-                batch = {k: v.to(acc.device) for k, v in session.inputs.collator(rows).items()}
-                batch_loss(policy, session.reference, batch, session.spec, window if counted else ignored)
-        policy.train(was_training)
+        with eval_mode(session.policy):
+            for rows, counted in self._eval_rows(session.inputs.eval):
+                self.algorithm.evaluate(rows, window if counted else ignored, step or 0)
         seconds = time.perf_counter() - started
-        record = {"step": step, **{f"eval_{k}": v for k, v in window.values(acc).items()},
-                  "eval_runtime": round(seconds, 4), "eval_samples_per_second": len(session.inputs.eval) / seconds}
+        held_out = {f"{names.EVAL_PREFIX}{k}": v for k, v in window.values(self.accelerator).items()}
+        record = {names.STEP: step, **held_out, "eval_runtime": round(seconds, 4),
+                  "eval_samples_per_second": len(session.inputs.eval) / seconds}
         if metrics_log is not None:
             metrics_log.write(record)
         for callback in self.callbacks:
@@ -560,50 +443,52 @@ class PreferenceTrainer:
                 callback.on_evaluate(record)
         return record
 
-    def _online_source(self, inputs: RunInputs, spec: LossSpec) -> OnlineBatches:
-        judge = self.judge
-        if judge is None:
-            judge = load_judge(self.cfg.judge, device=self.accelerator.device)
-        elif not hasattr(judge, "score"):  # a plain function of (prompts, completions)
-            judge = CallableJudge(judge)
-        return OnlineBatches(self.cfg, spec.kind, inputs.tokenizer, inputs.collator, judge, self.accelerator)
-
-    def _log_start(self, inputs: RunInputs, reference, total_steps: int, num_epochs: int,
-                   budget: TokenBudgetBatchSampler | None) -> None:
+    def _log_start(self, session: Session) -> None:
         if not self.accelerator.is_main_process:
             return
-        cfg = self.cfg
+        cfg, inputs = self.cfg, session.inputs
         trainable, total = inputs.parameter_counts
         log.info("methods %s | reference: %s | %d train rows, %s eval rows | %d steps over %d epoch(s) | "
-                 "%d processes | trainable params %s of %s", "+".join(cfg.methods), reference.name,
-                 len(inputs.train), len(inputs.eval) if inputs.eval is not None else 0, total_steps,
-                 num_epochs, self.accelerator.num_processes, f"{trainable:,}", f"{total:,}")
+                 "%d processes | trainable params %s of %s", "+".join(cfg.methods), session.reference.name,
+                 len(inputs.train), len(inputs.eval) if inputs.eval is not None else 0, session.total_steps,
+                 session.num_epochs, self.accelerator.num_processes, f"{trainable:,}", f"{total:,}")
         precision = "bf16 autocast" if cfg.bf16 else "fp16 autocast" if cfg.fp16 else "fp32"
         log.info("precision: %s (weights loaded as %s) | layout: %s | fused MLPs: %s", precision, cfg.dtype,
                  inputs.collator.describe(), "yes" if cfg.fused_mlp else "no")
-        if budget is not None:
-            log.info("batches: up to %d tokens each, %d per epoch; %d example(s) longer than that train alone",
-                     budget.max_tokens, len(budget), budget.over_budget)
-        else:
-            log.info("batches: %d examples each%s", cfg.per_device_train_batch_size,
-                     ", grouped by length" if cfg.group_by_length else "")
+        for line in self.algorithm.describe():
+            log.info("%s", line)
+        log.info("memory: %s", memory.describe(self.algorithm.memory()))
         for report in inputs.data_reports.values():
             log.info("%s", report)
 
 
-def effective_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The config as the run computes with it: each loss hyper-parameter of the run's methods left at None holds
-    the value used (the first method's registry default), so ``beta: null`` and ``beta: 0.1`` under DPO are the
-    same run; hyper-parameters of methods the run does not use are left out."""
-    values = cfg.to_dict()
-    used = {k for m in cfg.methods for k in get_method(m).hparams}
-    for unused in {k for m in METHODS.values() for k in m.hparams} - used:
-        values.pop(unused, None)
-    for name in cfg.methods:
-        for key, default in get_method(name).defaults.items():
-            if values.get(key) is None:
-                values[key] = default
-    return values
+class _Progress:
+    """The progress bar, and the examples and tokens trained on since the last log (throughput)."""
+
+    def __init__(self, bar):
+        self.bar, self.examples, self.tokens, self.since = bar, 0, 0, time.perf_counter()
+
+    def count(self, update: Update) -> None:
+        self.examples += update.examples
+        self.tokens += update.tokens
+        self.bar.update(1)
+
+    def rates(self, unit: str, acc: Accelerator) -> dict[str, float]:
+        now = time.perf_counter()
+        seconds, self.since = now - self.since, now
+        rates = {f"{unit}_per_second": self.examples * acc.num_processes / seconds,
+                 "tokens_per_second": self.tokens * acc.num_processes / seconds}
+        self.examples = self.tokens = 0
+        return rates
+
+    def show(self, record: dict, health: HealthCallback | None) -> None:
+        shown = {label: f"{record[name]:.{digits}f}" for name, label, digits in _SHOWN if name in record}
+        self.bar.set_postfix(shown | (health.postfix() if health is not None else {}))
+
+
+def algorithm_name(cfg: TrainConfig) -> str:
+    """The registry's ``algorithm`` of the run's first method, else "online" or "offline"."""
+    return get_method(cfg.methods[0]).algorithm or ("online" if cfg.is_online else "offline")
 
 
 def check_finite_weights(model: nn.Module, step: int) -> None:

@@ -80,7 +80,7 @@ def other_bytes(kind: str, what: str, nbytes: int = 0) -> dict:
 
 
 def reference_bytes(reference, datasets: Iterable = (), seen: set[int] | None = None) -> dict:
-    """The reference role of a run of the one loop: a model of its own (a frozen copy, a checkpoint), the policy
+    """The reference role of a run of the driver: a model of its own (a frozen copy, a checkpoint), the policy
     with adapters off, the precomputed log-prob columns of its datasets (as Arrow holds them), or none."""
     if isinstance(reference, ModelReference):
         return model_bytes(reference.module.model, seen=seen, what=f"reference ({reference.name})")
@@ -96,7 +96,7 @@ def reference_bytes(reference, datasets: Iterable = (), seen: set[int] | None = 
 
 
 def one_loop(policy: nn.Module, optimizer: torch.optim.Optimizer, reference, datasets: Iterable = ()) -> dict:
-    """The memory report of a run of the one loop: the policy (with its gradients and optimizer state) and its
+    """The memory report of a run of the driver: the policy (with its gradients and optimizer state) and its
     reference (a model, the policy with adapters off, a precomputed cache, or none)."""
     seen: set[int] = set()
     return account({"policy": model_bytes(policy, optimizer, seen=seen, what="policy (trained)"),

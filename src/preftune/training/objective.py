@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from preftune import metric_names as names
 from preftune.config import TrainConfig
 from preftune.errors import TrainingError
 from preftune.methods import losses, rl
@@ -86,12 +87,12 @@ def _log_online_kl(window: MetricWindow, token_logps: Tensor, ref_token_logps: T
     score − β·objective/kl, per completion."""
     kls = rl.kl_to_reference(token_logps, ref_token_logps, batch["score_seq"], tokens)
     beta = spec.hparams.get("beta", get_method(spec.methods[0]).defaults.get("beta", 0.0))
-    non_score = -beta * kls["objective/kl"]
-    window.add("kl", kls["kl"].reshape(1))
-    window.add("objective/kl", kls["objective/kl"])
-    window.add("objective/scores", batch["scores"])
-    window.add("objective/non_score_reward", non_score)
-    window.add("objective/rlhf_reward", batch["scores"] + non_score)
+    non_score = -beta * kls[names.OBJECTIVE_KL]
+    window.add(names.KL, kls["kl"].reshape(1))
+    window.add(names.OBJECTIVE_KL, kls[names.OBJECTIVE_KL])
+    window.add(names.OBJECTIVE_SCORES, batch["scores"])
+    window.add(names.OBJECTIVE_NON_SCORE_REWARD, non_score)
+    window.add(names.OBJECTIVE_RLHF_REWARD, batch["scores"] + non_score)
 
 
 def batch_loss(
@@ -100,7 +101,9 @@ def batch_loss(
     """Mean loss of one micro-batch; per-example metrics go into ``window`` (TRL's names).
 
     An online batch's ``logit_scale`` (1/temperature) reaches the policy's and the reference's forward with the
-    other model inputs: both score the completions under the distribution they were sampled from.
+    other model inputs: both score the completions under the distribution they were sampled from. An online
+    generation batch's experience may carry the reference's per-token log-probs (``ref_token_logps``), computed
+    once for all its passes, and the sampler's (``old_token_logps``).
 
     A batch may weigh its examples (``example_weights [B]``: Online DPO gives tied pairs weight 0); the loss is
     then Σ w·ℓ / max(Σ w, 1) and only examples of positive weight are logged. Online DPO's micro-batches carry their
@@ -108,27 +111,12 @@ def batch_loss(
     step's loss is the weighted mean over the whole generation batch however it is split."""
     token_weights = spec.token_weights(batch)
     out = policy(**model_inputs(batch), token_weights=token_weights, with_wpo=spec.use_weighting)
-    ref_out = reference.outputs(batch, token_weights)
-    ref = None if ref_out is None else ref_out["logps"]
-    n = out["logps"].shape[0] // 2
-    split = lambda t: (None, None) if t is None else (t[:n], t[n:])
-    (s_a, s_b), (t_a, t_b), (r_a, r_b) = split(out["logps"]), split(out["tokens"]), split(ref)
-    if spec.kind == "paired":
-        logps = losses.PairLogps(s_a, s_b, t_a, t_b, r_a, r_b, {name: batch[name] for name in spec.extras})
-    elif spec.kind == "unpaired":
-        logps = losses.UnpairedLogps(s_a, t_a, batch["desirable"], r_a, s_b.detach(), r_b)
-    elif spec.kind == "groups":  # completions sampled together, in groups of one prompt (RLOO, GRPO)
-        # the generation batch's statistics (over every micro-batch of the step, every process) come with it
-        logps = losses.GroupLogps(out["token_logps"], batch["score_seq"], out["tokens"], batch["rewards"],
-                                  batch["group"], None if ref_out is None else ref_out["token_logps"],
-                                  spec.max_completion_length, batch.get("batch_reward_std"),
-                                  batch.get("loss_num_tokens"), batch.get("loss_num_sequences"))
-    else:  # SFT rows: one sequence per row, every one a target
-        logps = losses.UnpairedLogps(out["logps"], out["tokens"], torch.ones_like(out["tokens"], dtype=torch.bool),
-                                     ref)
-    result = compute_loss(spec.methods, spec.weights, logps, spec.hparams)
+    ref_out = ({"token_logps": batch["ref_token_logps"], "logps": None} if "ref_token_logps" in batch
+               else reference.outputs(batch, token_weights))
+    result = compute_loss(spec.methods, spec.weights, _loss_inputs(spec, batch, out, ref_out), spec.hparams)
     per_example = result.losses
     if spec.use_weighting and spec.paired:
+        n = out["wpo"].shape[0] // 2
         per_example = per_example * losses.wpo_weights(out["wpo"][:n], out["wpo"][n:])
     weights = batch.get("example_weights")
     if weights is None:
@@ -137,44 +125,72 @@ def batch_loss(
         total = batch.get("loss_weight_sum")
         loss = (per_example * weights).sum() / (weights.sum().clamp(min=1) if total is None else total)
     if not torch.isfinite(loss):
-        raise NonFiniteLoss(_non_finite_parts(out["logps"], ref, result.terms))
-
+        raise NonFiniteLoss(_non_finite_parts(out["logps"], None if ref_out is None else ref_out["logps"],
+                                              result.terms))
     keep = slice(None) if weights is None else weights > 0
-    window.add("loss", per_example[keep])
+    window.add(names.LOSS, per_example[keep])
     if len(result.terms) > 1:  # a weighted combination: each method's own (unweighted) loss
         for name, values in result.terms.items():
             window.add(f"loss/{name}", values[keep] if values.dim() else values.reshape(1))
     for name, value in result.metrics.items():
         window.add(name, value.reshape(1))
-    if spec.kind == "groups":  # rewards, lengths and KL of the samples are logged by the online source
-        return loss
-    window.add("rewards/chosen", result.chosen_rewards[keep] if spec.paired else result.chosen_rewards)
-    window.add("rewards/rejected", result.rejected_rewards[keep] if spec.paired else result.rejected_rewards)
+    if spec.kind != "groups":  # a group's rewards, lengths and KL are logged by the online algorithm
+        _log_rewards(window, spec, batch, out, ref_out, result, keep)
+    return loss
+
+
+def _loss_inputs(spec: LossSpec, batch: dict[str, Tensor], out: dict[str, Tensor], ref_out: dict | None):
+    """The loss function's view of the forward: pairs, unpaired examples, groups or SFT rows."""
+    ref = None if ref_out is None else ref_out["logps"]
+    n = out["logps"].shape[0] // 2
+    split = lambda t: (None, None) if t is None else (t[:n], t[n:])  # noqa: E731
+    (s_a, s_b), (t_a, t_b), (r_a, r_b) = split(out["logps"]), split(out["tokens"]), split(ref)
+    if spec.kind == "paired":
+        return losses.PairLogps(s_a, s_b, t_a, t_b, r_a, r_b, {name: batch[name] for name in spec.extras})
+    if spec.kind == "unpaired":
+        return losses.UnpairedLogps(s_a, t_a, batch["desirable"], r_a, s_b.detach(), r_b)
+    if spec.kind == "groups":  # completions sampled together, in groups of one prompt (RLOO, GRPO, GSPO)
+        # the generation batch's statistics (over every micro-batch of the step, every process) come with it
+        return losses.GroupLogps(out["token_logps"], batch["score_seq"], out["tokens"], batch["rewards"],
+                                 batch["group"], None if ref_out is None else ref_out["token_logps"],
+                                 spec.max_completion_length, batch.get("batch_reward_std"),
+                                 batch.get("loss_num_tokens"), batch.get("loss_num_sequences"),
+                                 batch.get("old_token_logps"))
+    # SFT rows: one sequence per row, every one a target
+    return losses.UnpairedLogps(out["logps"], out["tokens"], torch.ones_like(out["tokens"], dtype=torch.bool), ref)
+
+
+def _log_rewards(window: MetricWindow, spec: LossSpec, batch: dict[str, Tensor], out: dict[str, Tensor],
+                 ref_out: dict | None, result, keep) -> None:
+    """The implicit rewards, log-probs, logits and lengths of pairs, unpaired examples or SFT rows."""
+    chosen, rejected = result.chosen_rewards, result.rejected_rewards
+    window.add(names.REWARDS_CHOSEN, chosen[keep] if spec.paired else chosen)
+    window.add(names.REWARDS_REJECTED, rejected[keep] if spec.paired else rejected)
     if spec.paired:
-        window.add("rewards/margins", (result.chosen_rewards - result.rejected_rewards)[keep])
-        window.add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float()[keep])
+        window.add(names.REWARDS_MARGINS, (chosen - rejected)[keep])
+        window.add(names.REWARDS_ACCURACIES, (chosen > rejected).float()[keep])
     if "scores" in batch and ref_out is not None:  # Online DPO's samples: the KL to the reference, TRL's objective/*
         _log_online_kl(window, out["token_logps"], ref_out["token_logps"], batch, out["tokens"], spec)
     if spec.model == "reward":  # a reward head's "logps" are its scores, already logged as rewards
-        return loss
-    logits_a, logits_b = split(out["mean_logits"])
+        return
+    n = out["logps"].shape[0] // 2
+    (s_a, s_b), (t_a, t_b) = (out["logps"][:n], out["logps"][n:]), (out["tokens"][:n], out["tokens"][n:])
+    logits_a, logits_b = out["mean_logits"][:n], out["mean_logits"][n:]
     if spec.kind == "paired":
-        window.add("logps/chosen", s_a[keep])
-        window.add("logps/rejected", s_b[keep])
-        window.add("logits/chosen", logits_a[keep])
-        window.add("logits/rejected", logits_b[keep])
-        # What the verbosity check reads (preftune.training.health): lengths, and whether the margin follows them.
-        window.add("lengths/chosen", t_a[keep])
-        window.add("lengths/rejected", t_b[keep])
-        window.add_correlation("lengths/margin_corr", (result.chosen_rewards - result.rejected_rewards)[keep],
-                               (t_a - t_b)[keep])
+        window.add(names.LOGPS_CHOSEN, s_a[keep])
+        window.add(names.LOGPS_REJECTED, s_b[keep])
+        window.add(names.LOGITS_CHOSEN, logits_a[keep])
+        window.add(names.LOGITS_REJECTED, logits_b[keep])
+        # What the verbosity check reads (preftune.health): lengths, and whether the margin follows them.
+        window.add(names.LENGTHS_CHOSEN, t_a[keep])
+        window.add(names.LENGTHS_REJECTED, t_b[keep])
+        window.add_correlation(names.LENGTHS_MARGIN_CORR, (chosen - rejected)[keep], (t_a - t_b)[keep])
     elif spec.kind == "unpaired":
         desirable = batch["desirable"]
-        window.add("logps/chosen", s_a[desirable])
-        window.add("logps/rejected", s_a[~desirable])
-        window.add("logits/chosen", logits_a[desirable])
-        window.add("logits/rejected", logits_a[~desirable])
+        window.add(names.LOGPS_CHOSEN, s_a[desirable])
+        window.add(names.LOGPS_REJECTED, s_a[~desirable])
+        window.add(names.LOGITS_CHOSEN, logits_a[desirable])
+        window.add(names.LOGITS_REJECTED, logits_a[~desirable])
     else:
-        window.add("logps/chosen", out["logps"])
+        window.add(names.LOGPS_CHOSEN, out["logps"])
         window.add("mean_token_accuracy", out["token_accuracy"])  # TRL's SFT metric: argmax = target
-    return loss

@@ -1,4 +1,4 @@
-"""Rounds above the one loop: RSO, SPPO and iterative DPO as runs of sample → judge → pairs → train.
+"""Rounds above the run driver: RSO, SPPO and iterative DPO as runs of sample → judge → pairs → train.
 
 A method whose registry entry has ``rounds`` (:class:`preftune.methods.registry.Rounds`) trains in
 ``num_rounds`` rounds; for round k = 1 … N:
@@ -27,9 +27,10 @@ A method whose registry entry has ``rounds`` (:class:`preftune.methods.registry.
    reference: π_0 fixed (RSO, iterative DPO; ``refresh_reference``: π_{k−1}) or π_{k−1} (SPPO's π_t), and
    ``max_steps`` / ``num_train_epochs`` per round. Under LoRA each round adds fresh adapters to the previous
    round's merged model;
-5. **evaluate** π_k on the held-out prompts (``eval_dataset`` or ``eval_split_size`` of the prompts), when there
-   are any: one sample per prompt, its mean judge score, the win rate against π_0's sample of the same prompt,
-   the KL(π_k‖π_0) estimated on those samples (mean of log π_k(y|x) − log π_0(y|x), y ~ π_k: unbiased at
+5. **evaluate** π_k on the held-out prompts (``eval_dataset``, or ``eval_split_size`` of the prompts, held out as
+   every method holds rows out: :func:`preftune.training.setup.hold_out`, a prompt going where its first row goes),
+   when there are any: one sample per prompt, its mean judge score, the win rate against π_0's sample of the same
+   prompt, the KL(π_k‖π_0) estimated on those samples (mean of log π_k(y|x) − log π_0(y|x), y ~ π_k: unbiased at
    temperature 1), length and EOS rate.
 
 The run folder: ``config.yaml``; ``rounds.json`` (the run's fingerprint, π_0's evaluation and each finished
@@ -70,19 +71,28 @@ from preftune.methods import rl
 from preftune.methods.registry import Rounds
 from preftune.modeling import loading
 from preftune.modeling.logprobs import max_positions
-from preftune.rollout.judges import CallableJudge, PairwiseJudge, judge_scores, load_judge, sequence_logps, win_rate
+from preftune.rollout.judges import (
+    PairwiseJudge,
+    check_judge,
+    default_judge,
+    judge_scores,
+    resolve_judge,
+    sequence_logps,
+    win_rate,
+)
 from preftune.rollout.pairs import PairReport, pairs_from_rollout, save_pairs
 from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate
 from preftune.training import checkpoint, hub
-from preftune.training.rundir import RunLock, open_run_folder, record_entries
+from preftune.training.rundir import RunLock, RunResult, effective_config, open_run_folder, record_entries
 from preftune.training.setup import (
-    _as_dataset,
     _load_model,
     _load_tokenizer,
     cache_root,
-    load_eval_rows,
-    load_train_rows,
+    data_sources,
+    hold_out,
+    judge_role,
+    uses_embedded_world,
 )
 
 log = logging.getLogger("preftune")
@@ -160,30 +170,18 @@ def load_prompts(cfg: TrainConfig, tokenizer, train_dataset=None, eval_dataset=N
         return [{"prompt": p, "prompt_ids": ids, "source": source, "row": file_rows.get(_prompt_key(p))}
                 for p, ids in zip(tokenized["prompt"], tokenized["prompt_ids"])], tokenized._fingerprint
 
-    if isinstance(train_dataset, datasets.DatasetDict) and eval_dataset is None and cfg.eval_dataset is None:
-        eval_dataset = train_dataset.get(cfg.eval_split)
-    if train_dataset is not None:
-        rows, source = _as_dataset(train_dataset, cfg.dataset_split), "train_dataset"
-    elif cfg.dataset is not None:
-        rows, source = load_train_rows(cfg), cfg.dataset
-    else:
-        from preftune.data.builtin import builtin_preferences
-
-        rows, source = datasets.Dataset.from_list(builtin_preferences()), "built-in preferences"
+    (rows, source), given_eval = data_sources(cfg, train_dataset, eval_dataset)  # the rows every method reads
     prompts, fingerprint = read(rows, source)
     fingerprints = {"prompts": fingerprint}
     held_out: list[dict] = []
-    if eval_dataset is not None or cfg.eval_dataset is not None:
-        eval_rows = (_as_dataset(eval_dataset, cfg.eval_split, "eval_dataset") if eval_dataset is not None
-                     else load_eval_rows(cfg))
-        held_out, fingerprints["eval_prompts"] = read(eval_rows, str(cfg.eval_dataset or "eval_dataset"))
-    elif cfg.eval_split_size > 0:
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        cut = max(1, round(cfg.eval_split_size * len(prompts)))
-        held_out = [prompts[i] for i in sorted(order[:cut])]
-        prompts = [prompts[i] for i in sorted(order[cut:])]
-    if not prompts:
-        raise DataError(source, None, None, "no prompt is left to train on after holding out eval_split_size")
+    if given_eval is not None:
+        held_out, fingerprints["eval_prompts"] = read(*given_eval)
+    elif cfg.eval_split_size > 0:  # the rows every method holds out: a prompt goes where its first row goes
+        rows = ([r["row"] for r in prompts] if all(r["row"] is not None for r in prompts)
+                else range(len(prompts)))
+        held = hold_out(rows, cfg.eval_split_size, cfg.seed, source, unit="distinct prompts")
+        held_out = [r for r, h in zip(prompts, held) if h]
+        prompts = [r for r, h in zip(prompts, held) if not h]
     return prompts, held_out, fingerprints
 
 
@@ -303,9 +301,7 @@ class RoundsRun:
     generated_tokens: int = 0
 
     def sampling(self, n: int, seed: int) -> SamplingParams:
-        cfg = self.cfg
-        return SamplingParams(max_new_tokens=cfg.generation_budget, temperature=cfg.temperature, top_p=cfg.top_p,
-                              top_k=cfg.top_k, n=n, seed=seed, batch_size=max(64, n))
+        return SamplingParams.from_config(self.cfg, n=n, seed=seed)
 
     def autocast(self):
         if self.cfg.bf16 or self.cfg.fp16:
@@ -315,19 +311,6 @@ class RoundsRun:
     def model_of(self, k: int) -> Path:
         """The folder of round k's model (merged under LoRA: the next round's adapters start from it)."""
         return round_dir(self.out, k) / ("final-merged" if self.cfg.use_peft else "final")
-
-
-def _load_judge(trainer, cfg: TrainConfig, device):
-    judge = trainer.judge
-    if judge is None:
-        if not cfg.judge:
-            raise ConfigError(f"{cfg.methods[0]} judges the completions it samples every round: set judge to a "
-                              "reward-model folder, 'module:function' or 'gold' (the demo world), or pass judge= "
-                              "to the trainer")
-        return load_judge(cfg.judge, device=device)
-    if not hasattr(judge, "score") and not isinstance(judge, PairwiseJudge):
-        return CallableJudge(judge)  # a plain function of (prompts, completions)
-    return judge
 
 
 def _open_folder(cfg: TrainConfig, state: PartialState, fingerprint: dict) -> tuple[Path, RunLock | None]:
@@ -366,11 +349,11 @@ def _read_pairs(path: Path) -> list[dict]:
 
 def train_rounds(trainer) -> Any:
     """Run the rounds of ``trainer``'s config (a :class:`preftune.training.loop.PreferenceTrainer` whose method
-    has ``rounds``); returns the last round's :class:`~preftune.training.loop.RunResult`, with the run's folder,
+    has ``rounds``); returns the last round's :class:`~preftune.training.rundir.RunResult`, with the run's folder,
     the last model, the total number of steps and the last round's metrics."""
-    from preftune.training.loop import PreferenceTrainer, RunResult, effective_config
 
     cfg, given = trainer.cfg, trainer.given
+    _settle_judge(trainer)
     state = PartialState()
     started = time.perf_counter()
     tokenizer = _load_tokenizer(cfg, given["tokenizer"], _builtin_rows_if_needed(cfg, given))
@@ -384,15 +367,7 @@ def train_rounds(trainer) -> Any:
             cfg.save(out / "config.yaml")
         record = {"run": fingerprint, "method": cfg.methods[0], "num_rounds": cfg.resolved_num_rounds,
                   "prompts": len(prompts), "held_out_prompts": len(held_out), "rounds": []}
-        initial_rollout = None
-        if held_out and state.is_main_process:  # evaluation: the main process only
-            params = run.sampling(1, cfg.seed + 2)
-            with run.autocast():
-                initial_rollout = generate(run.initial, tokenizer, [r["prompt"] for r in held_out], params,
-                                           prompt_ids=[r["prompt_ids"] for r in held_out])
-            record["initial_eval"] = (saved or {}).get("initial_eval") or evaluate_round(
-                run.initial, run.initial, tokenizer, held_out, run.judge, params, initial_rollout)
-            log.info("rounds: π_0 on %d held-out prompts: %s", len(held_out), _shown(record["initial_eval"]))
+        initial_rollout = _evaluate_initial(run, record, saved) if held_out and state.is_main_process else None
         if state.is_main_process:
             _write_json(out / STATE_FILE, record)
 
@@ -404,7 +379,7 @@ def train_rounds(trainer) -> Any:
                 done = json.loads(finished.read_text())
                 log.info("rounds: round %d is finished (%s); kept", k, finished)
             else:
-                done = _run_round(run, k, offset, initial_rollout, PreferenceTrainer)
+                done = _run_round(run, k, offset, initial_rollout, type(trainer))  # each round: a run of the driver
             record["rounds"].append(done)
             offset += done["training"]["global_step"]
             if state.is_main_process:
@@ -414,13 +389,7 @@ def train_rounds(trainer) -> Any:
                                record["rounds"][0]["training"].get("first_loss"))
         result.final_dir = _link_final(out, run.model_of(cfg.resolved_num_rounds), state)
         if state.is_main_process:
-            summary = {**record, "final_dir": str(result.final_dir), "global_step": offset,
-                       "train_runtime_s": round(time.perf_counter() - started, 3),
-                       "sampling": {"generation_s": round(run.seconds["generation"], 3),
-                                    "judging_s": round(run.seconds["judging"], 3),
-                                    "generated_tokens": run.generated_tokens}}
-            summary.pop("run")
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            _write_summary(run, record, result, time.perf_counter() - started)
             if cfg.push_to_hub:  # the last round's model, once
                 hub.push_final(cfg, result.final_dir)
         for callback in trainer.callbacks:  # once for the whole run, not once per round
@@ -430,6 +399,39 @@ def train_rounds(trainer) -> Any:
     finally:
         if lock is not None:
             lock.release()
+
+
+def _settle_judge(trainer) -> None:
+    """The run's judge, settled before anything loads as in every run that samples: the embedded world's gold
+    default recorded in the config (so config.yaml says what judged the run), one message when there is none."""
+    cfg, given = trainer.cfg, trainer.given
+    cfg.judge = default_judge(trainer.judge, cfg.judge,
+                              embedded_world=uses_embedded_world(cfg, given["model"], given["train_dataset"]))
+    check_judge(trainer.judge, cfg.judge, **judge_role(cfg))
+
+
+def _evaluate_initial(run: RoundsRun, record: dict, saved: dict | None) -> Rollout:
+    """π_0's sample of each held-out prompt (the baseline of every round's win rate) and, unless a resumed run
+    recorded it, π_0's evaluation into ``record`` (main process)."""
+    params = run.sampling(1, run.cfg.seed + 2)
+    prompts = run.held_out
+    with run.autocast():
+        rollout = generate(run.initial, run.tokenizer, [r["prompt"] for r in prompts], params,
+                           prompt_ids=[r["prompt_ids"] for r in prompts])
+    record["initial_eval"] = (saved or {}).get("initial_eval") or evaluate_round(
+        run.initial, run.initial, run.tokenizer, prompts, run.judge, params, rollout)
+    log.info("rounds: π_0 on %d held-out prompts: %s", len(prompts), _shown(record["initial_eval"]))
+    return rollout
+
+
+def _write_summary(run: RoundsRun, record: dict, result, seconds: float) -> None:
+    """``summary.json``: the run's record (without its fingerprint), where its model is, and where the time went."""
+    summary = {**record, "final_dir": str(result.final_dir), "global_step": result.global_step,
+               "train_runtime_s": round(seconds, 3),
+               "sampling": {"generation_s": round(run.seconds["generation"], 3),
+                            "judging_s": round(run.seconds["judging"], 3), "generated_tokens": run.generated_tokens}}
+    summary.pop("run")
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def _builtin_rows_if_needed(cfg: TrainConfig, given: dict) -> list[dict]:
@@ -457,7 +459,7 @@ def _prepare(trainer, cfg: TrainConfig, tokenizer, prompts, held_out, out: Path,
     elif trainer.given["ref_model"] is not None:
         raise ConfigError(f"{cfg.methods[0]}'s reference is the previous iterate"
                           f"{' (refresh_reference=true)' if cfg.refresh_reference else ''}; pass no ref_model")
-    judge = _load_judge(trainer, cfg, device)
+    judge = resolve_judge(trainer.judge, cfg.judge, **judge_role(cfg), device=device)
     return RoundsRun(cfg, spec, out, tokenizer, initial, reference, judge, prompts, held_out, device,
                      callbacks=list(trainer.callbacks))
 

@@ -32,10 +32,14 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+from preftune.config import TrainConfig
 from preftune.errors import PreftuneError, RunDirError
+from preftune.methods.registry import METHODS, get_method
 
 log = logging.getLogger("preftune")
 
@@ -349,3 +353,31 @@ def open_run_folder(cfg, accelerator, resume_from: Callable[[Path], Path | None]
 
     out, resume = on_main_process(accelerator, decide)
     return out, resume, held[0] if held else None
+
+
+@dataclass
+class RunResult:
+    """What a run leaves: its folder, ``final/`` (None when nothing was exported), the optimizer steps (updates)
+    taken, the last logged training and evaluation records, and the first micro-batch's loss."""
+
+    output_dir: Path
+    final_dir: Path | None
+    global_step: int
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    first_loss: float | None = None
+
+
+def effective_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as the run computes with it: each loss hyper-parameter of the run's methods left at None holds
+    the value used (the first method's registry default), so ``beta: null`` and ``beta: 0.1`` under DPO are the
+    same run; hyper-parameters of methods the run does not use are left out."""
+    values = cfg.to_dict()
+    used = {k for m in cfg.methods for k in get_method(m).hparams}
+    for unused in {k for m in METHODS.values() for k in m.hparams} - used:
+        values.pop(unused, None)
+    for name in cfg.methods:
+        for key, default in get_method(name).defaults.items():
+            if values.get(key) is None:
+                values[key] = default
+    return values

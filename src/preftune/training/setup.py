@@ -10,7 +10,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from preftune.config import TrainConfig, is_template_text, shown
+from preftune.config import TrainConfig, is_template_text
 from preftune.data import formats, tokenize
 from preftune.data.batching import PreferenceCollator
 from preftune.errors import ConfigError, DataError, ModelError
@@ -32,6 +32,7 @@ from preftune.methods.registry import get_method, run_data, run_extras
 from preftune.modeling import loading, reference
 from preftune.modeling.fused_mlp import fuse_gated_mlps
 from preftune.modeling.logprobs import (
+    MASK_IMPLEMENTATIONS,
     LogProbModel,
     attention_implementation,
     max_positions,
@@ -59,11 +60,6 @@ class RunInputs:
     data_reports: dict[str, str] = field(default_factory=dict)
     data_fingerprints: dict[str, str] = field(default_factory=dict)  # split → tokenized data fingerprint
     reference_label: str = "none"
-
-
-# Layouts other than plain padding pass a boolean [R, 1, L, L] mask, which these implementations take
-# (flex_attention as a BlockMask built from it, see preftune.modeling.logprobs.attention_mask_for).
-MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
 def make_collator(cfg: TrainConfig, tokenizer, model: nn.Module, sft: bool = False) -> PreferenceCollator:
@@ -136,6 +132,28 @@ def _same_path(a: str | None, b: str | None) -> bool:
     return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
+def hold_out(source_rows: Sequence[int], size: float, seed: int, source: str, unit: str = "rows") -> np.ndarray:
+    """Which rows ``eval_split_size`` holds out, as a boolean mask over ``source_rows`` (each row's number in its
+    file), for every method: of the n distinct numbers, the ``ceil(size · n)`` whose keys ``mix(number ⊕ mix(seed))``
+    (SplitMix64) are smallest. Whether a row is held out depends on its number, the seed and which rows are present,
+    never on their order; rows that share a number (a pair read as two KTO rows) stay on one side. So a prompt-only
+    file loses the same prompts to evaluation in GRPO, Online DPO and the rounds, and a preference file the same
+    pairs in every offline method that keeps the same rows. A split that would leave nothing to train on is a
+    :class:`DataError` naming ``source`` (``unit`` says what was counted)."""
+    numbers = np.asarray(source_rows, dtype=np.int64)
+    distinct = np.unique(numbers)
+    # Rounded up as datasets' train_test_split counts test_size, float noise aside (0.1 · 30 = 3.0000000000000004)
+    count = math.ceil(round(size * len(distinct), 9))
+    if count >= len(distinct):
+        raise formats.DataError(source, None, None, f"eval_split_size={size} of its {len(distinct)} {unit} (after "
+                                f"tokenization) holds out {count}, leaving none to train on; give more rows, a "
+                                "smaller eval_split_size, or an eval_dataset")
+    with np.errstate(over="ignore"):
+        salt = _mix(np.array([seed % 2**64], dtype=np.uint64))
+        keys = _mix(distinct.astype(np.uint64) ^ salt)
+    return np.isin(numbers, distinct[np.argsort(keys, kind="stable")[:count]])
+
+
 # The columns that make a tokenized example what it is (the KL columns of unpaired data are drawn, not given).
 _IDENTITY_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label")
 
@@ -187,30 +205,32 @@ def uses_embedded_model(cfg: TrainConfig, model) -> bool:
     return model is None and not cfg.model_name_or_path
 
 
-def check_model_path(key: str, path: str) -> None:
-    """Refuse a model path that is neither on disk nor a Hub name, naming its config key (transformers would
-    answer "Repo id must be in the form …", naming neither)."""
-    if Path(path).expanduser().exists():
-        return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+def uses_embedded_world(cfg: TrainConfig, model, train_dataset) -> bool:
+    """Neither model nor data given: the embedded tiny Llama on the built-in preferences, the demo world (judged by
+    its gold reward, :func:`preftune.rollout.judges.default_judge`)."""
+    return uses_embedded_model(cfg, model) and train_dataset is None and cfg.dataset is None
 
-    try:
-        validate_repo_id(path)
-        return
-    except HFValidationError:
-        pass
-    raise ModelError(f"{key} {shown(path)} is not a folder and not a Hub name (org/name): no such folder (relative "
-                     f"paths start at {Path.cwd()}); give a folder written by save_pretrained, or a Hub id such as "
-                     "'Qwen/Qwen2.5-0.5B'")
+
+def judge_role(cfg: TrainConfig) -> dict[str, str] | None:
+    """What the run asks of a judge, as :func:`preftune.rollout.judges.resolve_judge`'s keywords: ``who`` (the
+    method, for messages) and ``pairwise`` — a pairwise judge is kept by the rounds (they read its preferences), scores
+    the two samples of a prompt for Online DPO, and is refused by GRPO, RLOO and PPO (their advantages read one score
+    per completion). None when the run samples nothing (offline methods)."""
+    if cfg.rounds is None and not cfg.is_online:
+        return None
+    who = f"method {'+'.join(cfg.methods)}" + (" with online=true" if cfg.online else "")
+    if cfg.rounds is not None:
+        return {"who": who, "pairwise": "keep"}
+    return {"who": who, "pairwise": "pairs" if run_data(cfg.methods) == "paired" else "refuse"}
 
 
 def _load_tokenizer(cfg: TrainConfig, tokenizer, builtin_rows):
     if tokenizer is None:
         if cfg.tokenizer_name_or_path or cfg.model_name_or_path:
             if cfg.model_name_or_path:  # the model's path first: a missing model is the first thing to fix
-                check_model_path("model_name_or_path", cfg.model_name_or_path)
+                loading.check_model_path("model_name_or_path", cfg.model_name_or_path)
             if cfg.tokenizer_name_or_path:
-                check_model_path("tokenizer_name_or_path", cfg.tokenizer_name_or_path)
+                loading.check_model_path("tokenizer_name_or_path", cfg.tokenizer_name_or_path)
             tokenizer = loading.load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
                                                cfg.trust_remote_code)
         else:
@@ -247,7 +267,7 @@ def _load_model(cfg: TrainConfig, model, tokenizer, reward: bool):
         log.info("no model_name_or_path: using the embedded tiny Llama with random weights")
         model = default_model(tokenizer, seed=cfg.seed)
     elif model is None:
-        check_model_path("model_name_or_path", cfg.model_name_or_path)
+        loading.check_model_path("model_name_or_path", cfg.model_name_or_path)
         model = (loading.load_reward_model if reward else loading.load_causal_lm)(cfg.model_name_or_path, cfg)
     if reward and not hasattr(model, "score"):
         log.info("reward modelling: the causal LM's body gets a new one-output score head")
@@ -333,6 +353,49 @@ def attach_extras(tokenized: datasets.Dataset, raw: datasets.Dataset, names: tup
     return tokenized
 
 
+def data_sources(cfg: TrainConfig, train_dataset=None, eval_dataset=None
+                 ) -> tuple[tuple[datasets.Dataset, str], tuple[datasets.Dataset, str] | None]:
+    """The run's rows and the name its messages give them, for every method (the rounds read their prompts here
+    too): ``train_dataset`` (its ``dataset_split`` of a ``DatasetDict``), else ``dataset``, else the built-in
+    preferences; and the evaluation rows, ``eval_dataset`` (given, or the config's; a given ``DatasetDict``'s
+    ``eval_split`` when neither names one), or None."""
+    if isinstance(train_dataset, datasets.DatasetDict) and eval_dataset is None and cfg.eval_dataset is None:
+        eval_dataset = train_dataset.get(cfg.eval_split)  # its eval split, as the Hub's train/test layout suggests
+    if train_dataset is not None:
+        train = _as_dataset(train_dataset, cfg.dataset_split), "train_dataset"
+    elif cfg.dataset is not None:
+        train = load_train_rows(cfg), cfg.dataset
+    else:
+        from preftune.data.builtin import builtin_preferences
+
+        train = datasets.Dataset.from_list(builtin_preferences()), "built-in preferences"
+    if eval_dataset is None and cfg.eval_dataset is None:
+        return train, None
+    given = eval_dataset is not None
+    rows = _as_dataset(eval_dataset, cfg.eval_split, "eval_dataset") if given else load_eval_rows(cfg)
+    return train, (rows, str(cfg.eval_dataset or "eval_dataset"))
+
+
+def _split_off_evaluation(cfg: TrainConfig, train: datasets.Dataset, source: str
+                          ) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The tokenized rows without, and with only, the rows :func:`hold_out` holds out (each side in file order)."""
+    rows = (train.with_format("numpy")[formats.SOURCE_ROW] if formats.SOURCE_ROW in train.column_names
+            else range(len(train)))
+    held = hold_out(rows, cfg.eval_split_size, cfg.seed, source)
+    return train.select(np.flatnonzero(~held)), train.select(np.flatnonzero(held))
+
+
+def _report_overlap(train: datasets.Dataset, evaluation: datasets.Dataset, reports: dict[str, str]) -> None:
+    """Count evaluation examples that are training examples: their metrics measure memorisation, not
+    generalisation (the log warns, the summary and the model card say how many)."""
+    overlap = count_overlap(train, evaluation)
+    if overlap:
+        reports["eval/overlap"] = (f"{overlap} of the {len(evaluation)} evaluation examples are also training "
+                                   "examples (the same tokens)")
+        log.warning("%s: the evaluation metrics partly measure the fit to training rows; for held-out metrics "
+                    "give rows the run does not train on (eval_dataset, or eval_split_size)", reports["eval/overlap"])
+
+
 def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_model=None, tokenizer=None,
                    train_dataset=None, eval_dataset=None) -> RunInputs:
     """Tokenizer → data (read, validated, tokenized: a bad file fails before any model loads) → model → layout →
@@ -348,38 +411,14 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
 
     kind = run_data(cfg.methods)
     reports: dict[str, str] = {}
-    if isinstance(train_dataset, datasets.DatasetDict) and eval_dataset is None and cfg.eval_dataset is None:
-        eval_dataset = train_dataset.get(cfg.eval_split)  # its eval split, as the Hub's train/test layout suggests
-    if train_dataset is not None:
-        train_rows, train_source = _as_dataset(train_dataset, cfg.dataset_split), "train_dataset"
-    elif cfg.dataset is not None:
-        train_rows, train_source = load_train_rows(cfg), cfg.dataset
-    else:
-        train_rows, train_source = datasets.Dataset.from_list(builtin_rows), "built-in preferences"
+    (train_rows, train_source), given_eval = data_sources(cfg, train_dataset, eval_dataset)
     with accelerator.main_process_first():  # one process tokenizes and fills the cache, the others read it
         train = _prepare_split(cfg, train_rows, train_source, tokenizer, kind, reports, "train")
-        evaluation = None
-        if eval_dataset is not None or cfg.eval_dataset is not None:
-            eval_rows = (_as_dataset(eval_dataset, cfg.eval_split, "eval_dataset") if eval_dataset is not None
-                         else load_eval_rows(cfg))
-            evaluation = _prepare_split(cfg, eval_rows, str(cfg.eval_dataset or "eval_dataset"), tokenizer,
-                                        kind, reports, "eval")
+        evaluation = None if given_eval is None else _prepare_split(cfg, *given_eval, tokenizer, kind, reports, "eval")
     if evaluation is None and cfg.eval_split_size > 0:
-        held_out = math.ceil(cfg.eval_split_size * len(train))  # as train_test_split rounds it
-        if held_out >= len(train):
-            raise formats.DataError(train_source, None, None, f"eval_split_size={cfg.eval_split_size} of its "
-                                    f"{len(train)} rows (after tokenization) holds out {held_out}, leaving none to "
-                                    "train on; give more rows, a smaller eval_split_size, or an eval_dataset")
-        split = train.train_test_split(test_size=cfg.eval_split_size, seed=cfg.seed)
-        train, evaluation = split["train"], split["test"]
+        train, evaluation = _split_off_evaluation(cfg, train, train_source)
     if evaluation is not None:
-        overlap = count_overlap(train, evaluation)
-        if overlap:  # evaluation metrics on training rows measure memorisation, not generalisation
-            reports["eval/overlap"] = (f"{overlap} of the {len(evaluation)} evaluation examples are also training "
-                                       "examples (the same tokens)")
-            log.warning("%s: the evaluation metrics partly measure the fit to training rows; for held-out metrics "
-                        "give rows the run does not train on (eval_dataset, or eval_split_size)",
-                        reports["eval/overlap"])
+        _report_overlap(train, evaluation, reports)
     data_fingerprints = {"train": train._fingerprint} | ({"eval": evaluation._fingerprint} if evaluation else {})
 
     model = _load_model(cfg, model, tokenizer, reward)
@@ -402,7 +441,7 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
     strategy = choose_reference(cfg, model, ref_model)
     cfg.precompute_ref_log_probs = strategy.kind == "precompute"
     if strategy.source_model is not None and strategy.source_model is not model:
-        check_same_vocabulary(model, strategy.source_model)
+        loading.check_same_vocabulary(model, strategy.source_model)
     if strategy.kind == "precompute":
         live = _ReadOnlyReference(LogProbModel(strategy.source_model, cfg.logprob_chunk_size), accelerator,
                                   adapters_off=strategy.label == "adapters off")
@@ -431,23 +470,11 @@ def check_fsdp(cfg: TrainConfig, accelerator: Accelerator) -> None:
                           "DDP (examples/accelerate/ddp.yaml), or without quantization under FSDP")
 
 
-def _vocabulary_size(model: nn.Module) -> int:
-    return unwrap_causal_lm(model).get_input_embeddings().weight.shape[0]
-
-
-def check_same_vocabulary(policy: nn.Module, ref: nn.Module) -> None:
-    """A reference over another vocabulary scores other tokens (or indexes out of range): refuse it up front."""
-    if _vocabulary_size(policy) != _vocabulary_size(ref):
-        raise ModelError(f"the reference model's vocabulary has {_vocabulary_size(ref)} entries, the policy's "
-                         f"{_vocabulary_size(policy)}: log-ratios need the same tokenizer and vocabulary; use a "
-                         "reference trained with the policy's tokenizer")
-
-
 def check_model_fits(model: nn.Module, tokenizer, splits: list[tuple[str, datasets.Dataset]],
                      budget: int = 0) -> None:
     """Fail before step 0, not with an index error inside the model: every token id must have an embedding, and
     every row must fit the model's positions (the prompt plus its longest completion; branches restart there)."""
-    vocabulary = _vocabulary_size(model)
+    vocabulary = loading.vocabulary_size(model)
     if len(tokenizer) > vocabulary:
         raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {vocabulary}; use the "
                          "model's own tokenizer (or resize its embeddings before training)")
@@ -533,7 +560,7 @@ def choose_reference(cfg: TrainConfig, model: nn.Module, ref_model: nn.Module | 
     if not any(needs_reference(get_method(m), cfg) for m in cfg.methods):
         return ReferencePlan("none", None, chunk, "none")
     if ref_model is None and cfg.ref_model_name_or_path:
-        check_model_path("ref_model_name_or_path", cfg.ref_model_name_or_path)
+        loading.check_model_path("ref_model_name_or_path", cfg.ref_model_name_or_path)
         ref_model = loading.load_causal_lm(cfg.ref_model_name_or_path, cfg)
     precompute = cfg.precompute_ref_log_probs
     if precompute is None:  # online methods score completions that do not exist before training

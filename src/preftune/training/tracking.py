@@ -16,6 +16,8 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
+from preftune.metric_names import STEP
+
 
 class MetricWindow:
     """Sums and counts since the last log; ``values()`` averages them over all processes."""
@@ -78,7 +80,7 @@ class MetricsLog:
         if not self.accelerator.is_main_process or not self.path.exists():
             return 0
         lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        kept = [line for line in lines if json.loads(line).get(STEP, 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -95,7 +97,7 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
-                             step=record.get("step"))
+                             step=record.get(STEP))
         if self.accelerator.is_main_process:
             for listener in self.listeners:
                 listener.on_log(dict(record))
