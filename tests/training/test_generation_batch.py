@@ -246,3 +246,51 @@ def test_a_resume_at_a_generation_boundary_is_exact_and_inside_one_samples_it_ag
     assert sampled(whole) == [1, 5]  # one generation batch per 4 updates
     assert sampled(inside) == [3, 5]  # the interrupted generation batch sampled again for its updates 3 and 4
     assert inside.global_step == 8
+
+
+def test_every_step_of_a_ragged_generation_batch_weighs_the_same(tmp_path, tok):
+    """A generation batch of 3 micro-batches with 2 per optimizer step (the epoch's last, short one): the first
+    step's two micro-batches normalise by 2/3 of the batch's tokens between them, the second step's one by 1/3 —
+    each step's loss is a mean over its share of the tokens, not a third or two thirds of one."""
+    keys = dict(method="grpo", output_dir=str(tmp_path / "run"), num_generations=4, per_device_train_batch_size=1,
+                gradient_accumulation_steps=2, steps_per_generation=4, max_completion_length=6, seed=0, bf16=False)
+    trainer = PreferenceTrainer(build_config(keys), model=build_tiny_model(tok, seed=2), tokenizer=tok,
+                                train_dataset=PROMPTS, judge=lambda p, c: [float(len(x) % 7) for x in c])
+    trainer._prepare()
+    rows = [{"prompt": r["prompt"], "prompt_ids": tok(r["prompt"])["input_ids"], "source_row": i}
+            for i, r in enumerate(ROWS[:3])]
+    with torch.no_grad():
+        batches, pulled = trainer.algorithm.generation_batch(iter([[r] for r in rows]), 0, MetricWindow())
+    tokens = sum(float(b["seq_tokens"].sum()) for b in batches)
+    assert pulled == 3 and len(batches) == 3
+    # Σ over a step's micro-batches of (its tokens / its normaliser) / k = the step's tokens / (its share of them)
+    assert [float(b["loss_num_tokens"]) for b in batches] == pytest.approx([tokens / 3, tokens / 3, tokens / 6])
+    assert [float(b["loss_num_sequences"]) for b in batches] == pytest.approx([12 / 3, 12 / 3, 12 / 6])
+
+
+def test_tr_dpo_moves_an_online_methods_reference(tmp_path, tok):
+    """sync_ref_model with GRPO: after step 1 the reference becomes the policy (α = 1), so step 2 starts at KL 0;
+    without it, step 2's KL to the initial reference is positive."""
+    def kl_at_step_2(name, **keys):
+        config = dict(method="grpo", output_dir=str(tmp_path / name), cache_dir=str(tmp_path / "cache"), beta=0.04,
+                      num_generations=4, per_device_train_batch_size=2, max_completion_length=6, learning_rate=0.02,
+                      logging_steps=1, disable_tqdm=True, bf16=False, seed=0, max_steps=2) | keys
+        result = PreferenceTrainer(build_config(config), model=build_tiny_model(tok, seed=0), tokenizer=tok,
+                                   train_dataset=PROMPTS, judge=lambda p, c: [float(len(x) % 7) for x in c]).train()
+        return [r["kl"] for r in _records(result) if r.get("step") == 2 and "kl" in r][0]
+
+    assert kl_at_step_2("synced", sync_ref_model=True, ref_model_sync_steps=1,
+                        ref_model_mixup_alpha=1.0) == pytest.approx(0.0, abs=1e-7)
+    assert kl_at_step_2("fixed") > 1e-5
+
+
+def test_dynamic_sampling_under_max_steps_goes_on_into_the_next_epoch(files):
+    """8 prompts, 2 per update: the schedule counts 4 updates an epoch, but top-ups read more prompts per update;
+    the run still takes its max_steps, in further epochs."""
+    few = files / "few.jsonl"
+    few.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:8]))
+    records, summary = _run(files, "epochs", dataset=few, judge=f"{files / 'judges.py'}:only_questions",
+                            dynamic_sampling="true", max_num_gen_batches=2, max_steps=4, steps_per_generation=1)
+    assert summary["global_step"] == 4
+    assert summary["online"]["dynamic_sampling"]["generation_batches"] > 4  # top-ups happened
+    assert max(r["epoch"] for r in records if "loss" in r) > 1  # past the first epoch

@@ -52,3 +52,14 @@ def test_methods_that_read_a_score_per_completion_refuse_a_pairwise_judge(tmp_pa
                                           "completion"):
         PreferenceTrainer(config(tmp_path, method), train_dataset=PROMPTS, judge=LongerWins())
     assert not (tmp_path / method).exists()  # refused before anything loads
+
+
+def test_online_dpo_with_a_pairwise_judge_refuses_held_out_evaluation_before_training(tmp_path):
+    """Held-out evaluation judges one sample of a prompt alone, which a pairwise judge cannot score: refused when the
+    run is prepared, not at its first evaluation."""
+    tok = default_tokenizer(ROWS)
+    trainer = PreferenceTrainer(config(tmp_path, "online_dpo", eval_split_size=0.25), model=build_tiny_model(tok),
+                                tokenizer=tok, train_dataset=PROMPTS, judge=LongerWins())
+    with pytest.raises(ConfigError, match="is pairwise, and held-out evaluation judges one sample"):
+        trainer.train()
+    assert not (tmp_path / "online_dpo" / "metrics.jsonl").exists()

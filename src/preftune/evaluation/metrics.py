@@ -1,6 +1,7 @@
 """Evaluation of a policy against its reference: reward, KL, win rate, length, EOS rate, implicit-reward accuracy.
 
-The KL is the x-axis of the DPO paper's Fig. 2 (Rafailov et al. 2023, arXiv 2305.18290, §6.1): the
+The KL (:func:`preftune.rollout.kl.sequence_kl`, the one estimator of every report's ``kl`` of samples) is the
+x-axis of the DPO paper's Fig. 2 (Rafailov et al. 2023, arXiv 2305.18290, §6.1): the
 sequence-level KL(π‖π_ref) on the policy's own samples, Σ_t KL(π(·|x, y<t) ‖ π_ref(·|x, y<t)) with the exact
 per-token KL over the whole vocabulary, summed over the completion's tokens (the EOS step included when the
 sample produced one). Its average over y ~ π estimates the true KL(π(·|x) ‖ π_ref(·|x)) with lower variance
@@ -12,68 +13,17 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping, Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from preftune.data.batching import pad_sequences
 from preftune.errors import ModelError
 from preftune.evaluation.table import format_table  # noqa: F401  (evaluation/commands.py imports it from here)
 from preftune.metric_names import EOS_RATE, KL, LENGTH, REFERENCE_REWARD, REWARD, REWARD_STD, WIN_RATE
-from preftune.modeling.lm_head import head_logits
-from preftune.modeling.logprobs import flat_hidden_states, max_positions, unwrap_causal_lm
-from preftune.modeling.modes import eval_mode
-from preftune.rollout.encoding import Prompt, length_sorted_batches
+from preftune.modeling.logprobs import max_positions
+from preftune.rollout.encoding import Prompt
 from preftune.rollout.judges import Judge, compare, judge_scores
+from preftune.rollout.kl import sequence_kl
 from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate
-
-# ------------------------------------------------------------------------------------ sequence KL
-
-
-def _completion_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Hidden states ``[M, H]`` at the M positions that predict a completion token (``batch["score_index"]``)."""
-    lm = unwrap_causal_lm(model)
-    device = next(lm.parameters()).device
-    hidden = flat_hidden_states(lm, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                batch["position_ids"].to(device), lm.get_output_embeddings().weight.dtype)
-    return hidden[batch["score_index"].to(device)]
-
-
-def _log_softmax_head(model: nn.Module, hidden: Tensor) -> Tensor:
-    """``log π(·|context)`` ``[k, V]`` from hidden states ``[k, H]``, in fp32 (fp64 for fp64 models)."""
-    lm = unwrap_causal_lm(model)
-    head = lm.get_output_embeddings()
-    return head_logits(hidden, head.weight, getattr(head, "bias", None),
-                       getattr(lm.config, "final_logit_softcapping", None)).log_softmax(-1)
-
-
-@torch.no_grad()
-def sequence_kl(
-    policy: nn.Module, reference: nn.Module, rollout: Rollout, *, batch_size: int = 32, chunk_size: int = 1024
-) -> Tensor:
-    """Sequence-level KL(π‖π_ref) of each sample, fp32 ``[N]``: Σ_t Σ_v π_t(v) (log π_t(v) − log π_ref,t(v)).
-
-    ``t`` runs over the completion's tokens (``rollout.completion_ids``, EOS step included). The model
-    bodies run once per length-sorted batch; only the completion positions are projected to the
-    vocabulary, ``chunk_size`` at a time, so ``[batch, seq, vocab]`` logits never exist. Sequences are
-    laid out by :func:`preftune.data.batching.pad_sequences` (right padding, explicit positions).
-    """
-    out = torch.zeros(len(rollout))
-    prompt_ids = rollout.sample_prompt_ids
-    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, rollout.completion_ids)]
-    with eval_mode(policy, reference):
-        for idx in length_sorted_batches(lengths, batch_size):
-            batch = pad_sequences([prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx], pad_id=0)
-            h_policy, h_reference = _completion_hidden(policy, batch), _completion_hidden(reference, batch)
-            per_token = []
-            for start in range(0, h_policy.shape[0], chunk_size):
-                logp = _log_softmax_head(policy, h_policy[start : start + chunk_size])
-                logq = _log_softmax_head(reference, h_reference[start : start + chunk_size]).to(logp.device)
-                per_token.append((logp.exp() * (logp - logq)).sum(-1))
-            kl = torch.cat(per_token).float().cpu()
-            out[idx] = torch.zeros(len(idx)).index_add(0, batch["score_seq"], kl)
-    return out
-
 
 # ------------------------------------------------------------------------------------ policy evaluation
 

@@ -11,10 +11,13 @@ checkpoint cadence, the optimizer step and the end of a run. An algorithm owns o
   consumed;
 * ``update(work, step, window)`` → :class:`Update`: one update, calling ``step`` (the driver's optimizer step)
   once or more; per-example metrics go into ``window``;
-* ``after_step(step)``: once the update is taken and counted (TR-DPO moves its reference);
 * ``evaluate(rows, window, step)``: held-out metrics of one batch of evaluation rows;
-* ``state()`` / ``load_state(state)``: what the algorithm adds to a checkpoint (JSON), ``moving_reference`` a
-  module saved beside it (TR-DPO), ``summary()`` its entries of ``summary.json``, ``memory()`` its memory report.
+* ``state()`` / ``load_state(state)``: what the algorithm adds to a checkpoint (JSON; read after each update,
+  before the next ``work`` item is drawn), ``summary()`` its entries of ``summary.json``, ``memory()`` its memory
+  report, ``describe()`` its lines of the run's opening log.
+
+``updates_per_epoch`` sizes the schedule; ``work`` may give fewer updates (DAPO's dynamic sampling reads more prompts
+per update): under ``max_steps`` the driver goes on into further epochs until the run's length.
 
 The registry's ``algorithm`` names which one a method uses (:data:`preftune.training.loop.ALGORITHMS`).
 """
@@ -75,6 +78,11 @@ class Work:
     consumed: int
     rows: list[int] = field(default_factory=list)
     step: int = 0  # the global step this update will be (set by the driver)
+    read: int | None = None  # loader batches of the epoch read so far, when more than ``consumed`` (the log's epoch)
+
+    @property
+    def progress(self) -> int:
+        return self.consumed if self.read is None else self.read
 
 
 @dataclass
@@ -89,7 +97,9 @@ class Update:
 
 
 # The driver's optimizer step: the micro-batches of one step, the function giving each one's loss (what goes to
-# backward), and the source rows (for the error that names them). Returns the first micro-batch's loss.
+# backward, which divides it by gradient_accumulation_steps however many micro-batches the step has: an algorithm
+# with steps of another size weighs its losses itself, as PPO does), and the source rows (for the error that names
+# them). Returns the first micro-batch's loss.
 OptimizerStep = Callable[[Sequence[Any], Callable[[Any], Tensor], list[int]], float]
 
 
@@ -101,13 +111,9 @@ class Algorithm(Protocol):
     def start(self, session: Session) -> None: ...
     def work(self, epoch: int, skip: int, window: MetricWindow) -> Iterator[Work]: ...
     def update(self, work: Work, step: OptimizerStep, window: MetricWindow) -> Update: ...
-    def after_step(self, step: int) -> None: ...
     def evaluate(self, rows: list[dict], window: MetricWindow, step: int) -> None: ...
     def state(self) -> dict[str, Any]: ...
     def load_state(self, state: dict[str, Any]) -> None: ...
     def summary(self) -> dict[str, Any]: ...
     def memory(self) -> dict: ...
     def describe(self) -> list[str]: ...
-
-    @property
-    def moving_reference(self) -> nn.Module | None: ...

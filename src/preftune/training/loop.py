@@ -177,10 +177,14 @@ class PreferenceTrainer:
         inputs = prepare_inputs(cfg, acc, **self.given)
         parts = self.algorithm.prepare(inputs, acc)
         optimizer = build_optimizer(cfg, parts.model)
-        policy, optimizer, loader = acc.prepare(parts.model, optimizer, parts.loader)
-        total_steps, num_epochs = self._schedule_length(self.algorithm.updates_per_epoch(len(loader)))
+        # Each process's share of the loader, as Accelerate shards it (whole batches: a last short one is kept unless
+        # the loader drops it), so that the schedule is built before and prepared with the rest (DeepSpeed needs that).
+        batches = len(parts.loader)
+        per_process = batches // acc.num_processes if parts.loader.drop_last else math.ceil(batches / acc.num_processes)
+        total_steps, num_epochs = self._schedule_length(self.algorithm.updates_per_epoch(per_process))
         # The schedule steps once per update (for PPO an update is a rollout and all its optimizer steps, as in TRL).
-        scheduler = acc.prepare(make_scheduler(cfg, optimizer.optimizer, total_steps, acc.num_processes))
+        scheduler = make_scheduler(cfg, optimizer, total_steps, acc.num_processes)
+        policy, optimizer, loader, scheduler = acc.prepare(parts.model, optimizer, parts.loader, scheduler)
         self.session = Session(inputs, policy, optimizer, scheduler, loader, inputs.make_reference(policy, acc),
                                total_steps, num_epochs, acc)
         self.algorithm.start(self.session)
@@ -242,10 +246,12 @@ class PreferenceTrainer:
                                         desc="+".join(self.cfg.methods), dynamic_ncols=True,
                                         disable=not self.accelerator.is_local_main_process or self.cfg.disable_tqdm))
         session.policy.train()
-        step, started, last = state["global_step"], time.perf_counter(), state["global_step"] >= session.total_steps
+        step, started, epoch, last = state["global_step"], time.perf_counter(), state["epoch"], False
         optimizer_step = functools.partial(self._optimizer_step, window)
-        for epoch in range(state["epoch"], session.num_epochs):
-            skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
+        # Epochs until the run's length: under max_steps past the estimate too (dynamic sampling draws more prompts
+        # per update than updates_per_epoch counts), while an epoch still gives work.
+        while not last and step < session.total_steps and (epoch < session.num_epochs or self.cfg.max_steps > 0):
+            skip, before = state["batches_in_epoch"] if epoch == state["epoch"] else 0, step
             for work in algorithm.work(epoch, skip, window):
                 work.step, self._where = step + 1, (step + 1, epoch)
                 update = algorithm.update(work, optimizer_step, window)
@@ -253,12 +259,13 @@ class PreferenceTrainer:
                 step += 1
                 state = {"global_step": step, "epoch": epoch, "batches_in_epoch": work.consumed, "run": fingerprint,
                          **algorithm.state()}
-                last = self._after_update(session, update, state, epoch + work.consumed / len(session.loader), window,
-                                          result, metrics_log)
+                last = self._after_update(session, update, state, epoch + work.progress / len(session.loader),
+                                          window, result, metrics_log)  # the run's length, or a callback's stop
                 if last:
                     break
-            if last:
+            if step == before:
                 break
+            epoch += 1
         self._progress.bar.close()
         return self._finish(session, out, step, state, result, time.perf_counter() - started, metrics_log)
 
@@ -270,7 +277,7 @@ class PreferenceTrainer:
         state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
         if resume is not None:
             checkpoint.check_same_run(resume, checkpoint.read_state(resume), fingerprint)
-            state = checkpoint.load_checkpoint(acc, resume, self.algorithm.moving_reference)
+            state = checkpoint.load_checkpoint(acc, resume, self._moving_reference())
             self.algorithm.load_state(state)
             log.info("resumed from %s at step %d", resume, state["global_step"])
         elif acc.is_main_process:  # a resumed run keeps the config.yaml it started with
@@ -295,10 +302,13 @@ class PreferenceTrainer:
         first = None
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
+            # What Accelerate's accumulate() sets: DeepSpeed's engine reads it as the accumulation boundary.
+            acc.gradient_state._set_sync_gradients(last)
             with contextlib.nullcontext() if last else acc.no_sync(policy):
                 try:
                     loss = loss_of(batch)
                 except NonFiniteLoss as err:
+                    acc.gradient_state._set_sync_gradients(True)
                     raise self._stopped(rows, f"the loss is not finite ({err})") from None
                 acc.backward(loss)
             first = loss.item() if first is None else first
@@ -319,7 +329,9 @@ class PreferenceTrainer:
         if result.first_loss is None:
             result.first_loss = update.first_loss
         progress.count(update)
-        self.algorithm.after_step(step)
+        if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
+            # TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656): π_ref ← α·π + (1−α)·π_ref, for any method
+            session.reference.sync(session.model, cfg.ref_model_mixup_alpha)
         self._run_callbacks(step, session.model, metrics_log)
         last = step >= session.total_steps or self._stop_requested()
         if step % cfg.logging_steps == 0 or last:
@@ -334,7 +346,7 @@ class PreferenceTrainer:
         last = last or self._stop_requested()  # asked in on_log or on_evaluate (transformers' EarlyStoppingCallback)
         if cfg.save_steps and step % cfg.save_steps == 0 and not last:
             checkpoint.save_checkpoint(self.accelerator, Path(result.output_dir), step, state, cfg.save_total_limit,
-                                       self.algorithm.moving_reference)
+                                       self._moving_reference())
         return last  # then the end of a run (eval, final/)
 
     def _finish(self, session: Session, out: Path, step: int, state: dict, result: RunResult, train_seconds: float,
@@ -348,7 +360,7 @@ class PreferenceTrainer:
         check_finite_weights(acc.unwrap_model(session.policy), step)
         if cfg.save_steps:
             checkpoint.save_checkpoint(acc, out, step, {**state, "epoch": session.num_epochs, "batches_in_epoch": 0},
-                                       cfg.save_total_limit, self.algorithm.moving_reference)
+                                       cfg.save_total_limit, self._moving_reference())
         result.global_step = self.global_step = step
         summary = {"global_step": step, "train_runtime_s": round(train_seconds, 3),
                    "first_loss": result.first_loss, "train": result.train_metrics,
@@ -379,6 +391,10 @@ class PreferenceTrainer:
         if cfg.is_online:
             cfg.judge = default_judge(judge, cfg.judge, embedded_world=uses_embedded_world(cfg, model, train_dataset))
             check_judge(judge, cfg.judge, **judge_role(cfg))
+
+    def _moving_reference(self) -> nn.Module | None:
+        """TR-DPO's reference moves with the policy: its weights are part of a checkpoint."""
+        return self.session.reference.module if self.cfg.sync_ref_model else None
 
     def _stopped(self, rows: list[int], what: str) -> TrainingError:
         """The report of a run stopped by a non-finite value: where, on which rows, and what to try."""

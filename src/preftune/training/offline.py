@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from accelerate import Accelerator
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from preftune.config import TrainConfig
@@ -92,18 +92,6 @@ class Offline:
         session = self.session
         batch = {k: v.to(session.accelerator.device) for k, v in session.inputs.collator(rows).items()}
         batch_loss(session.policy, session.reference, batch, self.spec, window)
-
-    @property
-    def moving_reference(self) -> nn.Module | None:
-        """TR-DPO's reference moves with the policy: its weights are part of a checkpoint."""
-        return self.session.reference.module if self.cfg.sync_ref_model else None
-
-    def after_step(self, step: int) -> None:
-        """TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656): every ``ref_model_sync_steps`` the reference moves
-        towards the policy, π_ref ← α·π + (1−α)·π_ref."""
-        cfg = self.cfg
-        if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
-            self.session.reference.sync(self.session.model, cfg.ref_model_mixup_alpha)
 
     def state(self) -> dict[str, Any]:
         return {}

@@ -63,7 +63,7 @@ from preftune.errors import ConfigError
 from preftune.methods import rl
 from preftune.methods.registry import get_method
 from preftune.modeling.logprobs import LogProbModel, model_inputs
-from preftune.rollout.judges import Judge, judge_scores, resolve_judge
+from preftune.rollout.judges import Judge, PairPreferenceJudge, judge_scores, resolve_judge
 from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate
 from preftune.training import memory
@@ -170,7 +170,10 @@ class Online:
 
     def prepare(self, inputs: RunInputs, accelerator: Accelerator) -> Parts:
         cfg = self.cfg
-        self.load_judge(accelerator)
+        if isinstance(self.load_judge(accelerator), PairPreferenceJudge) and inputs.eval is not None:
+            raise ConfigError(f"judge {self.judge.name!r} is pairwise, and held-out evaluation judges one sample of "
+                              "each held-out prompt alone: set eval_split_size to 0 and leave out eval_dataset, or "
+                              "give a scalar judge")
         if cfg.generation_batch_size is not None:
             self.steps_per_generation = _steps_per_generation(cfg, accelerator.num_processes)
         prompts = DataLoader(inputs.train, batch_size=cfg.per_device_train_batch_size, shuffle=True, collate_fn=list)
@@ -203,7 +206,8 @@ class Online:
             for index in range(offset, len(steps)):
                 self.done_in_generation = (index + 1) % len(steps)
                 # A checkpoint inside the generation batch resumes from its start (and skips the updates done).
-                yield Work(steps[index], start if self.done_in_generation else consumed, _rows(steps[index]))
+                yield Work(steps[index], start if self.done_in_generation else consumed, _rows(steps[index]),
+                           read=consumed)
 
     def update(self, work: Work, step: OptimizerStep, window: MetricWindow) -> Update:
         session = self.session
@@ -219,18 +223,11 @@ class Online:
         params = self.sampler.sampling(None, n=1, prompt_seeds=self.sampler.prompt_seeds(rows, "eval", step))
         log_samples(window, self.sampler.rollout(rows, self.session.model, params))
 
-    def after_step(self, step: int) -> None:
-        pass
-
     def state(self) -> dict[str, Any]:
         return {"generation_offset": self.done_in_generation}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.resume_offset = state.get("generation_offset", 0)
-
-    @property
-    def moving_reference(self) -> nn.Module | None:
-        return None
 
     def summary(self) -> dict[str, Any]:
         extra = {"dynamic_sampling": dict(self.dynamic)} if self.cfg.dynamic_sampling else {}
@@ -245,7 +242,8 @@ class Online:
         return [f"online: {self.sampler.group_size} completion(s) of each of {cfg.per_device_train_batch_size} "
                 f"prompts per micro-batch | generation batch: {self.steps_per_generation} micro-batch(es) per "
                 f"process, {cfg.num_iterations} pass(es) | judge: {self.judge.name}"
-                + (f" | dynamic sampling (at most {cfg.max_num_gen_batches or 'any'} generation batches)"
+                + (f" | dynamic sampling (at most {cfg.max_num_gen_batches or 'any'} generation batches; the "
+                   "schedule counts none of the top-ups, so an epoch may give fewer updates)"
                    if cfg.dynamic_sampling else "")]
 
     # ---- rollout → judge → experience --------------------------------------------------------------------
@@ -268,8 +266,7 @@ class Online:
             end = start + len(part)
             micro_batches.append(self._micro_batch(out.select(range(start, end)), rows[start:end], window))
             start = end
-        steps = math.ceil(len(parts) / self.cfg.gradient_accumulation_steps)
-        return self._with_experience(micro_batches, steps), pulled
+        return self._with_experience(micro_batches), pulled
 
     def _rollout(self, rows: list[dict], epoch: int, window: MetricWindow) -> Rollout:
         params = self.sampler.sampling(None, prompt_seeds=self.sampler.prompt_seeds(rows, epoch))
@@ -330,16 +327,21 @@ class Online:
         return batch
 
     @torch.no_grad()
-    def _with_experience(self, micro_batches: list[dict[str, Tensor]], steps: int) -> list[dict[str, Tensor]]:
+    def _with_experience(self, micro_batches: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """The micro-batches on the device with the generation batch's statistics, the sampling temperature, and
         for groups the reference's and (when the policy moves before they are trained on) the old policy's per-token
-        log-probs. Accelerate divides each micro-batch's loss by ``gradient_accumulation_steps`` (k) and DDP averages
-        over the P processes, so over the generation batch's ``steps`` optimizer steps a micro-batch normalises by
-        1/(k·steps·P) of its counts: each step's loss is its share of the generation batch's mean."""
+        log-probs.
+
+        Each optimizer step weighs the same: a micro-batch of a step of n of the generation batch's m micro-batches
+        normalises by n/(m·k·P) of the generation batch's counts (Accelerate divides each micro-batch's loss by k,
+        ``gradient_accumulation_steps``, and DDP averages over the P processes), so a step's loss is the mean over
+        the generation batch's tokens scaled to its share n/m of them — TRL's normaliser (``num_items_in_batch``
+        × k / ``steps_per_generation``) for full steps, and the whole batch's mean for a short last one."""
         session, cfg = self.session, self.cfg
-        acc, device = session.accelerator, session.accelerator.device
-        shares = cfg.gradient_accumulation_steps * steps * acc.num_processes
-        batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
+        acc, device, k = session.accelerator, session.accelerator.device, cfg.gradient_accumulation_steps
+        m = len(micro_batches)
+        shares = [m * k * acc.num_processes / min(k, m - i // k * k) for i in range(m)]  # n = the step's micro-batches
+        batches = [{key: v.to(device) for key, v in b.items()} for b in micro_batches]
         if self.spec.kind == "groups":
             counts = torch.stack([sum(b["seq_tokens"].sum() for b in batches).double(),
                                   torch.tensor(float(sum(len(b["rewards"]) for b in batches)), dtype=torch.float64,
@@ -347,17 +349,18 @@ class Online:
             rewards = torch.cat([b["rewards"] for b in batches])
             counts = acc.reduce(counts, "sum") if acc.num_processes > 1 else counts
             all_rewards = acc.gather(rewards) if acc.num_processes > 1 else rewards
-            stats = {"batch_reward_std": all_rewards.std(), "loss_num_tokens": (counts[0] / shares).float(),
-                     "loss_num_sequences": (counts[1] / shares).float()}
+            stats = [{"batch_reward_std": all_rewards.std(), "loss_num_tokens": (counts[0] / share).float(),
+                      "loss_num_sequences": (counts[1] / share).float()} for share in shares]
         else:  # pairs: the weighted mean over all the generation batch's pairs (a tie weighs 0), wherever they are
             weight = sum(b["example_weights"].sum() for b in batches).double()
             weight = acc.reduce(weight, "sum") if acc.num_processes > 1 else weight
-            stats = {"loss_weight_sum": (weight.clamp(min=1) / shares).float()}
-        batches = [b | stats | {"logit_scale": logit_scale(cfg)} for b in batches]
+            stats = [{"loss_weight_sum": (weight.clamp(min=1) / share).float()} for share in shares]
+        batches = [b | stat | {"logit_scale": logit_scale(cfg)} for b, stat in zip(batches, stats)]
         if self.spec.kind == "groups":
-            stale = cfg.num_iterations > 1 or self.steps_per_generation > cfg.gradient_accumulation_steps
+            stale = cfg.num_iterations > 1 or self.steps_per_generation > k
             for batch in batches:
-                reference = session.reference.outputs(batch)
+                # Once per generation batch; TR-DPO's reference moves between its steps, so it is scored in the loss.
+                reference = None if cfg.sync_ref_model else session.reference.outputs(batch)
                 if reference is not None:
                     batch["ref_token_logps"] = reference["token_logps"]
                 if stale:  # π_old: the policy that sampled them, before the first update on them

@@ -30,8 +30,8 @@ A method whose registry entry has ``rounds`` (:class:`preftune.methods.registry.
 5. **evaluate** π_k on the held-out prompts (``eval_dataset``, or ``eval_split_size`` of the prompts, held out as
    every method holds rows out: :func:`preftune.training.setup.hold_out`, a prompt going where its first row goes),
    when there are any: one sample per prompt, its mean judge score, the win rate against π_0's sample of the same
-   prompt, the KL(π_k‖π_0) estimated on those samples (mean of log π_k(y|x) − log π_0(y|x), y ~ π_k: unbiased at
-   temperature 1), length and EOS rate.
+   prompt, the sequence KL(π_k‖π_0) of those samples (:func:`preftune.rollout.kl.sequence_kl`: the exact per-token
+   KL summed over each completion, as ``preftune eval``'s ``kl``), length and EOS rate.
 
 The run folder: ``config.yaml``; ``rounds.json`` (the run's fingerprint, π_0's evaluation and each finished
 round's record); per round ``round-k/`` with ``pairs.jsonl``, the loop's own files (``metrics.jsonl``,
@@ -77,9 +77,9 @@ from preftune.rollout.judges import (
     default_judge,
     judge_scores,
     resolve_judge,
-    sequence_logps,
     win_rate,
 )
+from preftune.rollout.kl import sequence_kl
 from preftune.rollout.pairs import PairReport, pairs_from_rollout, save_pairs
 from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate
@@ -262,8 +262,8 @@ def rso_pairs(rollout: Rollout, win_probs: Sequence[float], n: int, beta: float,
 def evaluate_round(policy: nn.Module, initial: nn.Module, tokenizer, prompts: Sequence[dict], judge,
                    params: SamplingParams, initial_rollout: Rollout | None = None) -> dict[str, float]:
     """One sample of each held-out prompt from ``policy``: mean judge score (P̂ against π_0's sample for a
-    pairwise judge), win rate against ``initial_rollout`` (π_0's samples, same seed), KL(π‖π_0) estimated on the
-    samples (mean of log π(y|x) − log π_0(y|x), summed over the completion's tokens), length and EOS rate."""
+    pairwise judge), win rate against ``initial_rollout`` (π_0's samples, same seed), the sequence KL(π‖π_0) of the
+    samples (:func:`preftune.rollout.kl.sequence_kl`, as every report's ``kl``), length and EOS rate."""
     texts, ids = [r["prompt"] for r in prompts], [r["prompt_ids"] for r in prompts]
     rollout = generate(policy, tokenizer, texts, params, prompt_ids=ids, source="the held-out prompts")
     record: dict[str, float] = {}
@@ -271,9 +271,7 @@ def evaluate_round(policy: nn.Module, initial: nn.Module, tokenizer, prompts: Se
         record["reward"] = sum(judge_scores(judge, texts, rollout.completions)) / len(rollout)
     if initial_rollout is not None:
         record["win_rate"] = win_rate(judge, texts, rollout.completions, initial_rollout.completions)
-    log_ratio = (sequence_logps(policy, rollout.sample_prompt_ids, rollout.completion_ids)
-                 - sequence_logps(initial, rollout.sample_prompt_ids, rollout.completion_ids))
-    record["kl"] = float(log_ratio.mean())
+    record["kl"] = float(sequence_kl(policy, initial, rollout).mean())  # as `preftune eval` and the frontier
     record["length"] = sum(rollout.lengths) / len(rollout)
     record["eos_rate"] = sum(rollout.ended_with_eos) / len(rollout)
     return record
