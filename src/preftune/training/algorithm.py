@@ -96,6 +96,11 @@ class Update:
     record: dict[str, float] = field(default_factory=dict)
 
 
+def source_rows(batches: list[dict]) -> list[int]:
+    """The source rows of micro-batches that carry them (``source_rows``), for the error that names them."""
+    return [row for b in batches if "source_rows" in b for row in b["source_rows"].tolist()]
+
+
 # The driver's optimizer step: the micro-batches of one step, the function giving each one's loss (what goes to
 # backward, which divides it by gradient_accumulation_steps however many micro-batches the step has: an algorithm
 # with steps of another size weighs its losses itself, as PPO does), and the source rows (for the error that names

@@ -17,7 +17,7 @@ from preftune.data.batching import LengthGroupedSampler, TokenBudgetBatchSampler
 from preftune.modeling.logprobs import LogProbModel
 from preftune.modeling.reward import RewardModel
 from preftune.training import memory
-from preftune.training.algorithm import OptimizerStep, Parts, Session, Update, Work
+from preftune.training.algorithm import OptimizerStep, Parts, Session, Update, Work, source_rows
 from preftune.training.objective import LossSpec, batch_loss
 from preftune.training.setup import RunInputs
 from preftune.training.tracking import MetricWindow
@@ -76,17 +76,13 @@ class Offline:
             group.append(batch)
             consumed += 1
             if len(group) == k:
-                yield Work(group, consumed, _rows(group))
+                yield Work(group, consumed, source_rows(group))
                 group = []
         if group:
-            yield Work(group, consumed, _rows(group))
+            yield Work(group, consumed, source_rows(group))
 
     def update(self, work: Work, step: OptimizerStep, window: MetricWindow) -> Update:
-        session = self.session
-        loss = step(work.data, lambda batch: batch_loss(session.policy, session.reference, batch, self.spec, window),
-                    work.rows)
-        return Update(loss, sum(self.spec.examples(b) for b in work.data),
-                      sum(int(b["num_input_tokens"].sum()) for b in work.data))
+        return loss_update(self.session, self.spec, work, step, window)
 
     def evaluate(self, rows: list[dict], window: MetricWindow, step: int) -> None:
         session = self.session
@@ -115,6 +111,9 @@ class Offline:
                 + (", grouped by length" if cfg.group_by_length else "")]
 
 
-def _rows(batches: list[dict]) -> list[int]:
-    return [row for b in batches if "source_rows" in b for row in b["source_rows"].tolist()]
-
+def loss_update(session: Session, spec: LossSpec, work: Work, step: OptimizerStep, window: MetricWindow) -> Update:
+    """One optimizer step on the micro-batches of ``work``, each one's loss :func:`batch_loss` (offline batches and
+    online groups and pairs alike); its examples in the spec's unit and its input tokens."""
+    loss = step(work.data, lambda batch: batch_loss(session.policy, session.reference, batch, spec, window), work.rows)
+    return Update(loss, sum(spec.examples(b) for b in work.data),
+                  sum(int(b["num_input_tokens"].sum()) for b in work.data))

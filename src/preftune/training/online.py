@@ -67,8 +67,9 @@ from preftune.rollout.judges import Judge, PairPreferenceJudge, judge_scores, re
 from preftune.rollout.record import Rollout
 from preftune.rollout.sampling import SamplingParams, generate
 from preftune.training import memory
-from preftune.training.algorithm import OptimizerStep, Parts, Session, Update, Work
-from preftune.training.objective import LossSpec, batch_loss
+from preftune.training.algorithm import OptimizerStep, Parts, Session, Update, Work, source_rows
+from preftune.training.objective import LossSpec
+from preftune.training.offline import loss_update
 from preftune.training.setup import RunInputs, judge_role
 from preftune.training.tracking import MetricWindow
 
@@ -206,15 +207,11 @@ class Online:
             for index in range(offset, len(steps)):
                 self.done_in_generation = (index + 1) % len(steps)
                 # A checkpoint inside the generation batch resumes from its start (and skips the updates done).
-                yield Work(steps[index], start if self.done_in_generation else consumed, _rows(steps[index]),
+                yield Work(steps[index], start if self.done_in_generation else consumed, source_rows(steps[index]),
                            read=consumed)
 
     def update(self, work: Work, step: OptimizerStep, window: MetricWindow) -> Update:
-        session = self.session
-        loss = step(work.data, lambda batch: batch_loss(session.policy, session.reference, batch, self.spec, window),
-                    work.rows)
-        return Update(loss, sum(self.spec.examples(b) for b in work.data),
-                      sum(int(b["num_input_tokens"].sum()) for b in work.data))
+        return loss_update(self.session, self.spec, work, step, window)
 
     @torch.no_grad()
     def evaluate(self, rows: list[dict], window: MetricWindow, step: int) -> None:
@@ -394,10 +391,6 @@ def _spread(out: Rollout) -> Tensor:
     rewards = torch.tensor(out.scores, dtype=torch.float32)
     group = torch.arange(len(out)) // out.group_size
     return ~rl.zero_spread(rewards, group)[:: out.group_size]
-
-
-def _rows(batches: list[dict]) -> list[int]:
-    return [row for b in batches if "source_rows" in b for row in b["source_rows"].tolist()]
 
 
 def online_pairs(collator: PreferenceCollator, out: Rollout, rewards: Tensor) -> dict[str, Tensor]:
