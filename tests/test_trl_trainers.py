@@ -139,6 +139,9 @@ def test_trl_config_objects_map_trl_names_as_yaml_does():
     assert (grpo.method, grpo.grpo_loss_type, grpo.per_device_train_batch_size, grpo.reward_weights) == (
         "grpo", "dr_grpo", 2, [1.0, 2.0])
     assert RLOOConfig(num_generations=2).per_device_train_batch_size == 4
+    # TRL's generation batch counts completions too: 64 completions of groups of 8 are 8 prompts
+    tuned = GRPOConfig(num_generations=8, per_device_train_batch_size=16, generation_batch_size=64, num_iterations=2)
+    assert (tuned.per_device_train_batch_size, tuned.generation_batch_size, tuned.num_iterations) == (2, 8, 2)
 
 
 @pytest.mark.parametrize("make, advice", [
@@ -149,6 +152,7 @@ def test_trl_config_objects_map_trl_names_as_yaml_does():
     (lambda: DPOConfig(deepspeed="ds_config.json"), "examples/accelerate/deepspeed_zero3.yaml"),
     (lambda: GRPOConfig(per_device_train_batch_size=4), "per_device_train_batch_size=4 counts completions .* give a "
                                                         "multiple of num_generations"),
+    (lambda: GRPOConfig(generation_batch_size=12), "generation_batch_size=12 counts completions"),
     (lambda: GRPOConfig(loss_type="bnpo"), "loss_type='bnpo' is not implemented"),
     (lambda: GRPOConfig(top_entropy_quantile=0.2), "every completion token is trained on"),
     (lambda: DPOConfig(lerning_rate=1e-6), "Did you mean 'learning_rate'"),

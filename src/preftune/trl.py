@@ -18,7 +18,8 @@ DPOConfig, DPOTrainer``)::
   ``reward_funcs``.
 
 Where TRL's meaning differs, the config records preftune's: GRPO's and RLOO's ``per_device_train_batch_size``
-counts completions in TRL (a multiple of ``num_generations``) and prompts in preftune, so ``GRPOConfig`` divides it.
+(and ``generation_batch_size``) count completions in TRL (a multiple of ``num_generations``) and prompts in preftune,
+so ``GRPOConfig`` divides them.
 """
 
 from __future__ import annotations
@@ -100,15 +101,17 @@ class GRPOConfig(_TrlConfig):
         return kwargs
 
     def _prompts_per_batch(self, kwargs: dict[str, Any]) -> None:
+        """TRL's batch sizes count completions; preftune's count prompts (each with its num_generations samples)."""
         generations = kwargs.get("num_generations") or get_method(self.method_name).num_generations
-        completions = kwargs.get("per_device_train_batch_size", FIELDS["per_device_train_batch_size"].default)
-        if not isinstance(completions, int) or isinstance(completions, bool):
-            return  # build_config names the type error
-        if completions % generations:
-            raise ConfigError(f"{type(self).__name__}: per_device_train_batch_size={completions} counts completions "
-                              f"(TRL's meaning) and preftune samples num_generations={generations} completions of "
-                              "each prompt within one micro-batch: give a multiple of num_generations")
-        kwargs["per_device_train_batch_size"] = completions // generations
+        for key in ("per_device_train_batch_size", "generation_batch_size"):
+            completions = kwargs.get(key, FIELDS[key].default)
+            if not isinstance(completions, int) or isinstance(completions, bool):
+                continue  # unset, or a type error build_config names
+            if completions % generations:
+                raise ConfigError(f"{type(self).__name__}: {key}={completions} counts completions (TRL's meaning) "
+                                  f"and preftune samples num_generations={generations} completions of each prompt "
+                                  "within one micro-batch: give a multiple of num_generations")
+            kwargs[key] = completions // generations
 
 
 class RLOOConfig(GRPOConfig):

@@ -294,3 +294,19 @@ def test_dynamic_sampling_under_max_steps_goes_on_into_the_next_epoch(files):
     assert summary["global_step"] == 4
     assert summary["online"]["dynamic_sampling"]["generation_batches"] > 4  # top-ups happened
     assert max(r["epoch"] for r in records if "loss" in r) > 1  # past the first epoch
+
+
+def test_generation_batch_size_counts_prompts_over_all_processes(tmp_path, tok):
+    def prepared(size):
+        cfg = build_config(dict(method="grpo", output_dir=str(tmp_path / f"g{size}"), num_generations=4, bf16=False,
+                                per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                generation_batch_size=size, max_completion_length=6))
+        trainer = PreferenceTrainer(cfg, model=build_tiny_model(tok, seed=0), tokenizer=tok, train_dataset=PROMPTS,
+                                    judge=lambda p, c: [1.0] * len(c))
+        trainer._prepare()
+        return trainer
+
+    trainer = prepared(8)  # 8 prompts = 4 micro-batches of 2 on this one process: 2 optimizer steps per generation
+    assert trainer.algorithm.steps_per_generation == 4 and trainer.session.total_steps == 8  # 16 batches of 2 prompts
+    with pytest.raises(ConfigError, match=r"generation_batch_size \(6 prompts\) must be a multiple of"):
+        prepared(6)
