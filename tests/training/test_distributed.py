@@ -25,14 +25,20 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("precompute", ["true", "false"])
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, precompute):
-    rows = builtin_preferences(32, seed=3)
+def _user_files(tmp_path, rows: list[dict]):
+    """A user's model folder (the embedded tiny Llama, seed 0, with its tokenizer) and preference file, on disk."""
     tok = default_tokenizer(rows)
     default_model(tok, seed=0).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tok, data
+
+
+@pytest.mark.parametrize("precompute", ["true", "false"])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, precompute):
+    rows = builtin_preferences(32, seed=3)
+    tok, data = _user_files(tmp_path, rows)
     # 30 evaluation rows in batches of 8 per process: 2 processes see 4 batches of 8, 8, 8 and 6 rows between them;
     # Accelerate's even batches would repeat 2 rows in the last one.
     held_out = tmp_path / "held_out.jsonl"
@@ -80,11 +86,7 @@ def test_two_processes_sample_and_train_online_as_one_with_the_same_global_batch
     """Each prompt draws its samples from a generator seeded by (seed, epoch, its row): 2 processes × 2 prompts sample
     what 1 process × 4 prompts does, so the logged rewards per step and the final weights agree."""
     rows = builtin_preferences(16, seed=3)
-    tok = default_tokenizer(rows)
-    default_model(tok, seed=0).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    data = tmp_path / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok, data = _user_files(tmp_path, rows)
     (tmp_path / "judge.py").write_text(JUDGE)
     common = [f"method={method}", f"model_name_or_path={tmp_path / 'model'}", f"dataset={data}", "max_steps=3",
               f"judge={tmp_path / 'judge.py'}:score", "max_completion_length=8", "learning_rate=1e-2",
@@ -119,11 +121,7 @@ def test_a_launcher_that_asked_for_two_processes_and_started_one_says_so(tmp_pat
     """`accelerate launch --cpu --num_processes 2` starts the script once (Accelerate's simple launcher runs several
     CPU processes only through MPI): the run trains on 1 process, and its log says so and names what starts 2."""
     rows = builtin_preferences(8, seed=3)
-    tok = default_tokenizer(rows)
-    default_model(tok, seed=0).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    data = tmp_path / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok, data = _user_files(tmp_path, rows)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
               free_port()]

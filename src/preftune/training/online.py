@@ -279,10 +279,9 @@ class Online:
         ``out.num_prompts`` prompts, their rows, and the prompt micro-batches pulled beyond the first generation
         batch."""
         acc, cap, need = self.session.accelerator, self.cfg.max_num_gen_batches, out.num_prompts
-        sampled, pulled, batches = [out], 0, 1
-        while cap == 0 or batches < cap:
-            kept = sum(_spread(part).sum() for part in sampled)
-            short = torch.tensor(float(kept < need), device=acc.device)
+        sampled, spread, pulled = [out], _spread(out).tolist(), 0
+        while cap == 0 or len(sampled) < cap:
+            short = torch.tensor(float(sum(spread) < need), device=acc.device)
             if not (acc.reduce(short, "max") if acc.num_processes > 1 else short):
                 break
             parts = _take(prompts, self.steps_per_generation)
@@ -290,12 +289,11 @@ class Online:
                 break
             more = [r for part in parts for r in part]
             sampled.append(self._rollout(more, epoch, window))
-            rows = rows + more
-            pulled, batches = pulled + len(parts), batches + 1
-        everything = Rollout.concat(sampled)
-        spread = _spread(everything)
-        kept = [i for i in range(everything.num_prompts) if spread[i]][:need]
-        filled = [i for i in range(everything.num_prompts) if not spread[i]][: need - len(kept)]
+            spread += _spread(sampled[-1]).tolist()
+            rows, pulled = rows + more, pulled + len(parts)
+        everything, batches = Rollout.concat(sampled), len(sampled)
+        kept = [i for i, signal in enumerate(spread) if signal][:need]
+        filled = [i for i, signal in enumerate(spread) if not signal][: need - len(kept)]
         counts = torch.tensor([everything.num_prompts - len(kept), len(filled), batches], dtype=torch.float64,
                               device=acc.device)
         counts = acc.reduce(counts, "sum") if acc.num_processes > 1 else counts
@@ -314,7 +312,7 @@ class Online:
         rewards = torch.tensor(out.scores, dtype=torch.float32)
         group = torch.arange(len(out)) // g
         window.add(names.REWARD_STD, rewards.std(unbiased=False).reshape(1))
-        window.add("frac_reward_zero_std", rl.zero_spread(rewards, group)[::g].float())
+        window.add("frac_reward_zero_std", (~_spread(out)).float())
         if self.spec.kind == "groups":
             batch = collator.groups(out.prompt_ids, out.completion_ids, g) | {"rewards": rewards, "group": group}
         else:

@@ -370,7 +370,7 @@ class PPO(Online):
             loss = self._micro_batch_loss(experience, seqs, window)
             if not first:
                 first.append(loss.item())
-            return loss * (seqs_tokens(experience, seqs) * parts / step_tokens)
+            return loss * (int(experience.seq_tokens[seqs].sum()) * parts / step_tokens)
 
         for _ in range(ppo.num_ppo_epochs):
             order = torch.randperm(len(experience), generator=generator)
@@ -445,11 +445,6 @@ class PPO(Online):
                           memory.model_bytes(module.value_head, session.optimizer, seen=seen, kind="head",
                                              what=self.critic_label))
         return memory.account(roles)
-
-
-def seqs_tokens(experience: Experience, seqs: Tensor) -> int:
-    """Completion tokens of sequences ``seqs``."""
-    return int(experience.seq_tokens[seqs].sum())
 
 
 __all__ = ["PPO", "Experience", "make_experience", "PPOSettings", "make_critic", "reward_on_ids", "same_tokenizer"]
