@@ -1,8 +1,9 @@
-"""Benchmark inputs, built once on disk: a 32k-vocab tokenizer, a ≈58M Llama-style model and synthetic
-preference data whose token lengths hit each workload's targets.
+"""Benchmark inputs, built once on disk: a byte-level BPE tokenizer, a Llama-style model of a given shape
+(:class:`ModelShape`, random weights) and synthetic preference data whose token lengths hit each workload's targets.
 
 Everything is generated locally and deterministically (seeded); nothing is downloaded. Both tools load the
-same model folder (weights + tokenizer) and the same jsonl files.
+same model folder (weights + tokenizer) and the same jsonl files. A tokenizer depends only on its vocabulary size
+(and the seed), so models of one vocabulary share it, and so do their datasets.
 """
 
 from __future__ import annotations
@@ -14,19 +15,89 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-VOCAB_SIZE = 32_000
 
-# Llama-style, untied embeddings: 2 × 32000 × 512 (embeddings + LM head) + 8 layers × 3.15M ≈ 58.0M parameters.
-MODEL_CONFIG: dict[str, int | float | bool] = dict(
-    hidden_size=512,
-    intermediate_size=1536,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-    attention_dropout=0.0,
-)
+def add_shape_arguments(parser, default: str) -> None:
+    """The model-shape options both benchmarks take (``--layers``, ``--hidden-size``, …; ``default`` says what is
+    run without them); :class:`ModelShape` derives what is not given."""
+    shape = parser.add_argument_group(f"model shape (default: {default})")
+    shape.add_argument("--layers", type=int, help="num_hidden_layers")
+    shape.add_argument("--hidden-size", type=int, help="hidden_size")
+    shape.add_argument("--intermediate-size", type=int, help="intermediate_size (default 3 × hidden)")
+    shape.add_argument("--heads", type=int, help="num_attention_heads (default hidden / 64)")
+    shape.add_argument("--kv-heads", type=int, help="num_key_value_heads (default heads / 2)")
+    shape.add_argument("--vocab-size", type=int, help="entries of the trained tokenizer and of the LM head")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Depth, width and vocabulary of a Llama-style benchmark model (untied embeddings, random init).
+
+    What is not given is derived as the benchmarks always did: 64-wide attention heads, half as many KV heads, an
+    MLP 3× the width."""
+
+    layers: int
+    hidden: int
+    vocab: int
+    heads: int | None = None
+    kv_heads: int | None = None
+    intermediate: int | None = None
+    max_positions: int = 2048
+
+    def __post_init__(self) -> None:
+        heads = self.heads or max(1, self.hidden // 64)
+        kv_heads = self.kv_heads or max(1, heads // 2)
+        if self.hidden % heads or heads % kv_heads:
+            raise ValueError(f"hidden {self.hidden}, {heads} heads, {kv_heads} KV heads: the width must split into "
+                             "the heads, and the heads into the KV heads")
+        object.__setattr__(self, "heads", heads)
+        object.__setattr__(self, "kv_heads", kv_heads)
+        object.__setattr__(self, "intermediate", self.intermediate or 3 * self.hidden)
+
+    @property
+    def name(self) -> str:
+        """``8x512-v32k``: layers × width, vocabulary (and any head or MLP width other than the derived one)."""
+        vocab = f"{self.vocab // 1000}k" if self.vocab % 1000 == 0 else str(self.vocab)
+        derived = ModelShape(self.layers, self.hidden, self.vocab, max_positions=self.max_positions)
+        extra = "".join(f"-{tag}{getattr(self, field)}" for field, tag in
+                        (("heads", "h"), ("kv_heads", "kv"), ("intermediate", "mlp"))
+                        if getattr(self, field) != getattr(derived, field))
+        return f"{self.layers}x{self.hidden}-v{vocab}{extra}"
+
+    def parameter_split(self) -> dict[str, float]:
+        """:func:`parameter_split` of the model this shape builds, counted from the shape: per layer the q, k, v, o
+        projections, the gated MLP (gate, up, down) and two RMSNorms; the final norm is "other"."""
+        head_dim = self.hidden // self.heads
+        layer = (2 * self.hidden * self.heads * head_dim + 2 * self.hidden * self.kv_heads * head_dim
+                 + 3 * self.hidden * self.intermediate + 2 * self.hidden)
+        parts = {"body": self.layers * layer, "embeddings": self.vocab * self.hidden, "head": self.vocab * self.hidden,
+                 "other": self.hidden}
+        return {**parts, "total": sum(parts.values()),
+                "body_to_head": parts["body"] / (parts["head"] + parts["embeddings"])}
+
+    def config(self) -> dict[str, int | float | bool]:
+        """The ``LlamaConfig`` fields of this shape (the vocabulary comes from the tokenizer)."""
+        return dict(hidden_size=self.hidden, intermediate_size=self.intermediate, num_hidden_layers=self.layers,
+                    num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                    max_position_embeddings=self.max_positions, tie_word_embeddings=False, attention_dropout=0.0)
+
+
+# The DPO benchmark's model since its first run: 2 × 32000 × 512 (embeddings + LM head) + 8 layers × 3.15M ≈ 58.0M
+# parameters. VOCAB_SIZE and MODEL_CONFIG are its values (bench_memory.py reads them).
+DEFAULT_SHAPE = ModelShape(layers=8, hidden=512, vocab=32_000, heads=8, kv_heads=4, intermediate=1536)
+VOCAB_SIZE = DEFAULT_SHAPE.vocab
+MODEL_CONFIG = DEFAULT_SHAPE.config()
+
+
+def parameter_split(model) -> dict[str, float]:
+    """Parameters of a Llama-style causal LM by part: ``body`` (every decoder layer's), ``embeddings``, ``head``
+    (the LM head), ``other`` (the final norm) and ``total``; ``body_to_head`` = body / (head + embeddings)."""
+    parts = {"body": 0, "embeddings": 0, "head": 0, "other": 0}
+    for name, p in model.named_parameters():
+        part = ("body" if ".layers." in name else "embeddings" if "embed_tokens" in name
+                else "head" if name.startswith("lm_head") else "other")
+        parts[part] += p.numel()
+    total = sum(parts.values())
+    return {**parts, "total": total, "body_to_head": parts["body"] / (parts["head"] + parts["embeddings"])}
 
 
 @dataclass(frozen=True)
@@ -43,6 +114,7 @@ class Workload:
 WORKLOADS: dict[str, Workload] = {
     "a": Workload("a", "long prompts (≈380-token prompt, ≈125-token responses)", 380, 125),
     "b": Workload("b", "short prompts (≈64-token prompt, ≈256-token responses)", 64, 256),
+    "c": Workload("c", "medium prompts (≈255-token prompt, ≈175-token responses)", 255, 175),
 }
 
 # --------------------------------------------------------------------------------------------- text
@@ -80,16 +152,16 @@ class _Lexicon:
         return " ".join(out)
 
 
-def train_tokenizer(out_dir: Path, seed: int = 0):
-    """Train a byte-level BPE tokenizer with exactly :data:`VOCAB_SIZE` entries on generated prose."""
+def train_tokenizer(out_dir: Path, vocab_size: int = VOCAB_SIZE, seed: int = 0):
+    """Train a byte-level BPE tokenizer with exactly ``vocab_size`` entries on generated prose."""
     from preftune.modeling.tiny import build_tokenizer
 
     lexicon = _Lexicon(seed)
     rng = random.Random(seed + 1)
     texts = [lexicon.sentences(rng, 60) for _ in range(20_000)]
-    tokenizer = build_tokenizer(texts, vocab_size=VOCAB_SIZE)
-    if len(tokenizer) != VOCAB_SIZE:
-        raise RuntimeError(f"the trained tokenizer has {len(tokenizer)} entries, expected {VOCAB_SIZE}")
+    tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
+    if len(tokenizer) != vocab_size:
+        raise RuntimeError(f"the trained tokenizer has {len(tokenizer)} entries, expected {vocab_size}")
     tokenizer.save_pretrained(out_dir)
     return tokenizer
 
@@ -97,8 +169,9 @@ def train_tokenizer(out_dir: Path, seed: int = 0):
 # --------------------------------------------------------------------------------------------- model
 
 
-def build_model(out_dir: Path, tokenizer, seed: int = 0) -> int:
-    """Save a randomly initialised Llama-style model (fp32, safetensors) beside the tokenizer; return #params."""
+def build_model(out_dir: Path, tokenizer, shape: ModelShape = DEFAULT_SHAPE, seed: int = 0) -> dict[str, float]:
+    """Save a randomly initialised Llama-style model of ``shape`` (fp32, safetensors) in ``out_dir``; return its
+    :func:`parameter_split`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -108,12 +181,12 @@ def build_model(out_dir: Path, tokenizer, seed: int = 0) -> int:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **MODEL_CONFIG,
+        **shape.config(),
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir, safe_serialization=True)
-    return sum(p.numel() for p in model.parameters())
+    return parameter_split(model)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -231,30 +304,50 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 
 @dataclass
 class Assets:
-    """Paths of the built inputs."""
+    """Paths of the built inputs of one model shape."""
 
     work_dir: Path
     model_dir: Path
     parameters: int
+    shape: ModelShape = DEFAULT_SHAPE
+    split: dict[str, float] | None = None  # parameter_split of the model
 
     def dataset(self, workload: str, pairs: int) -> Path:
-        return self.work_dir / "data" / f"{workload}-{pairs}.jsonl"
+        """Datasets depend on the tokenizer only (token lengths), so models of one vocabulary share them."""
+        return self.work_dir / "data" / f"v{self.shape.vocab}" / f"{workload}-{pairs}.jsonl"
 
 
-def ensure_model(work_dir: Path, seed: int = 0) -> Assets:
-    """Build the tokenizer and the model under ``work_dir/model`` unless they are already there."""
-    model_dir = work_dir / "model"
+def ensure_tokenizer(work_dir: Path, vocab_size: int, seed: int = 0):
+    """The tokenizer of ``vocab_size`` entries under ``work_dir/tokenizer-v<vocab>``, trained on first use."""
+    from transformers import AutoTokenizer
+
+    folder = work_dir / f"tokenizer-v{vocab_size}"
+    marker = folder / "bench-tokenizer.json"
+    if marker.exists() and json.loads(marker.read_text()) == {"vocab_size": vocab_size, "seed": seed}:
+        return AutoTokenizer.from_pretrained(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(folder, vocab_size, seed)
+    marker.write_text(json.dumps({"vocab_size": vocab_size, "seed": seed}))
+    return tokenizer
+
+
+def ensure_model(work_dir: Path, shape: ModelShape = DEFAULT_SHAPE, seed: int = 0) -> Assets:
+    """Build the tokenizer and the model of ``shape`` under ``work_dir/model-<shape>`` unless they are already there."""
+    model_dir = work_dir / f"model-{shape.name}"
     marker = model_dir / "bench-model.json"
+    wanted = {"shape": asdict(shape), "seed": seed}
     if marker.exists():
         info = json.loads(marker.read_text())
-        if info.get("config") == MODEL_CONFIG and info.get("vocab_size") == VOCAB_SIZE and info.get("seed") == seed:
-            return Assets(work_dir, model_dir, info["parameters"])
+        if {k: info.get(k) for k in wanted} == wanted:
+            return Assets(work_dir, model_dir, info["parameters"]["total"], shape, info["parameters"])
+    tokenizer = ensure_tokenizer(work_dir, shape.vocab, seed)
     model_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(model_dir, seed)
-    parameters = build_model(model_dir, tokenizer, seed)
-    marker.write_text(json.dumps({"config": MODEL_CONFIG, "vocab_size": VOCAB_SIZE, "seed": seed,
-                                  "parameters": parameters}, indent=2))
-    return Assets(work_dir, model_dir, parameters)
+    tokenizer.save_pretrained(model_dir)
+    split = build_model(model_dir, tokenizer, shape, seed)
+    if split != shape.parameter_split():  # the report's body and head come from the shape where no model is at hand
+        raise RuntimeError(f"{shape.name}: the built model has {split}, the shape counts {shape.parameter_split()}")
+    marker.write_text(json.dumps({**wanted, "parameters": split}, indent=2))
+    return Assets(work_dir, model_dir, split["total"], shape, split)
 
 
 def ensure_dataset(assets: Assets, tokenizer, workload: Workload, pairs: int, seed: int = 0) -> tuple[Path, TokenStats]:

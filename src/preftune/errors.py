@@ -14,7 +14,11 @@ import functools
 import gzip
 import io
 import lzma
+import math
+import reprlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class PreftuneError(Exception):
@@ -27,6 +31,60 @@ class ConfigError(PreftuneError, ValueError):
     """A config key, value or combination that cannot work (names the key, and the file when there is one)."""
 
     exit_code = 2
+
+
+def config_error(keys: str | tuple[str, ...], message: str) -> ConfigError:
+    """A ConfigError about ``keys``; ``preftune.config.load_config`` prefixes the file and line each key was read
+    from."""
+    err = ConfigError(message)
+    err.config_keys = (keys,) if isinstance(keys, str) else tuple(keys)
+    return err
+
+
+Bound = tuple[float, bool]  # (value, inclusive)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric config key accepts: above ``low`` (and below ``high``), each bound inclusive or not;
+    ``hint`` says what the key means or what to give instead. None is not checked (the key's "unset")."""
+
+    low: Bound | None
+    high: Bound | None = None
+    hint: str = ""
+
+    def check(self, key: str, value: float | None) -> None:
+        """Raise a ConfigError naming ``key`` when ``value`` lies outside the range (or is not finite)."""
+        if value is not None and not self.holds(value):
+            raise config_error(key, f"{key} must be {self.describe()}, got {value!r}{self.hint}")
+
+    def holds(self, value: float) -> bool:
+        low, high = self.low, self.high
+        if not math.isfinite(value):
+            return False
+        if low is not None and (value < low[0] or (value == low[0] and not low[1])):
+            return False
+        return high is None or value < high[0] or (value == high[0] and high[1])
+
+    def describe(self) -> str:
+        low, high = self.low, self.high
+        if high is None:
+            return f"{'>=' if low[1] else '>'} {low[0]}"
+        return f"in {'[' if low[1] else '('}{low[0]}, {high[0]}{']' if high[1] else ')'}"
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_1 = (0, False), (0, True), (1, True)
+
+# Values echoed in error messages are cut to a few hundred characters: a 50 MB value makes no readable message.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 200, 200, 3, 8, 8
+
+
+def shown(value: Any, quote: bool = True) -> str:
+    """``repr(value)`` for an error message, at most a few hundred characters (long parts elided with ``...``);
+    ``quote=False`` shows a string as it is (a path), cut the same way."""
+    text = _SHOWN.repr(value) if quote or not isinstance(value, str) else value
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 class DataError(PreftuneError, ValueError):

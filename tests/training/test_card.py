@@ -43,7 +43,7 @@ def front_matter(text: str) -> dict:
 
 
 def export(tmp_path, tok, cfg, model, summary=SUMMARY):
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, bf16=bool(cfg.bf16))
     policy = LogProbModel(model, cfg.logprob_chunk_size)
     return checkpoint.export_final(accelerator, policy, tok, tmp_path / "run", cfg.save_merged_model,
                                    config=effective_config(cfg), summary=summary)
@@ -104,7 +104,7 @@ def test_merged_export_gets_its_own_card(tmp_path, tok):
 def test_no_card_without_the_runs_record(tmp_path, tok):
     """Called as before (no config, no summary), export_final writes the model alone."""
     cfg = build_config({"bf16": False, "output_dir": str(tmp_path / "run")})
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, bf16=bool(cfg.bf16))
     final = checkpoint.export_final(accelerator, LogProbModel(build_tiny_model(tok, seed=0), 256), tok,
                                     tmp_path / "run", False)
     assert not (final / "README.md").exists()

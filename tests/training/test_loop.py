@@ -163,11 +163,30 @@ def test_default_precision_is_bf16_exactly_where_it_is_native(tmp_path, tok, mon
     result = run(tmp_path, tok, "auto", bf16=None, max_steps=1)
     saved = yaml.safe_load((result.output_dir / "config.yaml").read_text())
     assert saved["bf16"] is native  # the resolved choice is what the run directory records
-    resolve = lambda **kw: loop.resolve_precision(build_config(kw), embedded_model=False).bf16  # noqa: E731
+    resolve = lambda **kw: loop.resolve_precision(build_config(kw), embedded_model=False)  # noqa: E731
     assert resolve(fp16=True) is False  # fp16 asked for: no bf16 on top
     assert resolve(dtype="float16") is False
     assert resolve(bf16=False) is False and resolve(bf16=True) is True  # explicit choices stand
-    assert loop.resolve_precision(build_config({}), embedded_model=True).bf16 is False  # the toy model: fp32
+    assert loop.resolve_precision(build_config({}), embedded_model=True) is False  # the toy model: fp32
+
+
+def test_the_runs_choices_stay_out_of_the_config(tmp_path, tok):
+    """Precision, layout and the reference's plan left open are the run's choices (trainer.resolved), recorded in
+    config.yaml and the model card; the config keeps what the user wrote, so a second trainer from it chooses again."""
+    from preftune.training.loop import PreferenceTrainer
+
+    cfg = build_config(dict(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), max_steps=1,
+                            per_device_train_batch_size=4, disable_tqdm=True, seed=0))
+    trainer = PreferenceTrainer(cfg, model=build_tiny_model(tok, seed=0), tokenizer=tok, train_dataset=ROWS)
+    result = trainer.train()
+    open_keys = ("bf16", "fused_mlp", "prefix_sharing", "padding_free", "precompute_ref_log_probs")
+    assert all(getattr(trainer.cfg, key) is None for key in open_keys) and trainer.cfg == cfg
+    assert trainer.resolved.fused_mlp and trainer.resolved.prefix_sharing and trainer.resolved.padding_free
+    assert trainer.resolved.precompute_ref_log_probs is True
+    saved = yaml.safe_load((result.output_dir / "config.yaml").read_text())
+    assert {key: saved[key] for key in open_keys} == {key: getattr(trainer.resolved, key) for key in open_keys}
+    card = (result.final_dir / "README.md").read_text()
+    assert "| `padding_free` | True |" in card and "| `precompute_ref_log_probs` | True |" in card
 
 
 def test_explicit_reference_checkpoint(tmp_path, tok):

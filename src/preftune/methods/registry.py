@@ -99,6 +99,9 @@ class Method:
     # The algorithm the run driver runs it with (preftune.training.loop.ALGORITHMS): None: "online" for online
     # methods, else "offline"; "ppo": rollouts with a critic.
     algorithm: Literal["offline", "online", "ppo"] | None = None
+    # The config sections it reads besides its loss's hyper-parameters (keys of preftune.methods.params.SECTIONS):
+    # their checks run for it, and keys of a section no method of a run reads are refused.
+    reads: tuple[str, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.loss, str):
@@ -291,22 +294,25 @@ register(Method("kto", "kto", data="unpaired",
 
 
 # Online: completions sampled from the current policy during training and labelled by a judge.
-register(Method("online_dpo", "dpo", online=True, num_generations=2, defaults={"beta": 0.1, "label_smoothing": 0.0},
+_ONLINE = ("sampling", "generation_batch")
+_ROUNDS = ("sampling", "rounds")
+register(Method("online_dpo", "dpo", online=True, num_generations=2, reads=_ONLINE,
+                defaults={"beta": 0.1, "label_smoothing": 0.0},
                 summary="Online DPO: 2 samples per prompt from the current policy, the judge's preference, a DPO "
                         "step (Guo et al. 2024, 2402.04792); any paired method with online=true",
                 papers=("2402.04792",)))
-register(Method("rloo", "rloo", data="groups", online=True, num_generations=2, reference_weight="beta",
+register(Method("rloo", "rloo", data="groups", online=True, num_generations=2, reference_weight="beta", reads=_ONLINE,
                 defaults={"beta": 0.05, "epsilon": 0.2},
                 summary="RLOO: k samples, leave-one-out baseline, KL in the reward (Ahmadian et al. 2024, 2402.14740)",
                 papers=("2402.14740",)))
-register(Method("grpo", "grpo", data="groups", online=True, num_generations=8, reference_weight="beta",
+register(Method("grpo", "grpo", data="groups", online=True, num_generations=8, reference_weight="beta", reads=_ONLINE,
                 defaults={"beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.0, "scale_rewards": "group",
                           "grpo_loss_type": "dapo", "use_bias_correction_kl": True},
                 summary="GRPO: group-normalised advantages, clipped ratio, β·k3 KL in the loss (β=0: no reference) "
                         "(Shao et al. 2024, 2402.03300)",
                 papers=("2402.03300",)))
 
-register(Method("gspo", "gspo", data="groups", online=True, num_generations=8, reference_weight="beta",
+register(Method("gspo", "gspo", data="groups", online=True, num_generations=8, reference_weight="beta", reads=_ONLINE,
                 defaults={"beta": 0.0, "epsilon": 3e-4, "epsilon_high": 4e-4, "scale_rewards": "group"},
                 summary="GSPO: GRPO's advantages with a length-normalised sequence-level ratio, clipped per sequence "
                         "(Zheng et al. 2025, 2507.18071)",
@@ -316,6 +322,7 @@ register(Method("gspo", "gspo", data="groups", online=True, num_generations=8, r
 # (preftune.training.ppo). Defaults: TRL's PPOTrainer (num_ppo_epochs 4, cliprange 0.2, vf_coef 0.1, γ 1, λ 0.95,
 # kl_coef 0.05, k1), the adaptive controller's horizon of Ziegler et al. 2019 (arXiv 1909.08593, §2.2).
 register(Method("ppo", None, data="experience", online=True, num_generations=1, algorithm="ppo",
+                reads=("sampling", "ppo"),
                 defaults={"num_ppo_epochs": 4, "num_mini_batches": 1, "cliprange": 0.2, "cliprange_value": 0.2,
                           "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95, "kl_coef": 0.05, "target_kl": None,
                           "kl_horizon": 10000, "kl_estimator": "k1", "whiten_rewards": False, "entropy_coef": 0.0,
@@ -326,22 +333,24 @@ register(Method("ppo", None, data="experience", online=True, num_generations=1, 
                         "1707.06347)",
                 papers=("1909.08593", "1707.06347", "1506.02438", "2203.02155", "2403.17031")))
 # Rounds: each round samples, judges and pairs completions, then trains one run of the loop on the pairs.
-register(Method("rso", "dpo", num_generations=64, rounds=Rounds("initial", "rso", "initial", num_rounds=1),
+register(Method("rso", "dpo", num_generations=64, reads=_ROUNDS,
+                rounds=Rounds("initial", "rso", "initial", num_rounds=1),
                 defaults={"beta": 0.05, "label_smoothing": 0.0},
                 summary="RSO, sigmoid-norm: pairs from π_sft·exp(r/β) by statistical rejection sampling (rso_beta), "
                         "DPO loss at temperature γ = beta (Liu et al. 2023, 2309.06657)",
                 papers=("2309.06657", "2305.18290")))
-register(Method("rso_hinge", "hinge", num_generations=64, rounds=Rounds("initial", "rso", "initial", num_rounds=1),
+register(Method("rso_hinge", "hinge", num_generations=64, reads=_ROUNDS,
+                rounds=Rounds("initial", "rso", "initial", num_rounds=1),
                 defaults={"beta": 0.05},
                 summary="RSO, hinge-norm: the rejection-sampled pairs, max(0, 1 − γ·h) with γ = beta "
                         "(Liu et al. 2023, 2309.06657)",
                 papers=("2309.06657",)))
-register(Method("sppo", "sppo", num_generations=5, extras=("chosen_win_prob", "rejected_win_prob"),
+register(Method("sppo", "sppo", num_generations=5, extras=("chosen_win_prob", "rejected_win_prob"), reads=_ROUNDS,
                 rounds=Rounds("policy", "best_vs_worst", "previous", num_rounds=3), defaults={"beta": 1e-3},
                 summary="SPPO: K samples of the current iterate, P̂(y ≻ π_t) from the judge, log π/π_t regressed "
                         "to η(P̂ − ½), η = 1/beta (Wu et al. 2024, 2405.00675)",
                 papers=("2405.00675",)))
-register(Method("iterative_dpo", "dpo", num_generations=8,
+register(Method("iterative_dpo", "dpo", num_generations=8, reads=_ROUNDS,
                 rounds=Rounds("policy", "best_vs_worst", "initial", num_rounds=3),
                 defaults={"beta": 0.1, "label_smoothing": 0.0},
                 summary="iterative DPO: rounds of best-of-n vs worst-of-n on-policy pairs, fixed SFT reference "

@@ -143,13 +143,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
-def quantization_config(cfg: TrainConfig):
+def quantization_config(cfg: TrainConfig, bf16: bool = False):
     """transformers' ``BitsAndBytesConfig`` for ``load_in_4bit`` / ``load_in_8bit`` (None otherwise), as TRL builds it.
 
     4 bits (QLoRA, Dettmers et al. 2023, arXiv 2305.14314): each linear layer's weight is stored as 4-bit codes
     (``nf4``: the quantiles of a normal distribution; ``fp4``) with one absmax scale per block of 64 values,
     dequantized block by block in the compute dtype for each matmul; ``use_bnb_nested_quant`` quantizes the scales
-    too (≈0.37 bits per parameter saved). The compute dtype is the weights' dtype (bf16 under bf16 autocast). The
+    too (≈0.37 bits per parameter saved). The compute dtype is the weights' dtype (bf16 under the run's bf16
+    autocast, ``bf16``). The
     output head and embeddings stay unquantized (transformers' default), and LoRA adapters train in full precision."""
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         return None
@@ -157,16 +158,16 @@ def quantization_config(cfg: TrainConfig):
 
     if cfg.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if cfg.bf16 else DTYPES[cfg.dtype] if cfg.dtype != "auto" else torch.float32
+    compute = torch.bfloat16 if bf16 else DTYPES[cfg.dtype] if cfg.dtype != "auto" else torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=cfg.use_bnb_nested_quant, bnb_4bit_compute_dtype=compute)
 
 
-def _loading_kwargs(cfg: TrainConfig) -> dict:
+def _loading_kwargs(cfg: TrainConfig, bf16: bool) -> dict:
     kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    quantization = quantization_config(cfg)
+    quantization = quantization_config(cfg, bf16)
     if quantization is not None:
         from accelerate import PartialState
 
@@ -175,19 +176,20 @@ def _loading_kwargs(cfg: TrainConfig) -> dict:
     return kwargs
 
 
-def load_causal_lm(path: str, cfg: TrainConfig) -> PreTrainedModel:
+def load_causal_lm(path: str, cfg: TrainConfig, bf16: bool = False) -> PreTrainedModel:
     """A causal LM from a local folder or the Hub. Weights load through transformers, which reads
     safetensors and refuses pickled code; ``trust_remote_code`` stays off unless asked for. With
-    ``load_in_4bit`` / ``load_in_8bit`` its linear layers are quantized (:func:`quantization_config`)."""
+    ``load_in_4bit`` / ``load_in_8bit`` its linear layers are quantized (:func:`quantization_config`; ``bf16``: the
+    run trains under bf16 autocast)."""
     with _loading(path, "model"):
-        return one_4bit_kernel(AutoModelForCausalLM.from_pretrained(path, **_loading_kwargs(cfg)))
+        return one_4bit_kernel(AutoModelForCausalLM.from_pretrained(path, **_loading_kwargs(cfg, bf16)))
 
 
-def load_reward_model(path: str, cfg: TrainConfig) -> PreTrainedModel:
+def load_reward_model(path: str, cfg: TrainConfig, bf16: bool = False) -> PreTrainedModel:
     """A one-output sequence classifier (a causal LM checkpoint gets a new ``score`` head)."""
     with _loading(path, "model"):
         return one_4bit_kernel(AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
-                                                                                  **_loading_kwargs(cfg)))
+                                                                                  **_loading_kwargs(cfg, bf16)))
 
 
 def one_4bit_kernel(model: nn.Module) -> nn.Module:

@@ -30,11 +30,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from preftune import metric_names as names
-from preftune.config import TrainConfig
+from preftune.config import Resolved, TrainConfig
 from preftune.errors import ConfigError, TrainingError
 from preftune.methods.registry import get_method
 from preftune.modeling.modes import eval_mode
-from preftune.rollout.judges import check_judge, default_judge
 from preftune.training import checkpoint, hub, memory, rounds
 from preftune.training.algorithm import Algorithm, Session, Update
 from preftune.training.fsdp import fsdp_on_cpu
@@ -46,7 +45,7 @@ from preftune.training.online import Online
 from preftune.training.optim import build_optimizer, make_scheduler
 from preftune.training.ppo import PPO
 from preftune.training.rundir import RunResult, effective_config, on_main_process, open_run_folder
-from preftune.training.setup import judge_role, prepare_inputs, uses_embedded_model, uses_embedded_world
+from preftune.training.setup import prepare_inputs, settle_judge, uses_embedded_model
 from preftune.training.tracking import MetricsLog, MetricWindow, obeys_disable_tqdm
 
 log = logging.getLogger("preftune")
@@ -78,14 +77,14 @@ def native_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-def resolve_precision(cfg: TrainConfig, embedded_model: bool) -> TrainConfig:
-    """``bf16=None`` (the default) becomes True where bf16 is native (and fp16 is not asked for), as in TRL:
-    bf16 autocast was ×1.5–1.6 faster than fp32 per pair for a 58M-parameter model on a 2-core AVX512-BF16 CPU
-    (benchmarks/README.md). The embedded toy model stays fp32: its matmuls are too small for autocast's casts
-    to pay (×0.7). The resolved value is written back, so config.yaml and the reference cache record it."""
-    if cfg.bf16 is None:
-        cfg.bf16 = not cfg.fp16 and cfg.dtype != "float16" and not embedded_model and native_bf16()
-    return cfg
+def resolve_precision(cfg: TrainConfig, embedded_model: bool) -> bool:
+    """Whether the run trains under bf16 autocast: ``bf16`` as given, or, left at None (the default), where bf16 is
+    native (and fp16 is not asked for), as in TRL: bf16 autocast was ×1.5–1.6 faster than fp32 per pair for a
+    58M-parameter model on a 2-core AVX512-BF16 CPU (benchmarks/README.md). The embedded toy model stays fp32: its
+    matmuls are too small for autocast's casts to pay (×0.7). Recorded as :attr:`Resolved.bf16`."""
+    if cfg.bf16 is not None:
+        return cfg.bf16
+    return not cfg.fp16 and cfg.dtype != "float16" and not embedded_model and native_bf16()
 
 
 def launched_alone(num_processes: int, env: dict[str, str] | os._Environ = os.environ) -> str | None:
@@ -102,8 +101,8 @@ def launched_alone(num_processes: int, env: dict[str, str] | os._Environ = os.en
             "--multi_gpu --num_processes N ...` or `torchrun --nproc_per_node N -m preftune.cli train ...`")
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
+def make_accelerator(cfg: TrainConfig, bf16: bool) -> Accelerator:
+    precision = "bf16" if bf16 else "fp16" if cfg.fp16 else "no"
     # Accelerate's state is a process-wide singleton; a second run in the same process (a notebook, the
     # tests) may use another precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
@@ -144,17 +143,19 @@ class PreferenceTrainer:
 
     def __init__(self, config: TrainConfig, model=None, ref_model=None, tokenizer=None,
                  train_dataset=None, eval_dataset=None, callbacks: list = (), judge=None):
-        # A copy: resolved choices (precision, layout, reference) are written into it, not into the caller's object.
-        self.cfg = copy.deepcopy(config).validate()
-        embedded = uses_embedded_model(self.cfg, model)
-        self.accelerator = make_accelerator(resolve_precision(self.cfg, embedded_model=embedded))
+        self.cfg = copy.deepcopy(config).validate()  # validate() normalises in place: not the caller's object
+        self.judge = judge  # a Judge, a pairwise judge or a function (prompts, completions) -> scores; else cfg.judge
+        # The choices the config leaves to the run: precision and judge now, the model's layout once it is loaded.
+        self.resolved = Resolved(bf16=resolve_precision(self.cfg, embedded_model=uses_embedded_model(self.cfg, model)),
+                                 judge=settle_judge(self.cfg, judge, model, train_dataset) if self.cfg.is_online
+                                 else self.cfg.judge)  # a run of rounds settles its judge when it starts
+        self.accelerator = make_accelerator(self.cfg, self.resolved.bf16)
         self.given = dict(model=model, ref_model=ref_model, tokenizer=tokenizer,
                           train_dataset=train_dataset, eval_dataset=eval_dataset)
-        self.callbacks = adapt_callbacks(list(callbacks), self.cfg, self.accelerator.is_main_process)
-        self.judge = judge  # a Judge, a pairwise judge or a function (prompts, completions) -> scores; else cfg.judge
-        self._check_judge(judge, model, train_dataset)
+        self.callbacks = adapt_callbacks(list(callbacks), self.resolved.applied(self.cfg),
+                                         self.accelerator.is_main_process)
         # A method trained in rounds runs the offline algorithm once per round, on that round's pairs.
-        self.algorithm: Algorithm = ALGORITHMS[algorithm_name(self.cfg)](self.cfg, self.judge)
+        self.algorithm: Algorithm = ALGORITHMS[algorithm_name(self.cfg)](self.cfg, self.judge, self.resolved)
         self.session: Session | None = None
         self.health: HealthCallback | None = None  # the built-in health checks of the current or last train()
         self.global_step = 0  # updates the policy has taken in this trainer: evaluate()'s step
@@ -174,7 +175,8 @@ class PreferenceTrainer:
             return self.session
         cfg, acc = self.cfg, self.accelerator
         set_seed(cfg.seed)
-        inputs = prepare_inputs(cfg, acc, **self.given)
+        inputs = prepare_inputs(cfg, acc, self.resolved, **self.given)
+        self.resolved = inputs.resolved  # with the model's layout and the reference's plan
         parts = self.algorithm.prepare(inputs, acc)
         optimizer = build_optimizer(cfg, parts.model)
         # Each process's share of the loader, as Accelerate shards it (whole batches: a last short one is kept unless
@@ -272,7 +274,7 @@ class PreferenceTrainer:
     def _begin(self, session: Session, out: Path, resume: Path | None) -> tuple[dict, MetricsLog, dict]:
         """The run's fingerprint (checked against a resumed checkpoint's), config.yaml, the resumed state, the metrics
         log with its listeners (the built-in health checks replay a resumed run's records), the start of the log."""
-        cfg, acc = self.cfg, self.accelerator
+        cfg, acc = self.resolved.applied(self.cfg), self.accelerator  # the config as the run computes with it
         fingerprint = checkpoint.run_fingerprint(effective_config(cfg), session.inputs.data_fingerprints)
         state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
         if resume is not None:
@@ -370,7 +372,8 @@ class PreferenceTrainer:
                    "memory": self.algorithm.memory(), **self.algorithm.summary(),
                    **({"health": self.health.summary()} if self.health is not None else {})}
         result.final_dir = checkpoint.export_final(acc, session.policy, inputs.tokenizer, out, cfg.save_merged_model,
-                                                   config=effective_config(cfg), summary=summary)
+                                                   config=effective_config(self.resolved.applied(cfg)),
+                                                   summary=summary)
         if acc.is_main_process:
             summary["final_dir"] = str(result.final_dir)
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -383,15 +386,6 @@ class PreferenceTrainer:
         return result
 
     # ------------------------------------------------------------------------------------------------
-    def _check_judge(self, judge, model, train_dataset) -> None:
-        """A run that samples while it trains (online methods, PPO) needs a judge: the object given, else the config's
-        (the embedded world's gold reward when neither is given, recorded in config.yaml); one message when there is
-        none, before anything loads. The algorithm loads it (:func:`preftune.rollout.judges.resolve_judge`)."""
-        cfg = self.cfg
-        if cfg.is_online:
-            cfg.judge = default_judge(judge, cfg.judge, embedded_world=uses_embedded_world(cfg, model, train_dataset))
-            check_judge(judge, cfg.judge, **judge_role(cfg))
-
     def _moving_reference(self) -> nn.Module | None:
         """TR-DPO's reference moves with the policy: its weights are part of a checkpoint."""
         return self.session.reference.module if self.cfg.sync_ref_model else None
@@ -468,9 +462,9 @@ class PreferenceTrainer:
                  "%d processes | trainable params %s of %s", "+".join(cfg.methods), session.reference.name,
                  len(inputs.train), len(inputs.eval) if inputs.eval is not None else 0, session.total_steps,
                  session.num_epochs, self.accelerator.num_processes, f"{trainable:,}", f"{total:,}")
-        precision = "bf16 autocast" if cfg.bf16 else "fp16 autocast" if cfg.fp16 else "fp32"
+        precision = "bf16 autocast" if self.resolved.bf16 else "fp16 autocast" if cfg.fp16 else "fp32"
         log.info("precision: %s (weights loaded as %s) | layout: %s | fused MLPs: %s", precision, cfg.dtype,
-                 inputs.collator.describe(), "yes" if cfg.fused_mlp else "no")
+                 inputs.collator.describe(), "yes" if self.resolved.fused_mlp else "no")
         for line in self.algorithm.describe():
             log.info("%s", line)
         log.info("memory: %s", memory.describe(self.algorithm.memory()))

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from preftune.config import TrainConfig
+from preftune.config import Resolved, TrainConfig
 from preftune.data.batching import LengthGroupedSampler, TokenBudgetBatchSampler, example_lengths
 from preftune.modeling.logprobs import LogProbModel
 from preftune.modeling.reward import RewardModel
@@ -44,7 +44,7 @@ def build_train_loader(cfg: TrainConfig, dataset, collate: Callable[[list[dict]]
 class Offline:
     """fetch k micro-batches → policy and reference log-probs → loss → one optimizer step."""
 
-    def __init__(self, cfg: TrainConfig, judge: None = None):  # offline methods read no judge
+    def __init__(self, cfg: TrainConfig, judge: None = None, resolved: Resolved | None = None):  # no judge read
         self.cfg = cfg
         self.spec = LossSpec.from_config(cfg)
         self.unit = self.spec.unit

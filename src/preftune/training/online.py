@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from preftune import metric_names as names
-from preftune.config import TrainConfig
+from preftune.config import Resolved, TrainConfig
 from preftune.data.batching import SOURCE_ROW, PreferenceCollator
 from preftune.errors import ConfigError
 from preftune.methods import rl
@@ -149,8 +149,10 @@ class Sampler:
 class Online:
     """Rollout → judge → experience → ``num_iterations`` passes; see the module docstring."""
 
-    def __init__(self, cfg: TrainConfig, judge=None):
-        self.cfg, self.given_judge = cfg, judge  # the trainer's judge=, else the config's judge, loaded by prepare
+    def __init__(self, cfg: TrainConfig, judge=None, resolved: Resolved | None = None):
+        # the trainer's judge=, else the run's judge spec (the config's, or the embedded world's gold); prepare loads it
+        self.cfg, self.given_judge = cfg, judge
+        self.judge_spec = cfg.judge if resolved is None else resolved.judge
         self.judge: Judge | None = None
         self.spec = LossSpec.from_config(cfg)
         self.unit = self.spec.unit
@@ -165,7 +167,7 @@ class Online:
     def load_judge(self, accelerator: Accelerator) -> Judge:
         """The run's judge, loaded once (:func:`preftune.rollout.judges.resolve_judge`)."""
         if self.judge is None:
-            self.judge = resolve_judge(self.given_judge, self.cfg.judge, **judge_role(self.cfg),
+            self.judge = resolve_judge(self.given_judge, self.judge_spec, **judge_role(self.cfg),
                                        device=accelerator.device)
         return self.judge
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from preftune import metric_names as names
-from preftune.config import TrainConfig
+from preftune.config import Resolved, TrainConfig
 from preftune.data.batching import SOURCE_ROW
 from preftune.errors import DataError, TrainingError
 from preftune.methods import rl
@@ -187,8 +187,9 @@ def reward_on_ids(judge: Judge, tokenizer) -> bool:
 
 
 def make_critic(settings: PPOSettings, cfg: TrainConfig, policy: nn.Module, judge: Judge, tokenizer,
-                ) -> tuple[nn.Module | None, nn.Linear | None, str]:
-    """The critic ``(model or None, value head or None, what it is)``; see ``value_model`` in the config."""
+                bf16: bool = False) -> tuple[nn.Module | None, nn.Linear | None, str]:
+    """The critic ``(model or None, value head or None, what it is)``; see ``value_model`` in the config (``bf16``:
+    the run's autocast, the compute dtype of a quantized checkpoint)."""
     choice = settings.value_model
     if choice == "shared":
         return None, value_head(policy), "a value head on the policy's trunk"
@@ -200,7 +201,7 @@ def make_critic(settings: PPOSettings, cfg: TrainConfig, policy: nn.Module, judg
                     "starts from the policy's body instead (set value_model to silence this)", judge.name)
     if choice in (None, "policy"):
         return critic_from_policy(policy), None, "a copy of the policy's body with a new score head"
-    critic = loading.load_reward_model(choice, cfg)
+    critic = loading.load_reward_model(choice, cfg, bf16=bf16)
     check_same_vocabulary(policy, critic)
     return critic, None, f"the checkpoint {choice}"
 
@@ -216,8 +217,8 @@ class PPO(Online):
     :class:`~preftune.rollout.judges.Judge` (e.g. a ``RewardModelJudge``), a function wrapped as one, or the
     config's ``judge`` / ``reward_model_path``."""
 
-    def __init__(self, cfg: TrainConfig, judge=None):
-        super().__init__(cfg, judge)
+    def __init__(self, cfg: TrainConfig, judge=None, resolved: Resolved | None = None):
+        super().__init__(cfg, judge, resolved)
         self.settings = ppo = PPOSettings.from_config(cfg)
         self.seconds = {"generation": 0.0, "scoring": 0.0, "experience": 0.0, "optimisation": 0.0}
         self.controller = rl.KLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
@@ -233,7 +234,8 @@ class PPO(Online):
         if isinstance(reward_model, nn.Module):
             reward_model.requires_grad_(False)
         self.on_ids = reward_on_ids(self.judge, inputs.tokenizer)
-        critic, head, self.critic_label = make_critic(ppo, cfg, inputs.model, self.judge, inputs.tokenizer)
+        critic, head, self.critic_label = make_critic(ppo, cfg, inputs.model, self.judge, inputs.tokenizer,
+                                                      inputs.resolved.bf16)
         if critic is not None and cfg.disable_dropout:
             loading.disable_dropout(critic)
         self.rollout_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * ppo.num_mini_batches

@@ -73,8 +73,6 @@ from preftune.modeling import loading
 from preftune.modeling.logprobs import max_positions
 from preftune.rollout.judges import (
     PairwiseJudge,
-    check_judge,
-    default_judge,
     judge_scores,
     resolve_judge,
     win_rate,
@@ -92,7 +90,7 @@ from preftune.training.setup import (
     data_sources,
     hold_out,
     judge_role,
-    uses_embedded_world,
+    settle_judge,
 )
 
 log = logging.getLogger("preftune")
@@ -350,8 +348,11 @@ def train_rounds(trainer) -> Any:
     has ``rounds``); returns the last round's :class:`~preftune.training.rundir.RunResult`, with the run's folder,
     the last model, the total number of steps and the last round's metrics."""
 
-    cfg, given = trainer.cfg, trainer.given
-    _settle_judge(trainer)
+    given = trainer.given
+    # The judge settled before anything loads, as in every run that samples; the config as the run computes with it.
+    trainer.resolved = replace(trainer.resolved, judge=settle_judge(trainer.cfg, trainer.judge, given["model"],
+                                                                    given["train_dataset"]))
+    cfg = trainer.resolved.applied(trainer.cfg)
     state = PartialState()
     started = time.perf_counter()
     tokenizer = _load_tokenizer(cfg, given["tokenizer"], _builtin_rows_if_needed(cfg, given))
@@ -397,15 +398,6 @@ def train_rounds(trainer) -> Any:
     finally:
         if lock is not None:
             lock.release()
-
-
-def _settle_judge(trainer) -> None:
-    """The run's judge, settled before anything loads as in every run that samples: the embedded world's gold
-    default recorded in the config (so config.yaml says what judged the run), one message when there is none."""
-    cfg, given = trainer.cfg, trainer.given
-    cfg.judge = default_judge(trainer.judge, cfg.judge,
-                              embedded_world=uses_embedded_world(cfg, given["model"], given["train_dataset"]))
-    check_judge(trainer.judge, cfg.judge, **judge_role(cfg))
 
 
 def _evaluate_initial(run: RoundsRun, record: dict, saved: dict | None) -> Rollout:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from preftune.config import TrainConfig, is_template_text
+from preftune.config import Resolved, TrainConfig, is_template_text
 from preftune.data import formats, tokenize
 from preftune.data.batching import PreferenceCollator
 from preftune.errors import ConfigError, DataError, ModelError
@@ -39,6 +40,7 @@ from preftune.modeling.logprobs import (
     model_inputs,
     unwrap_causal_lm,
 )
+from preftune.rollout.judges import check_judge, default_judge
 from preftune.training.objective import LossSpec
 
 log = logging.getLogger("preftune")
@@ -60,6 +62,7 @@ class RunInputs:
     data_reports: dict[str, str] = field(default_factory=dict)
     data_fingerprints: dict[str, str] = field(default_factory=dict)  # split → tokenized data fingerprint
     reference_label: str = "none"
+    resolved: Resolved = field(default_factory=Resolved)  # the run's choices, the model's layout included
 
 
 def make_collator(cfg: TrainConfig, tokenizer, model: nn.Module, sft: bool = False) -> PreferenceCollator:
@@ -211,6 +214,16 @@ def uses_embedded_world(cfg: TrainConfig, model, train_dataset) -> bool:
     return uses_embedded_model(cfg, model) and train_dataset is None and cfg.dataset is None
 
 
+def settle_judge(cfg: TrainConfig, judge, model, train_dataset) -> str | None:
+    """The judge spec of a run that samples (online methods, PPO, rounds): the config's, else the embedded world's
+    gold reward when no judge is given at all (``judge``: the trainer's judge= object); one message when there is
+    none, before anything loads. Recorded as :attr:`preftune.config.Resolved.judge` (config.yaml says what judged the
+    run); the algorithm loads it (:func:`preftune.rollout.judges.resolve_judge`)."""
+    spec = default_judge(judge, cfg.judge, embedded_world=uses_embedded_world(cfg, model, train_dataset))
+    check_judge(judge, spec, **judge_role(cfg))
+    return spec
+
+
 def judge_role(cfg: TrainConfig) -> dict[str, str] | None:
     """What the run asks of a judge, as :func:`preftune.rollout.judges.resolve_judge`'s keywords: ``who`` (the
     method, for messages) and ``pairwise`` — a pairwise judge is kept by the rounds (they read its preferences), scores
@@ -256,7 +269,7 @@ def read_chat_template(value: str) -> str:
                           "template itself") from None
 
 
-def _load_model(cfg: TrainConfig, model, tokenizer, reward: bool):
+def _load_model(cfg: TrainConfig, model, tokenizer, reward: bool, bf16: bool = False):
     if (cfg.load_in_4bit or cfg.load_in_8bit) and (model is not None or not cfg.model_name_or_path):
         raise ConfigError(f"load_in_{4 if cfg.load_in_4bit else 8}bit quantizes the model as it loads from "
                           "model_name_or_path; a model passed in memory, or the embedded one, is not quantized: give "
@@ -268,7 +281,8 @@ def _load_model(cfg: TrainConfig, model, tokenizer, reward: bool):
         model = default_model(tokenizer, seed=cfg.seed)
     elif model is None:
         loading.check_model_path("model_name_or_path", cfg.model_name_or_path)
-        model = (loading.load_reward_model if reward else loading.load_causal_lm)(cfg.model_name_or_path, cfg)
+        model = (loading.load_reward_model if reward else loading.load_causal_lm)(cfg.model_name_or_path, cfg,
+                                                                                  bf16=bf16)
     if reward and not hasattr(model, "score"):
         log.info("reward modelling: the causal LM's body gets a new one-output score head")
         model = loading.as_reward_model(model)
@@ -396,10 +410,13 @@ def _report_overlap(train: datasets.Dataset, evaluation: datasets.Dataset, repor
                     "give rows the run does not train on (eval_dataset, or eval_split_size)", reports["eval/overlap"])
 
 
-def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_model=None, tokenizer=None,
-                   train_dataset=None, eval_dataset=None) -> RunInputs:
+def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, resolved: Resolved | None = None, model=None,
+                   ref_model=None, tokenizer=None, train_dataset=None, eval_dataset=None) -> RunInputs:
     """Tokenizer → data (read, validated, tokenized: a bad file fails before any model loads) → model → layout →
-    reference (precomputed and cached when it stays fixed). The resolved choices are written back into ``cfg``."""
+    reference (precomputed and cached when it stays fixed). ``resolved``: the run's choices so far (by default the
+    accelerator's precision and the config's judge); the inputs carry them with the layout and the reference's plan
+    added (``RunInputs.resolved``), and ``cfg`` is left as it is."""
+    resolved = resolved or Resolved(bf16=accelerator.mixed_precision == "bf16", judge=cfg.judge)
     check_fsdp(cfg, accelerator)
     builtin_rows = None
     if train_dataset is None and cfg.dataset is None:
@@ -421,9 +438,37 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
         _report_overlap(train, evaluation, reports)
     data_fingerprints = {"train": train._fingerprint} | ({"eval": evaluation._fingerprint} if evaluation else {})
 
-    model = _load_model(cfg, model, tokenizer, reward)
+    model = _load_model(cfg, model, tokenizer, reward, bf16=resolved.bf16)
     check_model_fits(model, tokenizer, [(train_source, train)] + ([("eval", evaluation)] if evaluation else []),
                      budget=cfg.generation_budget if cfg.is_online else 0)
+    model = _ready_for_training(cfg, model, accelerator, reward)
+    fused = _fuse_mlps(cfg, model, accelerator)
+
+    collator = make_collator(cfg, tokenizer, model, sft=kind == "sft")
+    strategy = choose_reference(cfg, model, ref_model, bf16=resolved.bf16)
+    resolved = dataclasses.replace(resolved, fused_mlp=fused, prefix_sharing=collator.prefix_sharing,
+                                   padding_free=collator.padding_free,
+                                   precompute_ref_log_probs=strategy.kind == "precompute")
+    if strategy.source_model is not None and strategy.source_model is not model:
+        loading.check_same_vocabulary(model, strategy.source_model)
+    if strategy.kind == "precompute":
+        live = _ReadOnlyReference(LogProbModel(strategy.source_model, cfg.logprob_chunk_size), accelerator,
+                                  adapters_off=strategy.label == "adapters off")
+        fingerprint = reference.model_fingerprint(strategy.source_model)
+        train = attach_reference_logps(cfg, accelerator, live, train, kind, fingerprint, collator, resolved.bf16)
+        if evaluation is not None:
+            evaluation = attach_reference_logps(cfg, accelerator, live, evaluation, kind, fingerprint, collator,
+                                                resolved.bf16)
+        strategy.release()
+
+    return RunInputs(tokenizer=tokenizer, model=model, train=train, eval=evaluation, collator=collator,
+                     make_reference=strategy.build, parameter_counts=loading.count_parameters(model),
+                     data_reports=reports, data_fingerprints=data_fingerprints, reference_label=strategy.label,
+                     resolved=resolved)
+
+
+def _ready_for_training(cfg: TrainConfig, model: nn.Module, accelerator: Accelerator, reward: bool) -> nn.Module:
+    """Dropout off, gradient checkpointing and LoRA adapters as the config asks; FlexAttention refused on a CPU."""
     flex = attention_implementation(unwrap_causal_lm(model)) == "flex_attention"
     if flex and accelerator.device.type == "cpu":  # fail now, not at the first backward
         raise ConfigError("attn_implementation=flex_attention trains on GPUs only: torch has no FlexAttention "
@@ -434,26 +479,7 @@ def prepare_inputs(cfg: TrainConfig, accelerator: Accelerator, model=None, ref_m
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.use_peft and not loading.is_peft_model(model):
         model = loading.add_lora(model, cfg, task="SEQ_CLS" if reward else "CAUSAL_LM")
-    cfg.fused_mlp = _fuse_mlps(cfg, model, accelerator)
-
-    collator = make_collator(cfg, tokenizer, model, sft=kind == "sft")
-    cfg.prefix_sharing, cfg.padding_free = collator.prefix_sharing, collator.padding_free
-    strategy = choose_reference(cfg, model, ref_model)
-    cfg.precompute_ref_log_probs = strategy.kind == "precompute"
-    if strategy.source_model is not None and strategy.source_model is not model:
-        loading.check_same_vocabulary(model, strategy.source_model)
-    if strategy.kind == "precompute":
-        live = _ReadOnlyReference(LogProbModel(strategy.source_model, cfg.logprob_chunk_size), accelerator,
-                                  adapters_off=strategy.label == "adapters off")
-        fingerprint = reference.model_fingerprint(strategy.source_model)
-        train = attach_reference_logps(cfg, accelerator, live, train, kind, fingerprint, collator)
-        if evaluation is not None:
-            evaluation = attach_reference_logps(cfg, accelerator, live, evaluation, kind, fingerprint, collator)
-        strategy.release()
-
-    return RunInputs(tokenizer=tokenizer, model=model, train=train, eval=evaluation, collator=collator,
-                     make_reference=strategy.build, parameter_counts=loading.count_parameters(model),
-                     data_reports=reports, data_fingerprints=data_fingerprints, reference_label=strategy.label)
+    return model
 
 
 def check_fsdp(cfg: TrainConfig, accelerator: Accelerator) -> None:
@@ -554,14 +580,16 @@ def needs_reference(method, cfg: TrainConfig) -> bool:
     return (method.defaults[name] if value is None else value) != 0
 
 
-def choose_reference(cfg: TrainConfig, model: nn.Module, ref_model: nn.Module | None) -> ReferencePlan:
-    """Explicit checkpoint > adapters off (LoRA) > frozen copy; precomputed whenever it stays fixed."""
+def choose_reference(cfg: TrainConfig, model: nn.Module, ref_model: nn.Module | None,
+                     bf16: bool = False) -> ReferencePlan:
+    """Explicit checkpoint > adapters off (LoRA) > frozen copy; precomputed whenever it stays fixed. ``bf16``: the
+    run's autocast (a quantized checkpoint computes in it)."""
     chunk = cfg.logprob_chunk_size
     if not any(needs_reference(get_method(m), cfg) for m in cfg.methods):
         return ReferencePlan("none", None, chunk, "none")
     if ref_model is None and cfg.ref_model_name_or_path:
         loading.check_model_path("ref_model_name_or_path", cfg.ref_model_name_or_path)
-        ref_model = loading.load_causal_lm(cfg.ref_model_name_or_path, cfg)
+        ref_model = loading.load_causal_lm(cfg.ref_model_name_or_path, cfg, bf16=bf16)
     precompute = cfg.precompute_ref_log_probs
     if precompute is None:  # online methods score completions that do not exist before training
         precompute = not cfg.sync_ref_model and not cfg.is_online
@@ -577,10 +605,11 @@ def choose_reference(cfg: TrainConfig, model: nn.Module, ref_model: nn.Module | 
 
 
 def attach_reference_logps(cfg: TrainConfig, accelerator: Accelerator, live, data: datasets.Dataset,
-                           kind: str, model_fp: str, collator: PreferenceCollator) -> datasets.Dataset:
-    """Add ``ref_*_logps`` columns: computed once (sharded over processes), cached on disk by fingerprints."""
+                           kind: str, model_fp: str, collator: PreferenceCollator, bf16: bool) -> datasets.Dataset:
+    """Add ``ref_*_logps`` columns: computed once (sharded over processes), cached on disk by fingerprints (the
+    precision, ``bf16`` autocast or not, among them)."""
     names = reference.reference_columns(kind)
-    key = reference.cache_key(model_fp, data._fingerprint, cfg.ld_alpha, cfg.bf16, cfg.fp16, kind, len(data))
+    key = reference.cache_key(model_fp, data._fingerprint, cfg.ld_alpha, bf16, cfg.fp16, kind, len(data))
     path = cache_root(cfg) / "reference" / f"{key}.npy"
     values = reference.load_cached(path, len(data))
     if values is None:
