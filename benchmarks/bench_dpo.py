@@ -192,6 +192,8 @@ class Run:
     tokens_per_s: float | None = None
     peak_rss_gib: float | None = None
     vm_hwm_gib: float | None = None
+    cuda_peak_gib: float | None = None  # on a GPU: torch.cuda.max_memory_allocated over the run
+    device: str | None = None  # on a GPU: the card's name
     ru_maxrss_gib: float | None = None  # wait4's, floored by the driver's RSS at the spawn (see the docstring)
     mfu: float | None = None
     mfu_own_precision: float | None = None
@@ -275,6 +277,8 @@ def summarise(run: Run, result: dict[str, Any], warmup: int, steps: int, tokens_
     if result.get("vm_hwm_bytes"):
         run.vm_hwm_gib = result["vm_hwm_bytes"] / 2**30
     run.peak_rss_gib = run.vm_hwm_gib or run.ru_maxrss_gib
+    if result.get("cuda_peak_bytes") is not None:
+        run.cuda_peak_gib, run.device = result["cuda_peak_bytes"] / 2**30, result.get("device")
     if run.status != "ok":
         return
     run.step_seconds = result["step_seconds"]

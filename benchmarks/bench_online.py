@@ -366,7 +366,8 @@ def run_worker(spec: dict) -> dict:
         cfg = TrainConfig(model_name_or_path=spec["model_dir"], per_device_train_batch_size=P, max_steps=steps_run,
                           max_completion_length=spec["completion_tokens"], temperature=1.0, top_p=1.0, top_k=0,
                           bf16=spec["bf16"], logging_steps=1, output_dir=out_dir, overwrite_output_dir=True,
-                          report_to=["none"], disable_tqdm=True, attn_implementation="sdpa", **common, **method)
+                          report_to=["none"], disable_tqdm=True, attn_implementation="sdpa", **common, **method,
+                          **spec.get("preftune_set", {}))
         holder: dict = {}
 
         class StepClock:
@@ -633,6 +634,9 @@ def report(meta: dict, cells: list[dict], top: dict) -> str:
     lines = [f"# Online training benchmark: preftune vs TRL ({meta['stamp']})", "", machine_line(meta)]
     if meta.get("note"):
         lines += ["", f"**{meta['note']}**"]
+    if meta.get("preftune_set"):
+        lines += ["", "**Ablation: preftune runs with " + ", ".join(f"`{s}`" for s in meta["preftune_set"])
+                  + "; TRL as without it.**"]
     lines += ["", f"Command: `{meta['command']}`", "",
               f"Llama-style models with random weights, untied embeddings (shapes below); {meta['prompts_per_step']} "
               f"prompts per optimizer step; GRPO G completions per prompt, Online DPO 2. "
@@ -787,6 +791,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: torch's; 1 is far steadier on a shared machine)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default: fp32)")
+    parser.add_argument("--preftune-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a preftune config key for an ablation row (repeatable; e.g. reference_dtype=bfloat16); "
+                             "TRL runs as it would without it")
     parser.add_argument("--note", default="", help="a line printed above the tables (e.g. machine sharing)")
     parser.add_argument("--work-dir", default=str(HERE / ".work" / "online"))
     parser.add_argument("--results-dir", default=str(HERE / "results"))
@@ -822,7 +829,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, work: Path, methods: list[str
           f"embeddings (×{assets['parameter_split']['body_to_head']:.2f})", flush=True)
     base = dict(cell=cell.name, model_dir=assets["model_dir"], prompts=assets["prompts"], warmup=args.warmup,
                 steps=cell.steps, prompts_per_step=args.prompts_per_step, group_size=cell.group_size,
-                completion_tokens=cell.completion_tokens, bf16=args.bf16, threads=args.threads)
+                completion_tokens=cell.completion_tokens, bf16=args.bf16, threads=args.threads,
+                preftune_set=dict(item.split("=", 1) for item in args.preftune_set))
     runs, error = [], None
     try:
         for repeat in range(cell.repeats):

@@ -180,9 +180,11 @@ def run_trl(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     total = spec["warmup"] + spec["steps"]
     # Only the knobs under test are set; everything else stays at TRL's DPOConfig defaults (bf16 and
     # gradient checkpointing included, unless the config overrides them). use_cpu is needed on a CPU-only machine.
+    import torch
+
     args = DPOConfig(
         output_dir=str(out_dir / "run"),
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         beta=BETA,
         learning_rate=LEARNING_RATE,
         per_device_train_batch_size=PAIRS_PER_STEP,
@@ -252,6 +254,9 @@ def main(spec_path: str) -> None:
     import torch
 
     result["torch_threads"] = torch.get_num_threads()
+    if torch.cuda.is_available():  # the whole run's peak device memory, and the card it was measured on
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+        result["device"] = torch.cuda.get_device_name(0)
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     sys.exit(0 if result["status"] == "ok" else 1)
 

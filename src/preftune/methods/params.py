@@ -127,6 +127,10 @@ class SamplingKeys:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     missing_eos_penalty: float | None = None  # subtracted from the score of a completion that never ended
+    # The precision samples are drawn in: bfloat16 autocast (as vLLM samples from bf16 weights: ≈2.4× faster small
+    # matmuls where bf16 is native), float32 (autocast off), or None: the run's precision. Training's log-probs stay
+    # in the run's precision.
+    generation_dtype: Literal["float32", "bfloat16"] | None = None
 
     RANGES: ClassVar[dict[str, Range]] = {
         "num_generations": Range((2, True), hint="; the methods compare completions of one prompt"),

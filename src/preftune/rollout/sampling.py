@@ -139,6 +139,17 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def sampling_precision(dtype: str | None, device: torch.device, run_precision=contextlib.nullcontext):
+    """The precision a run samples in (``generation_dtype``): ``"bfloat16"`` autocast, ``"float32"`` (autocast off),
+    or None: ``run_precision()``, the run's own context. Under bf16 autocast the policy's weights are cast once per
+    call (autocast caches the casts of trainable leaf tensors for the whole block), not once per decoding step."""
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if dtype == "float32":
+        return torch.autocast(device.type, enabled=False)
+    return run_precision()
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

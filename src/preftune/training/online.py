@@ -65,7 +65,7 @@ from preftune.methods.registry import get_method
 from preftune.modeling.logprobs import LogProbModel, model_inputs
 from preftune.rollout.judges import Judge, PairPreferenceJudge, judge_scores, resolve_judge
 from preftune.rollout.record import Rollout
-from preftune.rollout.sampling import SamplingParams, generate
+from preftune.rollout.sampling import SamplingParams, generate, sampling_precision
 from preftune.training import memory
 from preftune.training.algorithm import OptimizerStep, Parts, Session, Update, Work, source_rows
 from preftune.training.objective import LossSpec
@@ -114,14 +114,19 @@ class Sampler:
         return (self.cfg.seed * 1_000_003 + epoch * 10_007 * acc.num_processes
                 + batch_index * acc.num_processes + acc.process_index) % 2**31
 
-    def rollout(self, rows: Sequence[dict], model: nn.Module, params: SamplingParams) -> Rollout:
+    def rollout(self, rows: Sequence[dict], model: nn.Module, params: SamplingParams, training: bool = True,
+                ) -> Rollout:
         """Sample and judge; the judged scores, minus the missing-EOS penalty, are the rollout's ``scores``."""
-        return self.judge_rollout(self.sample(rows, model, params))
+        return self.judge_rollout(self.sample(rows, model, params, training))
 
-    def sample(self, rows: Sequence[dict], model: nn.Module, params: SamplingParams) -> Rollout:
-        """Completions of the rows' prompts (their ``prompt_ids`` as the data layer encoded them), not yet judged."""
+    def sample(self, rows: Sequence[dict], model: nn.Module, params: SamplingParams, training: bool = True,
+               ) -> Rollout:
+        """Completions of the rows' prompts (their ``prompt_ids`` as the data layer encoded them), not yet judged;
+        samples to train on are drawn in ``generation_dtype``, held-out ones (``training=False``) in the run's
+        precision, so evaluations compare across that choice."""
         started = time.perf_counter()
-        with self.accelerator.autocast():
+        dtype = self.cfg.generation_dtype if training else None
+        with sampling_precision(dtype, self.accelerator.device, self.accelerator.autocast):
             out = generate(model, self.tokenizer, [r["prompt"] for r in rows], params,
                            prompt_ids=[r["prompt_ids"] for r in rows], source="the training prompts")
         self.seconds["generation"] += time.perf_counter() - started
@@ -220,7 +225,7 @@ class Online:
         """One sample of each held-out prompt (seeded by the step and its row), judged: its reward, length and
         ending."""
         params = self.sampler.sampling(None, n=1, prompt_seeds=self.sampler.prompt_seeds(rows, "eval", step))
-        log_samples(window, self.sampler.rollout(rows, self.session.model, params))
+        log_samples(window, self.sampler.rollout(rows, self.session.model, params, training=False))
 
     def state(self) -> dict[str, Any]:
         return {"generation_offset": self.done_in_generation}

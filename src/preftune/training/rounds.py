@@ -80,7 +80,7 @@ from preftune.rollout.judges import (
 from preftune.rollout.kl import sequence_kl
 from preftune.rollout.pairs import PairReport, pairs_from_rollout, save_pairs
 from preftune.rollout.record import Rollout
-from preftune.rollout.sampling import SamplingParams, generate
+from preftune.rollout.sampling import SamplingParams, generate, sampling_precision
 from preftune.training import checkpoint, hub
 from preftune.training.rundir import RunLock, RunResult, effective_config, open_run_folder, record_entries
 from preftune.training.setup import (
@@ -464,7 +464,7 @@ def _sample_and_pair(run: RoundsRun, k: int, sampler: nn.Module) -> tuple[list[d
     prompts = round_prompts(run.prompts, k, cfg.prompts_per_round)
     n = cfg.num_generations_for_rounds
     began = time.perf_counter()
-    with run.autocast():
+    with sampling_precision(cfg.generation_dtype, run.device, run.autocast):  # the samples it trains on
         rollout = generate(sampler, run.tokenizer, [r["prompt"] for r in prompts],
                            run.sampling(n, (cfg.seed * 1_000_003 + k) % 2**31),
                            prompt_ids=[r["prompt_ids"] for r in prompts], source="the training prompts")

@@ -535,6 +535,7 @@ class ReferencePlan:
     source_model: nn.Module | None
     chunk_size: int
     label: str  # none | frozen copy | checkpoint | adapters off
+    dtype: str | None = None  # reference_dtype: the held reference model cast to it
 
     def release(self) -> None:
         self.source_model = None  # precomputed columns replace the reference model: free its memory
@@ -546,6 +547,8 @@ class ReferencePlan:
             return reference.PrecomputedReference()
         if self.kind == "adapters":
             return reference.AdaptersOffReference(policy, accelerator.unwrap_model)
+        if self.dtype is not None:  # a frozen copy, a loaded checkpoint or the ref_model given: cast in place
+            self.source_model.to(getattr(torch, self.dtype))
         return reference.ModelReference(self.source_model, self.chunk_size, self.label,
                                         accelerator.autocast).to(accelerator.device)
 
@@ -591,17 +594,18 @@ def choose_reference(cfg: TrainConfig, model: nn.Module, ref_model: nn.Module | 
         loading.check_model_path("ref_model_name_or_path", cfg.ref_model_name_or_path)
         ref_model = loading.load_causal_lm(cfg.ref_model_name_or_path, cfg, bf16=bf16)
     precompute = cfg.precompute_ref_log_probs
-    if precompute is None:  # online methods score completions that do not exist before training
-        precompute = not cfg.sync_ref_model and not cfg.is_online
+    if precompute is None:  # online methods score completions that do not exist before training; reference_dtype
+        precompute = not cfg.sync_ref_model and not cfg.is_online and not cfg.reference_dtype  # asks to hold one
     if ref_model is not None:
         if cfg.disable_dropout:
             loading.disable_dropout(ref_model)
-        return ReferencePlan("precompute" if precompute else "model", ref_model, chunk, "checkpoint")
+        return ReferencePlan("precompute" if precompute else "model", ref_model, chunk, "checkpoint",
+                             cfg.reference_dtype)
     if loading.is_peft_model(model):
         return ReferencePlan("precompute" if precompute else "adapters", model, chunk, "adapters off")
     if precompute:  # the policy before its first step is the reference: no copy needed
         return ReferencePlan("precompute", model, chunk, "frozen copy")
-    return ReferencePlan("model", copy.deepcopy(model), chunk, "frozen copy")
+    return ReferencePlan("model", copy.deepcopy(model), chunk, "frozen copy", cfg.reference_dtype)
 
 
 def attach_reference_logps(cfg: TrainConfig, accelerator: Accelerator, live, data: datasets.Dataset,
