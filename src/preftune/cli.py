@@ -147,7 +147,7 @@ def _experiment_parser(sub) -> list[argparse.ArgumentParser]:
     ignored by git), never over the committed ones in experiments/NAME unless --output-dir names them."""
     exp = sub.add_parser("experiment", help="reproducible experiments: frontier (the DPO paper's reward–KL plot), "
                          "scorer (the DPO policy's implicit reward against a reward model, on held-out pairs)")
-    names = exp.add_subparsers(dest="name", required=True, metavar="{frontier,scorer}")
+    names = exp.add_subparsers(dest="name", required=True, metavar="{frontier,claims,scorer}")
     frontier = names.add_parser("frontier", help="the DPO paper's reward–KL frontier (Fig. 2 left) on the demo world, "
                                 "for every method, with each run's cost",
                                 description="Every run starts from the demo's SFT model; every few steps its policy "
@@ -159,6 +159,18 @@ def _experiment_parser(sub) -> list[argparse.ArgumentParser]:
     frontier.add_argument("--runs", nargs="+", metavar="LABEL", help="only these runs (labels as in its table)")
     frontier.add_argument("--resume", action="store_true",
                           help="keep the runs points.json already holds (same settings), run the others")
+    claims = names.add_parser("claims", help="DPO's three claims against RLHF with error bars: reward at fixed KL, "
+                              "stability over seeds and settings, compute", description="The families' "
+                              "representatives, each over a sweep of learning rate × main coefficient at several "
+                              "seeds, selected on validation prompts and reported on test prompts with 95% intervals "
+                              "over seeds. Writes runs.json and claims.md.")
+    claims.add_argument("--output-dir", default="runs/claims",
+                        help="where runs.json, claims.md and work/ go (default: runs/claims)")
+    claims.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
+    claims.add_argument("--methods", nargs="+", metavar="NAME", help="only these methods (names as in its table)")
+    claims.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="the seeds (default: 0 1 2)")
+    claims.add_argument("--resume", action="store_true",
+                        help="keep the runs runs.json already holds (same settings), add the missing ones")
     scorer = names.add_parser("scorer", help="the DPO policy's implicit reward against a reward model, on held-out "
                               "pairs", description="Ranks held-out demo pairs with the DPO policy's implicit reward, "
                               "the SFT model's log-likelihood and a Bradley–Terry reward model trained on the same "
@@ -166,7 +178,7 @@ def _experiment_parser(sub) -> list[argparse.ArgumentParser]:
     scorer.add_argument("--output-dir", default="runs/scorer",
                         help="where results.json, scorer.md and work/ go (default: runs/scorer)")
     scorer.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")
-    return [frontier, scorer]
+    return [frontier, claims, scorer]
 
 
 def _annotate_parser(sub) -> list[argparse.ArgumentParser]:
@@ -337,6 +349,16 @@ def _run(args: argparse.Namespace) -> int:
             settings = ScorerSettings.quick(output_dir) if args.quick else ScorerSettings(
                 world=DemoSettings(output_dir=f"{output_dir}/work"), output_dir=output_dir)
             print(scorer_table(run_scorer_experiment(settings)))
+            return 0
+        if args.name == "claims":
+            from preftune.experiments.claims import ClaimsSettings, claims_table, run_claims
+
+            settings = ClaimsSettings.quick(output_dir) if args.quick else ClaimsSettings(output_dir=output_dir)
+            settings.world.output_dir = str(Path(output_dir) / "work")
+            settings.methods = args.methods or settings.methods
+            settings.seeds = tuple(args.seeds) if args.seeds else settings.seeds
+            settings.resume = args.resume
+            print(claims_table(run_claims(settings)))
             return 0
         from preftune.experiments.frontier import FrontierSettings, check_runs, frontier_table, run_frontier
 

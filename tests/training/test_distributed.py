@@ -134,3 +134,15 @@ def test_a_launcher_that_asked_for_two_processes_and_started_one_says_so(tmp_pat
     assert ("accelerate launch asked for several processes but started 1 (MASTER_ADDR is set, WORLD_SIZE is not)"
             in run.stderr)
     assert "`accelerate launch --multi_gpu --num_processes N ...` or `torchrun --nproc_per_node N" in run.stderr
+
+
+def test_optimizer_in_backward_is_refused_on_two_processes(tmp_path):
+    """A step inside backward would use a gradient DDP has not reduced yet: two processes stop before loading
+    anything, with the reason and the exit code of a config error."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
+    run = subprocess.run([*torchrun, "-m", "preftune.cli", "train", "optimizer_in_backward=true", "max_steps=1",
+                          "bf16=false", "disable_tqdm=true", f"output_dir={tmp_path / 'run'}"],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "before DDP, FSDP or DeepSpeed has reduced its gradient over the 2 processes" in run.stderr
+    assert not (tmp_path / "run").exists()

@@ -243,6 +243,9 @@ class OptimizationKeys:
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    # Each parameter steps inside backward as soon as its gradient is summed, which is then freed: the gradients
+    # never all exist at once (−4 B/param in fp32). No clipping and no accumulation; one process (OptimizerInBackward).
+    optimizer_in_backward: bool = False
     bf16: bool | None = None  # None: bf16 autocast where the hardware has it natively (config.Resolved.bf16)
     fp16: bool = False
     seed: int = 42
@@ -264,6 +267,24 @@ class OptimizationKeys:
                                "large value such as 1e9 to leave them unclipped"),
         "seed": Range(NON_NEGATIVE, (2**32 - 1, True), " (numpy's seed range)"),
     }
+
+    def check_optimizer_in_backward(self) -> None:
+        """What a step inside backward cannot do: clip to a global norm no hook knows yet, sum gradients over
+        micro-batches it has already freed, or unscale fp16 gradients before the step."""
+        if not self.optimizer_in_backward:
+            return
+        why = "optimizer_in_backward steps each parameter as soon as backward has its gradient, so "
+        if self.gradient_accumulation_steps > 1:
+            raise config_error(("optimizer_in_backward", "gradient_accumulation_steps"),
+                               why + "there is no accumulation: set gradient_accumulation_steps: 1 and raise "
+                               "per_device_train_batch_size, or turn optimizer_in_backward off")
+        if self.max_grad_norm != type(self).max_grad_norm:
+            raise config_error(("optimizer_in_backward", "max_grad_norm"),
+                               why + f"the gradient is not clipped (its global norm is known only after every step); "
+                               f"remove max_grad_norm: {shown(self.max_grad_norm)}, or turn optimizer_in_backward off")
+        if self.fp16:
+            raise config_error(("optimizer_in_backward", "fp16"),
+                               why + "fp16's loss scaler cannot unscale and skip a step first: use bf16")
 
     def check_length_and_precision(self) -> None:
         if self.bf16 and self.fp16:

@@ -53,6 +53,7 @@ class TrainConfig(*reversed(SECTIONS)):
         self.check_unused_hparams()
         self.check_quantization()
         self.check_optimizer()
+        self.check_optimizer_in_backward()
         self.check_chat_template()
         self.check_hub()
         params.check_method_keys(self)

@@ -119,6 +119,10 @@ def make_accelerator(cfg: TrainConfig, bf16: bool) -> Accelerator:
     ))
     if (alone := launched_alone(accelerator.num_processes)) is not None:
         log.warning("%s", alone)
+    if cfg.optimizer_in_backward and accelerator.num_processes > 1:
+        raise ConfigError(f"optimizer_in_backward steps each parameter inside backward, before DDP, FSDP or DeepSpeed "
+                          f"has reduced its gradient over the {accelerator.num_processes} processes: run it on one "
+                          "process, or turn it off")
     return accelerator
 
 
@@ -299,7 +303,8 @@ class PreferenceTrainer:
                         rows: list[int]) -> float:
         """One optimizer step over ``micro_batches``: each one's loss to backward (Accelerate divides it by
         ``gradient_accumulation_steps``; DDP all-reduces on the last one only), the gradient clipped to
-        ``max_grad_norm`` and checked finite, the step. Returns the first micro-batch's loss."""
+        ``max_grad_norm`` and checked finite, the step (under ``optimizer_in_backward`` backward took it already,
+        unclipped, and only the norm is left to check). Returns the first micro-batch's loss."""
         acc, policy, optimizer = self.accelerator, self.session.policy, self.session.optimizer
         first = None
         for index, batch in enumerate(micro_batches):
@@ -314,8 +319,11 @@ class PreferenceTrainer:
                     raise self._stopped(rows, f"the loss is not finite ({err})") from None
                 acc.backward(loss)
             first = loss.item() if first is None else first
-        grad_norm = torch.as_tensor(acc.clip_grad_norm_(policy.parameters(), self.cfg.max_grad_norm),
-                                    dtype=torch.float32).reshape(1)
+        if self.cfg.optimizer_in_backward:  # each parameter has stepped in backward; unclipped (OptimizerInBackward)
+            grad_norm = optimizer.optimizer.take_grad_norm()
+        else:
+            grad_norm = torch.as_tensor(acc.clip_grad_norm_(policy.parameters(), self.cfg.max_grad_norm),
+                                        dtype=torch.float32).reshape(1)
         if not self.cfg.fp16 and not bool(torch.isfinite(grad_norm).all()):  # fp16: the scaler skips the step
             raise self._stopped(rows, f"the gradient norm is {grad_norm.item()}")
         window.add(names.GRAD_NORM, grad_norm)

@@ -6,7 +6,8 @@ when the reference's log-probs are precomputed. :func:`account` states it for a 
 
 * ``weights`` — Σ numel × element size over the role's parameters (a parameter shared with an earlier role, e.g.
   the policy's trunk under a shared value head, is counted once, under the first);
-* ``gradients`` — what backward allocates for its trainable parameters (one tensor like each);
+* ``gradients`` — what backward allocates for its trainable parameters (one tensor like each; under
+  ``optimizer_in_backward`` each is freed as soon as its parameter has stepped, so at most the largest);
 * ``optimizer`` — the optimizer's state tensors for those parameters, measured once the first step has made them,
   or before it what they will be: AdamW keeps two tensors like each parameter (and a step count), RMSprop one
   (more with momentum or ``centered``);
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from preftune.modeling.reference import AdaptersOffReference, ModelReference, NoReference, PrecomputedReference
+from preftune.training.optim import OptimizerInBackward
 
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps")
 
@@ -50,6 +52,8 @@ def _state_bytes(optimizer: torch.optim.Optimizer | None, p: nn.Parameter) -> in
     if optimizer is None or not p.requires_grad:
         return 0
     inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
+    if isinstance(inner, OptimizerInBackward):
+        inner = inner.part_of(p)
     state = inner.state.get(p)
     if state:
         return sum(_nbytes(v) for v in state.values() if isinstance(v, torch.Tensor))
@@ -67,9 +71,12 @@ def model_bytes(model: nn.Module | None, optimizer: torch.optim.Optimizer | None
             seen.add(id(p))
             params.append(p)
     trainable = [p for p in params if p.requires_grad]
+    gradients = [_nbytes(p) for p in trainable]
+    in_backward = isinstance(getattr(optimizer, "optimizer", optimizer), OptimizerInBackward)
     return {"kind": kind, "what": what, "parameters": sum(p.numel() for p in params),
             "trainable_parameters": sum(p.numel() for p in trainable),
-            "weights": sum(_nbytes(p) for p in params), "gradients": sum(_nbytes(p) for p in trainable),
+            "weights": sum(_nbytes(p) for p in params),
+            "gradients": max(gradients, default=0) if in_backward else sum(gradients),
             "optimizer": sum(_state_bytes(optimizer, p) for p in trainable), "other": 0}
 
 

@@ -1,0 +1,394 @@
+"""DPO's three claims against RLHF, measured with error bars: reward at a given KL (Rafailov et al. 2023, arXiv
+2305.18290, Fig. 2), stability over seeds and settings, and compute.
+
+Every run starts from the demo world's SFT model π_ref (:mod:`preftune.demo.pipeline`). Each family's
+representatives run a small sweep — the learning rate × the method's one main coefficient (β, PPO's target KL,
+SPPO's η = 1/β) — the same number of settings for every method, each setting at every seed. The seed moves what
+a run draws (data order, its samples, the initialisation of a new head, the evaluation's samples), never the SFT
+model or the held-out prompts.
+
+Every ``eval_every`` steps the policy samples ``eval_samples`` completions of each held-out prompt. The prompts are
+split once into a validation half, on which a family's setting is chosen, and a test half, on which it is reported
+(:func:`preftune.experiments.intervals.select`); the KL(π‖π_ref) of a checkpoint is pooled over both halves, so both
+rewards are read at the same KL. A run's reward at a KL budget is interpolated along its checkpoints, and a
+setting's value is the mean over seeds with its 95% interval (:mod:`preftune.experiments.intervals`).
+
+Compute: each checkpoint records the CPU seconds the run has spent training (evaluations excluded). Best-of-n,
+the ceiling that needs no training, is evaluated on the same prompts at its analytic KL.
+
+Results (``runs.json``) are rewritten after every run; ``resume`` keeps the runs of an earlier invocation under the
+same settings and adds the missing ones (more seeds, more methods) without rerunning the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from preftune.demo.pipeline import DemoSettings, World, build_world, train_stage
+from preftune.errors import ConfigError, RunDirError
+from preftune.evaluation.metrics import evaluate_policy
+from preftune.experiments.intervals import Selection, evaluation_interval, interval, reward_at, select, spent_at
+from preftune.methods.registry import get_method
+from preftune.methods.rl import best_of_n_kl
+from preftune.rollout.judges import GoldSentimentJudge, RewardModelJudge, score_rollout
+from preftune.rollout.sampling import SamplingParams, generate
+
+log = logging.getLogger("preftune")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A method's runs: its base config and the values of its one main coefficient (with the learning rates of the
+    experiment, every pair is a setting)."""
+
+    config: dict
+    coefficient: str
+    values: tuple[float, ...]
+
+
+# The families' representatives. Coefficient values bracket the registry default on this world's rewards in (0, 1).
+ONLINE_BATCH = {"per_device_train_batch_size": 16}  # 16 prompts per step, sampled from the current policy
+PPO_BASE = {"method": "ppo", "per_device_train_batch_size": 32, "num_ppo_epochs": 2, "kl_coef": 0.1,
+            "kl_horizon": 320, "missing_eos_penalty": 0.5, "use_score_scaling": True, "use_score_norm": True}
+LEARNED_REWARD = "learned"
+FAMILIES: dict[str, dict[str, Sweep]] = {
+    "offline (DPO family)": {
+        "DPO": Sweep({"method": "dpo"}, "beta", (0.1, 0.5)),
+        "IPO": Sweep({"method": "ipo"}, "beta", (0.1, 0.5)),
+        "SimPO": Sweep({"method": "simpo"}, "beta", (2.0, 5.0)),
+        "KTO": Sweep({"method": "kto"}, "beta", (0.1, 0.5)),
+    },
+    "online": {
+        "Online DPO": Sweep({"method": "online_dpo"} | ONLINE_BATCH, "beta", (0.1, 0.5)),
+        "RLOO": Sweep({"method": "rloo", "num_generations": 4} | ONLINE_BATCH, "beta", (0.02, 0.05)),
+        "GRPO": Sweep({"method": "grpo", "num_generations": 4} | ONLINE_BATCH, "beta", (0.04, 0.1)),
+    },
+    "rounds": {
+        "SPPO": Sweep({"method": "sppo", "num_rounds": 3}, "beta", (0.02, 0.05)),  # η = 1/β = 50, 20
+        "iterative DPO": Sweep({"method": "iterative_dpo", "num_rounds": 3}, "beta", (0.1, 0.5)),
+        "RSO": Sweep({"method": "rso", "num_generations": 16, "rso_samples": 4, "rso_beta": 0.5}, "beta",
+                     (0.1, 0.5)),
+    },
+    "PPO (RLHF)": {
+        "PPO": Sweep(PPO_BASE | {"judge": LEARNED_REWARD}, "target_kl", (3.0, 9.0)),
+        "PPO-GT": Sweep(PPO_BASE, "target_kl", (3.0, 9.0)),
+    },
+}
+BEST_OF_N = "best-of-n"
+BEST_OF_N_SIZES = (1, 2, 4, 8, 16, 32, 64)
+KL_BUDGETS = (1.0, 2.0, 3.0, 5.0, 8.0)
+DEFAULT_OUTPUT_DIR = "runs/claims"
+MARKER = ".preftune-claims"
+
+
+@dataclass
+class ClaimsSettings:
+    """Sizes of the experiment; :meth:`quick` shrinks them for the test suite."""
+
+    # 2,048 held-out prompts, 1,024 per half, 2 samples each: π_ref's point has a 95% interval of ±0.018 (±0.026
+    # with 512 per half; 4 samples of 512 gave ±0.022 for 1.7× the evaluation time).
+    world: DemoSettings = field(default_factory=lambda: DemoSettings(output_dir=f"{DEFAULT_OUTPUT_DIR}/work",
+                                                                     eval_prompts=2048))
+    methods: list[str] = field(default_factory=lambda: [m for family in FAMILIES.values() for m in family])
+    learning_rates: tuple[float, ...] = (1.5e-4, 6e-4)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 128
+    eval_every: int = 32
+    batch_size: int = 64
+    eval_samples: int = 2  # per held-out prompt; the world's eval_prompts are split in half, validation and test
+    best_of_n: bool = True
+    output_dir: str = DEFAULT_OUTPUT_DIR
+    resume: bool = False
+
+    @classmethod
+    def quick(cls, output_dir: str) -> ClaimsSettings:
+        world = DemoSettings.quick(str(Path(output_dir) / "work"))
+        world.eval_prompts = 64
+        return cls(world=world, methods=["DPO", "Online DPO"], learning_rates=(6e-4,), seeds=(0, 1, 2), steps=12,
+                   eval_every=6, batch_size=32, eval_samples=2, output_dir=output_dir)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    method: str
+    setting: str  # "lr=…, coefficient=…"
+    seed: int
+    config: dict
+
+    @property
+    def key(self) -> str:
+        return f"{self.method} | {self.setting} | seed {self.seed}"
+
+
+def method_family(method: str) -> str:
+    return next(name for name, members in FAMILIES.items() if method in members)
+
+
+def plan(settings: ClaimsSettings) -> list[PlannedRun]:
+    """Every run of the experiment: method × learning rate × coefficient value × seed, seed-major within a method so
+    that an interrupted experiment has whole settings before it has more seeds."""
+    sweeps = {m: s for family in FAMILIES.values() for m, s in family.items()}
+    unknown = [m for m in settings.methods if m not in sweeps]
+    if unknown:
+        raise ConfigError(f"claims: unknown methods {unknown}; the representatives are {', '.join(sweeps)}")
+    runs = []
+    for method in settings.methods:
+        sweep = sweeps[method]
+        for seed in settings.seeds:
+            for lr in settings.learning_rates:
+                for value in sweep.values:
+                    setting = f"lr={lr:g}, {sweep.coefficient}={value:g}"
+                    runs.append(PlannedRun(method, setting, seed, sweep.config | {sweep.coefficient: value,
+                                                                                   "learning_rate": lr}))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- running
+def claim_folder(settings: ClaimsSettings) -> Path:
+    """The experiment's folder, marked as its own; any other folder that holds anything is refused."""
+    out = Path(settings.output_dir).expanduser()
+    settings.output_dir, settings.world.output_dir = str(out), str(Path(settings.world.output_dir).expanduser())
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--output-dir {out} is a file; give the experiment a new or empty folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and MARKER not in entries:
+        raise RunDirError(f"{out} is not this experiment's folder (it holds {', '.join(entries[:4])}): give it an "
+                          "empty or new --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `preftune experiment claims`: runs.json here is rewritten by it\n")
+    return out
+
+
+def _settings_record(settings: ClaimsSettings) -> dict:
+    """The settings a result depends on (not which methods or seeds run, nor where)."""
+    record = asdict(settings)
+    for key in ("methods", "seeds", "output_dir", "resume", "best_of_n"):
+        record.pop(key)
+    record["world"].pop("output_dir")
+    return json.loads(json.dumps(record))  # tuples as lists, as read back
+
+
+def _earlier_runs(settings: ClaimsSettings, path: Path) -> dict[str, dict]:
+    if not settings.resume or not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier.get("settings") != _settings_record(settings):
+        theirs, mine = earlier.get("settings", {}), _settings_record(settings)
+        changed = sorted(k for k in theirs.keys() | mine.keys() if theirs.get(k) != mine.get(k))
+        raise ConfigError(f"{path} was written under other settings ({', '.join(changed)} differ): resume in another "
+                          "--output-dir, or rerun without --resume")
+    return earlier["runs"]
+
+
+class Evaluator:
+    """One seed's evaluation of a policy on the held-out prompts: ``eval_samples`` samples per prompt drawn with the
+    seed, their gold rewards on the validation and the test half (each with its prompt-clustered interval), and the
+    KL(π‖π_ref) of all of them."""
+
+    def __init__(self, world: World, settings: ClaimsSettings, seed: int):
+        self.world, self.prompts = world, world.eval_prompts
+        self.validation = len(self.prompts) // 2
+        self.n = settings.eval_samples
+        self.sampling = SamplingParams(max_new_tokens=settings.world.max_new_tokens, n=self.n,
+                                       seed=1000 + seed, batch_size=256)
+        self.reference = generate(world.sft, world.tokenizer, self.prompts, self.sampling)
+        self.seconds = 0.0  # CPU seconds spent evaluating
+        self.start = self(world.sft, 0, 0.0)  # π_ref itself: every run's first point
+
+    def __call__(self, model, step: int, spent: float) -> dict:
+        began = time.process_time()
+        metrics = evaluate_policy(model.eval(), self.world.sft, self.world.tokenizer, self.prompts,
+                                  GoldSentimentJudge(), self.sampling, reference_rollout=self.reference,
+                                  return_per_sample=True)
+        rewards, cut = metrics["per_sample"]["rewards"], self.validation * self.n  # prompt-major: n per prompt
+        validation, test = evaluation_interval(rewards[:cut], self.n), evaluation_interval(rewards[cut:], self.n)
+        self.seconds += time.process_time() - began
+        return {"step": step, "kl": metrics["kl"], "validation": validation.mean, "test": test.mean,
+                "validation_half": validation.half, "test_half": test.half, "cpu_s": round(spent, 2)}
+
+
+def run_claims(settings: ClaimsSettings) -> dict:
+    """Train and evaluate every planned run that ``runs.json`` does not hold yet; returns the record."""
+    out = claim_folder(settings)
+    path = out / "runs.json"
+    runs = _earlier_runs(settings, path)
+    started = time.perf_counter()
+    world = build_world(settings.world)
+    todo = [run for run in plan(settings) if run.key not in runs]
+    learned = _reward_model(world, settings, runs, todo)
+    evaluators: dict[int, Evaluator] = {}
+    if settings.best_of_n:
+        for seed in settings.seeds:
+            key = f"{BEST_OF_N} | n ≤ {max(BEST_OF_N_SIZES)} | seed {seed}"
+            if key not in runs:
+                runs[key] = _best_of_n(world, settings, seed)
+    bar = tqdm(total=len(todo), desc="claims", unit="run", dynamic_ncols=True)
+    for run in todo:
+        evaluator = evaluators.get(run.seed) or evaluators.setdefault(run.seed, Evaluator(world, settings, run.seed))
+        began_cpu, evaluated = time.process_time(), evaluator.seconds
+        trajectory = [evaluator.start]
+
+        def checkpoint(step: int, model, trajectory=trajectory, evaluator=evaluator, began_cpu=began_cpu,
+                       evaluated=evaluated):
+            if step % settings.eval_every == 0:
+                spent = time.process_time() - began_cpu - (evaluator.seconds - evaluated)
+                trajectory.append(evaluator(model, step, spent))
+
+        began = time.perf_counter()
+        _train(world, settings, run, checkpoint, learned)
+        runs[run.key] = {"method": run.method, "family": method_family(run.method), "setting": run.setting,
+                         "seed": run.seed, "config": _shown(run.config), "trajectory": trajectory,
+                         "wall_s": round(time.perf_counter() - began, 1), "cpu": cpu_model()}
+        _write(path, settings, runs, time.perf_counter() - started)
+        bar.update(1)
+    bar.close()
+    _write(path, settings, runs, time.perf_counter() - started)
+    record = json.loads(path.read_text())
+    (out / "claims.md").write_text(claims_table(record) + "\n")
+    return record
+
+
+def cpu_model() -> str:
+    """The CPU a run's seconds were measured on (they compare only within one model): its name and whether it has
+    native bf16 (AVX512-BF16 or AMX)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    return f"{name} ({'AVX512-BF16' if native else 'AVX-512' if 'avx512f' in flags else 'AVX2'})"
+
+
+def _shown(config: dict) -> dict:
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in config.items()}
+
+
+def _write(path: Path, settings: ClaimsSettings, runs: dict, seconds: float) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"settings": _settings_record(settings), "kl_budgets": list(KL_BUDGETS),
+                               "runs": runs, "seconds": round(seconds, 1)}, indent=1))
+    tmp.replace(path)  # an interrupted write never leaves half a record
+
+
+def _reward_model(world: World, settings: ClaimsSettings, runs: dict, todo: list[PlannedRun]) -> Path | None:
+    """The Bradley–Terry reward model the PPO runs optimise, trained once on the world's pairs (kept with the work
+    folder; its CPU seconds are charged to those runs in the analysis)."""
+    if not any(run.config.get("judge") == LEARNED_REWARD for run in todo):
+        return None
+    final = Path(settings.world.output_dir) / "runs/reward_model/final"
+    if not final.is_dir():
+        began = time.process_time()
+        train_stage(settings.world, "runs/reward_model", method="reward", eval_split_size=0.05,
+                    max_steps=settings.steps, per_device_train_batch_size=settings.batch_size, learning_rate=3e-4,
+                    tokenizer=world.tokenizer, train_dataset=world.pairs,
+                    model=AutoModelForCausalLM.from_pretrained(world.sft_dir))
+        runs["reward model"] = {"cpu_s": round(time.process_time() - began, 1)}
+    return final
+
+
+def _train(world: World, settings: ClaimsSettings, run: PlannedRun, checkpoint, learned: Path | None) -> None:
+    config = dict(run.config)
+    if config.get("judge") == LEARNED_REWARD:
+        config["judge"] = RewardModelJudge.from_pretrained(str(learned))
+    method = get_method(config["method"])
+    samples = method.online or method.rounds is not None
+    data = [{"prompt": p} for p in world.train_prompts] if samples else world.pairs
+    defaults = dict(max_steps=settings.steps, per_device_train_batch_size=settings.batch_size, seed=run.seed)
+    if samples:
+        defaults |= dict(judge=GoldSentimentJudge(), max_completion_length=settings.world.max_new_tokens)
+    if method.rounds is not None:  # the same optimizer steps as every other run, split over the rounds
+        defaults["max_steps"] = max(1, settings.steps // (config.get("num_rounds") or method.rounds.num_rounds))
+    slug = "".join(c if c.isalnum() else "_" for c in run.key)
+    train_stage(settings.world, f"runs/{slug}", callbacks=[checkpoint], **(defaults | config),
+                model=AutoModelForCausalLM.from_pretrained(world.sft_dir), tokenizer=world.tokenizer,
+                train_dataset=data)
+
+
+def _best_of_n(world: World, settings: ClaimsSettings, seed: int) -> dict:
+    """Best-of-n from π_ref at KL log n − (n−1)/n, on both halves of the held-out prompts: one trajectory point per n
+    (no training, so no compute but the sampling)."""
+    prompts, half = world.eval_prompts, len(world.eval_prompts) // 2
+    n_max = max(BEST_OF_N_SIZES)
+    params = SamplingParams(max_new_tokens=settings.world.max_new_tokens, n=n_max, seed=2000 + seed,
+                            batch_size=max(256, n_max))
+    began = time.process_time()
+    rollout = score_rollout(GoldSentimentJudge(), generate(world.sft, world.tokenizer, prompts, params))
+    scores = rollout.grouped(rollout.scores)  # [P, n_max]
+    trajectory = []
+    for n in BEST_OF_N_SIZES:
+        best = scores[:, :n].max(dim=1).values.tolist()
+        validation, test = evaluation_interval(best[:half], 1), evaluation_interval(best[half:], 1)
+        trajectory.append({"step": n, "kl": best_of_n_kl(n), "validation": validation.mean, "test": test.mean,
+                           "validation_half": validation.half, "test_half": test.half, "cpu_s": 0.0})
+    return {"method": BEST_OF_N, "family": "best-of-n (no training)", "setting": f"n ≤ {n_max}", "seed": seed,
+            "config": {}, "trajectory": trajectory, "sampling_cpu_s": round(time.process_time() - began, 1)}
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+def values_at(record: dict, method: str, budget: float) -> tuple[dict, dict]:
+    """Per setting, the per-seed rewards at ``budget`` on the validation and on the test prompts (None where the run
+    did not reach it), read along each run's pooled KL."""
+    validation: dict[str, list] = {}
+    test: dict[str, list] = {}
+    for run in record["runs"].values():
+        if run.get("method") != method:
+            continue
+        points = run["trajectory"]
+        validation.setdefault(run["setting"], []).append(
+            reward_at([(p["kl"], p["validation"]) for p in points], budget))
+        test.setdefault(run["setting"], []).append(reward_at([(p["kl"], p["test"]) for p in points], budget))
+    return validation, test
+
+
+def selections(record: dict, budget: float) -> dict[str, Selection | None]:
+    """Each method's setting chosen on validation at ``budget``, with its test value over seeds."""
+    methods = dict.fromkeys(run["method"] for run in record["runs"].values() if "method" in run)
+    return {method: select(*values_at(record, method, budget)) for method in methods}
+
+
+def cpu_at(record: dict, method: str, setting: str, budget: float) -> list[float | None]:
+    """Per seed, the CPU seconds a run had spent training when its KL reached ``budget``."""
+    return [spent_at([(p["kl"], p["test"], p["cpu_s"]) for p in run["trajectory"]], budget)
+            for run in record["runs"].values() if run.get("method") == method and run["setting"] == setting]
+
+
+def claims_table(record: dict) -> str:
+    """Markdown: per method and KL budget, the test reward (mean ± 95% interval over seeds) of the setting chosen on
+    validation; then stability (seed spread at the chosen setting, the sweep's forgiving fraction) and compute (CPU
+    seconds to reach the budget) at the middle budget."""
+    budgets = record["kl_budgets"]
+    chosen = {budget: selections(record, budget) for budget in budgets}
+    methods = list(chosen[budgets[0]])
+    lines = ["Gold reward on the test prompts at each KL(π‖π_ref) budget (nats): mean ± 95% interval over seeds, "
+             "of the setting chosen on the validation prompts (– : no setting reached the budget at every seed).",
+             "", "| method | family | " + " | ".join(f"KL {b:g}" for b in budgets) + " |",
+             "|---|---|" + "---:|" * len(budgets)]
+    family_of = {run["method"]: run["family"] for run in record["runs"].values() if "method" in run}
+    for method in methods:
+        cells = [str(chosen[b][method].test) if chosen[b][method] else "–" for b in budgets]
+        lines.append(f"| {method} | {family_of[method]} | " + " | ".join(cells) + " |")
+    middle = budgets[len(budgets) // 2]
+    lines += ["", f"Stability and compute at KL {middle:g}: the chosen setting, the spread (standard deviation) of "
+              "its test reward over seeds, the fraction of the sweep within 0.02 of the best on validation, and "
+              "the CPU seconds of training spent to reach the budget (mean ± 95% interval over seeds).", "",
+              "| method | chosen setting | seed spread | forgiving | CPU s to reach |", "|---|---|---:|---:|---:|"]
+    for method in methods:
+        pick = chosen[middle][method]
+        if pick is None:
+            lines.append(f"| {method} | – | – | – | – |")
+            continue
+        spent = [s for s in cpu_at(record, method, pick.setting, middle) if s is not None]
+        cost = str(interval(spent)) if spent and method != BEST_OF_N else "–"
+        lines.append(f"| {method} | {pick.setting} | {pick.seed_spread:.3f} | "
+                     f"{pick.forgiving:.2f} ({pick.settings_reaching}/{pick.settings_total} reach) | {cost} |")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""`preftune experiment claims --quick`: every planned run at every seed, the table's numbers recomputed from
+runs.json as stated (reward at a KL budget interpolated per seed, the setting chosen on validation, its test
+interval over seeds), and --resume adding seeds without rerunning the rest."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from preftune.cli import main
+from preftune.experiments.claims import ClaimsSettings, plan
+
+
+def _first_crossing(points: list[tuple[float, float]], budget: float) -> float | None:
+    """Written again here on purpose: the reward where the KL first reaches the budget."""
+    for (k0, r0), (k1, r1) in zip(points, points[1:]):
+        if k0 < budget <= k1:
+            return r0 + (r1 - r0) * (budget - k0) / (k1 - k0)
+    return None
+
+
+def _recomputed(record: dict, method: str, budget: float) -> tuple[str, float, float] | None:
+    by_setting: dict[str, list] = {}
+    for run in record["runs"].values():
+        if run.get("method") == method:
+            kls = [p["kl"] for p in run["trajectory"]]
+            by_setting.setdefault(run["setting"], []).append(
+                (_first_crossing(list(zip(kls, [p["validation"] for p in run["trajectory"]])), budget),
+                 _first_crossing(list(zip(kls, [p["test"] for p in run["trajectory"]])), budget)))
+    complete = {s: v for s, v in by_setting.items() if all(val is not None for val, _ in v)}
+    if not complete:
+        return None
+    best = max(complete, key=lambda s: sum(val for val, _ in complete[s]) / len(complete[s]))
+    tests = [t for _, t in complete[best]]
+    mean = sum(tests) / len(tests)
+    sd = math.sqrt(sum((t - mean) ** 2 for t in tests) / (len(tests) - 1))
+    return best, mean, {3: 4.303, 4: 3.182}[len(tests)] * sd / math.sqrt(len(tests))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("claims") / "claims"
+    assert main(["experiment", "claims", "--quick", "--output-dir", str(out)]) == 0
+    return out
+
+
+def test_every_planned_run_ran_at_every_seed_and_the_table_is_recomputed_from_its_points(quick):
+    record = json.loads((quick / "runs.json").read_text())
+    planned = plan(ClaimsSettings.quick(str(quick)))
+    assert len(planned) == 2 * 2 * 3  # DPO and Online DPO × two β × three seeds
+    assert {run.key for run in planned} <= set(record["runs"])
+    assert sum(run.get("method") == "best-of-n" for run in record["runs"].values()) == 3
+    for run in record["runs"].values():
+        assert run["trajectory"][0]["kl"] == 0.0  # every run starts at π_ref
+        assert all(p["validation_half"] > 0 for p in run["trajectory"])  # each point carries its own interval
+    table = (quick / "claims.md").read_text()
+    rows: dict[str, str] = {}
+    for line in table.splitlines():  # the first table's rows (the second one has the same methods)
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0].strip("| "), line)
+    checked = 0
+    for method in ("DPO", "Online DPO", "best-of-n"):
+        cells = rows[method].strip("| ").split(" | ")[2:]
+        for budget, cell in zip(record["kl_budgets"], cells):
+            want = _recomputed(record, method, budget)
+            if want is None:
+                assert cell == "–"
+                continue
+            mean, half = map(float, re.fullmatch(r"(\S+) ± (\S+)", cell).groups())
+            assert mean == pytest.approx(want[1], abs=5e-4) and half == pytest.approx(want[2], rel=1e-3, abs=1e-3)
+            checked += 1
+    assert checked >= 4  # the quick world reaches several budgets
+
+
+def test_resume_adds_a_seed_without_rerunning_the_others(quick, tmp_path):
+    before = json.loads((quick / "runs.json").read_text())["runs"]
+    assert main(["experiment", "claims", "--quick", "--output-dir", str(quick), "--resume",
+                 "--seeds", "0", "1", "2", "3"]) == 0
+    after = json.loads((quick / "runs.json").read_text())["runs"]
+    assert {k: after[k] for k in before} == before  # kept, not rerun
+    assert sorted(set(after) - set(before)) == sorted(
+        [f"{m} | lr=0.0006, beta={b} | seed 3" for m in ("DPO", "Online DPO") for b in ("0.1", "0.5")]
+        + ["best-of-n | n ≤ 64 | seed 3"])
+    assert "± " in (quick / "claims.md").read_text()
+
+
+def test_resume_refuses_other_settings_and_a_folder_that_is_not_its_own(quick, tmp_path, capsys):
+    from preftune.errors import ConfigError, RunDirError
+    from preftune.experiments.claims import run_claims
+
+    settings = ClaimsSettings.quick(str(quick))
+    settings.steps, settings.resume = 13, True
+    with pytest.raises(ConfigError, match="written under other settings \\(steps differ\\)"):
+        run_claims(settings)
+    (tmp_path / "mine.txt").write_text("a user's file")
+    with pytest.raises(RunDirError, match="is not this experiment's folder"):
+        run_claims(ClaimsSettings.quick(str(tmp_path)))
+    assert (tmp_path / "mine.txt").read_text() == "a user's file"
