@@ -99,3 +99,27 @@ def test_resume_refuses_other_settings_and_a_folder_that_is_not_its_own(quick, t
     with pytest.raises(RunDirError, match="is not this experiment's folder"):
         run_claims(ClaimsSettings.quick(str(tmp_path)))
     assert (tmp_path / "mine.txt").read_text() == "a user's file"
+
+
+def test_compute_charges_each_method_the_shared_stages_it_needs(quick):
+    """The offline losses need the SFT model and π_ref's labelled pairs; online methods the SFT model only (they
+    sample and judge inside their run). The table's total is the training seconds plus that charge."""
+    from preftune.experiments.claims import charged_seconds, claims_table
+
+    record = json.loads((quick / "runs.json").read_text())
+    stages = record["stages"]
+    assert stages["sft"] > 0 and stages["pairs"] > 0
+    runs = {run["method"]: run for run in record["runs"].values() if "method" in run}
+    assert charged_seconds(record, runs["DPO"]) == pytest.approx(stages["sft"] + stages["pairs"])
+    assert charged_seconds(record, runs["Online DPO"]) == pytest.approx(stages["sft"])
+    # the quick run's three seeds (a resume in another test may have added a fourth)
+    first = record | {"runs": {k: r for k, r in record["runs"].items() if r.get("seed", 0) < 3}}
+    table = claims_table(first).split("with SFT, pairs, RM |")[1]
+    checked = 0
+    for line in table.splitlines():
+        cells = line.strip("| ").split(" | ")
+        if len(cells) == 6 and "±" in cells[4]:
+            training, total = (float(cell.split(" ± ")[0]) for cell in cells[4:6])
+            assert total - training == pytest.approx(charged_seconds(record, runs[cells[0]]), abs=2e-3)
+            checked += 1
+    assert checked >= 1

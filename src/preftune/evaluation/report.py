@@ -204,6 +204,63 @@ def plot_frontier(points: Sequence[Mapping], out_png: str | Path, *, title: str 
     return _save(fig, out_png)
 
 
+Band = tuple[float, float, float, float]  # (x, mean, low, high)
+
+
+def plot_claims(panels: Mapping[str, Mapping[str, Sequence[Band]]], references: Mapping[str, Sequence[Band]],
+                summary: Mapping[str, Sequence[Band]], compute: Mapping[str, tuple[Band, Band]], out_png: str | Path,
+                *, title: str, compute_budget: float) -> Figure:
+    """The claims figure: one panel per family (each method's mean test reward against the KL budget with its 95%
+    band over seeds; ``references`` — best-of-n and the DPO sweep — drawn in grey in every panel), a summary panel
+    of the families' fitted frontiers, and a compute panel (reward at ``compute_budget`` against CPU seconds, both
+    with their intervals). Legends sit below their panel, never over the data."""
+    names = [*panels, "families", "compute"]
+    columns = 3
+    rows = math.ceil(len(names) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.6 * rows), squeeze=False)
+    colours = plt.get_cmap("tab10")
+
+    def draw(ax, curves: Mapping[str, Sequence[Band]], offset: int = 0, grey: bool = False) -> None:
+        for i, (label, band) in enumerate(curves.items()):
+            if not band:
+                continue
+            x, mean, low, high = zip(*band)
+            colour = "0.55" if grey else colours((i + offset) % 10)
+            style = LINESTYLES[i % len(LINESTYLES)] if grey else "-"
+            ax.plot(x, mean, color=colour, linestyle=style, marker="" if grey else MARKERS[i % len(MARKERS)],
+                    markersize=4, linewidth=1.2 if grey else 1.8, label=label)
+            ax.fill_between(x, low, high, color=colour, alpha=0.12 if grey else 0.2, linewidth=0)
+
+    for ax, name in zip(axes.flat, names):
+        if name == "compute":
+            for i, (label, ((x, _, x_low, x_high), (_, y, y_low, y_high))) in enumerate(compute.items()):
+                ax.errorbar([x], [y], xerr=[[x - x_low], [x_high - x]], yerr=[[y - y_low], [y_high - y]],
+                            fmt=MARKERS[i % len(MARKERS)], color=colours(i % 10), capsize=3, label=label)
+            ax.set_xscale("log")
+            ax.set_xlabel("CPU seconds (training + the SFT, pairs and reward model it needs)")
+            ax.set_ylabel(f"test reward at KL {compute_budget:g}")
+            ax.set_title(f"compute: reward at KL {compute_budget:g} against its cost")
+        else:
+            if name == "families":
+                draw(ax, summary)
+                ax.set_title("the families' frontiers (chosen on validation)")
+            else:
+                draw(ax, references, grey=True)
+                draw(ax, panels[name], offset=len(references))
+                ax.set_title(name)
+            ax.set_xlabel("KL(π ‖ π_ref) budget (nats)")
+            ax.set_ylabel("test reward at the budget")
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7, frameon=False,
+                      ncol=2)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return _save(fig, out_png)
+
+
 # ------------------------------------------------------------------------------------ health report
 
 

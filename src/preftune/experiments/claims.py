@@ -30,15 +30,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
-from preftune.demo.pipeline import DemoSettings, World, build_world, train_stage
+from preftune.demo.pipeline import DemoSettings, World, build_world
 from preftune.errors import ConfigError, RunDirError
 from preftune.evaluation.metrics import evaluate_policy
+from preftune.experiments.frontier import (
+    BEST_OF_N_SIZES,
+    LEARNED_REWARD,
+    PPO_CONFIG,
+    best_of_n_scores,
+    reward_model_on_world,
+    rounds_steps,
+    train_on_world,
+)
 from preftune.experiments.intervals import Selection, evaluation_interval, interval, reward_at, select, spent_at
 from preftune.methods.registry import get_method
 from preftune.methods.rl import best_of_n_kl
-from preftune.rollout.judges import GoldSentimentJudge, RewardModelJudge, score_rollout
+from preftune.rollout.judges import GoldSentimentJudge
 from preftune.rollout.sampling import SamplingParams, generate
 
 log = logging.getLogger("preftune")
@@ -56,9 +64,6 @@ class Sweep:
 
 # The families' representatives. Coefficient values bracket the registry default on this world's rewards in (0, 1).
 ONLINE_BATCH = {"per_device_train_batch_size": 16}  # 16 prompts per step, sampled from the current policy
-PPO_BASE = {"method": "ppo", "per_device_train_batch_size": 32, "num_ppo_epochs": 2, "kl_coef": 0.1,
-            "kl_horizon": 320, "missing_eos_penalty": 0.5, "use_score_scaling": True, "use_score_norm": True}
-LEARNED_REWARD = "learned"
 FAMILIES: dict[str, dict[str, Sweep]] = {
     "offline (DPO family)": {
         "DPO": Sweep({"method": "dpo"}, "beta", (0.1, 0.5)),
@@ -78,12 +83,11 @@ FAMILIES: dict[str, dict[str, Sweep]] = {
                      (0.1, 0.5)),
     },
     "PPO (RLHF)": {
-        "PPO": Sweep(PPO_BASE | {"judge": LEARNED_REWARD}, "target_kl", (3.0, 9.0)),
-        "PPO-GT": Sweep(PPO_BASE, "target_kl", (3.0, 9.0)),
+        "PPO": Sweep(PPO_CONFIG | {"judge": LEARNED_REWARD}, "target_kl", (3.0, 9.0)),
+        "PPO-GT": Sweep(PPO_CONFIG, "target_kl", (3.0, 9.0)),
     },
 }
 BEST_OF_N = "best-of-n"
-BEST_OF_N_SIZES = (1, 2, 4, 8, 16, 32, 64)
 KL_BUDGETS = (1.0, 2.0, 3.0, 5.0, 8.0)
 DEFAULT_OUTPUT_DIR = "runs/claims"
 MARKER = ".preftune-claims"
@@ -221,9 +225,13 @@ def run_claims(settings: ClaimsSettings) -> dict:
     path = out / "runs.json"
     runs = _earlier_runs(settings, path)
     started = time.perf_counter()
-    world = build_world(settings.world)
+    stages = _earlier_stages(path) if settings.resume else {}
+    measured = _StageClock()
+    world = build_world(settings.world, measured.lap)
+    for stage in ("sft", "pairs"):  # kept from the first invocation: a resumed one rebuilds the same world
+        stages.setdefault(stage, measured.seconds[stage])
     todo = [run for run in plan(settings) if run.key not in runs]
-    learned = _reward_model(world, settings, runs, todo)
+    learned = _reward_model(world, settings, stages, todo)
     evaluators: dict[int, Evaluator] = {}
     if settings.best_of_n:
         for seed in settings.seeds:
@@ -235,25 +243,45 @@ def run_claims(settings: ClaimsSettings) -> dict:
         evaluator = evaluators.get(run.seed) or evaluators.setdefault(run.seed, Evaluator(world, settings, run.seed))
         began_cpu, evaluated = time.process_time(), evaluator.seconds
         trajectory = [evaluator.start]
+        config = {"max_steps": settings.steps, "per_device_train_batch_size": settings.batch_size,
+                  "seed": run.seed} | run.config  # the method's own batch (online, PPO) over the experiment's
+        total = rounds_steps(config)[1]
 
         def checkpoint(step: int, model, trajectory=trajectory, evaluator=evaluator, began_cpu=began_cpu,
-                       evaluated=evaluated):
-            if step % settings.eval_every == 0:
+                       evaluated=evaluated, total=total):
+            if step % settings.eval_every == 0 or step == total:  # and the last step, whatever the cadence
                 spent = time.process_time() - began_cpu - (evaluator.seconds - evaluated)
                 trajectory.append(evaluator(model, step, spent))
 
         began = time.perf_counter()
-        _train(world, settings, run, checkpoint, learned)
+        train_on_world(world, settings.world, config, run.key, checkpoint, learned)
         runs[run.key] = {"method": run.method, "family": method_family(run.method), "setting": run.setting,
                          "seed": run.seed, "config": _shown(run.config), "trajectory": trajectory,
                          "wall_s": round(time.perf_counter() - began, 1), "cpu": cpu_model()}
-        _write(path, settings, runs, time.perf_counter() - started)
+        _write(path, settings, runs, stages, time.perf_counter() - started)
         bar.update(1)
     bar.close()
-    _write(path, settings, runs, time.perf_counter() - started)
+    _write(path, settings, runs, stages, time.perf_counter() - started)
     record = json.loads(path.read_text())
     (out / "claims.md").write_text(claims_table(record) + "\n")
+    plot(record, out / "claims.png")
     return record
+
+
+class _StageClock:
+    """CPU seconds of each stage of :func:`build_world` (its ``lap`` callback)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.process_time()
+
+    def lap(self, name: str) -> None:
+        now = time.process_time()
+        self.seconds[name], self._last = round(now - self._last, 1), now
+
+
+def _earlier_stages(path: Path) -> dict[str, float]:
+    return json.loads(path.read_text()).get("stages", {}) if path.is_file() else {}
 
 
 def cpu_model() -> str:
@@ -273,14 +301,16 @@ def _shown(config: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in config.items()}
 
 
-def _write(path: Path, settings: ClaimsSettings, runs: dict, seconds: float) -> None:
+def _write(path: Path, settings: ClaimsSettings, runs: dict, stages: dict, seconds: float) -> None:
+    """``runs.json``: the settings, the budgets, the CPU seconds of the shared stages (SFT, the offline pairs, the
+    reward model) and every run."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"settings": _settings_record(settings), "kl_budgets": list(KL_BUDGETS),
-                               "runs": runs, "seconds": round(seconds, 1)}, indent=1))
+                               "stages": stages, "runs": runs, "seconds": round(seconds, 1)}, indent=1))
     tmp.replace(path)  # an interrupted write never leaves half a record
 
 
-def _reward_model(world: World, settings: ClaimsSettings, runs: dict, todo: list[PlannedRun]) -> Path | None:
+def _reward_model(world: World, settings: ClaimsSettings, stages: dict, todo: list[PlannedRun]) -> Path | None:
     """The Bradley–Terry reward model the PPO runs optimise, trained once on the world's pairs (kept with the work
     folder; its CPU seconds are charged to those runs in the analysis)."""
     if not any(run.config.get("judge") == LEARNED_REWARD for run in todo):
@@ -288,50 +318,25 @@ def _reward_model(world: World, settings: ClaimsSettings, runs: dict, todo: list
     final = Path(settings.world.output_dir) / "runs/reward_model/final"
     if not final.is_dir():
         began = time.process_time()
-        train_stage(settings.world, "runs/reward_model", method="reward", eval_split_size=0.05,
-                    max_steps=settings.steps, per_device_train_batch_size=settings.batch_size, learning_rate=3e-4,
-                    tokenizer=world.tokenizer, train_dataset=world.pairs,
-                    model=AutoModelForCausalLM.from_pretrained(world.sft_dir))
-        runs["reward model"] = {"cpu_s": round(time.process_time() - began, 1)}
+        reward_model_on_world(world, settings.world, settings.steps, settings.batch_size, learning_rate=3e-4)
+        stages["reward model"] = round(time.process_time() - began, 1)
     return final
-
-
-def _train(world: World, settings: ClaimsSettings, run: PlannedRun, checkpoint, learned: Path | None) -> None:
-    config = dict(run.config)
-    if config.get("judge") == LEARNED_REWARD:
-        config["judge"] = RewardModelJudge.from_pretrained(str(learned))
-    method = get_method(config["method"])
-    samples = method.online or method.rounds is not None
-    data = [{"prompt": p} for p in world.train_prompts] if samples else world.pairs
-    defaults = dict(max_steps=settings.steps, per_device_train_batch_size=settings.batch_size, seed=run.seed)
-    if samples:
-        defaults |= dict(judge=GoldSentimentJudge(), max_completion_length=settings.world.max_new_tokens)
-    if method.rounds is not None:  # the same optimizer steps as every other run, split over the rounds
-        defaults["max_steps"] = max(1, settings.steps // (config.get("num_rounds") or method.rounds.num_rounds))
-    slug = "".join(c if c.isalnum() else "_" for c in run.key)
-    train_stage(settings.world, f"runs/{slug}", callbacks=[checkpoint], **(defaults | config),
-                model=AutoModelForCausalLM.from_pretrained(world.sft_dir), tokenizer=world.tokenizer,
-                train_dataset=data)
 
 
 def _best_of_n(world: World, settings: ClaimsSettings, seed: int) -> dict:
     """Best-of-n from π_ref at KL log n − (n−1)/n, on both halves of the held-out prompts: one trajectory point per n
-    (no training, so no compute but the sampling)."""
-    prompts, half = world.eval_prompts, len(world.eval_prompts) // 2
-    n_max = max(BEST_OF_N_SIZES)
-    params = SamplingParams(max_new_tokens=settings.world.max_new_tokens, n=n_max, seed=2000 + seed,
-                            batch_size=max(256, n_max))
+    (no training: its cost is the sampling, at inference time)."""
+    half = len(world.eval_prompts) // 2
     began = time.process_time()
-    rollout = score_rollout(GoldSentimentJudge(), generate(world.sft, world.tokenizer, prompts, params))
-    scores = rollout.grouped(rollout.scores)  # [P, n_max]
+    best, _ = best_of_n_scores(world, world.eval_prompts, settings.world.max_new_tokens, 2000 + seed, BEST_OF_N_SIZES)
     trajectory = []
-    for n in BEST_OF_N_SIZES:
-        best = scores[:, :n].max(dim=1).values.tolist()
-        validation, test = evaluation_interval(best[:half], 1), evaluation_interval(best[half:], 1)
+    for n, scores in best.items():
+        validation, test = evaluation_interval(scores[:half], 1), evaluation_interval(scores[half:], 1)
         trajectory.append({"step": n, "kl": best_of_n_kl(n), "validation": validation.mean, "test": test.mean,
                            "validation_half": validation.half, "test_half": test.half, "cpu_s": 0.0})
-    return {"method": BEST_OF_N, "family": "best-of-n (no training)", "setting": f"n ≤ {n_max}", "seed": seed,
-            "config": {}, "trajectory": trajectory, "sampling_cpu_s": round(time.process_time() - began, 1)}
+    return {"method": BEST_OF_N, "family": "best-of-n (no training)", "setting": f"n ≤ {max(BEST_OF_N_SIZES)}",
+            "seed": seed, "config": {}, "trajectory": trajectory,
+            "sampling_cpu_s": round(time.process_time() - began, 1)}
 
 
 # ---------------------------------------------------------------------------------------------- analysis
@@ -379,16 +384,86 @@ def claims_table(record: dict) -> str:
         lines.append(f"| {method} | {family_of[method]} | " + " | ".join(cells) + " |")
     middle = budgets[len(budgets) // 2]
     lines += ["", f"Stability and compute at KL {middle:g}: the chosen setting, the spread (standard deviation) of "
-              "its test reward over seeds, the fraction of the sweep within 0.02 of the best on validation, and "
-              "the CPU seconds of training spent to reach the budget (mean ± 95% interval over seeds).", "",
-              "| method | chosen setting | seed spread | forgiving | CPU s to reach |", "|---|---|---:|---:|---:|"]
+              "its test reward over seeds, the fraction of the sweep within 0.02 of the best on validation, the CPU "
+              "seconds of training spent to reach the budget (mean ± 95% interval over seeds), and the same with "
+              "the shared stages the method needs (SFT; the pairs for offline losses; pairs and reward model for "
+              "PPO).", "",
+              "| method | chosen setting | seed spread | forgiving | CPU s to reach | with SFT, pairs, RM |",
+              "|---|---|---:|---:|---:|---:|"]
     for method in methods:
         pick = chosen[middle][method]
         if pick is None:
-            lines.append(f"| {method} | – | – | – | – |")
+            lines.append(f"| {method} | – | – | – | – | – |")
             continue
-        spent = [s for s in cpu_at(record, method, pick.setting, middle) if s is not None]
-        cost = str(interval(spent)) if spent and method != BEST_OF_N else "–"
+        runs = [r for r in record["runs"].values() if r.get("method") == method and r["setting"] == pick.setting]
+        reached = [(s, charged_seconds(record, r)) for r, s in zip(runs, cpu_at(record, method, pick.setting, middle))
+                   if s is not None and method != BEST_OF_N]
+        cost = str(interval([s for s, _ in reached])) if reached else "–"
+        total = str(interval([s + c for s, c in reached])) if reached else "–"
         lines.append(f"| {method} | {pick.setting} | {pick.seed_spread:.3f} | "
-                     f"{pick.forgiving:.2f} ({pick.settings_reaching}/{pick.settings_total} reach) | {cost} |")
+                     f"{pick.forgiving:.2f} ({pick.settings_reaching}/{pick.settings_total} reach) | {cost} | "
+                     f"{total} |")
     return "\n".join(lines)
+
+
+def charged_seconds(record: dict, run: dict) -> float:
+    """The CPU seconds of the shared stages a run needs: the SFT model (every trained method), π_ref's labelled pairs
+    (the offline losses, and PPO's reward model trained on them), and the reward model (PPO with a learned reward).
+    Online and rounds methods sample and judge their own completions inside their run."""
+    stages = record.get("stages", {})
+    method = get_method(run["config"]["method"])
+    learned = run["config"].get("judge") == LEARNED_REWARD
+    offline = not method.online and method.rounds is None and method.algorithm is None
+    return (stages.get("sft", 0.0) + (stages.get("pairs", 0.0) if offline or learned else 0.0)
+            + (stages.get("reward model", 0.0) if learned else 0.0))
+
+
+def _band(budget: float, chosen: Selection | None) -> tuple[float, float, float, float] | None:
+    return None if chosen is None else (budget, chosen.test.mean, chosen.test.low, chosen.test.high)
+
+
+def family_selection(record: dict, family: str, budget: float) -> Selection | None:
+    """A family's frontier point at ``budget``: its best method and setting together, chosen on validation."""
+    validation: dict[str, list] = {}
+    test: dict[str, list] = {}
+    for method in dict.fromkeys(r["method"] for r in record["runs"].values() if r.get("family") == family):
+        v, t = values_at(record, method, budget)
+        validation |= {f"{method}: {setting}": values for setting, values in v.items()}
+        test |= {f"{method}: {setting}": values for setting, values in t.items()}
+    return select(validation, test) if validation else None
+
+
+def plot(record: dict, out_png: Path) -> None:
+    """``claims.png`` (:func:`preftune.evaluation.report.plot_claims`): a panel per family with best-of-n and the DPO
+    sweep as references, the families' frontiers, and reward at the middle budget against total CPU seconds."""
+    from preftune.evaluation.report import plot_claims
+
+    budgets = record["kl_budgets"]
+    chosen = {budget: selections(record, budget) for budget in budgets}
+    family_of = {r["method"]: r["family"] for r in record["runs"].values() if "method" in r}
+
+    def curve(method: str) -> list:
+        return [band for b in budgets if (band := _band(b, chosen[b][method])) is not None]
+
+    panels: dict[str, dict[str, list]] = {}
+    for method, family in family_of.items():
+        if method != BEST_OF_N:
+            panels.setdefault(family, {})[method] = curve(method)
+    references = {name: curve(name) for name in (BEST_OF_N, "DPO") if name in family_of}
+    families = list(dict.fromkeys(family_of.values()))
+    summary = {family: [band for b in budgets if (band := _band(b, family_selection(record, family, b)))]
+               for family in families}
+    middle = budgets[len(budgets) // 2]
+    compute = {}
+    for method, pick in chosen[middle].items():
+        if pick is None or method == BEST_OF_N:
+            continue
+        runs = [r for r in record["runs"].values() if r.get("method") == method and r["setting"] == pick.setting]
+        spent = [s + charged_seconds(record, r) for r, s in zip(runs, cpu_at(record, method, pick.setting, middle))
+                 if s is not None]
+        cost = interval(spent)
+        half = cost.half if len(spent) > 1 else 0.0
+        compute[method] = ((cost.mean, cost.mean, cost.mean - half, cost.mean + half),
+                           (pick.test.mean, pick.test.mean, pick.test.low, pick.test.high))
+    plot_claims(panels, references, summary, compute, out_png, compute_budget=middle,
+                title="DPO's claims on the demo world: test reward at each KL budget, mean and 95% band over seeds")

@@ -85,10 +85,10 @@ RUNS: dict[str, dict] = {
 LEARNED_REWARD = "learned"
 REWARD_MODEL = "reward model (for PPO)"
 PPO_TARGET_KLS = (3.0, 6.0, 9.0)
-_PPO = {"method": "ppo", "per_device_train_batch_size": 32, "num_ppo_epochs": 2, "kl_coef": 0.1, "kl_horizon": 320,
-        "missing_eos_penalty": 0.5, "use_score_scaling": True, "use_score_norm": True}
-RUNS |= {f"PPO target KL={kl:g}": _PPO | {"target_kl": kl, "judge": LEARNED_REWARD} for kl in PPO_TARGET_KLS}
-RUNS |= {f"PPO-GT target KL={kl:g}": _PPO | {"target_kl": kl} for kl in PPO_TARGET_KLS}
+PPO_CONFIG = {"method": "ppo", "per_device_train_batch_size": 32, "num_ppo_epochs": 2, "kl_coef": 0.1,
+              "kl_horizon": 320, "missing_eos_penalty": 0.5, "use_score_scaling": True, "use_score_norm": True}
+RUNS |= {f"PPO target KL={kl:g}": PPO_CONFIG | {"target_kl": kl, "judge": LEARNED_REWARD} for kl in PPO_TARGET_KLS}
+RUNS |= {f"PPO-GT target KL={kl:g}": PPO_CONFIG | {"target_kl": kl} for kl in PPO_TARGET_KLS}
 
 BEST_OF_N = "Best-of-n"
 BEST_OF_N_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -124,20 +124,27 @@ def family(label: str) -> str:
     return "other offline losses"
 
 
-def best_of_n(world: World, settings: FrontierSettings, sizes: tuple[int, ...] = BEST_OF_N_SIZES,
-              ) -> tuple[list[Point], int]:
-    """Best-of-n from π_ref on the held-out prompts: max(sizes) samples per prompt judged by the gold reward; for
-    each n, the mean over prompts of the best of the first n samples, at KL log n − (n−1)/n (the KL of the
-    best-of-n distribution to π_ref, :func:`preftune.methods.rl.best_of_n_kl`); also the tokens generated."""
-    prompts = world.eval_prompts[: settings.eval_prompts]
+def best_of_n_scores(world: World, prompts: list[str], max_new_tokens: int, seed: int, sizes: tuple[int, ...],
+                     ) -> tuple[dict[int, list[float]], int]:
+    """Best-of-n from π_ref: max(sizes) samples per prompt judged by the gold reward; for each n, the best score of
+    each prompt's first n samples (its KL to π_ref is log n − (n−1)/n, :func:`preftune.methods.rl.best_of_n_kl`);
+    also the tokens generated."""
     n_max = max(sizes)
-    params = SamplingParams(max_new_tokens=settings.world.max_new_tokens, n=n_max, seed=settings.world.seed + 3,
-                            batch_size=max(256, n_max))
+    params = SamplingParams(max_new_tokens=max_new_tokens, n=n_max, seed=seed, batch_size=max(256, n_max))
     rollout = score_rollout(GoldSentimentJudge(), generate(world.sft, world.tokenizer, prompts, params))
     scores = rollout.grouped(rollout.scores)  # [P, n_max]
-    points = [{"method": BEST_OF_N, "step": n, "n": n, "kl": best_of_n_kl(n),
-               "reward": scores[:, :n].max(dim=1).values.mean().item()} for n in sizes]
-    return points, sum(rollout.lengths)
+    return {n: scores[:, :n].max(dim=1).values.tolist() for n in sizes}, sum(rollout.lengths)
+
+
+def best_of_n(world: World, settings: FrontierSettings, sizes: tuple[int, ...] = BEST_OF_N_SIZES,
+              ) -> tuple[list[Point], int]:
+    """Best-of-n on the frontier's held-out prompts: one point per n, the mean over prompts of the best of the
+    first n samples, at its analytic KL; also the tokens generated."""
+    best, tokens = best_of_n_scores(world, world.eval_prompts[: settings.eval_prompts],
+                                    settings.world.max_new_tokens, settings.world.seed + 3, sizes)
+    points = [{"method": BEST_OF_N, "step": n, "n": n, "kl": best_of_n_kl(n), "reward": sum(b) / len(b)}
+              for n, b in best.items()]
+    return points, tokens
 
 
 # A run folder (ignored by git): the committed results in experiments/frontier are replaced only on purpose.
@@ -330,35 +337,59 @@ def _cost(summary: dict, generated: dict, seconds: float, cpu_seconds: float, me
 
 
 def train_reward_model(world: World, settings: FrontierSettings) -> tuple[Path, dict]:
-    """The Bradley–Terry reward model PPO optimises: the SFT model with a score head, trained by the run driver
-    on the frontier's pairs (5% held out for its accuracy); returns its ``final/`` folder and summary.json."""
-    final = train_stage(settings.world, "runs/reward_model", method="reward", eval_split_size=0.05,
-                        max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
-                        learning_rate=settings.learning_rate, tokenizer=world.tokenizer, train_dataset=world.pairs,
+    """The Bradley–Terry reward model PPO optimises: :func:`reward_model_on_world` at the frontier's sizes."""
+    return reward_model_on_world(world, settings.world, settings.steps, settings.batch_size, settings.learning_rate)
+
+
+def reward_model_on_world(world: World, world_settings: DemoSettings, steps: int, batch_size: int,
+                          learning_rate: float) -> tuple[Path, dict]:
+    """The Bradley–Terry reward model PPO optimises: the SFT model with a score head, trained by the run driver on
+    the world's pairs (5% held out for its accuracy); returns its ``final/`` folder and summary.json."""
+    final = train_stage(world_settings, "runs/reward_model", method="reward", eval_split_size=0.05,
+                        max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
+                        tokenizer=world.tokenizer, train_dataset=world.pairs,
                         model=AutoModelForCausalLM.from_pretrained(world.sft_dir))
     return final, json.loads((final.parent / "summary.json").read_text())
 
 
 def _train_run(world: World, settings: FrontierSettings, label: str, checkpoint, learned: Path | None = None) -> dict:
-    """One run of :data:`RUNS` through the run driver; returns its
-    summary.json. ``learned``: the reward model of runs whose judge is :data:`LEARNED_REWARD`."""
-    config = dict(RUNS[label])
+    """One run of :data:`RUNS` through the run driver at the frontier's steps, batch and learning rate."""
+    defaults = dict(max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+                    learning_rate=settings.learning_rate)
+    return train_on_world(world, settings.world, defaults | RUNS[label], label, checkpoint, learned)
+
+
+def rounds_steps(config: dict) -> tuple[int, int]:
+    """``(max_steps of one run of the driver, optimizer steps in all)`` for ``config`` (with ``max_steps``): a
+    method trained in rounds splits the steps every other run takes over its rounds (their steps count over the
+    whole run of rounds)."""
+    method = get_method(config["method"])
+    if method.rounds is None:
+        return config["max_steps"], config["max_steps"]
+    per_round = max(1, config["max_steps"] // (config.get("num_rounds") or method.rounds.num_rounds))
+    return per_round, per_round * (config.get("num_rounds") or method.rounds.num_rounds)
+
+
+def train_on_world(world: World, world_settings: DemoSettings, config: dict, name: str, checkpoint,
+                   learned: Path | None = None) -> dict:
+    """One run of the run driver from the world's SFT model; returns its summary.json. Offline methods train on the
+    world's pairs; online and rounds methods sample their own completions of its training prompts and ask the gold
+    judge. ``config`` is the run's config (``max_steps`` the optimizer steps of the whole run, split over the rounds
+    of a method trained in rounds); a ``judge`` of :data:`LEARNED_REWARD` is the reward model in ``learned``."""
+    config = dict(config)
     if config.get("judge") == LEARNED_REWARD:
         config["judge"] = RewardModelJudge.from_pretrained(str(learned))
     method = get_method(config["method"])
     samples = method.online or method.rounds is not None  # these sample their own completions of the prompts
     data = [{"prompt": p} for p in world.train_prompts] if samples else world.pairs
-    defaults = dict(max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
-                    learning_rate=settings.learning_rate)
     if samples:
-        defaults |= dict(judge=GoldSentimentJudge(), max_completion_length=settings.world.max_new_tokens)
-    if method.rounds is not None:  # the same number of optimizer steps as every other run, split over the rounds
-        rounds = config.get("num_rounds") or method.rounds.num_rounds
-        defaults["max_steps"] = max(1, settings.steps // rounds)
-    slug = label.replace(" ", "_").replace("=", "")
-    for letter, name in (("β", "beta"), ("α", "alpha"), ("γ", "gamma"), ("η", "eta"), ("ε", "eps")):
-        slug = slug.replace(letter, name)
-    final = train_stage(settings.world, f"runs/{slug}", callbacks=[checkpoint], **(defaults | config),
+        config = dict(judge=GoldSentimentJudge(), max_completion_length=world_settings.max_new_tokens) | config
+    config["max_steps"] = rounds_steps(config)[0]
+    slug = name.replace(" ", "_").replace("=", "")
+    for letter, word in (("β", "beta"), ("α", "alpha"), ("γ", "gamma"), ("η", "eta"), ("ε", "eps")):
+        slug = slug.replace(letter, word)
+    slug = "".join(c if c.isalnum() or c in "_.-" else "_" for c in slug)
+    final = train_stage(world_settings, f"runs/{slug}", callbacks=[checkpoint], **config,
                         model=AutoModelForCausalLM.from_pretrained(world.sft_dir), tokenizer=world.tokenizer,
                         train_dataset=data)
     return json.loads((final.parent / "summary.json").read_text())  # a run of rounds: its run folder's summary
