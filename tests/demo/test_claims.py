@@ -123,3 +123,25 @@ def test_compute_charges_each_method_the_shared_stages_it_needs(quick):
             assert total - training == pytest.approx(charged_seconds(record, runs[cells[0]]), abs=2e-3)
             checked += 1
     assert checked >= 1
+
+
+def test_a_planted_difference_is_found_and_a_noise_only_copy_is_not(quick):
+    """On the quick run's points: a copy of DPO's runs raised by 0.3 on every evaluation stands above DPO wherever
+    both reach a budget; a copy whose seeds are DPO's own, relabelled, never differs from it."""
+    from preftune.experiments.claims import differences
+
+    record = json.loads((quick / "runs.json").read_text())
+    planted = {}
+    for key, run in record["runs"].items():
+        if run.get("method") == "DPO":
+            raised = [p | {"validation": p["validation"] + 0.3, "test": p["test"] + 0.3} for p in run["trajectory"]]
+            planted[f"raised {key}"] = run | {"method": "DPO raised", "trajectory": raised}
+            planted[f"copy {key}"] = run | {"method": "DPO copy"}
+    record["runs"] |= planted
+    seen = 0
+    for budget in record["kl_budgets"]:
+        verdicts = {method: verdict for method, verdict, _ in differences(record, budget)}
+        if "DPO raised" in verdicts:
+            assert verdicts["DPO raised"] == "above" and verdicts["DPO copy"] == "no difference"
+            seen += 1
+    assert seen >= 1

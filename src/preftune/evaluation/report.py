@@ -209,11 +209,12 @@ Band = tuple[float, float, float, float]  # (x, mean, low, high)
 
 def plot_claims(panels: Mapping[str, Mapping[str, Sequence[Band]]], references: Mapping[str, Sequence[Band]],
                 summary: Mapping[str, Sequence[Band]], compute: Mapping[str, tuple[Band, Band]], out_png: str | Path,
-                *, title: str, compute_budget: float) -> Figure:
+                *, title: str, compute_budget: float, bounds: tuple[float, float] = (0.0, 1.0)) -> Figure:
     """The claims figure: one panel per family (each method's mean test reward against the KL budget with its 95%
     band over seeds; ``references`` — best-of-n and the DPO sweep — drawn in grey in every panel), a summary panel
     of the families' fitted frontiers, and a compute panel (reward at ``compute_budget`` against CPU seconds, both
-    with their intervals). Legends sit below their panel, never over the data."""
+    with their intervals). Legends sit below their panel, never over the data. The reward axis stays within
+    ``bounds`` (the gold reward is a probability), so a wide band of few seeds does not flatten the others."""
     names = [*panels, "families", "compute"]
     columns = 3
     rows = math.ceil(len(names) / columns)
@@ -229,14 +230,19 @@ def plot_claims(panels: Mapping[str, Mapping[str, Sequence[Band]]], references: 
             style = LINESTYLES[i % len(LINESTYLES)] if grey else "-"
             ax.plot(x, mean, color=colour, linestyle=style, marker="" if grey else MARKERS[i % len(MARKERS)],
                     markersize=4, linewidth=1.2 if grey else 1.8, label=label)
-            ax.fill_between(x, low, high, color=colour, alpha=0.12 if grey else 0.2, linewidth=0)
+            ax.fill_between(x, [max(v, bounds[0]) for v in low], [min(v, bounds[1]) for v in high], color=colour,
+                            alpha=0.12 if grey else 0.2, linewidth=0)
 
     for ax, name in zip(axes.flat, names):
         if name == "compute":
             for i, (label, ((x, _, x_low, x_high), (_, y, y_low, y_high))) in enumerate(compute.items()):
                 ax.errorbar([x], [y], xerr=[[x - x_low], [x_high - x]], yerr=[[y - y_low], [y_high - y]],
                             fmt=MARKERS[i % len(MARKERS)], color=colours(i % 10), capsize=3, label=label)
-            ax.set_xscale("log")
+            if compute:
+                ax.set_xscale("log")
+            else:
+                ax.text(0.5, 0.5, f"no method reached KL {compute_budget:g} at every seed", ha="center",
+                        transform=ax.transAxes, color="0.4")
             ax.set_xlabel("CPU seconds (training + the SFT, pairs and reward model it needs)")
             ax.set_ylabel(f"test reward at KL {compute_budget:g}")
             ax.set_title(f"compute: reward at KL {compute_budget:g} against its cost")
@@ -557,6 +563,36 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, thresho
     html_path.write_text(page, encoding="utf-8")
     md_path.write_text(health_markdown(results, title, meta, verdict), encoding="utf-8")
     return HealthReport(html_path, md_path, results, plots)
+
+
+def markdown_page(title: str, meta: str, markdown: str, figures: Sequence[tuple[str | Path, str]] = ()) -> str:
+    """An HTML page in the health report's style: ``figures`` (PNG files, embedded, each with its caption) above
+    ``markdown``'s paragraphs and pipe tables (the subset the experiments write: a table is a run of lines starting
+    with ``|``, its second line the rule)."""
+    body = []
+    for path, caption in figures:
+        png = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append([cell.strip() for cell in lines[i].strip().strip("|").split("|")])
+                i += 1
+            head, rows = block[0], block[2:]
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                                  for row in rows) + "</table>")
+            continue
+        if lines[i].strip():
+            body.append(f"<p>{html.escape(lines[i])}</p>")
+        i += 1
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f'<p class="meta">{html.escape(meta)}</p>{"".join(body)}</body></html>\n')
 
 
 def health_markdown(results, title: str, meta: str, verdict: str) -> str:

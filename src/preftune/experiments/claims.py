@@ -43,7 +43,15 @@ from preftune.experiments.frontier import (
     rounds_steps,
     train_on_world,
 )
-from preftune.experiments.intervals import Selection, evaluation_interval, interval, reward_at, select, spent_at
+from preftune.experiments.intervals import (
+    Selection,
+    evaluation_interval,
+    interval,
+    reward_at,
+    select,
+    separated,
+    spent_at,
+)
 from preftune.methods.registry import get_method
 from preftune.methods.rl import best_of_n_kl
 from preftune.rollout.judges import GoldSentimentJudge
@@ -263,9 +271,26 @@ def run_claims(settings: ClaimsSettings) -> dict:
     bar.close()
     _write(path, settings, runs, stages, time.perf_counter() - started)
     record = json.loads(path.read_text())
-    (out / "claims.md").write_text(claims_table(record) + "\n")
-    plot(record, out / "claims.png")
+    write_results(record, out)
     return record
+
+
+def write_results(record: dict, out: Path) -> None:
+    """``claims.md`` (the tables), ``claims.png`` (the figure) and ``claims.html`` (both, in the health report's
+    style) from a ``runs.json`` record."""
+    from preftune.evaluation.report import markdown_page
+
+    table = claims_table(record)
+    (out / "claims.md").write_text(table + "\n")
+    plot(record, out / "claims.png")
+    cpus = sorted({run["cpu"] for run in record["runs"].values() if "cpu" in run})
+    trained = sum("cpu" in run for run in record["runs"].values())
+    meta = (f"{trained} trained runs · CPU: {', '.join(cpus) or '?'} · "
+            f"{record['seconds'] / 3600:.1f} h of the last invocation")
+    (out / "claims.html").write_text(markdown_page("DPO's claims, measured with error bars", meta, table,
+                                                   [(out / "claims.png", "test reward at each KL budget, mean and "
+                                                     "95% band over seeds; reward at the middle budget against "
+                                                     "CPU seconds")]), encoding="utf-8")
 
 
 class _StageClock:
@@ -367,6 +392,24 @@ def cpu_at(record: dict, method: str, setting: str, budget: float) -> list[float
             for run in record["runs"].values() if run.get("method") == method and run["setting"] == setting]
 
 
+def differences(record: dict, budget: float, against: str = "DPO") -> list[tuple[str, str, Selection]]:
+    """Each method's standing against ``against`` at ``budget``: ``(method, "above" | "below" | "no difference",
+    its selection)``, a difference only where the two 95% intervals do not overlap. Methods without a value there
+    are left out."""
+    chosen = selections(record, budget)
+    base = chosen.get(against)
+    if base is None:
+        return []
+    verdicts = []
+    for method, pick in chosen.items():
+        if method == against or pick is None:
+            continue
+        verdict = ("no difference" if not separated(pick.test, base.test)
+                   else "above" if pick.test.mean > base.test.mean else "below")
+        verdicts.append((method, verdict, pick))
+    return verdicts
+
+
 def claims_table(record: dict) -> str:
     """Markdown: per method and KL budget, the test reward (mean ± 95% interval over seeds) of the setting chosen on
     validation; then stability (seed spread at the chosen setting, the sweep's forgiving fraction) and compute (CPU
@@ -382,6 +425,11 @@ def claims_table(record: dict) -> str:
     for method in methods:
         cells = [str(chosen[b][method].test) if chosen[b][method] else "–" for b in budgets]
         lines.append(f"| {method} | {family_of[method]} | " + " | ".join(cells) + " |")
+    lines += ["", "Against DPO (a difference only where the 95% intervals do not overlap):", ""]
+    for budget in budgets:
+        found = differences(record, budget)
+        if found:
+            lines.append(f"- KL {budget:g}: " + "; ".join(f"{method} {verdict}" for method, verdict, _ in found))
     middle = budgets[len(budgets) // 2]
     lines += ["", f"Stability and compute at KL {middle:g}: the chosen setting, the spread (standard deviation) of "
               "its test reward over seeds, the fraction of the sweep within 0.02 of the best on validation, the CPU "
@@ -445,10 +493,10 @@ def plot(record: dict, out_png: Path) -> None:
     def curve(method: str) -> list:
         return [band for b in budgets if (band := _band(b, chosen[b][method])) is not None]
 
-    panels: dict[str, dict[str, list]] = {}
+    panels: dict[str, dict[str, list]] = {family: {} for family in FAMILIES if family in family_of.values()}
     for method, family in family_of.items():
         if method != BEST_OF_N:
-            panels.setdefault(family, {})[method] = curve(method)
+            panels[family][method] = curve(method)
     references = {name: curve(name) for name in (BEST_OF_N, "DPO") if name in family_of}
     families = list(dict.fromkeys(family_of.values()))
     summary = {family: [band for b in budgets if (band := _band(b, family_selection(record, family, b)))]
