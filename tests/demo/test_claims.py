@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 
 import pytest
 
@@ -94,6 +95,16 @@ def test_resume_refuses_other_settings_and_a_folder_that_is_not_its_own(quick, t
     settings = ClaimsSettings.quick(str(quick))
     settings.steps, settings.resume = 13, True
     with pytest.raises(ConfigError, match="written under other settings \\(steps differ\\)"):
+        run_claims(settings)
+    moved = tmp_path / "moved"  # the same experiment, its π_ref rebuilt differently (another CPU, say)
+    shutil.copytree(quick, moved)
+    record = json.loads((moved / "runs.json").read_text())
+    assert len(record["stages"]["reference_sha256"]) == 64
+    record["stages"]["reference_sha256"] = "0" * 64
+    (moved / "runs.json").write_text(json.dumps(record))
+    settings = ClaimsSettings.quick(str(moved))
+    settings.resume = True
+    with pytest.raises(ConfigError, match="was measured from another π_ref .* resume on the machine it began on"):
         run_claims(settings)
     (tmp_path / "mine.txt").write_text("a user's file")
     with pytest.raises(RunDirError, match="is not this experiment's folder"):

@@ -22,6 +22,7 @@ same settings and adds the missing ones (more seeds, more methods) without rerun
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -238,6 +239,12 @@ def run_claims(settings: ClaimsSettings) -> dict:
     world = build_world(settings.world, measured.lap)
     for stage in ("sft", "pairs"):  # kept from the first invocation: a resumed one rebuilds the same world
         stages.setdefault(stage, measured.seconds[stage])
+    reference = _weights_digest(world.sft_dir)
+    if stages.setdefault("reference_sha256", reference) != reference:
+        raise ConfigError(f"{path} was measured from another π_ref (SFT weights {stages['reference_sha256'][:12]}…, "
+                          f"rebuilt here as {reference[:12]}…: another CPU or library versions); its runs and new "
+                          "ones would not share a starting point: resume on the machine it began on, or start a new "
+                          "--output-dir")
     todo = [run for run in plan(settings) if run.key not in runs]
     learned = _reward_model(world, settings, stages, todo)
     evaluators: dict[int, Evaluator] = {}
@@ -305,6 +312,14 @@ class _StageClock:
         self.seconds[name], self._last = round(now - self._last, 1), now
 
 
+def _weights_digest(model_dir: Path) -> str:
+    """SHA-256 of a saved model's weight files, in name order."""
+    digest = hashlib.sha256()
+    for weights in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    return digest.hexdigest()
+
+
 def _earlier_stages(path: Path) -> dict[str, float]:
     return json.loads(path.read_text()).get("stages", {}) if path.is_file() else {}
 
@@ -327,8 +342,8 @@ def _shown(config: dict) -> dict:
 
 
 def _write(path: Path, settings: ClaimsSettings, runs: dict, stages: dict, seconds: float) -> None:
-    """``runs.json``: the settings, the budgets, the CPU seconds of the shared stages (SFT, the offline pairs, the
-    reward model) and every run."""
+    """``runs.json``: the settings, the budgets, the shared stages (CPU seconds of the SFT, the offline pairs and the
+    reward model; the SHA-256 of π_ref's weights, which a resume must rebuild identically) and every run."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"settings": _settings_record(settings), "kl_budgets": list(KL_BUDGETS),
                                "stages": stages, "runs": runs, "seconds": round(seconds, 1)}, indent=1))
