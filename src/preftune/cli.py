@@ -171,6 +171,7 @@ def _experiment_parser(sub) -> list[argparse.ArgumentParser]:
     claims.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="the seeds (default: 0 1 2)")
     claims.add_argument("--resume", action="store_true",
                         help="keep the runs runs.json already holds (same settings), add the missing ones")
+    claims.add_argument("--overwrite", action="store_true", help="start again over an earlier runs.json")
     scorer = names.add_parser("scorer", help="the DPO policy's implicit reward against a reward model, on held-out "
                               "pairs", description="Ranks held-out demo pairs with the DPO policy's implicit reward, "
                               "the SFT model's log-likelihood and a Bradley–Terry reward model trained on the same "
@@ -357,7 +358,7 @@ def _run(args: argparse.Namespace) -> int:
             settings.world.output_dir = str(Path(output_dir) / "work")
             settings.methods = args.methods or settings.methods
             settings.seeds = tuple(args.seeds) if args.seeds else settings.seeds
-            settings.resume = args.resume
+            settings.resume, settings.overwrite = args.resume, args.overwrite
             print(claims_table(run_claims(settings)))
             return 0
         from preftune.experiments.frontier import FrontierSettings, check_runs, frontier_table, run_frontier

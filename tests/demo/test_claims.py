@@ -106,6 +106,11 @@ def test_resume_refuses_other_settings_and_a_folder_that_is_not_its_own(quick, t
     settings.resume = True
     with pytest.raises(ConfigError, match="was measured from another π_ref .* resume on the machine it began on"):
         run_claims(settings)
+    before = (quick / "runs.json").read_text()
+    with pytest.raises(RunDirError, match="runs of an earlier invocation: pass --resume to continue it, or "
+                                          "--overwrite"):
+        run_claims(ClaimsSettings.quick(str(quick)))  # neither: hours of runs are not dropped
+    assert (quick / "runs.json").read_text() == before
     (tmp_path / "mine.txt").write_text("a user's file")
     with pytest.raises(RunDirError, match="is not this experiment's folder"):
         run_claims(ClaimsSettings.quick(str(tmp_path)))

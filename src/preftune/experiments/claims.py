@@ -119,7 +119,8 @@ class ClaimsSettings:
     eval_samples: int = 2  # per held-out prompt; the world's eval_prompts are split in half, validation and test
     best_of_n: bool = True
     output_dir: str = DEFAULT_OUTPUT_DIR
-    resume: bool = False
+    resume: bool = False  # keep runs.json's runs (same settings) and add the missing ones
+    overwrite: bool = False  # start again over an earlier runs.json
 
     @classmethod
     def quick(cls, output_dir: str) -> ClaimsSettings:
@@ -183,16 +184,23 @@ def claim_folder(settings: ClaimsSettings) -> Path:
 def _settings_record(settings: ClaimsSettings) -> dict:
     """The settings a result depends on (not which methods or seeds run, nor where)."""
     record = asdict(settings)
-    for key in ("methods", "seeds", "output_dir", "resume", "best_of_n"):
+    for key in ("methods", "seeds", "output_dir", "resume", "overwrite", "best_of_n"):
         record.pop(key)
     record["world"].pop("output_dir")
     return json.loads(json.dumps(record))  # tuples as lists, as read back
 
 
 def _earlier_runs(settings: ClaimsSettings, path: Path) -> dict[str, dict]:
-    if not settings.resume or not path.is_file():
+    """The runs ``runs.json`` holds, with ``resume``; without it, an earlier record is replaced only with
+    ``overwrite`` (hours of runs are never dropped by a repeated command)."""
+    if not path.is_file():
         return {}
     earlier = json.loads(path.read_text())
+    if not settings.resume:
+        if earlier.get("runs") and not settings.overwrite:
+            raise RunDirError(f"{path} holds {len(earlier['runs'])} runs of an earlier invocation: pass --resume to "
+                              "continue it, or --overwrite to start again (its runs are then replaced)")
+        return {}
     if earlier.get("settings") != _settings_record(settings):
         theirs, mine = earlier.get("settings", {}), _settings_record(settings)
         changed = sorted(k for k in theirs.keys() | mine.keys() if theirs.get(k) != mine.get(k))
