@@ -161,3 +161,29 @@ def test_a_planted_difference_is_found_and_a_noise_only_copy_is_not(quick):
             assert verdicts["DPO raised"] == "above" and verdicts["DPO copy"] == "no difference"
             seen += 1
     assert seen >= 1
+
+
+def test_the_verdicts_are_read_from_the_numbers(quick):
+    """With Online DPO's runs standing in for PPO's, each verdict sentence carries the two selections' intervals
+    and the compute ratio of their charged CPU seconds, at the highest budget both reach."""
+    from preftune.experiments.claims import costs, selections, verdicts
+
+    record = json.loads((quick / "runs.json").read_text())
+    record["runs"] = {k: r for k, r in record["runs"].items() if r.get("seed", 0) < 3}
+    record["stages"]["reward model"] = 100.0  # charged to PPO with a learned reward, on top of the SFT and pairs
+    record["runs"] |= {f"ppo {k}": r | {"method": "PPO", "family": "PPO (RLHF)", "config": r["config"] | {
+        "method": "ppo", "judge": "learned"}} for k, r in record["runs"].items() if r.get("method") == "Online DPO"}
+    lines = verdicts(record, rlhf=("PPO",))
+    reward = next(line for line in lines if line.startswith("- **Reward at equal KL"))
+    for budget in record["kl_budgets"]:
+        chosen = selections(record, budget)
+        if chosen["DPO"] and chosen["PPO"]:
+            assert f"KL {budget:g}: DPO {chosen['DPO'].test} " in reward and f"PPO {chosen['PPO'].test}" in reward
+    both = max(b for b in record["kl_budgets"]
+               if b <= 3 and selections(record, b)["DPO"] and selections(record, b)["PPO"])
+    compute = next(line for line in lines if line.startswith("- **Compute"))
+    picked = selections(record, both)
+    (_, dpo), (ppo_training, ppo) = (costs(record, m, picked[m].setting, both) for m in ("DPO", "PPO"))
+    assert f"Compute to reach KL {both:g}" in compute and f"×{ppo.mean / dpo.mean:.2f}" in compute
+    stages = record["stages"]
+    assert ppo.mean - ppo_training.mean == pytest.approx(stages["sft"] + stages["pairs"] + 100.0)

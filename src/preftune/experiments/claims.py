@@ -45,6 +45,7 @@ from preftune.experiments.frontier import (
     train_on_world,
 )
 from preftune.experiments.intervals import (
+    Interval,
     Selection,
     evaluation_interval,
     interval,
@@ -448,6 +449,7 @@ def claims_table(record: dict) -> str:
     for method in methods:
         cells = [str(chosen[b][method].test) if chosen[b][method] else "–" for b in budgets]
         lines.append(f"| {method} | {family_of[method]} | " + " | ".join(cells) + " |")
+    lines += ["", "DPO's claims against the RLHF runs:", "", *(verdicts(record) or ["- (no PPO run yet)"])]
     lines += ["", "Against DPO (a difference only where the 95% intervals do not overlap):", ""]
     for budget in budgets:
         found = differences(record, budget)
@@ -466,15 +468,64 @@ def claims_table(record: dict) -> str:
         if pick is None:
             lines.append(f"| {method} | – | – | – | – | – |")
             continue
-        runs = [r for r in record["runs"].values() if r.get("method") == method and r["setting"] == pick.setting]
-        reached = [(s, charged_seconds(record, r)) for r, s in zip(runs, cpu_at(record, method, pick.setting, middle))
-                   if s is not None and method != BEST_OF_N]
-        cost = str(interval([s for s, _ in reached])) if reached else "–"
-        total = str(interval([s + c for s, c in reached])) if reached else "–"
+        cost, total = (str(c) if c else "–" for c in costs(record, method, pick.setting, middle))
         lines.append(f"| {method} | {pick.setting} | {pick.seed_spread:.3f} | "
                      f"{pick.forgiving:.2f} ({pick.settings_reaching}/{pick.settings_total} reach) | {cost} | "
                      f"{total} |")
     return "\n".join(lines)
+
+
+def costs(record: dict, method: str, setting: str, budget: float) -> tuple[Interval | None, Interval | None]:
+    """CPU seconds of training to reach ``budget`` over the seeds of one setting, and the same with the shared
+    stages charged (:func:`charged_seconds`); None for best-of-n and where no seed reached it."""
+    runs = [r for r in record["runs"].values() if r.get("method") == method and r["setting"] == setting]
+    spent_per_seed = cpu_at(record, method, setting, budget)
+    reached = [(spent, charged_seconds(record, run)) for run, spent in zip(runs, spent_per_seed)
+               if spent is not None and method != BEST_OF_N]
+    if not reached:
+        return None, None
+    return interval([s for s, _ in reached]), interval([s + c for s, c in reached])
+
+
+def verdicts(record: dict, rlhf: tuple[str, ...] = ("PPO", "PPO-GT")) -> list[str]:
+    """The three claims, DPO against the RLHF runs, as markdown bullets from the numbers: reward at each budget
+    (a difference only where the intervals separate); at the highest budget both reach, up to the middle one,
+    stability (the spread over seeds and the forgiving fraction of the sweep) and compute (CPU seconds to reach it,
+    the shared stages charged)."""
+    budgets = record["kl_budgets"]
+    middle = budgets[len(budgets) // 2]
+    lines = []
+    for other in rlhf:
+        standing = []
+        for budget in budgets:
+            found = {method: (verdict, pick) for method, verdict, pick in differences(record, budget)}
+            dpo = selections(record, budget).get("DPO")
+            if other in found and dpo is not None:
+                verdict, pick = found[other]
+                word = {"above": "below", "below": "above"}.get(verdict, "no different from")
+                standing.append(f"KL {budget:g}: DPO {dpo.test} {word} {other} {pick.test}")
+        if standing:
+            lines.append(f"- **Reward at equal KL, DPO against {other}**: " + "; ".join(standing) + ".")
+    chosen = {budget: selections(record, budget) for budget in budgets}
+    for other in rlhf:
+        # the highest budget both reach at every seed, up to the middle one
+        both = [b for b in budgets if b <= middle and chosen[b].get("DPO") and chosen[b].get(other)]
+        if not both:
+            continue
+        budget = max(both)
+        dpo, pick = chosen[budget]["DPO"], chosen[budget][other]
+        lines.append(f"- **Stability at KL {budget:g}, DPO against {other}**: spread over seeds {dpo.seed_spread:.3f} "
+                     f"against {pick.seed_spread:.3f}; within 0.02 of the best setting: {dpo.forgiving:.2f} of DPO's "
+                     f"sweep against {pick.forgiving:.2f} of {other}'s.")
+        dpo_cost = costs(record, "DPO", dpo.setting, budget)[1]
+        other_cost = costs(record, other, pick.setting, budget)[1]
+        if dpo_cost and other_cost:
+            differ = separated(dpo_cost, other_cost)
+            word = "no different" if not differ else "lighter" if dpo_cost.mean < other_cost.mean else "heavier"
+            lines.append(f"- **Compute to reach KL {budget:g}, DPO against {other}** (SFT, pairs and reward model "
+                         f"charged): {dpo_cost} against {other_cost} CPU s, ×{other_cost.mean / dpo_cost.mean:.2f}: "
+                         f"DPO {word}.")
+    return lines
 
 
 def charged_seconds(record: dict, run: dict) -> float:
@@ -529,11 +580,10 @@ def plot(record: dict, out_png: Path) -> None:
     for method, pick in chosen[middle].items():
         if pick is None or method == BEST_OF_N:
             continue
-        runs = [r for r in record["runs"].values() if r.get("method") == method and r["setting"] == pick.setting]
-        spent = [s + charged_seconds(record, r) for r, s in zip(runs, cpu_at(record, method, pick.setting, middle))
-                 if s is not None]
-        cost = interval(spent)
-        half = cost.half if len(spent) > 1 else 0.0
+        cost = costs(record, method, pick.setting, middle)[1]
+        if cost is None:
+            continue
+        half = cost.half if cost.n > 1 else 0.0
         compute[method] = ((cost.mean, cost.mean, cost.mean - half, cost.mean + half),
                            (pick.test.mean, pick.test.mean, pick.test.low, pick.test.high))
     plot_claims(panels, references, summary, compute, out_png, compute_budget=middle,
