@@ -54,6 +54,7 @@ def test_every_planned_run_ran_at_every_seed_and_the_table_is_recomputed_from_it
     assert len(planned) == 2 * 2 * 3  # DPO and Online DPO × two β × three seeds
     assert {run.key for run in planned} <= set(record["runs"])
     assert sum(run.get("method") == "best-of-n" for run in record["runs"].values()) == 3
+    assert not any((quick / "work" / "caches").iterdir())  # each run's own cache, removed after it
     for run in record["runs"].values():
         assert run["trajectory"][0]["kl"] == 0.0  # every run starts at π_ref
         assert all(p["validation_half"] > 0 for p in run["trajectory"])  # each point carries its own interval
