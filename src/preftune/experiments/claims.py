@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -268,12 +267,8 @@ def run_claims(settings: ClaimsSettings) -> dict:
         evaluator = evaluators.get(run.seed) or evaluators.setdefault(run.seed, Evaluator(world, settings, run.seed))
         began_cpu, evaluated = time.process_time(), evaluator.seconds
         trajectory = [evaluator.start]
-        # Each run pays for its own tokenization and reference log-probs: a cache shared between runs would
-        # charge them to whichever run came first. The cache is the run's own, removed after it.
-        cache = Path(settings.world.output_dir) / "caches" / "".join(c if c.isalnum() else "_" for c in run.key)
-        shutil.rmtree(cache, ignore_errors=True)  # what an interrupted run left: it would be a cache hit
         config = {"max_steps": settings.steps, "per_device_train_batch_size": settings.batch_size,
-                  "seed": run.seed, "cache_dir": str(cache)} | run.config  # a method's own batch (online, PPO) wins
+                  "seed": run.seed} | run.config  # a method's own batch (online, PPO) wins
         total = rounds_steps(config)[1]
 
         def checkpoint(step: int, model, trajectory=trajectory, evaluator=evaluator, began_cpu=began_cpu,
@@ -284,7 +279,6 @@ def run_claims(settings: ClaimsSettings) -> dict:
 
         began = time.perf_counter()
         train_on_world(world, settings.world, config, run.key, checkpoint, learned)
-        shutil.rmtree(cache, ignore_errors=True)
         runs[run.key] = {"method": run.method, "family": method_family(run.method), "setting": run.setting,
                          "seed": run.seed, "config": _shown(run.config), "trajectory": trajectory,
                          "wall_s": round(time.perf_counter() - began, 1), "cpu": cpu_model()}

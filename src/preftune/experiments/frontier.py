@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -389,9 +390,15 @@ def train_on_world(world: World, world_settings: DemoSettings, config: dict, nam
     for letter, word in (("β", "beta"), ("α", "alpha"), ("γ", "gamma"), ("η", "eta"), ("ε", "eps")):
         slug = slug.replace(letter, word)
     slug = "".join(c if c.isalnum() or c in "_.-" else "_" for c in slug)
-    final = train_stage(world_settings, f"runs/{slug}", callbacks=[checkpoint], **config,
+    # Each run pays for its own tokenization and reference log-probs: a cache shared between runs would charge them
+    # to whichever run came first. The cache is the run's own, removed after it (and before: an interrupted run's
+    # leftovers would be a cache hit).
+    cache = Path(world_settings.output_dir) / "caches" / slug
+    shutil.rmtree(cache, ignore_errors=True)
+    final = train_stage(world_settings, f"runs/{slug}", callbacks=[checkpoint], **({"cache_dir": str(cache)} | config),
                         model=AutoModelForCausalLM.from_pretrained(world.sft_dir), tokenizer=world.tokenizer,
                         train_dataset=data)
+    shutil.rmtree(cache, ignore_errors=True)
     return json.loads((final.parent / "summary.json").read_text())  # a run of rounds: its run folder's summary
 
 
