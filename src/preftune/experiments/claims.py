@@ -361,14 +361,16 @@ def _write(path: Path, settings: ClaimsSettings, runs: dict, stages: dict, secon
 
 def _reward_model(world: World, settings: ClaimsSettings, stages: dict, todo: list[PlannedRun]) -> Path | None:
     """The Bradley–Terry reward model the PPO runs optimise, trained once on the world's pairs (kept with the work
-    folder; its CPU seconds are charged to those runs in the analysis)."""
+    folder; its CPU seconds are charged to those runs in the analysis). It is trained again where its folder is gone
+    or its cost was not recorded in this record (a folder left by an earlier, overwritten experiment): the training
+    is seeded, so the model is the same."""
     if not any(run.config.get("judge") == LEARNED_REWARD for run in todo):
         return None
     final = Path(settings.world.output_dir) / "runs/reward_model/final"
-    if not final.is_dir():
+    if not final.is_dir() or "reward model" not in stages:
         began = time.process_time()
         reward_model_on_world(world, settings.world, settings.steps, settings.batch_size, learning_rate=3e-4)
-        stages["reward model"] = round(time.process_time() - began, 1)
+        stages.setdefault("reward model", round(time.process_time() - began, 1))
     return final
 
 
