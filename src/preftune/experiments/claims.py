@@ -470,7 +470,7 @@ def claims_table(record: dict) -> str:
         if pick is None:
             lines.append(f"| {method} | – | – | – | – | – |")
             continue
-        cost, total = (str(c) if c else "–" for c in costs(record, method, pick.setting, middle))
+        cost, total = (_seconds(c) if c else "–" for c in costs(record, method, pick.setting, middle))
         lines.append(f"| {method} | {pick.setting} | {pick.seed_spread:.3f} | "
                      f"{pick.forgiving:.2f} ({pick.settings_reaching}/{pick.settings_total} reach) | {cost} | "
                      f"{total} |")
@@ -487,6 +487,10 @@ def costs(record: dict, method: str, setting: str, budget: float) -> tuple[Inter
     if not reached:
         return None, None
     return interval([s for s, _ in reached]), interval([s + c for s, c in reached])
+
+
+def _seconds(cost: Interval) -> str:
+    return f"{cost.mean:.1f} ± {cost.half:.1f}" if cost.n > 1 else f"{cost.mean:.1f} (1 seed)"
 
 
 def verdicts(record: dict, rlhf: tuple[str, ...] = ("PPO", "PPO-GT")) -> list[str]:
@@ -525,8 +529,8 @@ def verdicts(record: dict, rlhf: tuple[str, ...] = ("PPO", "PPO-GT")) -> list[st
             differ = separated(dpo_cost, other_cost)
             word = "no different" if not differ else "lighter" if dpo_cost.mean < other_cost.mean else "heavier"
             lines.append(f"- **Compute to reach KL {budget:g}, DPO against {other}** (SFT, pairs and reward model "
-                         f"charged): {dpo_cost} against {other_cost} CPU s, ×{other_cost.mean / dpo_cost.mean:.2f}: "
-                         f"DPO {word}.")
+                         f"charged): {_seconds(dpo_cost)} against {_seconds(other_cost)} CPU s, "
+                         f"×{other_cost.mean / dpo_cost.mean:.2f}: DPO {word}.")
     return lines
 
 
