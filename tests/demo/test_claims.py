@@ -137,7 +137,8 @@ def test_compute_charges_each_method_the_shared_stages_it_needs(quick):
         cells = line.strip("| ").split(" | ")
         if len(cells) == 6 and "±" in cells[4]:
             training, total = (float(cell.split(" ± ")[0]) for cell in cells[4:6])
-            assert total - training == pytest.approx(charged_seconds(record, runs[cells[0]]), abs=0.11)  # shown to 0.1 s
+            # the cells are shown to 0.1 s
+            assert total - training == pytest.approx(charged_seconds(record, runs[cells[0]]), abs=0.11)
             checked += 1
     assert checked >= 1
 
