@@ -354,8 +354,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.name == "claims":
             from preftune.experiments.claims import ClaimsSettings, claims_table, run_claims
 
-            settings = ClaimsSettings.quick(output_dir) if args.quick else ClaimsSettings(output_dir=output_dir)
-            settings.world.output_dir = str(Path(output_dir) / "work")
+            settings = ClaimsSettings.quick(output_dir) if args.quick else ClaimsSettings.full(output_dir)
             settings.methods = args.methods or settings.methods
             settings.seeds = tuple(args.seeds) if args.seeds else settings.seeds
             settings.resume, settings.overwrite = args.resume, args.overwrite

@@ -146,7 +146,7 @@ def test_compute_charges_each_method_the_shared_stages_it_needs(quick):
 def test_a_planted_difference_is_found_and_a_noise_only_copy_is_not(quick):
     """On the quick run's points: a copy of DPO's runs raised by 0.3 on every evaluation stands above DPO wherever
     both reach a budget; a copy whose seeds are DPO's own, relabelled, never differs from it."""
-    from preftune.experiments.claims import differences
+    from preftune.experiments.claims import differences, selections
 
     record = json.loads((quick / "runs.json").read_text())
     planted = {}
@@ -158,7 +158,7 @@ def test_a_planted_difference_is_found_and_a_noise_only_copy_is_not(quick):
     record["runs"] |= planted
     seen = 0
     for budget in record["kl_budgets"]:
-        verdicts = {method: verdict for method, verdict, _ in differences(record, budget)}
+        verdicts = {method: verdict for method, verdict, _ in differences(selections(record, budget))}
         if "DPO raised" in verdicts:
             assert verdicts["DPO raised"] == "above" and verdicts["DPO copy"] == "no difference"
             seen += 1

@@ -554,11 +554,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, thresho
                     f'height="{height}" src="data:image/png;base64,{png}"><figcaption><ul>{notes}</ul></figcaption>'
                     "</figure>")
         sections.append(f"<h2>{html.escape(plot_title)}</h2>{body}")
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            f'<p class="meta">{html.escape(meta)}</p><p><b>{html.escape(verdict)}</b></p>'
-            "<table><tr><th>check</th><th>status</th><th>evidence</th><th>suggestion</th></tr>"
-            f"{rows}</table>{''.join(sections)}</body></html>\n")
+    page = _html_page(title, meta, f"<p><b>{html.escape(verdict)}</b></p><table><tr><th>check</th><th>status</th>"
+                      f"<th>evidence</th><th>suggestion</th></tr>{rows}</table>{''.join(sections)}")
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     html_path.write_text(page, encoding="utf-8")
     md_path.write_text(health_markdown(results, title, meta, verdict), encoding="utf-8")
@@ -590,9 +587,14 @@ def markdown_page(title: str, meta: str, markdown: str, figures: Sequence[tuple[
         if lines[i].strip():
             body.append(f"<p>{html.escape(lines[i])}</p>")
         i += 1
+    return _html_page(title, meta, "".join(body))
+
+
+def _html_page(title: str, meta: str, body: str) -> str:
+    """A page in the reports' style: the title, a line of context, then ``body`` (HTML)."""
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            f'<p class="meta">{html.escape(meta)}</p>{"".join(body)}</body></html>\n')
+            f'<p class="meta">{html.escape(meta)}</p>{body}</body></html>\n')
 
 
 def health_markdown(results, title: str, meta: str, verdict: str) -> str:

@@ -124,6 +124,13 @@ class ClaimsSettings:
     overwrite: bool = False  # start again over an earlier runs.json
 
     @classmethod
+    def full(cls, output_dir: str = DEFAULT_OUTPUT_DIR) -> ClaimsSettings:
+        """The full size, its demo world in ``output_dir/work``."""
+        settings = cls(output_dir=output_dir)
+        settings.world.output_dir = str(Path(output_dir) / "work")
+        return settings
+
+    @classmethod
     def quick(cls, output_dir: str) -> ClaimsSettings:
         world = DemoSettings.quick(str(Path(output_dir) / "work"))
         world.eval_prompts = 64
@@ -191,23 +198,23 @@ def _settings_record(settings: ClaimsSettings) -> dict:
     return json.loads(json.dumps(record))  # tuples as lists, as read back
 
 
-def _earlier_runs(settings: ClaimsSettings, path: Path) -> dict[str, dict]:
-    """The runs ``runs.json`` holds, with ``resume``; without it, an earlier record is replaced only with
-    ``overwrite`` (hours of runs are never dropped by a repeated command)."""
+def _earlier(settings: ClaimsSettings, path: Path) -> tuple[dict[str, dict], dict]:
+    """The runs and shared stages ``runs.json`` holds, with ``resume``; without it, an earlier record is replaced
+    only with ``overwrite`` (hours of runs are never dropped by a repeated command)."""
     if not path.is_file():
-        return {}
+        return {}, {}
     earlier = json.loads(path.read_text())
     if not settings.resume:
         if earlier.get("runs") and not settings.overwrite:
             raise RunDirError(f"{path} holds {len(earlier['runs'])} runs of an earlier invocation: pass --resume to "
                               "continue it, or --overwrite to start again (its runs are then replaced)")
-        return {}
+        return {}, {}
     if earlier.get("settings") != _settings_record(settings):
         theirs, mine = earlier.get("settings", {}), _settings_record(settings)
         changed = sorted(k for k in theirs.keys() | mine.keys() if theirs.get(k) != mine.get(k))
         raise ConfigError(f"{path} was written under other settings ({', '.join(changed)} differ): resume in another "
                           "--output-dir, or rerun without --resume")
-    return earlier["runs"]
+    return earlier["runs"], earlier.get("stages", {})
 
 
 class Evaluator:
@@ -241,9 +248,8 @@ def run_claims(settings: ClaimsSettings) -> dict:
     """Train and evaluate every planned run that ``runs.json`` does not hold yet; returns the record."""
     out = claim_folder(settings)
     path = out / "runs.json"
-    runs = _earlier_runs(settings, path)
+    runs, stages = _earlier(settings, path)
     started = time.perf_counter()
-    stages = _earlier_stages(path) if settings.resume else {}
     measured = _StageClock()
     world = build_world(settings.world, measured.lap)
     for stage in ("sft", "pairs"):  # kept from the first invocation: a resumed one rebuilds the same world
@@ -327,10 +333,6 @@ def _weights_digest(model_dir: Path) -> str:
     for weights in sorted(Path(model_dir).glob("*.safetensors")):
         digest.update(weights.read_bytes())
     return digest.hexdigest()
-
-
-def _earlier_stages(path: Path) -> dict[str, float]:
-    return json.loads(path.read_text()).get("stages", {}) if path.is_file() else {}
 
 
 def cpu_model() -> str:
@@ -418,11 +420,10 @@ def cpu_at(record: dict, method: str, setting: str, budget: float) -> list[float
             for run in record["runs"].values() if run.get("method") == method and run["setting"] == setting]
 
 
-def differences(record: dict, budget: float, against: str = "DPO") -> list[tuple[str, str, Selection]]:
-    """Each method's standing against ``against`` at ``budget``: ``(method, "above" | "below" | "no difference",
-    its selection)``, a difference only where the two 95% intervals do not overlap. Methods without a value there
-    are left out."""
-    chosen = selections(record, budget)
+def differences(chosen: dict[str, Selection | None], against: str = "DPO") -> list[tuple[str, str, Selection]]:
+    """Each method's standing against ``against`` among one budget's :func:`selections`: ``(method, "above" |
+    "below" | "no difference", its selection)``, a difference only where the two 95% intervals do not overlap.
+    Methods without a value there are left out."""
     base = chosen.get(against)
     if base is None:
         return []
@@ -454,7 +455,7 @@ def claims_table(record: dict) -> str:
     lines += ["", "DPO's claims against the RLHF runs:", "", *(verdicts(record) or ["- (no PPO run yet)"])]
     lines += ["", "Against DPO (a difference only where the 95% intervals do not overlap):", ""]
     for budget in budgets:
-        found = differences(record, budget)
+        found = differences(chosen[budget])
         if found:
             lines.append(f"- KL {budget:g}: " + "; ".join(f"{method} {verdict}" for method, verdict, _ in found))
     middle = budgets[len(budgets) // 2]
@@ -500,19 +501,18 @@ def verdicts(record: dict, rlhf: tuple[str, ...] = ("PPO", "PPO-GT")) -> list[st
     the shared stages charged)."""
     budgets = record["kl_budgets"]
     middle = budgets[len(budgets) // 2]
+    chosen = {budget: selections(record, budget) for budget in budgets}
     lines = []
     for other in rlhf:
         standing = []
         for budget in budgets:
-            found = {method: (verdict, pick) for method, verdict, pick in differences(record, budget)}
-            dpo = selections(record, budget).get("DPO")
-            if other in found and dpo is not None:
+            found = {method: (verdict, pick) for method, verdict, pick in differences(chosen[budget])}
+            if other in found:  # DPO has a value there too
                 verdict, pick = found[other]
                 word = {"above": "below", "below": "above"}.get(verdict, "no different from")
-                standing.append(f"KL {budget:g}: DPO {dpo.test} {word} {other} {pick.test}")
+                standing.append(f"KL {budget:g}: DPO {chosen[budget]['DPO'].test} {word} {other} {pick.test}")
         if standing:
             lines.append(f"- **Reward at equal KL, DPO against {other}**: " + "; ".join(standing) + ".")
-    chosen = {budget: selections(record, budget) for budget in budgets}
     for other in rlhf:
         # the highest budget both reach at every seed, up to the middle one
         both = [b for b in budgets if b <= middle and chosen[b].get("DPO") and chosen[b].get(other)]
