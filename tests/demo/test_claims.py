@@ -78,11 +78,16 @@ def test_every_planned_run_ran_at_every_seed_and_the_table_is_recomputed_from_it
 
 
 def test_resume_adds_a_seed_without_rerunning_the_others(quick, tmp_path):
-    before = json.loads((quick / "runs.json").read_text())["runs"]
+    earlier = json.loads((quick / "runs.json").read_text())
+    before = earlier["runs"]
     assert main(["experiment", "claims", "--quick", "--output-dir", str(quick), "--resume",
                  "--seeds", "0", "1", "2", "3"]) == 0
-    after = json.loads((quick / "runs.json").read_text())["runs"]
+    record = json.loads((quick / "runs.json").read_text())
+    after = record["runs"]
     assert {k: after[k] for k in before} == before  # kept, not rerun
+    # the experiment's wall time adds this invocation to the earlier ones: at least the new runs' own time
+    added = sum(after[k]["wall_s"] for k in after if k not in before and "wall_s" in after[k])
+    assert record["seconds"] >= earlier["seconds"] + added - 0.2
     assert sorted(set(after) - set(before)) == sorted(
         [f"{m} | lr=0.0006, beta={b} | seed 3" for m in ("DPO", "Online DPO") for b in ("0.1", "0.5")]
         + ["best-of-n | n ≤ 64 | seed 3"])

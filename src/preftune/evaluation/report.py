@@ -32,6 +32,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from preftune.health import (  # noqa: E402
     CheckResult,
@@ -219,27 +220,37 @@ def plot_claims(panels: Mapping[str, Mapping[str, Sequence[Band]]], references: 
     columns = 3
     rows = math.ceil(len(names) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.6 * rows), squeeze=False)
-    colours = plt.get_cmap("tab10")
+    # one colour and marker per method across every panel, so a method is found by them in the compute panel too;
+    # no grey, which the references use
+    tab10 = plt.get_cmap("tab10")
+    palette = [tab10(i) for i in range(10) if i != 7] + ["#393b79", "#8c6d31", "#843c39"]
+    methods = list(dict.fromkeys(label for curves in panels.values() for label in curves))
+    methods += [label for label in compute if label not in methods]
+    colour_of = {label: palette[i % len(palette)] for i, label in enumerate(methods)}
+    marker_of = {label: MARKERS[i % len(MARKERS)] for i, label in enumerate(methods)}
 
-    def draw(ax, curves: Mapping[str, Sequence[Band]], offset: int = 0, grey: bool = False) -> None:
+    def draw(ax, curves: Mapping[str, Sequence[Band]], grey: bool = False) -> None:
         for i, (label, band) in enumerate(curves.items()):
             if not band:
                 continue
             x, mean, low, high = zip(*band)
-            colour = "0.55" if grey else colours((i + offset) % 10)
+            colour = "0.55" if grey else colour_of.get(label, palette[i % len(palette)])
             style = LINESTYLES[i % len(LINESTYLES)] if grey else "-"
-            ax.plot(x, mean, color=colour, linestyle=style, marker="" if grey else MARKERS[i % len(MARKERS)],
+            ax.plot(x, mean, color=colour, linestyle=style, marker="" if grey else marker_of.get(label, "o"),
                     markersize=4, linewidth=1.2 if grey else 1.8, label=label)
             ax.fill_between(x, [max(v, bounds[0]) for v in low], [min(v, bounds[1]) for v in high], color=colour,
                             alpha=0.12 if grey else 0.2, linewidth=0)
 
     for ax, name in zip(axes.flat, names):
         if name == "compute":
-            for i, (label, ((x, _, x_low, x_high), (_, y, y_low, y_high))) in enumerate(compute.items()):
+            for label, ((x, _, x_low, x_high), (_, y, y_low, y_high)) in compute.items():
                 ax.errorbar([x], [y], xerr=[[x - x_low], [x_high - x]], yerr=[[y - y_low], [y_high - y]],
-                            fmt=MARKERS[i % len(MARKERS)], color=colours(i % 10), capsize=3, label=label)
+                            fmt=marker_of[label], color=colour_of[label], capsize=3, label=label)
             if compute:
                 ax.set_xscale("log")
+                # seconds as plain numbers; of the minor ticks only 2, 3 and 5 × 10^k, so labels do not collide
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "235" else ""))
             else:
                 ax.text(0.5, 0.5, f"no method reached KL {compute_budget:g} at every seed", ha="center",
                         transform=ax.transAxes, color="0.4")
@@ -251,8 +262,9 @@ def plot_claims(panels: Mapping[str, Mapping[str, Sequence[Band]]], references: 
                 draw(ax, summary)
                 ax.set_title("the families' frontiers (chosen on validation)")
             else:
-                draw(ax, references, grey=True)
-                draw(ax, panels[name], offset=len(references))
+                # a reference drawn as one of the panel's own methods is not drawn twice
+                draw(ax, {label: band for label, band in references.items() if label not in panels[name]}, grey=True)
+                draw(ax, panels[name])
                 ax.set_title(name)
             ax.set_xlabel("KL(π ‖ π_ref) budget (nats)")
             ax.set_ylabel("test reward at the budget")

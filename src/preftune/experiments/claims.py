@@ -198,23 +198,23 @@ def _settings_record(settings: ClaimsSettings) -> dict:
     return json.loads(json.dumps(record))  # tuples as lists, as read back
 
 
-def _earlier(settings: ClaimsSettings, path: Path) -> tuple[dict[str, dict], dict]:
-    """The runs and shared stages ``runs.json`` holds, with ``resume``; without it, an earlier record is replaced
-    only with ``overwrite`` (hours of runs are never dropped by a repeated command)."""
+def _earlier(settings: ClaimsSettings, path: Path) -> tuple[dict[str, dict], dict, float]:
+    """The runs, shared stages and wall seconds so far that ``runs.json`` holds, with ``resume``; without it, an
+    earlier record is replaced only with ``overwrite`` (hours of runs are never dropped by a repeated command)."""
     if not path.is_file():
-        return {}, {}
+        return {}, {}, 0.0
     earlier = json.loads(path.read_text())
     if not settings.resume:
         if earlier.get("runs") and not settings.overwrite:
             raise RunDirError(f"{path} holds {len(earlier['runs'])} runs of an earlier invocation: pass --resume to "
                               "continue it, or --overwrite to start again (its runs are then replaced)")
-        return {}, {}
+        return {}, {}, 0.0
     if earlier.get("settings") != _settings_record(settings):
         theirs, mine = earlier.get("settings", {}), _settings_record(settings)
         changed = sorted(k for k in theirs.keys() | mine.keys() if theirs.get(k) != mine.get(k))
         raise ConfigError(f"{path} was written under other settings ({', '.join(changed)} differ): resume in another "
                           "--output-dir, or rerun without --resume")
-    return earlier["runs"], earlier.get("stages", {})
+    return earlier["runs"], earlier.get("stages", {}), earlier.get("seconds", 0.0)
 
 
 class Evaluator:
@@ -248,8 +248,8 @@ def run_claims(settings: ClaimsSettings) -> dict:
     """Train and evaluate every planned run that ``runs.json`` does not hold yet; returns the record."""
     out = claim_folder(settings)
     path = out / "runs.json"
-    runs, stages = _earlier(settings, path)
-    started = time.perf_counter()
+    runs, stages, before = _earlier(settings, path)
+    started = time.perf_counter() - before  # the record's wall time adds up over every invocation
     measured = _StageClock()
     world = build_world(settings.world, measured.lap)
     for stage in ("sft", "pairs"):  # kept from the first invocation: a resumed one rebuilds the same world
@@ -354,7 +354,8 @@ def _shown(config: dict) -> dict:
 
 def _write(path: Path, settings: ClaimsSettings, runs: dict, stages: dict, seconds: float) -> None:
     """``runs.json``: the settings, the budgets, the shared stages (CPU seconds of the SFT, the offline pairs and the
-    reward model; the SHA-256 of π_ref's weights, which a resume must rebuild identically) and every run."""
+    reward model; the SHA-256 of π_ref's weights, which a resume must rebuild identically), every run, and the wall
+    seconds of every invocation together."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"settings": _settings_record(settings), "kl_budgets": list(KL_BUDGETS),
                                "stages": stages, "runs": runs, "seconds": round(seconds, 1)}, indent=1))
@@ -547,7 +548,11 @@ def charged_seconds(record: dict, run: dict) -> float:
 
 
 def _band(budget: float, chosen: Selection | None) -> tuple[float, float, float, float] | None:
-    return None if chosen is None else (budget, chosen.test.mean, chosen.test.low, chosen.test.high)
+    """``(budget, mean, low, high)``; one seed has no interval, so its band is the line itself (not ``[0, 1]``)."""
+    if chosen is None:
+        return None
+    test = chosen.test
+    return (budget, test.mean, test.mean, test.mean) if test.n < 2 else (budget, test.mean, test.low, test.high)
 
 
 def family_selection(record: dict, family: str, budget: float) -> Selection | None:
