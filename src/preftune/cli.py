@@ -163,7 +163,7 @@ def _experiment_parser(sub) -> list[argparse.ArgumentParser]:
                               "stability over seeds and settings, compute", description="The families' "
                               "representatives, each over a sweep of learning rate × main coefficient at several "
                               "seeds, selected on validation prompts and reported on test prompts with 95% intervals "
-                              "over seeds. Writes runs.json and claims.md.")
+                              "over seeds. Writes runs.json, claims.md, claims.png and claims.html.")
     claims.add_argument("--output-dir", default="runs/claims",
                         help="where runs.json, claims.md and work/ go (default: runs/claims)")
     claims.add_argument("--quick", action="store_true", help="a reduced size (tests, a first look)")

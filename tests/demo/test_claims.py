@@ -194,3 +194,10 @@ def test_the_verdicts_are_read_from_the_numbers(quick):
     assert f"Compute to reach KL {both:g}" in compute and f"×{ppo.mean / dpo.mean:.2f}" in compute
     stages = record["stages"]
     assert ppo.mean - ppo_training.mean == pytest.approx(stages["sft"] + stages["pairs"] + 100.0)
+    # stability: both spreads with their χ² intervals, a word only where those separate
+    stability = next(line for line in lines if line.startswith("- **Stability"))
+    (dpo_low, dpo_high), (low, high) = picked["DPO"].spread_interval, picked["PPO"].spread_interval
+    word = ("no different" if dpo_low <= high and low <= dpo_high
+            else "more stable" if picked["DPO"].seed_spread < picked["PPO"].seed_spread else "less stable")
+    assert f"spread over seeds {picked['DPO'].seed_spread:.3f} ({dpo_low:.3f}–{dpo_high:.3f})" in stability
+    assert f": DPO {word};" in stability

@@ -223,7 +223,7 @@ def plot_claims(panels: Mapping[str, Mapping[str, Sequence[Band]]], references: 
     # one colour and marker per method across every panel, so a method is found by them in the compute panel too;
     # no grey, which the references use
     tab10 = plt.get_cmap("tab10")
-    palette = [tab10(i) for i in range(10) if i != 7] + ["#393b79", "#8c6d31", "#843c39"]
+    palette = [tab10(i) for i in range(10) if i != 7] + ["#393b79", "#000000", "#637939"]
     methods = list(dict.fromkeys(label for curves in panels.values() for label in curves))
     methods += [label for label in compute if label not in methods]
     colour_of = {label: palette[i % len(palette)] for i, label in enumerate(methods)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -461,11 +462,11 @@ def claims_table(record: dict) -> str:
             lines.append(f"- KL {budget:g}: " + "; ".join(f"{method} {verdict}" for method, verdict, _ in found))
     middle = budgets[len(budgets) // 2]
     lines += ["", f"Stability and compute at KL {middle:g}: the chosen setting, the spread (standard deviation) of "
-              "its test reward over seeds, the fraction of the sweep within 0.02 of the best on validation, the CPU "
-              "seconds of training spent to reach the budget (mean ± 95% interval over seeds), and the same with "
-              "the shared stages the method needs (SFT; the pairs for offline losses; pairs and reward model for "
-              "PPO).", "",
-              "| method | chosen setting | seed spread | forgiving | CPU s to reach | with SFT, pairs, RM |",
+              "its test reward over seeds with its 95% interval, the fraction of the sweep within 0.02 of the best "
+              "on validation, the CPU seconds of training spent to reach the budget (mean ± 95% interval over "
+              "seeds), and the same with the shared stages the method needs (SFT; the pairs for offline losses; "
+              "pairs and reward model for PPO).", "",
+              "| method | chosen setting | seed spread (95%) | forgiving | CPU s to reach | with SFT, pairs, RM |",
               "|---|---|---:|---:|---:|---:|"]
     for method in methods:
         pick = chosen[middle][method]
@@ -473,7 +474,7 @@ def claims_table(record: dict) -> str:
             lines.append(f"| {method} | – | – | – | – | – |")
             continue
         cost, total = (_seconds(c) if c else "–" for c in costs(record, method, pick.setting, middle))
-        lines.append(f"| {method} | {pick.setting} | {pick.seed_spread:.3f} | "
+        lines.append(f"| {method} | {pick.setting} | {_spread(pick)} | "
                      f"{pick.forgiving:.2f} ({pick.settings_reaching}/{pick.settings_total} reach) | {cost} | "
                      f"{total} |")
     return "\n".join(lines)
@@ -489,6 +490,12 @@ def costs(record: dict, method: str, setting: str, budget: float) -> tuple[Inter
     if not reached:
         return None, None
     return interval([s for s, _ in reached]), interval([s + c for s, c in reached])
+
+
+def _spread(pick: Selection) -> str:
+    """The seed spread with its 95% interval, e.g. ``0.034 (0.018–0.214)``."""
+    low, high = pick.spread_interval
+    return f"{pick.seed_spread:.3f}" + (f" ({low:.3f}–{high:.3f})" if math.isfinite(high) else " (1 seed)")
 
 
 def _seconds(cost: Interval) -> str:
@@ -521,9 +528,12 @@ def verdicts(record: dict, rlhf: tuple[str, ...] = ("PPO", "PPO-GT")) -> list[st
             continue
         budget = max(both)
         dpo, pick = chosen[budget]["DPO"], chosen[budget][other]
-        lines.append(f"- **Stability at KL {budget:g}, DPO against {other}**: spread over seeds {dpo.seed_spread:.3f} "
-                     f"against {pick.seed_spread:.3f}; within 0.02 of the best setting: {dpo.forgiving:.2f} of DPO's "
-                     f"sweep against {pick.forgiving:.2f} of {other}'s.")
+        (dpo_low, dpo_high), (low, high) = dpo.spread_interval, pick.spread_interval
+        steadier = ("no different" if dpo_low <= high and low <= dpo_high
+                    else "more stable" if dpo.seed_spread < pick.seed_spread else "less stable")
+        lines.append(f"- **Stability at KL {budget:g}, DPO against {other}**: spread over seeds {_spread(dpo)} "
+                     f"against {_spread(pick)}: DPO {steadier}; within 0.02 of the best setting: "
+                     f"{dpo.forgiving:.2f} of DPO's sweep against {pick.forgiving:.2f} of {other}'s.")
         dpo_cost = costs(record, "DPO", dpo.setting, budget)[1]
         other_cost = costs(record, other, pick.setting, budget)[1]
         if dpo_cost and other_cost:

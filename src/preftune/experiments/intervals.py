@@ -14,11 +14,14 @@ evaluation's interval clusters the samples by prompt (several samples of one pro
 Tuning at equal budget (:func:`select`): each setting of a family's sweep is scored on the validation prompts,
 the best mean over seeds is chosen there, and that setting's numbers on the test prompts are the ones reported,
 so nothing reported was selected on itself. A family's stability is the spread over seeds at its chosen setting
-and the fraction of its sweep whose validation mean is within ``tolerance`` of the best (how forgiving it is).
+and the fraction of its sweep whose validation mean is within ``tolerance`` of the best (how forgiving it is); the
+spread's own 95% interval comes from χ² (:meth:`Selection.spread_interval`), so "more stable" is claimed only where
+two spreads' intervals separate.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +48,7 @@ def spent_at(trajectory: Sequence[tuple[float, float, float]], budget: float) ->
     return reward_at([(kl, cost) for kl, _, cost in trajectory], budget)
 
 
+@functools.cache  # pure, and asked for the same few (p, df) once per interval
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``p`` in (½, 1)): bisection on its CDF,
     ``½ + ∫₀ˣ f``, with ``f(t) = Γ((ν+1)/2) / (√(νπ) Γ(ν/2)) · (1 + t²/ν)^(−(ν+1)/2)`` integrated by Simpson's
@@ -60,10 +64,40 @@ def t_quantile(p: float, df: int) -> float:
         inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, panels))
         return 0.5 + h / 3 * (density(0.0) + inner + density(x))
 
-    low, high = 0.0, 1.0
+    return _inverse(cdf, p, 1.0)
+
+
+@functools.cache
+def chi2_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of χ² with ``df`` degrees of freedom: bisection on its CDF, the regularised lower incomplete
+    gamma ``P(k, x) = e^{−x} x^k Σ_{j≥0} x^j / Γ(k + j + 1)`` at ``k = df/2``, ``x = q/2`` (the series converges for
+    every ``x``; its terms are summed until they no longer change the total)."""
+    if not 0 < p < 1 or df < 1:
+        raise ValueError(f"chi2_quantile needs 0 < p < 1 and df ≥ 1, got p={p}, df={df}")
+    k = df / 2
+
+    def cdf(q: float) -> float:
+        x = q / 2
+        if x <= 0:
+            return 0.0
+        term = math.exp(k * math.log(x) - x - math.lgamma(k + 1))
+        total, j = term, 0
+        while term > 1e-16 * total:
+            j += 1
+            term *= x / (k + j)
+            total += term
+        return min(total, 1.0)
+
+    return _inverse(cdf, p, float(df))
+
+
+def _inverse(cdf, p: float, guess: float) -> float:
+    """The ``x ≥ 0`` where an increasing ``cdf`` reaches ``p``: doubling from ``guess`` to bracket it, then 60
+    bisections."""
+    low, high = 0.0, guess
     while cdf(high) < p:
         low, high = high, 2 * high
-    for _ in range(50):
+    for _ in range(60):
         mid = (low + high) / 2
         low, high = (mid, high) if cdf(mid) < p else (low, mid)
     return (low + high) / 2
@@ -139,6 +173,17 @@ class Selection:
         if self.test.n < 2:
             return 0.0
         return self.test.half * math.sqrt(self.test.n) / t_quantile(0.975, self.test.n - 1)
+
+    @property
+    def spread_interval(self) -> tuple[float, float]:
+        """The 95% interval of :attr:`seed_spread` (normal seeds): ``s · √(ν/χ²_{0.975,ν})`` to
+        ``s · √(ν/χ²_{0.025,ν})`` with ``ν = n − 1``; ``(0, ∞)`` for one seed. Two methods' stability differs only
+        where these intervals do not overlap: at 3 seeds the interval is ``s × [0.52, 6.3]``."""
+        df = self.test.n - 1
+        if df < 1:
+            return 0.0, math.inf
+        s = self.seed_spread
+        return s * math.sqrt(df / chi2_quantile(0.975, df)), s * math.sqrt(df / chi2_quantile(0.025, df))
 
 
 def select(validation: Mapping[str, Sequence[float | None]], test: Mapping[str, Sequence[float | None]],
