@@ -165,3 +165,15 @@ def test_the_page_renders_in_headless_chromium_with_every_plot_drawn(run_dir, tm
     image, rects = render(blanked, tmp_path)
     colours, inked = drawn(image, rects[f"plot-{report.plots[0]}"])
     assert colours <= 3 and inked == 0.0
+
+
+def test_the_experiments_page_renders_lists_bold_and_tables_and_escapes_the_rest():
+    """``markdown_page``: a run of ``- `` lines is one list, ``**x**`` is bold, a pipe table's rule is not a row, and
+    anything else (``<script>``) stays text."""
+    from preftune.evaluation.report import markdown_page
+
+    page = markdown_page("t", "m", "intro <script>\n\n- **a**: one\n- b < c\n\n| x | y |\n|---|---|\n| 1 | **2** |")
+    assert "<p>intro &lt;script&gt;</p>" in page
+    assert "<ul><li><strong>a</strong>: one</li><li>b &lt; c</li></ul>" in page
+    assert "<table><tr><th>x</th><th>y</th></tr><tr><td>1</td><td><strong>2</strong></td></tr></table>" in page
+    assert "<script>" not in page

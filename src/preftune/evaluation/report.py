@@ -22,6 +22,7 @@ import html
 import io
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -576,8 +577,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, thresho
 
 def markdown_page(title: str, meta: str, markdown: str, figures: Sequence[tuple[str | Path, str]] = ()) -> str:
     """An HTML page in the health report's style: ``figures`` (PNG files, embedded, each with its caption) above
-    ``markdown``'s paragraphs and pipe tables (the subset the experiments write: a table is a run of lines starting
-    with ``|``, its second line the rule)."""
+    ``markdown``'s paragraphs, bullet lists and pipe tables, with ``**bold**`` (the subset the experiments write: a
+    table is a run of lines starting with ``|``, its second line the rule; a list is a run of lines starting with
+    ``- ``). Everything else is escaped text."""
     body = []
     for path, caption in figures:
         png = base64.b64encode(Path(path).read_bytes()).decode("ascii")
@@ -592,14 +594,26 @@ def markdown_page(title: str, meta: str, markdown: str, figures: Sequence[tuple[
                 block.append([cell.strip() for cell in lines[i].strip().strip("|").split("|")])
                 i += 1
             head, rows = block[0], block[2:]
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+            body.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>"
                                   for row in rows) + "</table>")
             continue
+        if lines[i].startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            body.append("<ul>" + "".join(items) + "</ul>")
+            continue
         if lines[i].strip():
-            body.append(f"<p>{html.escape(lines[i])}</p>")
+            body.append(f"<p>{_inline(lines[i])}</p>")
         i += 1
     return _html_page(title, meta, "".join(body))
+
+
+def _inline(text: str) -> str:
+    """Escaped text with ``**bold**`` as ``<strong>``."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
 
 
 def _html_page(title: str, meta: str, body: str) -> str:

@@ -309,7 +309,7 @@ def write_results(record: dict, out: Path) -> None:
     cpus = sorted({run["cpu"] for run in record["runs"].values() if "cpu" in run})
     trained = sum("cpu" in run for run in record["runs"].values())
     meta = (f"{trained} trained runs · CPU: {', '.join(cpus) or '?'} · "
-            f"{record['seconds'] / 3600:.1f} h of the last invocation")
+            f"{record['seconds'] / 3600:.1f} h of wall time over its invocations")
     (out / "claims.html").write_text(markdown_page("DPO's claims, measured with error bars", meta, table,
                                                    [(out / "claims.png", "test reward at each KL budget, mean and "
                                                      "95% band over seeds; reward at the middle budget against "
