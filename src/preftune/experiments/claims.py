@@ -473,7 +473,7 @@ def claims_table(record: dict) -> str:
         if pick is None:
             lines.append(f"| {method} | – | – | – | – | – |")
             continue
-        cost, total = (_seconds(c) if c else "–" for c in costs(record, method, pick.setting, middle))
+        cost, total = (c.shown(1) if c else "–" for c in costs(record, method, pick.setting, middle))
         lines.append(f"| {method} | {pick.setting} | {_spread(pick)} | "
                      f"{pick.forgiving:.2f} ({pick.settings_reaching}/{pick.settings_total} reach) | {cost} | "
                      f"{total} |")
@@ -496,10 +496,6 @@ def _spread(pick: Selection) -> str:
     """The seed spread with its 95% interval, e.g. ``0.034 (0.018–0.214)``."""
     low, high = pick.spread_interval
     return f"{pick.seed_spread:.3f}" + (f" ({low:.3f}–{high:.3f})" if math.isfinite(high) else " (1 seed)")
-
-
-def _seconds(cost: Interval) -> str:
-    return f"{cost.mean:.1f} ± {cost.half:.1f}" if cost.n > 1 else f"{cost.mean:.1f} (1 seed)"
 
 
 def verdicts(record: dict, rlhf: tuple[str, ...] = ("PPO", "PPO-GT")) -> list[str]:
@@ -528,8 +524,7 @@ def verdicts(record: dict, rlhf: tuple[str, ...] = ("PPO", "PPO-GT")) -> list[st
             continue
         budget = max(both)
         dpo, pick = chosen[budget]["DPO"], chosen[budget][other]
-        (dpo_low, dpo_high), (low, high) = dpo.spread_interval, pick.spread_interval
-        steadier = ("no different" if dpo_low <= high and low <= dpo_high
+        steadier = ("no different" if not separated(dpo.spread_interval, pick.spread_interval)
                     else "more stable" if dpo.seed_spread < pick.seed_spread else "less stable")
         lines.append(f"- **Stability at KL {budget:g}, DPO against {other}**: spread over seeds {_spread(dpo)} "
                      f"against {_spread(pick)}: DPO {steadier}; within 0.02 of the best setting: "
@@ -540,7 +535,7 @@ def verdicts(record: dict, rlhf: tuple[str, ...] = ("PPO", "PPO-GT")) -> list[st
             differ = separated(dpo_cost, other_cost)
             word = "no different" if not differ else "lighter" if dpo_cost.mean < other_cost.mean else "heavier"
             lines.append(f"- **Compute to reach KL {budget:g}, DPO against {other}** (SFT, pairs and reward model "
-                         f"charged): {_seconds(dpo_cost)} against {_seconds(other_cost)} CPU s, "
+                         f"charged): {dpo_cost.shown(1)} against {other_cost.shown(1)} CPU s, "
                          f"×{other_cost.mean / dpo_cost.mean:.2f}: DPO {word}.")
     return lines
 

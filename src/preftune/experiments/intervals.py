@@ -25,6 +25,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 Z_95 = 1.959964
 
@@ -121,7 +122,13 @@ class Interval:
         return self.mean + self.half
 
     def __str__(self) -> str:
-        return f"{self.mean:.3f} ± {self.half:.3f}" if math.isfinite(self.half) else f"{self.mean:.3f} (1 seed)"
+        return self.shown(3)
+
+    def shown(self, digits: int) -> str:
+        """``mean ± half`` to ``digits`` decimals, or ``mean (1 seed)`` where one value gives no interval."""
+        if not math.isfinite(self.half):
+            return f"{self.mean:.{digits}f} (1 seed)"
+        return f"{self.mean:.{digits}f} ± {self.half:.{digits}f}"
 
 
 def interval(values: Sequence[float], level: float = 0.95) -> Interval:
@@ -149,7 +156,14 @@ def evaluation_interval(rewards: Sequence[float], group_size: int) -> Interval:
     return Interval(mean, Z_95 * sd / math.sqrt(p), p)
 
 
-def separated(a: Interval, b: Interval) -> bool:
+class Range(NamedTuple):
+    """An interval that is not symmetric about its estimate (e.g. a standard deviation's, from χ²)."""
+
+    low: float
+    high: float
+
+
+def separated(a: Interval | Range, b: Interval | Range) -> bool:
     """Whether two values differ at the 95% level as the report calls it: their intervals do not overlap."""
     return a.low > b.high or b.low > a.high
 
@@ -175,15 +189,15 @@ class Selection:
         return self.test.half * math.sqrt(self.test.n) / t_quantile(0.975, self.test.n - 1)
 
     @property
-    def spread_interval(self) -> tuple[float, float]:
+    def spread_interval(self) -> Range:
         """The 95% interval of :attr:`seed_spread` (normal seeds): ``s · √(ν/χ²_{0.975,ν})`` to
         ``s · √(ν/χ²_{0.025,ν})`` with ``ν = n − 1``; ``(0, ∞)`` for one seed. Two methods' stability differs only
         where these intervals do not overlap: at 3 seeds the interval is ``s × [0.52, 6.3]``."""
         df = self.test.n - 1
         if df < 1:
-            return 0.0, math.inf
+            return Range(0.0, math.inf)
         s = self.seed_spread
-        return s * math.sqrt(df / chi2_quantile(0.975, df)), s * math.sqrt(df / chi2_quantile(0.025, df))
+        return Range(s * math.sqrt(df / chi2_quantile(0.975, df)), s * math.sqrt(df / chi2_quantile(0.025, df)))
 
 
 def select(validation: Mapping[str, Sequence[float | None]], test: Mapping[str, Sequence[float | None]],
